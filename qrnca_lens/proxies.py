@@ -1,0 +1,393 @@
+"""Proxy tasks: turn a query into |Q| prompts and the target token ids (METHOD section 1).
+
+- ``mcqa-letter`` (the paper's): the question with shuffled lettered options; the target is the correct
+  letter as the model would emit it after the prompt (``" A"`` for BPE vocabularies; ``letter_style="bare"``
+  gives the authors' bare ``"A"`` piece). It must be one token.
+- ``mcqa-text``: the question (options listed or not), then the correct option's text is the target.
+- ``cloze``: a fact prefix; the target is the answer's tokens. A ``[Y]`` slot marks where the answer goes
+  (mLAMA style); the prompt is the text before it.
+
+Distractors come from the answers of other queries of the same group (seeded). Each of the |Q| prompts uses
+its own template, its own option order and its own k in-context examples (filled-in queries of the same
+group, never one with the query's own answer). Raw text is the default; ``chat_template=True`` wraps the
+prompt as a user turn. Nothing here touches the global RNG: every draw uses ``random.Random`` seeded from
+(seed, query id, prompt index).
+
+Example:
+    >>> cfg = ProxyConfig("cloze", n_shots=2)
+    >>> prompts = build_prompts(queries[0], cfg, tokenizer, pool=queries)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+from .data import SLOT, Query, groups_of
+from .errors import ProxyError
+
+__all__ = [
+    "PROXIES",
+    "DEFAULT_SHOTS",
+    "Template",
+    "ProxyConfig",
+    "Prompt",
+    "TEMPLATES",
+    "build_prompts",
+    "build_all_prompts",
+    "encode",
+]
+
+PROXIES = ("mcqa-letter", "mcqa-text", "cloze")
+
+# k in-context examples by default, chosen from measurements on SmolLM2-135M with the built-in sets
+# (`qrnca-lens accuracy`, README): cloze top-1 0.53 zero-shot -> 0.77 with 4 facts; letter MCQA stays near
+# chance (0.23 -> 0.29 with 3 examples, which at least teach the letter format: mean p 0.02 -> 0.25);
+# answer-text MCQA is best zero-shot (0.37 vs 0.32 with 3).
+DEFAULT_SHOTS = {"mcqa-letter": 3, "mcqa-text": 0, "cloze": 4}
+
+
+@dataclass(frozen=True)
+class Template:
+    """``instruction`` + k filled-in ``item``s (each followed by its answer) + the query's ``item``.
+
+    ``item`` fields: ``{question}`` and ``{options}`` (MCQA; options rendered with ``option_format`` joined
+    by ``option_sep``), or ``{fact}`` (cloze: the fact up to the answer slot).
+    """
+
+    instruction: str
+    item: str
+    option_format: str = "{letter}. {text}"
+    option_sep: str = "\n"
+    example_sep: str = "\n\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TEMPLATES: dict[str, tuple[Template, ...]] = {
+    "mcqa-letter": (
+        Template(
+            "The following are multiple choice questions. Answer with the letter of the correct option.\n\n",
+            "Question: {question}\n{options}\nAnswer:",
+        ),
+        Template(
+            "Pick the right answer to each question and reply with its letter only.\n\n",
+            "{question}\n{options}\nThe correct option is",
+            option_format="({letter}) {text}",
+        ),
+        Template(
+            "",
+            "Q: {question}\nChoices: {options}\nA:",
+            option_format="{letter}) {text}",
+            option_sep="  ",
+        ),
+    ),
+    "mcqa-text": (
+        Template("Answer each question.\n\n", "Question: {question}\n{options}Answer:", option_format="- {text}\n", option_sep=""),
+        Template("", "Q: {question}\n{options}A:", option_format="{text}", option_sep=" / "),
+        Template("Short answers only.\n\n", "{question}\n{options}The answer is", option_format="* {text}\n", option_sep=""),
+    ),
+    "cloze": (
+        Template("", "{fact}", example_sep="\n"),
+        Template("Complete each sentence with the correct word.\n\n", "{fact}", example_sep="\n"),
+        Template("Facts:\n", "- {fact}", example_sep="\n"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How queries become prompts. ``n_shots=None`` takes ``DEFAULT_SHOTS[kind]``.
+
+    ``prepend_bos=None`` follows the model (``models.default_prepend_bos``); the resolved value is recorded
+    in every result.
+    """
+
+    kind: str = "mcqa-letter"
+    n_prompts: int = 3
+    n_shots: int | None = None
+    n_options: int = 4
+    letters: str = "ABCDEFGHIJ"
+    letter_style: str = "space"
+    show_options: bool = True
+    chat_template: bool = False
+    prepend_bos: bool | None = None
+    templates: tuple[Template, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROXIES:
+            raise ProxyError(f"unknown proxy {self.kind!r}; choose one of {list(PROXIES)}")
+        if self.n_prompts < 1:
+            raise ProxyError(f"n_prompts (|Q|) must be at least 1, got {self.n_prompts}")
+        if self.n_shots is not None and self.n_shots < 0:
+            raise ProxyError(f"n_shots must be >= 0, got {self.n_shots}")
+        if not 2 <= self.n_options <= len(self.letters):
+            raise ProxyError(f"n_options must be between 2 and {len(self.letters)}, got {self.n_options}")
+        if self.letter_style not in ("space", "bare"):
+            raise ProxyError(f"letter_style must be 'space' or 'bare', got {self.letter_style!r}")
+        if self.templates is not None and not self.templates:
+            raise ProxyError("templates, when given, must hold at least one Template")
+
+    @property
+    def shots(self) -> int:
+        return DEFAULT_SHOTS[self.kind] if self.n_shots is None else self.n_shots
+
+    def template_list(self) -> tuple[Template, ...]:
+        return self.templates if self.templates is not None else TEMPLATES[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["templates"] = None if self.templates is None else [t.to_dict() for t in self.templates]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProxyConfig":
+        d = dict(d)
+        if d.get("templates") is not None:
+            d["templates"] = tuple(Template(**t) for t in d["templates"])
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "ProxyConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a query: its tokens, the target continuation and (MCQA) every option's continuation.
+
+    ``options[correct]`` equals ``target``. For cloze ``options`` is None and prediction is the top-1 token.
+    """
+
+    query_id: str
+    group: str
+    template: int
+    text: str
+    tokens: tuple[int, ...]
+    target: tuple[int, ...]
+    options: tuple[tuple[int, ...], ...] | None = None
+    correct: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def target_position(self) -> int:
+        """The last prompt position, where the first target token is predicted."""
+        return len(self.tokens) - 1
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def encode(tokenizer: Any, text: str, *, prepend_bos: bool) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise ProxyError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def _continuation(tokenizer: Any, prompt_ids: list[int], text: str, continuation: str, bos: bool) -> tuple[int, ...]:
+    """The tokens the model would emit after ``text`` to produce ``continuation``."""
+    full = encode(tokenizer, text + continuation, prepend_bos=bos)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise ProxyError(
+            f"the prompt's tokens change when {continuation!r} follows it (a token merges across the boundary); "
+            "end the template differently (e.g. with ':' ) so the answer starts a new token"
+        )
+    out = tuple(full[len(prompt_ids):])
+    if not out:
+        raise ProxyError(f"the answer {continuation!r} has no tokens")
+    return out
+
+
+# ---------------------------------------------------------------- building prompts
+
+
+def _rng(seed: int, *parts: Any) -> random.Random:
+    return random.Random("|".join(str(p) for p in (seed, *parts)))
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def _fact_prefix(q: Query) -> str:
+    if SLOT not in q.question:
+        return q.question.rstrip()
+    prefix = q.question.split(SLOT, 1)[0].rstrip()
+    if not prefix:
+        raise ProxyError(f"query {q.id!r}: the answer slot [Y] starts the sentence, so no prompt ends before it")
+    return prefix
+
+
+def _filled_fact(q: Query) -> str:
+    if SLOT in q.question:
+        text = q.question.replace(SLOT, q.answer)
+        return " ".join(text.split()).replace(" .", ".")
+    return f"{q.question.rstrip()} {q.answer}."
+
+
+def _options_for(q: Query, pool_group: Sequence[Query], cfg: ProxyConfig) -> list[str]:
+    """The query's options (its own, or the answer plus distractors from the group), unshuffled."""
+    if q.options is not None:
+        if len(q.options) > len(cfg.letters):
+            raise ProxyError(f"query {q.id!r} has {len(q.options)} options but only {len(cfg.letters)} letters")
+        return list(q.options)
+    seen = {_norm(q.answer)}
+    candidates = []
+    for other in pool_group:
+        key = _norm(other.answer)
+        if key not in seen:
+            seen.add(key)
+            candidates.append(other.answer)
+    need = cfg.n_options - 1
+    if len(candidates) < need:
+        raise ProxyError(
+            f"group {q.group!r} has only {len(candidates)} answers other than {q.answer!r}, not enough for "
+            f"{need} distractors; add queries to the group, lower n_options, or give the query its own options"
+        )
+    distractors = _rng(cfg.seed, q.id, "distractors").sample(sorted(candidates), need)
+    return [q.answer] + distractors
+
+
+def _shuffled(options: list[str], answer: str, rng: random.Random) -> tuple[list[str], int]:
+    order = options[:]
+    rng.shuffle(order)
+    return order, order.index(answer)
+
+
+def _render_item(t: Template, cfg: ProxyConfig, q: Query, options: list[str] | None) -> str:
+    if cfg.kind == "cloze":
+        return t.item.format(fact=_fact_prefix(q))
+    rendered = ""
+    if options is not None and (cfg.kind == "mcqa-letter" or cfg.show_options):
+        rendered = t.option_sep.join(
+            t.option_format.format(letter=cfg.letters[i], text=o) for i, o in enumerate(options)
+        )
+    return t.item.format(question=q.question, options=rendered)
+
+
+def _answer_text(cfg: ProxyConfig, q: Query, options: list[str] | None, correct: int | None, sep: str) -> str:
+    if cfg.kind == "mcqa-letter":
+        assert correct is not None
+        return (sep if cfg.letter_style == "space" else "") + cfg.letters[correct]
+    return sep + q.answer
+
+
+def _examples(q: Query, group: Sequence[Query], k: int, cfg: ProxyConfig, j: int) -> list[Query]:
+    if k == 0:
+        return []
+    allowed = [o for o in group if o.id != q.id and _norm(o.answer) != _norm(q.answer)]
+    if len(allowed) < k:
+        raise ProxyError(
+            f"query {q.id!r}: group {q.group!r} has {len(allowed)} usable in-context examples, fewer than "
+            f"n_shots={k}; lower n_shots or add queries to the group"
+        )
+    return _rng(cfg.seed, q.id, j, "examples").sample(allowed, k)
+
+
+def build_prompts(
+    query: Query,
+    cfg: ProxyConfig,
+    tokenizer: Any,
+    *,
+    pool: Sequence[Query] | None = None,
+    prepend_bos: bool = False,
+) -> list[Prompt]:
+    """The |Q| prompts of ``query``. ``pool`` supplies distractors and examples (defaults to the query alone).
+
+    ``prepend_bos`` is the resolved BOS choice (``cfg.prepend_bos`` wins when it is set).
+    """
+    bos = cfg.prepend_bos if cfg.prepend_bos is not None else prepend_bos
+    if cfg.chat_template:
+        bos = False  # the chat template carries its own start tokens
+    if query.prompts is not None:
+        return _prebuilt_prompts(query, cfg, tokenizer, bos)
+    group = [o for o in (pool or [query]) if o.group == query.group]
+    templates = cfg.template_list()
+    out = []
+    for j in range(cfg.n_prompts):
+        t = templates[j % len(templates)]
+        rng = _rng(cfg.seed, query.id, j, "order")
+        options: list[str] | None = None
+        correct: int | None = None
+        if cfg.kind != "cloze":
+            options, correct = _shuffled(_options_for(query, group, cfg), query.answer, rng)
+        parts = [t.instruction]
+        for ex in _examples(query, group, cfg.shots, cfg, j):
+            ex_opts, ex_correct = (None, None)
+            if cfg.kind != "cloze":
+                ex_opts, ex_correct = _shuffled(_options_for(ex, group, cfg), ex.answer, _rng(cfg.seed, ex.id, query.id, j))
+            if cfg.kind == "cloze":
+                item = t.item.format(fact=_filled_fact(ex))
+            else:
+                item = _render_item(t, cfg, ex, ex_opts) + _answer_text(cfg, ex, ex_opts, ex_correct, " ")
+            parts.append(item + t.example_sep)
+        body = "".join(parts) + _render_item(t, cfg, query, options)
+        sep = " "
+        if cfg.chat_template:
+            body = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
+            sep = ""
+        ids = encode(tokenizer, body, prepend_bos=bos)
+        if cfg.kind == "mcqa-letter":
+            assert options is not None
+            opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, sep, bos) for i in range(len(options)))
+            target = opt_tokens[correct]
+        elif cfg.kind == "mcqa-text":
+            assert options is not None
+            opt_tokens = tuple(_continuation(tokenizer, ids, body, sep + o, bos) for o in options)
+            target = opt_tokens[correct]
+        else:
+            opt_tokens = None
+            target = _continuation(tokenizer, ids, body, sep + query.answer, bos)
+        out.append(Prompt(query.id, query.group, j, body, tuple(ids), target, opt_tokens, correct,
+                          meta={"options": options, "prepend_bos": bos}))
+    return out
+
+
+def _letter_tokens(tokenizer: Any, ids: list[int], body: str, cfg: ProxyConfig, i: int, sep: str, bos: bool) -> tuple[int, ...]:
+    letter = cfg.letters[i]
+    if cfg.letter_style == "bare":
+        tid = tokenizer.convert_tokens_to_ids(letter)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ProxyError(f"the letter {letter!r} is not a token of this vocabulary; use letter_style='space'")
+        return (int(tid),)
+    toks = _continuation(tokenizer, ids, body, sep + letter, bos)
+    if len(toks) != 1:
+        raise ProxyError(
+            f"the option letter {sep + letter!r} is {len(toks)} tokens for this tokenizer, but mcqa-letter needs a "
+            "single token; use letter_style='bare' or other letters (ProxyConfig(letters=...))"
+        )
+    return toks
+
+
+def _prebuilt_prompts(query: Query, cfg: ProxyConfig, tokenizer: Any, bos: bool) -> list[Prompt]:
+    """Authors' prompts: used as they are; the target is the given letter (letters A.. as options)."""
+    if cfg.kind != "mcqa-letter":
+        raise ProxyError(f"query {query.id!r} holds pre-built letter prompts; use the 'mcqa-letter' proxy")
+    assert query.prompts is not None and query.prompt_letters is not None
+    out = []
+    for j, (text, letter) in enumerate(zip(query.prompts, query.prompt_letters)):
+        if letter not in cfg.letters[: cfg.n_options]:
+            raise ProxyError(f"query {query.id!r}: answer letter {letter!r} is not among {cfg.letters[:cfg.n_options]!r}")
+        # A prompt that ends in a space leaves the letter as a bare piece; fold the space into the letter.
+        body = text.rstrip(" ") if cfg.letter_style == "space" else text
+        ids = encode(tokenizer, body, prepend_bos=bos)
+        opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, " ", bos) for i in range(cfg.n_options))
+        correct = cfg.letters.index(letter)
+        out.append(Prompt(query.id, query.group, j, body, tuple(ids), opt_tokens[correct], opt_tokens, correct,
+                          meta={"prepend_bos": bos, "prebuilt": True}))
+    return out
+
+
+def build_all_prompts(
+    queries: Sequence[Query], cfg: ProxyConfig, tokenizer: Any, *, prepend_bos: bool = False,
+    pool: Sequence[Query] | None = None,
+) -> dict[str, list[Prompt]]:
+    """Prompts for every query, keyed by query id; the pool defaults to ``queries`` themselves."""
+    pool = list(pool if pool is not None else queries)
+    by_group = groups_of(pool)
+    return {q.id: build_prompts(q, cfg, tokenizer, pool=by_group.get(q.group, [q]), prepend_bos=prepend_bos) for q in queries}

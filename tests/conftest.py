@@ -1,0 +1,66 @@
+"""Shared fixtures: a seeded RNG around every test, the tiny tokenizer and models, the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, build_tiny_tokenizer, has_hooked_transformer  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same RNG state, and leaves the global state as it found it."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def _tiny_cache():
+    return {}
+
+
+@pytest.fixture(params=TINY_KINDS)
+def tiny_model(request, tiny_tokenizer, _tiny_cache):
+    """Each tiny model kind in turn (built once per session; tests must not change weights)."""
+    kind = request.param
+    if kind not in _tiny_cache:
+        _tiny_cache[kind] = build_tiny(kind, tiny_tokenizer)
+    return _tiny_cache[kind]
+
+
+@pytest.fixture
+def tiny_gated(tiny_tokenizer, _tiny_cache):
+    if "llama-bridge" not in _tiny_cache:
+        _tiny_cache["llama-bridge"] = build_tiny("llama-bridge", tiny_tokenizer)
+    return _tiny_cache["llama-bridge"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from qrnca_lens.models import load_model
+
+    return load_model("smollm2")

@@ -1,0 +1,89 @@
+"""The CLI: accuracy on every loader's format, JSON output, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qrnca_lens import cli
+
+
+@pytest.fixture
+def cli_model(monkeypatch, tiny_gated):
+    """Run the CLI in-process on a tiny model instead of loading SmolLM2."""
+    import qrnca_lens.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: tiny_gated)
+    return tiny_gated
+
+
+def _last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_accuracy_json_on_builtin(cli_model, capsys):
+    assert cli.main(["accuracy", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "2", "--json"]) == 0
+    res = _last_json(capsys)
+    assert set(res) >= {"accuracy", "mean_target_prob", "n"}
+    assert res["n"] == 5 * 2 * 3 and 0 <= res["accuracy"] <= 1 and 0 < res["mean_target_prob"] < 1
+
+
+def test_accuracy_on_each_format(cli_model, capsys, tmp_path):
+    ours = "\n".join(json.dumps({"id": f"q{i}", "group": "g", "question": f"Is {i} even?", "answer": a,
+                                 "options": ["yes", "no", "maybe", "never"]}) for i, a in enumerate(["yes", "no", "no"]))
+    mmlu = "What is 2+2?,3,4,5,6,B\nWhat is 3+3?,6,7,8,9,A\n"
+    mlama = "\n".join(json.dumps({"subject": s, "relation": "capital", "object": o, "template": "The capital of [X] is [Y] ."})
+                      for s, o in [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima")])
+    authors = json.dumps({"a1": {"sentences": ["Q: 2+2?\nA. 4\nB. 5\nAnswer:"] * 2, "obj_label": ["A", "A"], "relation_name": "math"}})
+    cases = [
+        (_write(tmp_path, "ours.jsonl", ours), "mcqa-letter", 3 * 3),
+        (_write(tmp_path, "math_test.csv", mmlu), "mcqa-letter", 2 * 3),
+        (_write(tmp_path, "facts.jsonl", mlama), "cloze", 5 * 3),
+        (_write(tmp_path, "authors.json", authors), "mcqa-letter", 2),
+    ]
+    for path, proxy, n in cases:
+        assert cli.main(["accuracy", "--data", path, "--proxy", proxy, "--shots", "0", "--json"]) == 0, path
+        assert _last_json(capsys)["n"] == n, path
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("missing.jsonl", '{"id": "a", "group": "g", "question": "Q?"}\n', r"missing.jsonl:1: missing field\(s\) \['answer'\]"),
+        ("letters.csv", "Q one?,1,2,3,4,A\nQ two?,1,2,3,4,E\n", r"letters.csv:2: unknown answer letter 'E'"),
+        ("empty.jsonl", "", r"empty.jsonl: no queries in the file \(it is empty\)"),
+        ("bad.json", '{"x": {"sentences": ["s"], "obj_label": ["7"]}}', r"bad.json \(record 'x'\): unknown answer letter"),
+    ],
+)
+def test_bad_files_give_a_clear_error(cli_model, capsys, tmp_path, name, text, message):
+    path = _write(tmp_path, name, text)
+    assert cli.main(["accuracy", "--data", path, "--proxy", "mcqa-letter"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    import re
+
+    assert re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_accuracy_cli_on_smollm2_process(tmp_path):
+    """The installed console script, end to end on the real model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "qrnca-lens"
+    out = subprocess.run([str(script), "accuracy", "--model", "smollm2", "--data", "builtin:facts", "--proxy", "cloze",
+                          "--limit", "3", "--json"], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["n"] == 5 * 3 * 3
+    # The model knows these easy facts with in-context examples: far above zero (measured 0.77 on the full set).
+    assert res["accuracy"] > 0.3
