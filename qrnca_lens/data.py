@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -131,7 +132,9 @@ def _check_nonempty(queries: list[Query], path: Path | str) -> list[Query]:
 
 def _jsonl_rows(path: Path | str, text: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON allows inside strings.
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
@@ -220,11 +223,17 @@ def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | Non
         stem = stem.removesuffix(suffix)
     group = group or stem
     out = []
-    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    first = True
+    for row in reader:
+        # line_num counts physical lines, so errors point at the right line after a multi-line question.
+        i = reader.line_num
         if not row or not any(c.strip() for c in row):
             continue
-        if i == 1 and [c.strip() for c in row] == MMLU_HEADER:
+        if first and [c.strip() for c in row] == MMLU_HEADER:
+            first = False
             continue
+        first = False
         if len(row) != 6:
             raise DataError(f"{_where(path, i)}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
         letter = row[5].strip().upper()

@@ -100,12 +100,17 @@ def hooked(model: Any, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
 # ---------------------------------------------------------------- hook functions
 
 
-def capture(store: dict[str, Tensor], *, position: int | None = None, detach: bool = True) -> HookFn:
-    """A hook that records its activation in ``store[hook.name]`` (optionally one position only)."""
+def capture(store: dict[str, Tensor], key: str | None = None, *, position: int | None = None,
+            detach: bool = True) -> HookFn:
+    """A hook that records its activation in ``store[key]`` (optionally one position only).
+
+    Pass ``key`` (usually the hook name you attach it to): a bridge reports some hooks under a canonical
+    alias (``blocks.0.mlp.in.hook_out`` for ``blocks.0.mlp.hook_pre_linear``), which is the fallback key.
+    """
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         value = act if position is None else act[:, position]
-        store[hook.name] = value.detach().clone() if detach else value
+        store[key or hook.name] = value.detach().clone() if detach else value
         return act
 
     return hook

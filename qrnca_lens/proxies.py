@@ -53,7 +53,8 @@ class Template:
     """``instruction`` + k filled-in ``item``s (each followed by its answer) + the query's ``item``.
 
     ``item`` fields: ``{question}`` and ``{options}`` (MCQA; options rendered with ``option_format`` joined
-    by ``option_sep``), or ``{fact}`` (cloze: the fact up to the answer slot).
+    by ``option_sep``, then ``options_end``; empty when options are hidden), or ``{fact}`` (cloze: the fact up
+    to the answer slot).
     """
 
     instruction: str
@@ -61,6 +62,7 @@ class Template:
     option_format: str = "{letter}. {text}"
     option_sep: str = "\n"
     example_sep: str = "\n\n"
+    options_end: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +88,7 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
     ),
     "mcqa-text": (
         Template("Answer each question.\n\n", "Question: {question}\n{options}Answer:", option_format="- {text}\n", option_sep=""),
-        Template("", "Q: {question}\n{options}A:", option_format="{text}", option_sep=" / "),
+        Template("", "Q: {question}\n{options}A:", option_format="{text}", option_sep=" / ", options_end="\n"),
         Template("Short answers only.\n\n", "{question}\n{options}The answer is", option_format="* {text}\n", option_sep=""),
     ),
     "cloze": (
@@ -163,13 +165,14 @@ class Prompt:
 
     query_id: str
     group: str
-    template: int
+    template: int  # index of the template used
     text: str
     tokens: tuple[int, ...]
     target: tuple[int, ...]
     options: tuple[tuple[int, ...], ...] | None = None
     correct: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    index: int = 0  # position among the query's prompts
 
     @property
     def target_position(self) -> int:
@@ -230,8 +233,12 @@ def _filled_fact(q: Query) -> str:
     return f"{q.question.rstrip()} {q.answer}."
 
 
-def _options_for(q: Query, pool_group: Sequence[Query], cfg: ProxyConfig) -> list[str]:
-    """The query's options (its own, or the answer plus distractors from the group), unshuffled."""
+def _options_for(q: Query, pool_group: Sequence[Query], cfg: ProxyConfig, avoid: str | None = None) -> list[str]:
+    """The query's options (its own, or the answer plus distractors from the group), unshuffled.
+
+    ``avoid`` (the answer of the query an example is shown for) is kept out of the distractors, so an example
+    does not hint at the real query's answer, unless the group is too small to do without it.
+    """
     if q.options is not None:
         if len(q.options) > len(cfg.letters):
             raise ProxyError(f"query {q.id!r} has {len(q.options)} options but only {len(cfg.letters)} letters")
@@ -244,6 +251,10 @@ def _options_for(q: Query, pool_group: Sequence[Query], cfg: ProxyConfig) -> lis
             seen.add(key)
             candidates.append(other.answer)
     need = cfg.n_options - 1
+    if avoid is not None:
+        kept = [c for c in candidates if _norm(c) != _norm(avoid)]
+        if len(kept) >= need:
+            candidates = kept
     if len(candidates) < need:
         raise ProxyError(
             f"group {q.group!r} has only {len(candidates)} answers other than {q.answer!r}, not enough for "
@@ -266,8 +277,15 @@ def _render_item(t: Template, cfg: ProxyConfig, q: Query, options: list[str] | N
     if options is not None and (cfg.kind == "mcqa-letter" or cfg.show_options):
         rendered = t.option_sep.join(
             t.option_format.format(letter=cfg.letters[i], text=o) for i, o in enumerate(options)
-        )
-    return t.item.format(question=q.question, options=rendered)
+        ) + t.options_end
+    return t.item.format(question=_mcqa_stem(q), options=rendered)
+
+
+def _mcqa_stem(q: Query) -> str:
+    """An MCQA question stem: a cloze slot becomes a blank ("The capital of Italy is ___.")."""
+    if SLOT not in q.question:
+        return q.question
+    return " ".join(q.question.replace(SLOT, "___").split()).replace(" .", ".")
 
 
 def _answer_text(cfg: ProxyConfig, q: Query, options: list[str] | None, correct: int | None, sep: str) -> str:
@@ -320,7 +338,8 @@ def build_prompts(
         for ex in _examples(query, group, cfg.shots, cfg, j):
             ex_opts, ex_correct = (None, None)
             if cfg.kind != "cloze":
-                ex_opts, ex_correct = _shuffled(_options_for(ex, group, cfg), ex.answer, _rng(cfg.seed, ex.id, query.id, j))
+                ex_opts, ex_correct = _shuffled(_options_for(ex, group, cfg, avoid=query.answer), ex.answer,
+                                              _rng(cfg.seed, ex.id, query.id, j))
             if cfg.kind == "cloze":
                 item = t.item.format(fact=_filled_fact(ex))
             else:
@@ -343,8 +362,8 @@ def build_prompts(
         else:
             opt_tokens = None
             target = _continuation(tokenizer, ids, body, sep + query.answer, bos)
-        out.append(Prompt(query.id, query.group, j, body, tuple(ids), target, opt_tokens, correct,
-                          meta={"options": options, "prepend_bos": bos}))
+        out.append(Prompt(query.id, query.group, j % len(templates), body, tuple(ids), target, opt_tokens, correct,
+                          meta={"options": options, "prepend_bos": bos}, index=j))
     return out
 
 
@@ -371,15 +390,15 @@ def _prebuilt_prompts(query: Query, cfg: ProxyConfig, tokenizer: Any, bos: bool)
     assert query.prompts is not None and query.prompt_letters is not None
     out = []
     for j, (text, letter) in enumerate(zip(query.prompts, query.prompt_letters)):
-        if letter not in cfg.letters[: cfg.n_options]:
+        if len(letter) != 1 or letter not in cfg.letters[: cfg.n_options]:
             raise ProxyError(f"query {query.id!r}: answer letter {letter!r} is not among {cfg.letters[:cfg.n_options]!r}")
         # A prompt that ends in a space leaves the letter as a bare piece; fold the space into the letter.
         body = text.rstrip(" ") if cfg.letter_style == "space" else text
         ids = encode(tokenizer, body, prepend_bos=bos)
         opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, " ", bos) for i in range(cfg.n_options))
         correct = cfg.letters.index(letter)
-        out.append(Prompt(query.id, query.group, j, body, tuple(ids), opt_tokens[correct], opt_tokens, correct,
-                          meta={"prepend_bos": bos, "prebuilt": True}))
+        out.append(Prompt(query.id, query.group, 0, body, tuple(ids), opt_tokens[correct], opt_tokens, correct,
+                          meta={"prepend_bos": bos, "prebuilt": True}, index=j))
     return out
 
 

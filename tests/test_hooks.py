@@ -79,10 +79,10 @@ def test_set_neurons_scales_only_the_chosen_neurons_at_the_last_position(tiny_mo
     idx = torch.tensor([1, 4])
     toks = _tokens(tiny_model)
     with torch.no_grad():
-        with hooked(tiny_model, fwd=[(name, capture(clean))]):
+        with hooked(tiny_model, fwd=[(name, capture(clean, name))]):
             tiny_model(toks)
         # The capture runs after the patch on the same hook point: it sees the patched activation.
-        with hooked(tiny_model, fwd=[(name, set_neurons(idx, factor=2.0)), (name, capture(patched))]):
+        with hooked(tiny_model, fwd=[(name, set_neurons(idx, factor=2.0)), (name, capture(patched, name))]):
             tiny_model(toks)
     c, p = next(iter(clean.values())), next(iter(patched.values()))
     assert torch.allclose(p[:, -1, idx], 2 * c[:, -1, idx])
@@ -95,6 +95,6 @@ def test_set_neurons_scales_only_the_chosen_neurons_at_the_last_position(tiny_mo
 def test_set_neurons_every_position(tiny_model):
     name = mlp_hook_name(tiny_model, 0)
     patched = {}
-    with torch.no_grad(), hooked(tiny_model, fwd=[(name, set_neurons(torch.tensor([2]), factor=0.0, position=None)), (name, capture(patched))]):
+    with torch.no_grad(), hooked(tiny_model, fwd=[(name, set_neurons(torch.tensor([2]), factor=0.0, position=None)), (name, capture(patched, name))]):
         tiny_model(_tokens(tiny_model))
     assert torch.all(next(iter(patched.values()))[..., 2] == 0)

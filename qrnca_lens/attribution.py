@@ -1,0 +1,385 @@
+"""Integrated-gradients attribution of FFN neurons (METHOD section 2), as hooks on the MLP's linear branch.
+
+For prompt q, layer l and neuron i, with f̄ the clean value of ``blocks.l.mlp.hook_pre_linear`` (``hook_pre``
+for a plain MLP) at the last prompt position:
+
+    ig[l, i] = f̄_i / m * Σ_k dP(α_k f̄) / df_i,    α_k = k/m (k = 1..m), baseline 0,
+
+where all neurons of layer l are scaled together at that position only, layers above see the consequences,
+and P is the full-vocabulary softmax probability of the target (for a multi-token target the product over
+its tokens under teacher forcing). ``alpha_schedule="linspace"`` gives the authors' linspace(0, 1, m).
+
+Two paths compute the same numbers:
+
+- ``reference``: as the authors ran it. For each layer, m full-sequence copies go through one
+  forward/backward. It is the oracle of the tests and the baseline of the benchmark.
+- ``fast`` (default): scaling the last position leaves every earlier position identical to the clean run in
+  every layer (attention is causal). So the prefix runs once, and each (layer, step) becomes a *row*: the
+  last prompt token (plus the teacher-forced answer tokens), scaled at its own layer, attending to the
+  prefix's cached keys/values. Rows of all layers and steps go through one forward/backward per chunk of
+  ``max_batch_rows`` rows.
+    * TL 4.x ``TransformerBridge`` over a transformers model: the rows are laid out along the *sequence* of
+      one batch element after the cached prefix, with a block-diagonal 4D attention mask and explicit
+      position ids (every row sits at the target position). The prefix keys/values are therefore shared by
+      all rows without being copied; the price is each row's masked-out scores against the other rows of its
+      chunk, which is small next to the MLPs and the unembedding.
+    * TL 3.x ``HookedTransformer``: its forward takes no 4D mask or position ids, but takes a
+      ``TransformerLensKeyValueCache``. The rows go along the batch dimension, and each chunk gets a frozen
+      cache whose entries are broadcast views of the prefix; TL's attention concatenates them per row, so a
+      chunk holds B copies of the prefix keys/values (bounded by ``max_batch_rows``).
+  Other models (e.g. TL-native bridges) fall back to the reference path with a warning.
+
+Gradients are taken even when the caller disabled them (not under ``torch.inference_mode``, which cannot be
+overridden: that raises). Parameters are frozen for the duration, so no parameter gradient is built, and
+restored afterwards. Scores accumulate in float32 whatever the model's dtype.
+
+Example:
+    >>> scores = attribute_prompt(model, prompt, IGConfig(steps=16))   # doctest: +SKIP
+    >>> scores.shape                                                     # doctest: +SKIP
+    torch.Size([30, 1536])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import ModelError, QrncaError
+from .hooks import capture, hooked
+from .models import d_mlp, mlp_hook_name, model_device, n_layers
+from .proxies import Prompt
+
+__all__ = [
+    "IGConfig",
+    "alphas",
+    "attribute_prompt",
+    "attribute_prompts",
+    "reference_ig",
+    "fast_backend",
+]
+
+
+@dataclass(frozen=True)
+class IGConfig:
+    """Integrated-gradients settings. ``method``: ``"fast"`` (default), ``"reference"`` or ``"auto"``."""
+
+    steps: int = 16
+    alpha_schedule: str = "riemann"
+    method: str = "fast"
+    max_batch_rows: int = 240
+    require_gated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise QrncaError(f"steps (m) must be at least 1, got {self.steps}")
+        if self.alpha_schedule not in ("riemann", "linspace"):
+            raise QrncaError(f"alpha_schedule must be 'riemann' (k/m) or 'linspace' (authors'), got {self.alpha_schedule!r}")
+        if self.method not in ("fast", "reference", "auto"):
+            raise QrncaError(f"method must be 'fast', 'reference' or 'auto', got {self.method!r}")
+        if self.max_batch_rows < 1:
+            raise QrncaError(f"max_batch_rows must be at least 1, got {self.max_batch_rows}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IGConfig":
+        return cls(**d)
+
+
+def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, "steps"]:
+    """The scaling factors: k/m for k = 1..m (the paper's Riemann sum) or linspace(0, 1, m) (authors' code)."""
+    if schedule == "linspace":
+        return torch.linspace(0.0, 1.0, steps)
+    return torch.arange(1, steps + 1, dtype=torch.float32) / steps
+
+
+# ---------------------------------------------------------------- shared guards
+
+
+@contextlib.contextmanager
+def _gradients_on(model: Any) -> Iterator[None]:
+    """Enable autograd for inputs only: parameters are frozen here and restored on exit."""
+    if torch.is_inference_mode_enabled():
+        raise QrncaError(
+            "gradients are disabled by torch.inference_mode(), which cannot be overridden; call the "
+            "attribution outside `with torch.inference_mode():` (torch.no_grad() is fine)"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _target_prob(logp_rows: Float[Tensor, "rows n_target vocab"] | Tensor, target: Sequence[int]) -> Tensor:
+    tgt = torch.tensor(list(target), device=logp_rows.device)
+    return logp_rows.gather(-1, tgt.expand(logp_rows.shape[0], -1)[..., None])[..., 0].sum(-1).exp()
+
+
+def _check_finite(scores: Tensor, prompt: Prompt) -> Tensor:
+    if not torch.isfinite(scores).all():
+        bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(scores))[:, 0]})
+        raise QrncaError(
+            f"non-finite attribution scores for query {prompt.query_id!r} (template {prompt.template}) at layers "
+            f"{bad[:10]}: the model's probabilities overflowed; run the model in float32"
+        )
+    return scores
+
+
+def _clean_values(model: Any, seq: Tensor, names: Sequence[str], pos: int, **kw: Any) -> dict[str, Tensor]:
+    store: dict[str, Tensor] = {}
+    with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in names]):
+        model(seq, **kw)
+    # A detached copy: a view would silently follow later in-place writes to the activation.
+    return {n: store[n][0, pos].detach().clone() for n in names}
+
+
+def _layers_and_names(model: Any, layers: Sequence[int] | None, require_gated: bool) -> tuple[list[int], list[str]]:
+    d_mlp(model)
+    chosen = list(range(n_layers(model))) if layers is None else list(layers)
+    for layer in chosen:
+        if not 0 <= layer < n_layers(model):
+            raise QrncaError(f"layer {layer} is out of range for a {n_layers(model)}-layer model")
+    return chosen, [mlp_hook_name(model, layer, require_gated=require_gated) for layer in chosen]
+
+
+# ---------------------------------------------------------------- reference path
+
+
+def reference_ig(
+    model: Any, prompt: Prompt, layer: int, *, steps: int = 16, alpha_schedule: str = "riemann",
+    require_gated: bool = False,
+) -> Float[Tensor, "d_mlp"]:
+    """IG of one layer as the authors ran it: m full-sequence copies, one forward/backward."""
+    (layer,), (name,) = _layers_and_names(model, [layer], require_gated)
+    device = model_device(model)
+    pos = prompt.target_position
+    seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])], device=device)
+    fbar = _clean_values(model, seq, [name], pos)[name].float()
+    a = alphas(steps, alpha_schedule).to(device)
+    with _gradients_on(model):
+        x = (a[:, None] * fbar).to(_act_dtype(model)).detach().requires_grad_(True)
+
+        def scale(act: Tensor, hook: Any) -> Tensor:
+            out = act.clone()  # the other positions stay live in the graph
+            out[:, pos] = x
+            return out
+
+        with hooked(model, fwd=[(name, scale)]):
+            logits = model(seq.expand(steps, -1), return_type="logits")
+        n_t = len(prompt.target)
+        logp = torch.log_softmax(logits[:, pos : pos + n_t].float(), dim=-1)
+        (grad,) = torch.autograd.grad(_target_prob(logp, prompt.target).sum(), x)
+    return _check_finite((fbar * grad.float().sum(0) / steps).cpu()[None], prompt)[0]
+
+
+def _act_dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# ---------------------------------------------------------------- fast path: backends
+
+
+def fast_backend(model: Any) -> str | None:
+    """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers), ``"batch"``
+    (HookedTransformer), or None (reference only)."""
+    original = getattr(model, "original_model", None)
+    if original is not None:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover
+            return None
+        return "sequence" if isinstance(original, PreTrainedModel) else None
+    if type(model).__name__ == "HookedTransformer" and hasattr(model, "blocks"):
+        return "batch"
+    return None
+
+
+def _row_plan(layers: Sequence[int], steps: int, max_rows: int) -> list[list[tuple[int, int]]]:
+    """(layer index, step) rows in chunks; a chunk never splits a layer's steps when it can avoid it."""
+    rows = [(li, k) for li in range(len(layers)) for k in range(steps)]
+    per_chunk = max(steps, (max_rows // steps) * steps) if max_rows >= steps else max_rows
+    return [rows[i : i + per_chunk] for i in range(0, len(rows), per_chunk)]
+
+
+class _SequenceRows:
+    """Bridge backend: a cached prefix, then the rows laid along the sequence with a block-diagonal mask."""
+
+    def __init__(self, model: Any, prompt: Prompt, names: Sequence[str]) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.names = model, list(names)
+        device = model_device(model)
+        self.P = len(prompt.tokens) - 1
+        self.T = len(prompt.target)
+        self.row = [prompt.tokens[-1]] + list(prompt.target[:-1])
+        self.device = device
+        self.config = model.original_model.config
+        self._cache_cls = DynamicCache
+        with torch.no_grad():
+            cache = self._new_cache()
+            if self.P > 0:
+                model(torch.tensor([list(prompt.tokens[:-1])], device=device), past_key_values=cache)
+            self.kv = [(layer.keys, layer.values) for layer in cache.layers] if self.P > 0 else []
+        self.fbar = _clean_values(model, torch.tensor([self.row], device=device), self.names, 0,
+                                  **self._kwargs(1))
+
+    def _new_cache(self) -> Any:
+        try:
+            return self._cache_cls(config=self.config)
+        except TypeError:  # older transformers
+            return self._cache_cls()
+
+    def _cache(self) -> Any:
+        cache = self._new_cache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k, v, i)
+        return cache
+
+    def _kwargs(self, n_rows: int) -> dict[str, Any]:
+        P, T, n = self.P, self.T, n_rows * self.T
+        pos_ids = (P + torch.arange(T, device=self.device)).repeat(n_rows)[None]
+        mask = torch.full((1, 1, n, P + n), float("-inf"), device=self.device, dtype=_act_dtype(self.model))
+        mask[..., :P] = 0.0
+        rid = torch.arange(n, device=self.device) // T
+        tid = torch.arange(n, device=self.device) % T
+        own = (rid[:, None] == rid[None, :]) & (tid[None, :] <= tid[:, None])
+        mask[0, 0, :, P:].masked_fill_(own, 0.0)
+        kw: dict[str, Any] = {"attention_mask": mask, "position_ids": pos_ids}
+        if self.kv:
+            kw["past_key_values"] = self._cache()
+        return kw
+
+    def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
+        """Forward the chunk's rows with each layer's leaf written at its rows; returns P(target) per row."""
+        n_rows = len(chunk)
+        seq = torch.tensor([self.row * n_rows], device=self.device)
+        hooks = []
+        for li, leaf in leaves.items():
+            idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device) * self.T
+            hooks.append((self.names[li], _write_rows(lambda a: (0, a), idx, leaf)))
+        with hooked(self.model, fwd=hooks):
+            logits = self.model(seq, return_type="logits", **self._kwargs(n_rows))
+        logp = torch.log_softmax(logits[0].float(), dim=-1).view(n_rows, self.T, -1)
+        return logp
+
+
+class _BatchRows:
+    """HookedTransformer backend: rows along the batch, a frozen cache of broadcast prefix views."""
+
+    def __init__(self, model: Any, prompt: Prompt, names: Sequence[str]) -> None:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self.model, self.names = model, list(names)
+        self.device = model_device(model)
+        self.P = len(prompt.tokens) - 1
+        self.T = len(prompt.target)
+        self.row = [prompt.tokens[-1]] + list(prompt.target[:-1])
+        self._cls = TransformerLensKeyValueCache
+        self.prefix = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch_size=1)
+        with torch.no_grad():
+            if self.P > 0:
+                model(torch.tensor([list(prompt.tokens[:-1])], device=self.device), past_kv_cache=self.prefix)
+        self.prefix.freeze()
+        self.fbar = _clean_values(model, torch.tensor([self.row], device=self.device), self.names, 0,
+                                  past_kv_cache=self._cache(1))
+
+    def _cache(self, n_rows: int) -> Any:
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        entries = [
+            TransformerLensKeyValueCacheEntry(
+                past_keys=e.past_keys.expand(n_rows, -1, -1, -1),
+                past_values=e.past_values.expand(n_rows, -1, -1, -1),
+                frozen=True,
+            )
+            for e in self.prefix.entries
+        ]
+        mask = self.prefix.previous_attention_mask.expand(n_rows, -1)
+        return self._cls(entries=entries, previous_attention_mask=mask, frozen=True)
+
+    def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
+        n_rows = len(chunk)
+        seq = torch.tensor([self.row] * n_rows, device=self.device)
+        hooks = []
+        for li, leaf in leaves.items():
+            idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device)
+            hooks.append((self.names[li], _write_rows(lambda a: (a, 0), idx, leaf)))
+        with hooked(self.model, fwd=hooks):
+            logits = self.model(seq, return_type="logits", past_kv_cache=self._cache(n_rows))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _write_rows(where: Any, idx: Tensor, leaf: Tensor) -> Any:
+    """A hook writing ``leaf`` at the rows ``idx``: ``where(idx)`` gives the (batch, position) index."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()  # other rows stay live: rows scaled at lower layers flow through here
+        out[where(idx)] = leaf.to(act.dtype)
+        return out
+
+    return hook
+
+
+# ---------------------------------------------------------------- public API
+
+
+def attribute_prompt(
+    model: Any,
+    prompt: Prompt,
+    cfg: IGConfig = IGConfig(),
+    *,
+    layers: Sequence[int] | None = None,
+) -> Float[Tensor, "layer d_mlp"]:
+    """IG scores of every MLP neuron (rows: ``layers``, all by default) for one prompt, float32 on the CPU."""
+    chosen, names = _layers_and_names(model, layers, cfg.require_gated)
+    method = cfg.method
+    backend = fast_backend(model)
+    if method in ("fast", "auto") and backend is None:
+        if method == "fast":
+            warnings.warn(
+                f"no fast IG path for {type(model).__name__} over {type(getattr(model, 'original_model', None)).__name__}; "
+                "using the reference path (exact, slower)", stacklevel=2,
+            )
+        method = "reference"
+    if method == "reference":
+        rows = [reference_ig(model, prompt, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
+                             require_gated=cfg.require_gated) for layer in chosen]
+        return torch.stack(rows)
+    a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
+    runner = (_SequenceRows if backend == "sequence" else _BatchRows)(model, prompt, names)
+    grads = torch.zeros(len(chosen), d_mlp(model), dtype=torch.float32)
+    fbar = torch.stack([runner.fbar[n].float() for n in names])
+    with _gradients_on(model):
+        for chunk in _row_plan(chosen, cfg.steps, cfg.max_batch_rows):
+            leaves: dict[int, Tensor] = {}
+            for li in sorted({li for li, _ in chunk}):
+                ks = torch.tensor([k for lj, k in chunk if lj == li], device=a.device)
+                leaves[li] = (a[ks, None] * fbar[li].to(a.device)).detach().requires_grad_(True)
+            logp = runner.run(chunk, leaves)
+            prob = _target_prob(logp, prompt.target)
+            order = sorted(leaves)
+            got = torch.autograd.grad(prob.sum(), [leaves[li] for li in order])
+            for li, g in zip(order, got):
+                grads[li] += g.float().sum(0).cpu()
+    return _check_finite(fbar.cpu() * grads / cfg.steps, prompt)
+
+
+def attribute_prompts(
+    model: Any, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
+) -> Float[Tensor, "prompt layer d_mlp"]:
+    """``attribute_prompt`` for each prompt of a query, stacked."""
+    if not prompts:
+        raise QrncaError("no prompts to attribute")
+    return torch.stack([attribute_prompt(model, p, cfg, layers=layers) for p in prompts])
