@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-TINY_KINDS_BRIDGE = ("llama-bridge", "native-gated", "native-plain-ln")
+TINY_KINDS_BRIDGE = ("llama-bridge", "gpt2-bridge", "native-gated", "native-plain-ln")
 TINY_KINDS_HT = ("hooked-gated", "hooked-plain-ln")
 
 
@@ -81,6 +81,25 @@ def tiny_llama_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> An
     return _freeze(TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tokenizer))
 
 
+def tiny_gpt2_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
+    """A tiny transformers ``GPT2LMHeadModel`` (plain GELU MLP, LayerNorm, learned positions) in a bridge."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=n_layers, n_head=4, n_inner=48, n_positions=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+    hf.eval()
+    return _freeze(TransformerBridge.boot_transformers("tiny-gpt2", hf_model=hf, tokenizer=tokenizer))
+
+
 def tiny_native_bridge(tokenizer: Any, *, gated: bool = True, norm: str = "RMS", rotary: bool = True,
                        n_layers: int = 3, seed: int = 0) -> Any:
     """TL's own native model in a bridge: gated/plain MLP, RMSNorm/LayerNorm, rotary/learned positions."""
@@ -114,6 +133,8 @@ def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int
 def build_tiny(kind: str, tokenizer: Any) -> Any:
     if kind == "llama-bridge":
         return tiny_llama_bridge(tokenizer)
+    if kind == "gpt2-bridge":
+        return tiny_gpt2_bridge(tokenizer)
     if kind == "native-gated":
         return tiny_native_bridge(tokenizer, gated=True, norm="RMS", rotary=True)
     if kind == "native-plain-ln":

@@ -1,0 +1,227 @@
+"""Integrated gradients: fast path == reference path == a plain per-step loop; completeness; guards."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from qrnca_lens.attribution import IGConfig, alphas, attribute_prompt, attribute_prompts, fast_backend, reference_ig
+from qrnca_lens.data import load_data
+from qrnca_lens.errors import ModelError, QrncaError
+from qrnca_lens.hooks import active_hook_count, hooked
+from qrnca_lens.models import is_gated, mlp_hook_name, n_layers
+from qrnca_lens.proxies import ProxyConfig, build_prompts
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return load_data("builtin:facts")
+
+
+def _prompt(facts, tok, kind="mcqa-letter", shots=1, qi=0):
+    return build_prompts(facts[qi], ProxyConfig(kind, n_prompts=1, n_shots=shots), tok, pool=facts)[0]
+
+
+def _prob(model, prompt, layer=None, scale=1.0):
+    """P(target) with layer ``layer``'s MLP activation at the target position scaled by ``scale``."""
+    pos = prompt.target_position
+    seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])])
+    hooks = []
+    if layer is not None:
+        def h(act, hook):
+            out = act.clone()
+            out[:, pos] = act[:, pos] * scale
+            return out
+        hooks = [(mlp_hook_name(model, layer), h)]
+    with torch.no_grad(), hooked(model, fwd=hooks):
+        logp = torch.log_softmax(model(seq)[0].double(), -1)
+    return float(sum(logp[pos + t, tok] for t, tok in enumerate(prompt.target)).exp())
+
+
+def _loop_oracle(model, prompt, layer, steps):
+    """The paper's Eq. 4 as a plain loop: one forward/backward per step k, batch 1, summed by hand."""
+    pos = prompt.target_position
+    name = mlp_hook_name(model, layer)
+    seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])])
+    clean = {}
+    with torch.no_grad(), hooked(model, fwd=[(name, lambda a, hook: clean.setdefault("f", a[0, pos].clone()))]):
+        model(seq)
+    total = torch.zeros_like(clean["f"], dtype=torch.float64)
+    for k in range(1, steps + 1):
+        x = (clean["f"] * k / steps).clone().requires_grad_(True)
+
+        def put(act, hook):
+            out = act.clone()
+            out[0, pos] = x
+            return out
+
+        with torch.enable_grad(), hooked(model, fwd=[(name, put)]):
+            logp = torch.log_softmax(model(seq)[0].float(), -1)
+            p = sum(logp[pos + t, tok] for t, tok in enumerate(prompt.target)).exp()
+            (g,) = torch.autograd.grad(p, x)
+        total += g.double()
+    return (clean["f"].double() * total / steps).float()
+
+
+@pytest.mark.parametrize("kind", ["mcqa-letter", "cloze"])
+def test_fast_equals_reference(tiny_model, tiny_tokenizer, facts, kind):
+    prompt = _prompt(facts, tiny_tokenizer, kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TL-native bridges fall back to the reference path, with a warning
+        fast = attribute_prompt(tiny_model, prompt, IGConfig(steps=6, max_batch_rows=7))
+    ref = attribute_prompt(tiny_model, prompt, IGConfig(steps=6, method="reference"))
+    assert fast.shape == (n_layers(tiny_model), tiny_model.cfg.d_mlp)
+    assert ref.abs().max() > 0
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_reference_equals_the_per_step_loop(tiny_model, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer, "cloze")
+    for layer in (0, 2):
+        ref = reference_ig(tiny_model, prompt, layer, steps=5)
+        oracle = _loop_oracle(tiny_model, prompt, layer, 5)
+        assert (ref - oracle).abs().max() <= 1e-4 * oracle.abs().max()
+
+
+def test_completeness_per_layer(tiny_gated, tiny_tokenizer, facts):
+    """sum_i ig[l, i] -> P(f̄) - P(0) as m grows (Riemann error shrinks)."""
+    prompt = _prompt(facts, tiny_tokenizer, "mcqa-letter")
+    coarse = attribute_prompt(tiny_gated, prompt, IGConfig(steps=2)).double().sum(-1)
+    fine = attribute_prompt(tiny_gated, prompt, IGConfig(steps=128)).double().sum(-1)
+    for layer in range(n_layers(tiny_gated)):
+        delta = _prob(tiny_gated, prompt) - _prob(tiny_gated, prompt, layer, 0.0)
+        assert abs(fine[layer] - delta) <= 0.02 * abs(delta) + 1e-9
+        assert abs(fine[layer] - delta) <= abs(coarse[layer] - delta) + 1e-12
+
+
+def test_chunked_equals_unchunked(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer, "cloze")
+    whole = attribute_prompt(tiny_gated, prompt, IGConfig(steps=4, max_batch_rows=1000))
+    for rows in (1, 3, 4, 9):
+        part = attribute_prompt(tiny_gated, prompt, IGConfig(steps=4, max_batch_rows=rows))
+        assert (part - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
+def test_layer_subset_matches_all_layers(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    full = attribute_prompt(tiny_gated, prompt, IGConfig(steps=4))
+    sub = attribute_prompt(tiny_gated, prompt, IGConfig(steps=4), layers=[2, 0])
+    assert torch.allclose(sub, full[[2, 0]], atol=1e-6 * float(full.abs().max()))
+
+
+def test_linspace_schedule_is_the_authors():
+    assert torch.allclose(alphas(4, "linspace"), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    assert torch.allclose(alphas(4), torch.tensor([0.25, 0.5, 0.75, 1.0]))
+
+
+def test_linspace_fast_equals_reference(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    fast = attribute_prompt(tiny_gated, prompt, IGConfig(steps=5, alpha_schedule="linspace"))
+    ref = attribute_prompt(tiny_gated, prompt, IGConfig(steps=5, alpha_schedule="linspace", method="reference"))
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_leaves_the_model_as_it_was(tiny_model, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    seq = torch.tensor([prompt.tokens])
+    with torch.no_grad():
+        before = tiny_model(seq)
+    hooks = active_hook_count(tiny_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attribute_prompt(tiny_model, prompt, IGConfig(steps=2))
+    assert active_hook_count(tiny_model) == hooks
+    assert all(not p.requires_grad and p.grad is None for p in tiny_model.parameters())
+    with torch.no_grad():
+        assert torch.equal(tiny_model(seq), before)
+
+
+def test_trainable_parameters_build_no_gradient_and_are_restored(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    params = list(tiny_gated.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        attribute_prompt(tiny_gated, prompt, IGConfig(steps=2))
+        assert all(p.requires_grad and p.grad is None for p in params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def test_works_when_the_caller_disabled_gradients(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    free = attribute_prompt(tiny_gated, prompt, IGConfig(steps=3))
+    with torch.no_grad():
+        inside = attribute_prompt(tiny_gated, prompt, IGConfig(steps=3))
+        assert not torch.is_grad_enabled()  # the caller's setting survives the call
+    assert torch.equal(free, inside)
+
+
+def test_inference_mode_is_refused_with_the_fix(tiny_gated, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    hooks = active_hook_count(tiny_gated)
+    with torch.inference_mode():
+        with pytest.raises(QrncaError, match="inference_mode"):
+            attribute_prompt(tiny_gated, prompt, IGConfig(steps=2))
+    assert active_hook_count(tiny_gated) == hooks
+
+
+def test_plain_mlp_refused_when_gated_is_required(tiny_model, tiny_tokenizer, facts):
+    prompt = _prompt(facts, tiny_tokenizer)
+    if is_gated(tiny_model):
+        pytest.skip("gated model")
+    with pytest.raises(ModelError, match="no gated MLP"):
+        attribute_prompt(tiny_model, prompt, IGConfig(steps=2, require_gated=True))
+
+
+def test_nan_scores_are_reported(tiny_tokenizer, facts):
+    from builders import tiny_llama_bridge
+
+    model = tiny_llama_bridge(tiny_tokenizer, n_layers=2, seed=3)
+    with torch.no_grad():
+        model.original_model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    prompt = _prompt(facts, tiny_tokenizer)
+    with pytest.raises(QrncaError, match="non-finite attribution scores"):
+        attribute_prompt(model, prompt, IGConfig(steps=2))
+    assert active_hook_count(model) == 0
+
+
+def test_backends(tiny_model):
+    kind = fast_backend(tiny_model)
+    name = type(tiny_model).__name__
+    if name == "HookedTransformer":
+        assert kind == "batch"
+    elif type(tiny_model.original_model).__module__.startswith("transformers"):
+        assert kind == "sequence"
+    else:
+        assert kind is None
+
+
+def test_native_bridge_falls_back_with_a_warning(tiny_tokenizer, facts):
+    from builders import tiny_native_bridge
+
+    model = tiny_native_bridge(tiny_tokenizer)
+    with pytest.warns(UserWarning, match="reference path"):
+        attribute_prompt(model, _prompt(facts, tiny_tokenizer), IGConfig(steps=2), layers=[0])
+
+
+def test_attribute_prompts_stacks(tiny_gated, tiny_tokenizer, facts):
+    prompts = build_prompts(facts[0], ProxyConfig("cloze", n_prompts=2, n_shots=1), tiny_tokenizer, pool=facts)
+    both = attribute_prompts(tiny_gated, prompts, IGConfig(steps=2))
+    assert both.shape[0] == 2
+    assert torch.equal(both[1], attribute_prompt(tiny_gated, prompts[1], IGConfig(steps=2)))
+    with pytest.raises(QrncaError, match="no prompts"):
+        attribute_prompts(tiny_gated, [], IGConfig(steps=2))
+
+
+@pytest.mark.slow
+def test_fast_equals_reference_on_smollm2(smollm2, facts):
+    prompt = build_prompts(facts[0], ProxyConfig("cloze", n_prompts=1, n_shots=2), smollm2.tokenizer, pool=facts)[0]
+    layers = [0, 14, 29]
+    fast = attribute_prompt(smollm2, prompt, IGConfig(steps=16), layers=layers)
+    ref = attribute_prompt(smollm2, prompt, IGConfig(steps=16, method="reference"), layers=layers)
+    assert ref.abs().max() > 0
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
