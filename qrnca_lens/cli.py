@@ -1,6 +1,9 @@
 """The ``qrnca-lens`` command line. Thin: it parses, calls the Python API, prints.
 
     qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--json]
+    qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--shard I/N]
+    qrnca-lens reduce DIR [--t T] [--u U] [--v V]
+    qrnca-lens bench --model smollm2
     qrnca-lens demo
 """
 
@@ -38,6 +41,40 @@ def _proxy_config(args: argparse.Namespace) -> Any:
                        prepend_bos=bos, chat_template=args.chat)
 
 
+def _add_selection_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    p.add_argument("--t", type=float, default=0.2 if defaults else None, help="cluster threshold, x max score")
+    p.add_argument("--u", type=float, default=0.3 if defaults else None, help="common if in more than u*N clusters")
+    p.add_argument("--v", type=int, default=20 if defaults else None, help="top-v neurons per query")
+    p.add_argument("--cluster-mode", choices=["union", "sum"], default="union" if defaults else None,
+                   help="union: authors' per-prompt thresholds; sum: the paper's threshold of the summed scores")
+    p.add_argument("--no-ica", action="store_true", help="the QRNCA-without-ICA baseline")
+    p.add_argument("--keep-common", action="store_true", help="keep common neurons (the authors' released code)")
+
+
+def _selection_config(args: argparse.Namespace, base: Any = None) -> Any:
+    from .selection import SelectionConfig
+
+    base = base or SelectionConfig()
+    d = base.to_dict()
+    for key, arg in (("t", "t"), ("u", "u"), ("v", "v"), ("cluster_mode", "cluster_mode")):
+        if getattr(args, arg) is not None:
+            d[key] = getattr(args, arg)
+    if args.no_ica:
+        d["use_ica"] = False
+    if args.keep_common:
+        d["remove_common"] = False
+    return SelectionConfig.from_dict(d)
+
+
+def _print_summary(res: Any, path: Any) -> None:
+    s = res.neurons_json()["summary"]
+    acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "-"
+    p = f"{s['mean_target_prob']:.3f}" if s["mean_target_prob"] is not None else "-"
+    print(f"{s['n_queries']} queries: {s['mean_qr_neurons']:.1f} QR neurons per query on average, "
+          f"{s['n_common_neurons']} common neurons; the model answered {acc} of the prompts (mean target p {p})")
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     acc = sub.add_parser("accuracy", help="is the model competent on a proxy? accuracy and mean target probability")
     _add_proxy_args(acc)
     acc.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, mean_target_prob, n")
+
+    loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons")
+    _add_proxy_args(loc)
+    loc.add_argument("--out", required=True, help="the run directory (created, or resumed if it holds this run)")
+    loc.add_argument("--shard", default=None, help="I/N: do every N-th query starting at I (0-based)")
+    loc.add_argument("--steps", type=int, default=16, help="m, integration steps")
+    loc.add_argument("--alpha-schedule", choices=["riemann", "linspace"], default="riemann",
+                     help="riemann: k/m, k=1..m (paper); linspace: linspace(0,1,m) (authors' code)")
+    loc.add_argument("--method", choices=["fast", "reference"], default="fast")
+    loc.add_argument("--max-batch-rows", type=int, default=240, help="rows per forward/backward (memory budget)")
+    _add_selection_args(loc)
+    loc.add_argument("--quiet", action="store_true")
+
+    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores")
+    red.add_argument("out")
+    _add_selection_args(red, defaults=False)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     demo.add_argument("--model", default="smollm2")
@@ -67,6 +120,46 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         print(json.dumps({"accuracy": res.accuracy, "mean_target_prob": res.mean_target_prob, "n": res.n,
                           "n_queries": res.n_queries, "chance": res.chance, "proxy": args.proxy,
                           "data": args.data, "model": args.model}))
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import models
+    from .attribution import IGConfig
+    from .data import limit_per_group, load_data
+    from .locate import LocateConfig, locate, parse_shard
+
+    shard = parse_shard(args.shard)
+    cfg = LocateConfig(
+        proxy=_proxy_config(args),
+        ig=IGConfig(steps=args.steps, alpha_schedule=args.alpha_schedule, method=args.method,
+                    max_batch_rows=args.max_batch_rows),
+        selection=_selection_config(args),
+    )
+    pool = load_data(args.data)
+    queries = limit_per_group(pool, args.limit)
+    model = models.load_model(args.model, verbose=not args.quiet)
+    res = locate(model, queries, cfg, pool=pool, out=args.out, shard=shard, progress=not args.quiet,
+                 name=args.model, data=args.data)
+    if res is not None:
+        _print_summary(res, Path(args.out) / "neurons.json")
+    return 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .locate import reduce
+    from .store import RunStore
+    from .selection import SelectionConfig
+
+    t0 = time.perf_counter()
+    base = SelectionConfig.from_dict(RunStore.load(args.out).manifest["selection"])
+    res = reduce(args.out, _selection_config(args, base))
+    _print_summary(res, Path(args.out) / "neurons.json")
+    print(f"reduce took {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -109,7 +202,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"accuracy": cmd_accuracy, "demo": cmd_demo}[args.command]
+    handler = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "demo": cmd_demo}
+    if args.command == "bench":
+        from .bench import cmd_bench
+
+        handler["bench"] = cmd_bench
+    handler = handler[args.command]
     try:
         return handler(args)
     except QrncaError as e:

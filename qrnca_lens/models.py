@@ -223,7 +223,12 @@ def load_model(
         30
     """
     if name not in EMBEDDED_MODELS:
-        raise ModelError(f"unknown model {name!r}; embedded models are {sorted(EMBEDDED_MODELS)}")
+        if Path(name).is_dir():
+            return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
+        raise ModelError(
+            f"unknown model {name!r}; embedded models are {sorted(EMBEDDED_MODELS)}, or give a local "
+            "transformers checkpoint directory (config.json + weights + tokenizer)"
+        )
     spec = EMBEDDED_MODELS[name]
     cache = cache_root() / name
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -243,15 +248,36 @@ def load_model(
         if device is not None:
             kwargs["device"] = device
         model = TransformerBridge.boot_transformers(spec.hf_name, **kwargs)
+    _finish(model, tok, compatibility_mode)
+    if verbose:
+        print(f"[qrnca-lens] loaded {name} in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibility_mode: bool) -> Any:
+    """A local transformers checkpoint directory, wrapped by the bridge (offline)."""
+    with _offline():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformer_lens.model_bridge import TransformerBridge
+
+        tok = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
+        if device is not None:
+            kwargs["device"] = device
+        model = TransformerBridge.boot_transformers(str(path), **kwargs)
+    return _finish(model, tok, compatibility_mode)
+
+
+def _finish(model: Any, tok: Any, compatibility_mode: bool) -> Any:
     if compatibility_mode:
         model.enable_compatibility_mode()
     # TL re-creates the tokenizer with add_bos_token=True; remember what the model's own tokenizer does.
-    _set_native_bos(model, bool(tok("a")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False)
+    native = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    _set_native_bos(model, bool(native))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if verbose:
-        print(f"[qrnca-lens] loaded {name} in {time.perf_counter() - t0:.1f} s")
     return model
 
 

@@ -59,10 +59,9 @@ def _freeze(model: Any) -> Any:
     return model
 
 
-def tiny_llama_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
-    """A tiny transformers ``LlamaForCausalLM`` (RMSNorm, rotary, grouped-query attention, SwiGLU) in a bridge."""
+def tiny_llama_hf(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
+    """A tiny transformers ``LlamaForCausalLM``: RMSNorm, rotary, grouped-query attention, SwiGLU."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformer_lens.model_bridge import TransformerBridge
 
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
@@ -74,10 +73,17 @@ def tiny_llama_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> An
     hf = LlamaForCausalLM(cfg)
     # Random init leaves tiny activations; widen them so gradients and probabilities are not degenerate.
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for _, p in hf.named_parameters():
             if p.ndim == 2:
                 p.mul_(3.0)
-    hf.eval()
+    return hf.eval()
+
+
+def tiny_llama_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
+    """``tiny_llama_hf`` wrapped by TL's bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = tiny_llama_hf(tokenizer, n_layers=n_layers, seed=seed)
     return _freeze(TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tokenizer))
 
 

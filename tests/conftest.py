@@ -64,3 +64,14 @@ def smollm2():
     from qrnca_lens.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama saved as a local transformers checkpoint, so the CLI can load it by path in a subprocess."""
+    from builders import tiny_llama_hf
+
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    tiny_llama_hf(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,291 @@
+"""QRNCA end to end: prompts -> IG scores per query (stored) -> clusters -> selection -> QR neurons.
+
+``locate(model, queries, cfg, out=DIR)`` attributes query by query and writes each query's scores atomically
+into a run store, so an interrupted run resumes where it stopped and shards can share one directory. When
+every query of the run is done, the collection-level reduce (clusters, ICA, common neurons, top v) runs
+from the stored scores and writes ``DIR/neurons.json``. ``reduce(DIR, selection)`` reruns just that step in
+seconds, with other t/u/v if asked (t re-thresholds the stored scores; nothing is re-attributed).
+
+Example:
+    >>> model = load_model("smollm2")                                        # doctest: +SKIP
+    >>> pool = load_data("builtin:facts")
+    >>> cfg = LocateConfig(proxy=ProxyConfig("cloze"))
+    >>> res = locate(model, pool[:10], cfg, pool=pool, out="runs/facts")     # doctest: +SKIP
+    >>> res.to_dataframe().head()                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .attribution import IGConfig, attribute_prompts
+from .data import Query
+from .errors import QrncaError, StoreError
+from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
+from .proxies import ProxyConfig, build_all_prompts
+from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
+from .store import RunStore
+
+__all__ = ["LocateConfig", "LocateResult", "locate", "reduce", "parse_shard"]
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    """Everything that defines a QRNCA run: proxy (|Q|, templates, shots, seed), IG (m), selection (t, u, v)."""
+
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    ig: IGConfig = field(default_factory=IGConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    layers: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"proxy": self.proxy.to_dict(), "ig": self.ig.to_dict(), "selection": self.selection.to_dict(),
+                "layers": list(self.layers) if self.layers is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LocateConfig":
+        return cls(proxy=ProxyConfig.from_dict(d["proxy"]), ig=IGConfig.from_dict(d["ig"]),
+                   selection=SelectionConfig.from_dict(d["selection"]),
+                   layers=tuple(d["layers"]) if d.get("layers") is not None else None)
+
+
+@dataclass(eq=False)
+class LocateResult:
+    """QR neurons of a collection, with what produced them. Saves/loads as a run directory.
+
+    ``qr_neurons(qid)`` lists ``(layer, neuron, naica)``, best first; ``to_dataframe()`` gives one row per QR
+    neuron; ``neurons_json()`` is the ``neurons.json`` schema.
+    """
+
+    config: LocateConfig
+    model: str
+    data: str | None
+    layers: list[int]
+    groups: dict[str, str]
+    info: dict[str, dict[str, Any]]
+    clusters: dict[str, Cluster]
+    selection: Selection
+    scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    out: Path | None = None
+
+    def _layer(self, i: int) -> int:
+        return self.layers[i]
+
+    def qr_neurons(self, query_id: str) -> list[tuple[int, int, float]]:
+        idx, val = self.selection.qr[query_id]
+        return [(self._layer(a), b, float(x)) for (a, b), x in zip(idx.tolist(), val.tolist())]
+
+    @property
+    def common_neurons(self) -> list[tuple[int, int]]:
+        return [(self._layer(a), b) for a, b in self.selection.common.tolist()]
+
+    def neurons_json(self) -> dict[str, Any]:
+        targets = [p for i in self.info.values() for p in i.get("target_probs", [])]
+        correct = [c for i in self.info.values() for c in i.get("correct", [])]
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model,
+            "data": self.data,
+            "layers": self.layers,
+            "common_neurons": [list(x) for x in self.common_neurons],
+            "queries": {
+                q: {"group": self.groups[q], "qr_neurons": [list(x) for x in self.qr_neurons(q)],
+                    "target_prob": _mean(self.info[q].get("target_probs", [])),
+                    "accuracy": _mean([float(c) for c in self.info[q].get("correct", [])])}
+                for q in self.selection.qr
+            },
+            "summary": {
+                "n_queries": len(self.selection.qr),
+                "mean_qr_neurons": self.selection.mean_qr_count(),
+                "n_common_neurons": len(self.common_neurons),
+                "mean_target_prob": _mean(targets),
+                "accuracy": _mean([float(c) for c in correct]),
+            },
+        }
+
+    def to_dataframe(self) -> Any:
+        """One row per (query, QR neuron): query_id, group, rank, layer, neuron, naica."""
+        import pandas as pd
+
+        rows = [
+            {"query_id": q, "group": self.groups[q], "rank": r, "layer": layer, "neuron": n, "naica": x}
+            for q in self.selection.qr for r, (layer, n, x) in enumerate(self.qr_neurons(q))
+        ]
+        return pd.DataFrame(rows, columns=["query_id", "group", "rank", "layer", "neuron", "naica"])
+
+    def reselect(self, selection: SelectionConfig) -> "LocateResult":
+        """The same run with other t/u/v (needs the scores: in memory, or in ``out``)."""
+        scores = {q: scores_of(self, q) for q in self.groups}
+        clusters = {q: query_cluster(scores[q], selection.t, selection.cluster_mode) for q in self.groups}
+        return replace(self, config=replace(self.config, selection=selection), clusters=clusters,
+                       selection=select(clusters, selection), scores=scores)
+
+    def save(self, out: str | Path) -> Path:
+        """Write the run directory (manifest, per-query scores, neurons.json)."""
+        if not self.scores:
+            raise QrncaError("this result holds no scores to save; it already lives in its run directory")
+        store = RunStore.open(out, _manifest(self.model, self.data, self.config, self.layers, self.groups,
+                                             self.info_shape()))
+        for q, s in self.scores.items():
+            store.write_query(q, s, self.info[q])
+        store.write_neurons(self.neurons_json())
+        return Path(out)
+
+    def info_shape(self) -> list[int]:
+        any_scores = next(iter(self.scores.values()))
+        return [len(self.layers), int(any_scores.shape[-1])]
+
+    @classmethod
+    def load(cls, out: str | Path, selection: SelectionConfig | None = None) -> "LocateResult":
+        return reduce(out, selection, write=False)
+
+    def __repr__(self) -> str:
+        s = self.neurons_json()["summary"]
+        return (f"LocateResult({self.model}, {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} QR neurons/query, "
+                f"{s['n_common_neurons']} common neurons)")
+
+    def _repr_html_(self) -> str:
+        s = self.neurons_json()["summary"]
+        by_group: dict[str, list[int]] = {}
+        for q in self.selection.qr:
+            by_group.setdefault(self.groups[q], []).append(len(self.selection.qr[q][0]))
+        rows = "".join(f"<tr><td>{g}</td><td>{len(v)}</td><td>{sum(v) / len(v):.1f}</td></tr>" for g, v in by_group.items())
+        return (f"<b>QRNCA</b> on {self.model}: {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} QR neurons per "
+                f"query, {s['n_common_neurons']} common neurons; model accuracy on the prompts {s['accuracy']:.2f}, "
+                f"mean target p {s['mean_target_prob']:.3f}<table><tr><th>group</th><th>queries</th>"
+                f"<th>QR neurons</th></tr>{rows}</table>")
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"I/N"`` (0-based I) -> (I, N)."""
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise QrncaError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise QrncaError(f"--shard {spec}: need 0 <= I < N")
+    return i, n
+
+
+def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
+              shape: list[int]) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
+            "model_shape": shape, "selection": d["selection"], "queries": groups}
+
+
+def _check_queries(queries: Sequence[Query]) -> None:
+    if not queries:
+        raise QrncaError("no queries to locate (the data set is empty)")
+    ids = [q.id for q in queries]
+    if len(set(ids)) != len(ids):
+        raise QrncaError("query ids repeat; every query needs its own id")
+
+
+def locate(
+    model: Any,
+    queries: Sequence[Query],
+    cfg: LocateConfig = LocateConfig(),
+    *,
+    pool: Sequence[Query] | None = None,
+    out: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    name: str | None = None,
+    data: str | None = None,
+) -> LocateResult | None:
+    """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
+
+    Returns None when ``out`` is given and other shards still have queries to do (the last shard to finish
+    writes ``neurons.json``; ``reduce(out)`` can also be run by hand).
+    """
+    _check_queries(queries)
+    if len(queries) == 1 and cfg.selection.use_ica:
+        warnings.warn("ICA needs a collection: with one query every ica is ln(1/2) < 0, so no neuron is kept. "
+                      "Locate several queries together, or use SelectionConfig(use_ica=False)", stacklevel=2)
+    name = name or model_name(model)
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
+    bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
+    proxy = replace(cfg.proxy, prepend_bos=bos)  # recorded resolved, so a rerun on another model cannot drift
+    cfg = replace(cfg, proxy=proxy, layers=tuple(layers))
+    prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
+    groups = {q.id: q.group for q in queries}
+    store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)])) if out else None
+    done = store.done() if store else set()
+    unknown = done - set(groups)
+    if unknown:
+        raise StoreError(f"{out} holds queries that are not part of this run: {sorted(unknown)[:5]}")
+    i, n = shard
+    mine = [q for k, q in enumerate(queries) if k % n == i and q.id not in done]
+    scores: dict[str, Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    it: Any = mine
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(mine, desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query", initial=0)
+    from .scoring import score_prompts
+
+    for q in it:
+        ps = prompts[q.id]
+        s = attribute_prompts(model, ps, cfg.ig, layers=layers)
+        sc = score_prompts(model, ps)
+        qi = {"group": q.group, "n_tokens": [len(p.tokens) for p in ps], "templates": [p.template for p in ps],
+              "target_probs": [x.target_prob for x in sc], "correct": [bool(x.correct) for x in sc]}
+        if store:
+            store.write_query(q.id, s, qi)
+        else:
+            scores[q.id], info[q.id] = s, qi
+    if store:
+        if store.done() != set(groups):
+            left = len(set(groups) - store.done())
+            print(f"[qrnca-lens] {left} queries of this run are still to do (other shards); "
+                  f"neurons.json is written when the last one finishes, or run `qrnca-lens reduce {out}`")
+            return None
+        return reduce(out, cfg.selection)
+    clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
+    return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores)
+
+
+def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
+    """The collection-level step from a run directory alone: clusters, ICA, commons, top v -> ``neurons.json``."""
+    store = RunStore.load(out)
+    man = store.manifest
+    cfg = LocateConfig.from_dict({**man, "selection": (selection.to_dict() if selection else man["selection"])})
+    groups: dict[str, str] = man["queries"]
+    missing = set(groups) - store.done()
+    if missing:
+        raise StoreError(f"{out}: {len(missing)} of {len(groups)} queries are not attributed yet "
+                         f"(e.g. {sorted(missing)[:3]}); finish the run (rerun locate) before reducing")
+    scores, info, clusters = {}, {}, {}
+    for q in groups:
+        s, qi = store.read_query(q)
+        scores[q], info[q] = s, qi
+        clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
+    res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
+                       select(clusters, cfg.selection), scores={}, out=Path(out))
+    if write:
+        store.write_neurons(res.neurons_json())
+    return res
+
+
+def scores_of(result: LocateResult, query_id: str) -> Float[Tensor, "prompt layer d_mlp"]:
+    """A query's IG scores, from memory or the run directory."""
+    if query_id in result.scores:
+        return result.scores[query_id]
+    if result.out is None:
+        raise QrncaError(f"no scores for {query_id!r}")
+    return RunStore.load(result.out).read_query(query_id)[0]
