@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ModelError, QrncaError
@@ -122,9 +122,9 @@ def _gradients_on(model: Any) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _target_prob(logp_rows: Float[Tensor, "rows n_target vocab"] | Tensor, target: Sequence[int]) -> Tensor:
-    tgt = torch.tensor(list(target), device=logp_rows.device)
-    return logp_rows.gather(-1, tgt.expand(logp_rows.shape[0], -1)[..., None])[..., 0].sum(-1).exp()
+def _target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"]) -> Float[Tensor, "rows"]:
+    """P(target) per row: the product of the teacher-forced token probabilities."""
+    return logp.gather(-1, targets[..., None])[..., 0].sum(-1).exp()
 
 
 def _check_finite(scores: Tensor, prompt: Prompt) -> Tensor:
@@ -180,7 +180,8 @@ def reference_ig(
             logits = model(seq.expand(steps, -1), return_type="logits")
         n_t = len(prompt.target)
         logp = torch.log_softmax(logits[:, pos : pos + n_t].float(), dim=-1)
-        (grad,) = torch.autograd.grad(_target_prob(logp, prompt.target).sum(), x)
+        targets = torch.tensor([list(prompt.target)], device=logp.device).expand(steps, -1)
+        (grad,) = torch.autograd.grad(_target_prob(logp, targets).sum(), x)
     return _check_finite((fbar * grad.float().sum(0) / steps).cpu()[None], prompt)[0]
 
 
@@ -213,27 +214,50 @@ def _row_plan(layers: Sequence[int], steps: int, max_rows: int) -> list[list[tup
     return [rows[i : i + per_chunk] for i in range(0, len(rows), per_chunk)]
 
 
-class _SequenceRows:
-    """Bridge backend: a cached prefix, then the rows laid along the sequence with a block-diagonal mask."""
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early (the KV cache is already filled by then)."""
 
-    def __init__(self, model: Any, prompt: Prompt, names: Sequence[str]) -> None:
+
+def _stop_hook(act: Tensor, hook: Any) -> Tensor:
+    raise _Stop
+
+
+class _SequenceRows:
+    """Bridge backend: the prompts of a query along the batch, each with its cached prefix; behind it, that
+    prompt's rows laid along the sequence under a block-diagonal mask, every row at the target position.
+
+    Prompts are right-padded to a common length; a prompt's pad positions (and its own last token, which
+    each row re-creates) are masked out of its rows' attention, so padding changes nothing.
+    """
+
+    def __init__(self, model: Any, prompts: Sequence[Prompt], names: Sequence[str]) -> None:
         from transformers import DynamicCache
 
         self.model, self.names = model, list(names)
-        device = model_device(model)
-        self.P = len(prompt.tokens) - 1
-        self.T = len(prompt.target)
-        self.row = [prompt.tokens[-1]] + list(prompt.target[:-1])
-        self.device = device
+        self.device = model_device(model)
+        self.T = len(prompts[0].target)
+        self.P = torch.tensor([len(p.tokens) - 1 for p in prompts], device=self.device)
+        self.rows = torch.tensor([[p.tokens[-1], *p.target[:-1]] for p in prompts], device=self.device)
         self.config = model.original_model.config
         self._cache_cls = DynamicCache
-        with torch.no_grad():
-            cache = self._new_cache()
-            if self.P > 0:
-                model(torch.tensor([list(prompt.tokens[:-1])], device=device), past_key_values=cache)
-            self.kv = [(layer.keys, layer.values) for layer in cache.layers] if self.P > 0 else []
-        self.fbar = _clean_values(model, torch.tensor([self.row], device=device), self.names, 0,
-                                  **self._kwargs(1))
+        full = [list(p.tokens) for p in prompts]
+        width = max(len(t) for t in full)
+        pad = full[0][0]  # any real token: padded positions are never attended
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in full], device=self.device)
+        self.C = width  # cached positions
+        store: dict[str, Tensor] = {}
+        cache = self._new_cache()
+        # One pass over the whole prompts fills the cache and records f̄ at each last position; it stops before
+        # the final norm, so no prefix logits (a full-vocabulary product per position) are computed.
+        stops = [("ln_final.hook_in", _stop_hook)] if "ln_final.hook_in" in model.hook_dict else []
+        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in self.names] + stops):
+            try:
+                model(ids, past_key_values=cache)
+            except _Stop:
+                pass
+        last = self.P
+        self.fbar = {n: store[n][torch.arange(len(prompts)), last].detach().clone() for n in self.names}
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _new_cache(self) -> Any:
         try:
@@ -248,39 +272,44 @@ class _SequenceRows:
         return cache
 
     def _kwargs(self, n_rows: int) -> dict[str, Any]:
-        P, T, n = self.P, self.T, n_rows * self.T
-        pos_ids = (P + torch.arange(T, device=self.device)).repeat(n_rows)[None]
-        mask = torch.full((1, 1, n, P + n), float("-inf"), device=self.device, dtype=_act_dtype(self.model))
-        mask[..., :P] = 0.0
+        B, T, C, n = len(self.P), self.T, self.C, n_rows * self.T
+        t = torch.arange(T, device=self.device)
+        pos_ids = (self.P[:, None] + t.repeat(n_rows)[None, :])
+        mask = torch.full((B, 1, n, C + n), float("-inf"), device=self.device, dtype=_act_dtype(self.model))
+        prefix_ok = torch.arange(C, device=self.device)[None, :] < self.P[:, None]  # [B, C]
+        mask[:, 0, :, :C].masked_fill_(prefix_ok[:, None, :], 0.0)
         rid = torch.arange(n, device=self.device) // T
         tid = torch.arange(n, device=self.device) % T
         own = (rid[:, None] == rid[None, :]) & (tid[None, :] <= tid[:, None])
-        mask[0, 0, :, P:].masked_fill_(own, 0.0)
-        kw: dict[str, Any] = {"attention_mask": mask, "position_ids": pos_ids}
-        if self.kv:
-            kw["past_key_values"] = self._cache()
-        return kw
+        mask[:, 0, :, C:].masked_fill_(own, 0.0)
+        return {"attention_mask": mask, "position_ids": pos_ids, "past_key_values": self._cache()}
 
     def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
-        """Forward the chunk's rows with each layer's leaf written at its rows; returns P(target) per row."""
+        """Forward the chunk's rows for every prompt, each layer's leaf [prompt, rows, d_mlp] written at its rows.
+
+        Returns log-probabilities [prompt * rows, T, vocab] (prompt-major).
+        """
         n_rows = len(chunk)
-        seq = torch.tensor([self.row * n_rows], device=self.device)
+        seq = self.rows.repeat(1, n_rows)
         hooks = []
         for li, leaf in leaves.items():
             idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device) * self.T
-            hooks.append((self.names[li], _write_rows(lambda a: (0, a), idx, leaf)))
+            hooks.append((self.names[li], _write_rows(lambda a: (slice(None), a), idx, leaf)))
         with hooked(self.model, fwd=hooks):
             logits = self.model(seq, return_type="logits", **self._kwargs(n_rows))
-        logp = torch.log_softmax(logits[0].float(), dim=-1).view(n_rows, self.T, -1)
-        return logp
+        B = len(self.P)
+        return torch.log_softmax(logits.float(), dim=-1).view(B * n_rows, self.T, -1)
 
 
 class _BatchRows:
     """HookedTransformer backend: rows along the batch, a frozen cache of broadcast prefix views."""
 
-    def __init__(self, model: Any, prompt: Prompt, names: Sequence[str]) -> None:
+    def __init__(self, model: Any, prompts: Sequence[Prompt], names: Sequence[str]) -> None:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+        if len(prompts) != 1:
+            raise QrncaError("the HookedTransformer backend attributes one prompt at a time")
+        prompt = prompts[0]
         self.model, self.names = model, list(names)
         self.device = model_device(model)
         self.P = len(prompt.tokens) - 1
@@ -292,8 +321,9 @@ class _BatchRows:
             if self.P > 0:
                 model(torch.tensor([list(prompt.tokens[:-1])], device=self.device), past_kv_cache=self.prefix)
         self.prefix.freeze()
-        self.fbar = _clean_values(model, torch.tensor([self.row], device=self.device), self.names, 0,
-                                  past_kv_cache=self._cache(1))
+        clean = _clean_values(model, torch.tensor([self.row], device=self.device), self.names, 0,
+                              past_kv_cache=self._cache(1))
+        self.fbar = {n: v[None] for n, v in clean.items()}
 
     def _cache(self, n_rows: int) -> Any:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
@@ -315,7 +345,7 @@ class _BatchRows:
         hooks = []
         for li, leaf in leaves.items():
             idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device)
-            hooks.append((self.names[li], _write_rows(lambda a: (a, 0), idx, leaf)))
+            hooks.append((self.names[li], _write_rows(lambda a: (a, 0), idx, leaf[0])))
         with hooked(self.model, fwd=hooks):
             logits = self.model(seq, return_type="logits", past_kv_cache=self._cache(n_rows))
         return torch.log_softmax(logits.float(), dim=-1)
@@ -343,9 +373,17 @@ def attribute_prompt(
     layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer d_mlp"]:
     """IG scores of every MLP neuron (rows: ``layers``, all by default) for one prompt, float32 on the CPU."""
+    return attribute_prompts(model, [prompt], cfg, layers=layers)[0]
+
+
+def attribute_prompts(
+    model: Any, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
+) -> Float[Tensor, "prompt layer d_mlp"]:
+    """IG scores for each prompt (of a query), stacked. On a bridge the prompts share each forward/backward."""
+    if not prompts:
+        raise QrncaError("no prompts to attribute")
     chosen, names = _layers_and_names(model, layers, cfg.require_gated)
-    method = cfg.method
-    backend = fast_backend(model)
+    method, backend = cfg.method, fast_backend(model)
     if method in ("fast", "auto") and backend is None:
         if method == "fast":
             warnings.warn(
@@ -354,32 +392,48 @@ def attribute_prompt(
             )
         method = "reference"
     if method == "reference":
-        rows = [reference_ig(model, prompt, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
-                             require_gated=cfg.require_gated) for layer in chosen]
-        return torch.stack(rows)
+        return torch.stack([
+            torch.stack([reference_ig(model, p, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
+                                      require_gated=cfg.require_gated) for layer in chosen])
+            for p in prompts
+        ])
+    out: list[Tensor | None] = [None] * len(prompts)
+    if backend == "sequence":
+        # Prompts batch together when their targets have the same length (always, for one query's letters).
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(p.target), []).append(i)
+        batches = list(groups.values())
+    else:
+        batches = [[i] for i in range(len(prompts))]
+    for batch in batches:
+        group = [prompts[i] for i in batch]
+        scores = _fast(model, group, chosen, names, cfg, _SequenceRows if backend == "sequence" else _BatchRows)
+        for i, sc in zip(batch, scores):
+            out[i] = _check_finite(sc, prompts[i])
+    return torch.stack([x for x in out if x is not None])
+
+
+def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
+          backend: type) -> Float[Tensor, "prompt layer d_mlp"]:
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
-    runner = (_SequenceRows if backend == "sequence" else _BatchRows)(model, prompt, names)
-    grads = torch.zeros(len(chosen), d_mlp(model), dtype=torch.float32)
-    fbar = torch.stack([runner.fbar[n].float() for n in names])
+    runner = backend(model, prompts, names)
+    B = len(prompts)
+    fbar = torch.stack([runner.fbar[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
+    grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32)
+    # The row budget is shared by the prompts that ride in the same forward pass.
+    per_prompt = max(1, cfg.max_batch_rows // B)
+    targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with _gradients_on(model):
-        for chunk in _row_plan(chosen, cfg.steps, cfg.max_batch_rows):
+        for chunk in _row_plan(chosen, cfg.steps, per_prompt):
             leaves: dict[int, Tensor] = {}
             for li in sorted({li for li, _ in chunk}):
                 ks = torch.tensor([k for lj, k in chunk if lj == li], device=a.device)
-                leaves[li] = (a[ks, None] * fbar[li].to(a.device)).detach().requires_grad_(True)
-            logp = runner.run(chunk, leaves)
-            prob = _target_prob(logp, prompt.target)
+                leaves[li] = (a[None, ks, None] * fbar[:, li, None].to(a.device)).detach().requires_grad_(True)
+            logp = runner.run(chunk, leaves)  # [prompt * rows, T, vocab], prompt-major
+            prob = _target_prob(logp, targets.repeat_interleave(len(chunk), dim=0))
             order = sorted(leaves)
             got = torch.autograd.grad(prob.sum(), [leaves[li] for li in order])
             for li, g in zip(order, got):
-                grads[li] += g.float().sum(0).cpu()
-    return _check_finite(fbar.cpu() * grads / cfg.steps, prompt)
-
-
-def attribute_prompts(
-    model: Any, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
-) -> Float[Tensor, "prompt layer d_mlp"]:
-    """``attribute_prompt`` for each prompt of a query, stacked."""
-    if not prompts:
-        raise QrncaError("no prompts to attribute")
-    return torch.stack([attribute_prompt(model, p, cfg, layers=layers) for p in prompts])
+                grads[:, li] += g.float().sum(1).cpu()
+    return fbar.cpu() * grads / cfg.steps

@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("out")
     _add_selection_args(red, defaults=False)
 
+    bench = sub.add_parser("bench", help="fast vs reference IG on identical work; prints a JSON line last")
+    bench.add_argument("--model", default="smollm2")
+    bench.add_argument("--steps", type=int, default=16)
+    bench.add_argument("--reference-layers", type=int, default=3, help="evenly spaced layers both paths compute")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of the fast path (median)")
+    bench.add_argument("--max-batch-rows", type=int, default=240)
+    bench.add_argument("--no-captum", action="store_true")
+
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     demo.add_argument("--model", default="smollm2")
     demo.add_argument("--limit", type=int, default=None, help="queries per group (default: all)")

@@ -1,0 +1,135 @@
+"""``qrnca-lens bench``: the fast IG path against the reference path on identical work, in one run.
+
+One built-in query (3 prompts of about 100 tokens, m = 16). The reference path costs seconds per layer and
+prompt, so the speed-up is measured on an evenly spaced subset of layers (``--reference-layers``) that both
+paths compute; the fast path is also timed on all layers. Captum's ``LayerIntegratedGradients`` on the same
+hook modules is timed too, for scale only: it interpolates the activation at *every* position (the
+prompt's whole sequence), which is different math from QRNCA's last-position IG, so no score is compared.
+
+The last line printed is one JSON object (``speedup``, ``fast_s``, ``reference_s``, ``reference_layers``,
+``max_rel_diff``, ``peak_rss_mb``, ...). This is a benchmark, not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["cmd_bench", "run_bench"]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _even_layers(n_layers: int, k: int) -> list[int]:
+    if k >= n_layers:
+        return list(range(n_layers))
+    if k == 1:
+        return [n_layers // 2]
+    return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
+
+
+def _captum_time(model: Any, prompts: Sequence[Any], layers: Sequence[int], steps: int) -> float | None:
+    try:
+        from captum.attr import LayerIntegratedGradients
+    except ImportError:
+        return None
+    from .models import mlp_hook_name
+
+    t0 = time.perf_counter()
+    for p in prompts:
+        ids = torch.tensor([list(p.tokens)])
+        pos, target = p.target_position, p.target[0]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(model(x)[:, pos].float(), dim=-1)[:, target]
+
+        # A pad-token baseline is the usual choice; captum then interpolates every position's activation.
+        base = torch.full_like(ids, int(model.tokenizer.pad_token_id or 0))
+        for layer in layers:
+            module = model.hook_dict[mlp_hook_name(model, layer)]
+            lig = LayerIntegratedGradients(forward, module)
+            with torch.enable_grad():
+                lig.attribute(ids, baselines=base, n_steps=steps, internal_batch_size=steps)
+    return time.perf_counter() - t0
+
+
+def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
+              captum: bool = True, max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
+    from .attribution import IGConfig, attribute_prompt, attribute_prompts
+    from .data import load_data
+    from .models import default_prepend_bos, n_layers
+    from .proxies import ProxyConfig, build_prompts
+
+    pool = load_data("builtin:domains")
+    # Two in-context examples bring the letter prompts to about 100-130 tokens with SmolLM2's tokenizer.
+    prompts = build_prompts(pool[0], ProxyConfig("mcqa-letter", n_prompts=3, n_shots=2), model.tokenizer,
+                            pool=pool, prepend_bos=default_prepend_bos(model))
+    tokens = [len(p.tokens) for p in prompts]
+    subset = _even_layers(n_layers(model), reference_layers)
+    fast_cfg = IGConfig(steps=steps, max_batch_rows=max_batch_rows)
+    ref_cfg = IGConfig(steps=steps, method="reference")
+    print(f"model {name}: {n_layers(model)} layers; query {pool[0].id!r}, 3 prompts of {tokens} tokens; m = {steps}")
+    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+
+    attribute_prompt(model, prompts[0], fast_cfg, layers=subset[:1])  # warm-up (allocator, kernels)
+    # The same call locate makes: the query's prompts together.
+    fast_all_s, _ = _median_time(lambda: attribute_prompts(model, prompts, fast_cfg), repeats)
+    print(f"fast path, all {n_layers(model)} layers, 3 prompts: median {fast_all_s:.2f} s over {repeats} runs")
+    fast_rss = _rss_mb()
+    fast_sub_s, fast_sub = _median_time(lambda: attribute_prompts(model, prompts, fast_cfg, layers=subset), repeats)
+    print(f"fast path, layers {subset}: median {fast_sub_s:.3f} s")
+    ref_s, ref = _median_time(lambda: attribute_prompts(model, prompts, ref_cfg, layers=subset), 1)
+    print(f"reference path, layers {subset}: {ref_s:.2f} s (one run: it is slow)")
+    diff = max(float((f - r).abs().max() / r.abs().max()) for f, r in zip(fast_sub, ref))
+    captum_s = _captum_time(model, prompts, subset, steps) if captum else None
+    if captum_s is not None:
+        print(f"captum LayerIntegratedGradients, layers {subset}: {captum_s:.2f} s "
+              "(interpolates every position: different math, time only)")
+    result = {
+        "speedup": ref_s / fast_sub_s,
+        "fast_s": fast_all_s,
+        "reference_s": ref_s,
+        "reference_layers": subset,
+        "fast_subset_s": fast_sub_s,
+        "max_rel_diff": diff,
+        # The fast path's peak (model loaded + all layers): what a locate run needs. The whole bench peaks
+        # higher because the reference path holds m full-sequence copies and their vocabulary logits.
+        "peak_rss_mb": fast_rss,
+        "bench_peak_rss_mb": _rss_mb(),
+        "captum_s": captum_s,
+        "prompt_tokens": tokens,
+        "steps": steps,
+        "model": name,
+    }
+    print(f"speed-up on identical work: {result['speedup']:.0f}x; max |fast - reference| / max|reference| = {diff:.2e}; "
+          f"peak RSS of the fast path {fast_rss:.0f} MB (whole bench, reference and captum included: "
+          f"{result['bench_peak_rss_mb']:.0f} MB)")
+    return result
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import models
+
+    model = models.load_model(args.model)
+    res = run_bench(model, steps=args.steps, reference_layers=args.reference_layers, repeats=args.repeats,
+                    captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
+    print(json.dumps(res))
+    return 0
