@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
+    ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
+    ev.add_argument("out", help="a run directory made by locate")
+    ev.add_argument("--methods", default=",".join(("qrnca", "no-ica", "with-common", "kn", "activation", "random")),
+                    help="comma-separated locators (also: logprob)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--every-position", action="store_true", help="intervene at every position, not the last")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--quiet", action="store_true")
+
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores")
     red.add_argument("out")
     _add_selection_args(red, defaults=False)
@@ -171,6 +181,46 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import models
+    from .data import load_data
+    from .evaluation import EvalConfig, evaluate
+    from .locate import reduce
+    from .store import write_json_atomic
+
+    run = reduce(args.out, write=False)
+    if run.data is None:
+        from .errors import StoreError
+
+        raise StoreError(f"{args.out} does not record its data spec; rerun locate through the CLI or pass data")
+    pool = load_data(run.data)
+    queries = [q for q in pool if q.id in run.groups]
+    model = models.load_model(run.model, verbose=not args.quiet)
+    cfg = EvalConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
+                     every_position=args.every_position, n_boot=args.bootstrap, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    res = evaluate(model, run, queries, pool, cfg, progress=not args.quiet)
+    path = Path(args.out) / "evaluation.json"
+    write_json_atomic(path, res.to_dict())
+    print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
+          f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
+    print(res.table())
+    ff = res.free_form
+    if ff:
+        print(f"free-form (QR neurons ablated at every position): log-likelihood drop {ff['qrnca']['loglik_drop']:.3f} "
+              f"vs random {ff['random']['loglik_drop']:.3f} (ratio {ff['drop_ratio'] or float('nan'):.1f}); greedy exact "
+              f"match {ff['exact_match_before']:.2f} -> {ff['qrnca']['exact_match_after']:.2f} (random: "
+              f"{ff['random']['exact_match_after']:.2f})")
+    npred = res.neuron_prediction
+    if npred and npred.get("n"):
+        print(f"neuron-based prediction ({npred['note']}): {npred['neuron_accuracy']:.2f} vs the model's own "
+              f"{npred['model_accuracy']:.2f} on {npred['n']} held-out queries (agreement {npred['agreement']:.2f})")
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 DEMO_RUNS = (
     ("builtin:facts", "cloze"),
     ("builtin:facts", "mcqa-letter"),
@@ -210,7 +260,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "demo": cmd_demo}
+    handler = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "evaluate": cmd_evaluate,
+               "demo": cmd_demo}
     if args.command == "bench":
         from .bench import cmd_bench
 

@@ -1,0 +1,152 @@
+"""Locators: anything that maps a collection of queries to per-query neuron lists, judged by the same metrics.
+
+Every locator receives a ``LocatorContext`` (the model, the queries and their prompts, and the QRNCA run with
+its stored IG scores, so variants re-use them instead of re-attributing) and returns
+``{query_id: [(layer, neuron, score), ...]}`` ranked best first. ``neuron_sets`` then cuts every method to
+QRNCA's own count for that query (METHOD section 4: baselines get the same number of neurons per query).
+
+Built in: ``qrnca``, ``no-ica`` (naica := na), ``with-common`` (common neurons kept), ``kn`` (Knowledge
+Neuron*, Dai et al.: per-prompt t·max clusters, neurons shared by more than a fraction ``KN_SHARE`` of the
+query's prompts, ranked by summed score), ``activation`` (highest clean activation of the attributed hook at
+the target position, mean over prompts), ``random`` (seeded per query), and ``logprob`` (the log-probability-
+increase lens, one registration away). Add your own with ``register_locator``.
+
+Example:
+    >>> @register_locator("first-neurons")                      # doctest: +SKIP
+    ... def first(ctx): return {q.id: [(0, i, 1.0) for i in range(5)] for q in ctx.queries}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import Query
+from .errors import QrncaError
+from .hooks import capture, hooked
+from .locate import LocateResult, scores_of
+from .models import d_mlp, mlp_hook_name, model_device
+from .proxies import Prompt
+from .selection import prompt_clusters
+
+__all__ = ["LocatorContext", "LOCATORS", "register_locator", "neuron_sets", "KN_SHARE"]
+
+Ranked = dict[str, list[tuple[int, int, float]]]
+LocatorFn = Callable[["LocatorContext"], Ranked]
+LOCATORS: dict[str, LocatorFn] = {}
+KN_SHARE = 0.5  # Dai et al.'s refinement: keep neurons shared by more than this fraction of the prompts
+
+
+@dataclass
+class LocatorContext:
+    model: Any
+    queries: Sequence[Query]
+    prompts: dict[str, list[Prompt]]
+    run: LocateResult
+    seed: int = 0
+
+
+def register_locator(name: str, fn: LocatorFn | None = None) -> Any:
+    """Register a locator under ``name`` (usable as a decorator)."""
+
+    def add(f: LocatorFn) -> LocatorFn:
+        LOCATORS[name] = f
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def _from_selection(run: LocateResult) -> Ranked:
+    return {q.id if hasattr(q, "id") else q: run.qr_neurons(q) for q in run.selection.qr}
+
+
+@register_locator("qrnca")
+def _qrnca(ctx: LocatorContext) -> Ranked:
+    return _from_selection(ctx.run)
+
+
+@register_locator("no-ica")
+def _no_ica(ctx: LocatorContext) -> Ranked:
+    return _from_selection(ctx.run.reselect(replace(ctx.run.config.selection, use_ica=False)))
+
+
+@register_locator("with-common")
+def _with_common(ctx: LocatorContext) -> Ranked:
+    return _from_selection(ctx.run.reselect(replace(ctx.run.config.selection, remove_common=False)))
+
+
+@register_locator("kn")
+def _knowledge_neurons(ctx: LocatorContext) -> Ranked:
+    t = ctx.run.config.selection.t
+    out: Ranked = {}
+    for q in ctx.queries:
+        scores = scores_of(ctx.run, q.id)  # [prompt, layer, d_mlp]
+        kept = prompt_clusters(scores, t)
+        shared = kept.sum(0) > KN_SHARE * scores.shape[0]
+        summed = scores.sum(0)
+        idx = torch.nonzero(shared)
+        order = torch.argsort(summed[shared], descending=True, stable=True)
+        out[q.id] = [(ctx.run.layers[int(idx[i, 0])], int(idx[i, 1]), float(summed[shared][i])) for i in order]
+    return out
+
+
+@register_locator("activation")
+def _activation(ctx: LocatorContext) -> Ranked:
+    layers = ctx.run.layers
+    names = [mlp_hook_name(ctx.model, layer) for layer in layers]
+    out: Ranked = {}
+    device = model_device(ctx.model)
+    for q in ctx.queries:
+        acts = []
+        for p in ctx.prompts[q.id]:
+            store: dict[str, torch.Tensor] = {}
+            with torch.no_grad(), hooked(ctx.model, fwd=[(n, capture(store, n, position=p.target_position)) for n in names]):
+                ctx.model(torch.tensor([list(p.tokens)], device=device))
+            acts.append(torch.stack([store[n][0].float().cpu() for n in names]))
+        mean = torch.stack(acts).mean(0).flatten()
+        order = torch.argsort(mean, descending=True, stable=True)[:200]
+        width = mean.numel() // len(layers)
+        out[q.id] = [(layers[int(i) // width], int(i) % width, float(mean[i])) for i in order]
+    return out
+
+
+@register_locator("random")
+def _random(ctx: LocatorContext) -> Ranked:
+    width = d_mlp(ctx.model)
+    total = len(ctx.run.layers) * width
+    out: Ranked = {}
+    for q in ctx.queries:
+        n = len(ctx.run.selection.qr[q.id][0])
+        # Seeded per query from (seed, id): repeatable, independent of query order and of the global RNG.
+        digest = int(hashlib.sha256(f"{ctx.seed}|random|{q.id}".encode()).hexdigest()[:15], 16)
+        g = torch.Generator().manual_seed(digest)
+        pick = torch.randperm(total, generator=g)[:n]
+        out[q.id] = [(ctx.run.layers[int(i) // width], int(i) % width, 0.0) for i in pick]
+    return out
+
+
+@register_locator("logprob")
+def _logprob(ctx: LocatorContext) -> Ranked:
+    from .lens import lens_locate
+
+    doc = lens_locate(ctx.model, list(ctx.queries), ctx.run.config.proxy, prompts=ctx.prompts, progress=False)
+    return {q: [(int(a), int(b), float(s)) for a, b, s in v["qr_neurons"]] for q, v in doc["queries"].items()}
+
+
+def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked]:
+    """Each method's neurons per query, cut to QRNCA's count for that query."""
+    unknown = [m for m in methods if m not in LOCATORS]
+    if unknown:
+        raise QrncaError(f"unknown method(s) {unknown}; registered locators: {sorted(LOCATORS)}")
+    counts = {q.id: len(ctx.run.selection.qr[q.id][0]) for q in ctx.queries}
+    out = {}
+    for m in methods:
+        ranked = LOCATORS[m](ctx)
+        missing = [q.id for q in ctx.queries if q.id not in ranked]
+        if missing:
+            raise QrncaError(f"locator {m!r} returned no neurons for queries {missing[:3]}")
+        out[m] = {q.id: list(ranked[q.id])[: counts[q.id]] for q in ctx.queries}
+    return out

@@ -1,0 +1,29 @@
+"""Rendering a run: matplotlib figures (``figures``), circuitsvis views saved offline (``views``) and the one-file
+HTML report (``report``). Each submodule takes the outputs of ``qrnca_lens.analysis``; heavy libraries load
+inside the functions that need them.
+
+Example:
+    >>> from qrnca_lens.render import write_report
+    >>> write_report("runs/facts", model)    # doctest: +SKIP
+    PosixPath('runs/facts/report.html')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["write_report", "cmd_report"]
+
+
+def write_report(*args: Any, **kwargs: Any) -> Any:
+    """See ``qrnca_lens.render.report.write_report``."""
+    from .report import write_report as impl
+
+    return impl(*args, **kwargs)
+
+
+def cmd_report(args: Any) -> int:
+    """See ``qrnca_lens.render.report.cmd_report``."""
+    from .report import cmd_report as impl
+
+    return impl(args)

@@ -1,0 +1,271 @@
+"""circuitsvis views of a query's QR neurons, rendered so that they work with no internet.
+
+circuitsvis's own HTML (``str(view)``, ``show_code()``) imports its JavaScript from a public package host;
+``RenderedHTML.local_src`` inlines the 1.3 MB bundle instead, but once per view (and its ``<div .../>`` is
+not closed, so the rest of a page would end up inside the view). Here a view keeps only its render call
+(``View.call``); a page inlines the bundle once (``bundle_js()``) and every view after it. ``View.html()``
+is a complete offline page for one view.
+
+- ``neuron_activations``: the QR neurons' activations (``hook_post``, the value W_out multiplies) over every
+  token of the query's prompts, captured through ``hooks.hooked``.
+- ``activations_view`` (circuitsvis ``text_neuron_activations``): those activations over the prompt tokens,
+  one drop-down entry per QR neuron.
+- ``topk_view`` (circuitsvis ``topk_tokens``): the prompt tokens that activate each QR neuron most and least.
+- ``target_view`` (circuitsvis ``token_log_probs``): the log-probability of every token of prompt + answer
+  given its prefix, with the model's top guesses on hover; the answer tokens come last.
+
+Example:
+    >>> prompts = build_prompts(query, cfg, model.tokenizer, pool=pool)          # doctest: +SKIP
+    >>> views = query_views(model, prompts, [(29, 1498), (24, 1005)])             # doctest: +SKIP
+    >>> Path("q.html").write_text(page([v.fragment() for v in views.values()]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import html as html_lib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from jaxtyping import Float
+
+from ..errors import QrncaError
+
+__all__ = [
+    "View",
+    "bundle_js",
+    "from_rendered",
+    "page",
+    "token_strings",
+    "neuron_labels",
+    "neuron_activations",
+    "activations_view",
+    "topk_view",
+    "target_view",
+    "query_views",
+]
+
+Neuron = tuple[int, int]
+
+# The render call that circuitsvis appends after its inlined bundle.
+_CALL = re.compile(r'CircuitsVis\.render\(\s*"(?P<uuid>circuits-vis-[^"]+)",\s*CircuitsVis\.(?P<element>\w+),')
+
+
+def _script_safe(js: str) -> str:
+    # "</script" inside inline JS would end the element early (and "<!--" can change how it is parsed). In
+    # the bundle both only occur inside string literals, where "<\/" and "<\!" mean the same characters.
+    js = re.sub(r"</(script)", r"<\\/\1", js, flags=re.I)
+    return js.replace("<!--", "<\\!--")
+
+
+def _json_safe(js: str) -> str:
+    # Props are JSON: any "</" sits inside a string (a token such as "</s>"), where "<\/" is the same text.
+    return js.replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+@functools.lru_cache(maxsize=1)
+def bundle_js() -> str:
+    """circuitsvis's browser bundle (defines the global ``CircuitsVis``), safe to inline in a ``<script>``."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.exists():
+        raise QrncaError(f"circuitsvis {getattr(circuitsvis, '__version__', '?')} ships no {path}; "
+                         "install circuitsvis>=1.43 (its wheel carries the bundle)")
+    js = path.read_text(encoding="utf-8")
+    # A source-map comment would make devtools fetch a file that is not there.
+    js = re.sub(r"^//# sourceMappingURL=.*$", "", js, flags=re.M)
+    return _script_safe(js)
+
+
+@dataclass(frozen=True)
+class View:
+    """One circuitsvis view: the React element, its container id and the JS call that draws it."""
+
+    element: str
+    uuid: str
+    call: str
+    title: str = ""
+
+    def fragment(self, height: str | None = None) -> str:
+        """A ``<div>`` and the script that renders into it; needs ``bundle_js()`` earlier on the page."""
+        style = f' style="min-height:{height}"' if height else ""
+        return (f'<div class="cv-view" id="{self.uuid}"{style}></div>\n'
+                f"<script>{self.call}</script>")
+
+    def html(self) -> str:
+        """A complete page for this view alone (bundle inlined: works offline)."""
+        return page([self.fragment()], title=self.title or self.element)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.html(), encoding="utf-8")
+        return path
+
+
+def from_rendered(rendered: Any, title: str = "") -> View:
+    """A ``View`` from circuitsvis's ``RenderedHTML`` (its ``local_src``, minus the bundle it inlines)."""
+    src = rendered.local_src
+    m = None
+    for m in _CALL.finditer(src):
+        pass
+    end = src.rfind("</script>")
+    if m is None or end < m.start():
+        raise QrncaError("circuitsvis's local HTML no longer ends in CircuitsVis.render(...); this circuitsvis "
+                         "version is not supported by qrnca_lens.render.views (tested with 1.43)")
+    props = src[m.end():end].strip().rstrip(";").rstrip()
+    if not props.endswith(")"):
+        raise QrncaError("circuitsvis's render call has an unexpected shape; this circuitsvis version is not "
+                         "supported by qrnca_lens.render.views (tested with 1.43)")
+    props = props[:-1].strip()
+    call = f'CircuitsVis.render("{m.group("uuid")}", CircuitsVis.{m.group("element")}, {_json_safe(props)});'
+    return View(m.group("element"), m.group("uuid"), call, title)
+
+
+def page(fragments: Sequence[str], title: str = "circuitsvis", css: str = "") -> str:
+    """An offline HTML page: the bundle once in ``<head>``, then the fragments (``View.fragment()`` or any HTML)."""
+    body = "\n".join(fragments)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html_lib.escape(title)}</title><style>{css}</style>\n"
+            f"<script>{bundle_js()}</script>\n</head><body>\n{body}\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- reading the model
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token decoded on its own (what a token view shows)."""
+    return [str(tokenizer.decode([int(t)])) for t in ids]
+
+
+def neuron_labels(neurons: Sequence[Neuron]) -> list[str]:
+    return [f"L{layer}.N{n}" for layer, n in neurons]
+
+
+def _act_hook(model: Any, layer: int, which: str) -> str:
+    from ..errors import ModelError
+    from ..models import mlp_hook_name, post_hook_name
+
+    if which == "post":
+        try:
+            return post_hook_name(model, layer)
+        except ModelError:
+            pass  # a model without hook_post: fall back to the hook QRNCA attributes
+    return mlp_hook_name(model, layer)
+
+
+def neuron_activations(
+    model: Any,
+    token_lists: Sequence[Sequence[int]],
+    neurons: Sequence[Neuron],
+    *,
+    which: str = "post",
+) -> list[Float[np.ndarray, "_pos neuron"]]:
+    """Activations of ``neurons`` at every position of each token list: one [pos, neuron] array per list.
+
+    ``which="post"`` reads ``hook_post`` (the MLP's hidden value that W_out multiplies); ``"attributed"``
+    reads the hook QRNCA attributes (``hook_pre_linear`` of a gated MLP, else ``hook_pre``).
+    """
+    import torch
+
+    from ..hooks import capture, hooked
+    from ..models import model_device
+
+    if which not in ("post", "attributed"):
+        raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
+    layers = sorted({int(layer) for layer, _ in neurons})
+    names = {layer: _act_hook(model, layer, which) for layer in layers}
+    device = model_device(model)
+    out = []
+    for ids in token_lists:
+        store: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), hooked(model, fwd=[(names[layer], capture(store, names[layer])) for layer in layers]):
+            model(torch.tensor([list(ids)], dtype=torch.long, device=device), return_type="logits")
+        cols = [store[names[int(layer)]][0, :, int(n)].float().cpu() for layer, n in neurons]
+        acts = torch.stack(cols, dim=-1) if cols else torch.zeros(len(ids), 0)
+        out.append(acts.numpy().astype(np.float32))
+    return out
+
+
+# ---------------------------------------------------------------- views
+
+
+def activations_view(
+    tokens: Sequence[Sequence[str]],
+    activations: Sequence[Float[np.ndarray, "_pos neuron"]],
+    labels: Sequence[str],
+    title: str = "",
+) -> View:
+    """circuitsvis ``text_neuron_activations``: each sample's tokens coloured by one neuron at a time."""
+    from circuitsvis.activations import text_neuron_activations
+
+    if len(tokens) != len(activations):
+        raise QrncaError(f"{len(tokens)} token lists but {len(activations)} activation arrays")
+    acts = [np.asarray(a, dtype=np.float32)[:, None, :] for a in activations]  # [pos, 1 "layer", neuron]
+    r = text_neuron_activations(
+        tokens=[list(t) for t in tokens], activations=acts, first_dimension_name="Set",
+        second_dimension_name="Neuron", first_dimension_labels=["QR neurons"],
+        second_dimension_labels=list(labels),
+    )
+    return from_rendered(r, title)
+
+
+def topk_view(
+    tokens: Sequence[Sequence[str]],
+    activations: Sequence[Float[np.ndarray, "_pos neuron"]],
+    k: int = 5,
+    sample_labels: Sequence[str] | None = None,
+    title: str = "",
+) -> View:
+    """circuitsvis ``topk_tokens``: per neuron (column, numbered in the order given), the most and least
+    activating tokens of each sample. circuitsvis cannot label that axis; list the order next to the view."""
+    from circuitsvis.topk_tokens import topk_tokens
+
+    acts = [np.asarray(a, dtype=np.float32)[None, :, :] for a in activations]  # [1 "layer", pos, neuron]
+    r = topk_tokens(tokens=[list(t) for t in tokens], activations=acts, max_k=k, first_dimension_name="Set",
+                    third_dimension_name="Neuron", first_dimension_labels=["QR neurons"],
+                    sample_labels=list(sample_labels) if sample_labels is not None else None)
+    return from_rendered(r, title)
+
+
+def target_view(model: Any, tokens: Sequence[int], target: Sequence[int], top_k: int = 5, title: str = "") -> View:
+    """circuitsvis ``token_log_probs`` over prompt + answer: every token's log-probability given its prefix.
+
+    The last ``len(target)`` tokens are the answer, so their colour is the model's (teacher-forced) belief in it.
+    """
+    import torch
+    from circuitsvis.logits import token_log_probs
+
+    from ..models import model_device, tokenizer_of
+
+    tok = tokenizer_of(model)
+    seq = torch.tensor(list(tokens) + list(target), dtype=torch.long)
+    with torch.no_grad():
+        logits = model(seq[None].to(model_device(model)), return_type="logits")[0].float().cpu()
+    r = token_log_probs(seq, logits.log_softmax(-1), to_string=lambda t: str(tok.decode([int(t)])), top_k=top_k)
+    return from_rendered(r, title)
+
+
+def query_views(model: Any, prompts: Sequence[Any], neurons: Sequence[Neuron], *, k: int = 5) -> dict[str, View]:
+    """The three views of one query: ``activations`` and ``topk`` over its prompts, ``target`` on its first prompt.
+
+    ``prompts`` are ``proxies.Prompt`` objects (``.tokens``, ``.target``); with no QR neuron only ``target``.
+    """
+    from ..models import tokenizer_of
+
+    tok = tokenizer_of(model)
+    token_lists = [list(p.tokens) for p in prompts]
+    strs = [token_strings(tok, ids) for ids in token_lists]
+    out: dict[str, View] = {}
+    if neurons:
+        acts = neuron_activations(model, token_lists, neurons)
+        labels = neuron_labels(neurons)
+        out["activations"] = activations_view(strs, acts, labels, title="QR neuron activations")
+        out["topk"] = topk_view(strs, acts, k=k, sample_labels=[f"prompt {i}" for i in range(len(strs))],
+                                title="top activating tokens")
+    if prompts:
+        out["target"] = target_view(model, prompts[0].tokens, prompts[0].target, title="log p(token | prefix)")
+    return out

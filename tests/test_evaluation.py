@@ -1,0 +1,163 @@
+"""Evaluation against plain loops: one prompt, one intervention, one forward at a time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qrnca_lens.attribution import IGConfig
+from qrnca_lens.data import Query, limit_per_group, load_data
+from qrnca_lens.errors import QrncaError
+from qrnca_lens.evaluation import EvalConfig, control_queries, evaluate, score_items
+from qrnca_lens.hooks import hooked
+from qrnca_lens.locate import LocateConfig, locate
+from qrnca_lens.locators import LOCATORS, LocatorContext, neuron_sets, register_locator
+from qrnca_lens.metrics import pcr
+from qrnca_lens.models import mlp_hook_name
+from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_data("builtin:facts")
+
+
+@pytest.fixture(scope="module")
+def setup(request, pool):
+    tok = request.getfixturevalue("tiny_tokenizer")
+    model = request.getfixturevalue("_tiny_cache").get("llama-bridge")
+    if model is None:
+        from builders import build_tiny
+
+        model = build_tiny("llama-bridge", tok)
+    queries = limit_per_group(pool, 2)
+    run = locate(model, queries, LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4)),
+                 pool=pool, progress=False)
+    return model, tok, queries, run
+
+
+def _oracle_logprob(model, prompt, neurons=(), factor=1.0, every=False):
+    """log P(target) with the neurons scaled at the prompt's last position (or everywhere), unbatched."""
+    pos = prompt.target_position
+    seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])])
+    hooks = []
+    for layer in sorted({a for a, _ in neurons}):
+        idx = [b for a, b in neurons if a == layer]
+
+        def h(act, hook, idx=idx):
+            out = act.clone()
+            if every:
+                out[..., idx] = act[..., idx] * factor
+            else:
+                out[:, pos, idx] = act[:, pos, idx] * factor
+            return out
+
+        hooks.append((mlp_hook_name(model, layer), h))
+    with torch.no_grad(), hooked(model, fwd=hooks):
+        lp = torch.log_softmax(model(seq)[0].double(), -1)
+    return float(sum(lp[pos + t, tok] for t, tok in enumerate(prompt.target))), int(lp[pos].argmax())
+
+
+def test_score_items_matches_the_loop(setup, pool):
+    model, tok, queries, run = setup
+    prompts = build_all_prompts(queries[:3], run.config.proxy, tok, pool=pool)
+    neurons = [(a, b) for a, b, _ in run.qr_neurons(queries[0].id)][:4]
+    items = [(p, (neurons, 2.0)) for ps in prompts.values() for p in ps] + [(p, None) for p in prompts[queries[1].id]]
+    got = score_items(model, items, batch_size=3)
+    for (p, iv), s in zip(items, got):
+        lp, top = _oracle_logprob(model, p, *(iv or ((), 1.0)))
+        assert s.target_logprob == pytest.approx(lp, abs=1e-4)
+        assert s.predicted == top and s.correct == (top == p.target[0])
+
+
+def test_pcr_and_editing_match_the_loop(setup, pool):
+    model, tok, queries, run = setup
+    res = evaluate(model, run, queries, pool, EvalConfig(methods=("qrnca", "random"), n_boot=50, free_form=False,
+                                                         neuron_prediction=False), progress=False)
+    prompts = build_all_prompts(queries, run.config.proxy, tok, pool=pool)
+    controls = control_queries(queries, 0)
+    ctx = LocatorContext(model, queries, prompts, run, 0)
+    sets = neuron_sets(["qrnca", "random"], ctx)
+    for method in ("qrnca", "random"):
+        for kind, factor in (("boost", 2.0), ("suppress", 0.0)):
+            rel, unr, before, after = [], [], [], []
+            for q in queries:
+                neurons = [(a, b) for a, b, _ in sets[method][q.id]]
+                for target, out in ((q.id, rel), (controls[q.id], unr)):
+                    ch = []
+                    for p in prompts[target]:
+                        b, top_b = _oracle_logprob(model, p)
+                        a, top_a = _oracle_logprob(model, p, neurons, factor)
+                        ch.append(100 * math.expm1(a - b))
+                        if target == q.id:
+                            before.append(top_b == p.target[0])
+                            after.append(top_a == p.target[0])
+                    out.append(float(np.mean(ch)))
+            assert res.pcr[method][kind] == pytest.approx(pcr(rel, unr), rel=1e-4)
+            assert res.pcr[method][f"{kind}_related_mean"] == pytest.approx(np.mean(rel), rel=1e-4, abs=1e-6)
+            b, a = np.array(before), np.array(after)
+            expected = np.mean(a[~b]) if kind == "boost" and (~b).any() else (np.mean(~a[b]) if kind == "suppress" and b.any() else None)
+            if expected is not None:
+                assert res.editing[method][kind] == pytest.approx(expected)
+    assert "qrnca" in res.table() and set(res.to_dict()) >= {"pcr", "editing", "per_group", "free_form"}
+    assert set(res.per_group) == {q.group for q in queries}
+
+
+def test_free_form_drop_matches_the_loop(setup, pool):
+    model, tok, queries, run = setup
+    res = evaluate(model, run, queries, pool, EvalConfig(methods=("qrnca",), n_boot=20, neuron_prediction=False),
+                   progress=False)
+    prompts = build_all_prompts(queries, run.config.proxy, tok, pool=pool)
+    drops = []
+    for q in queries:
+        neurons = [(a, b) for a, b, _ in run.qr_neurons(q.id)]
+        for p in prompts[q.id]:
+            drops.append(_oracle_logprob(model, p)[0] - _oracle_logprob(model, p, neurons, 0.0, every=True)[0])
+    assert res.free_form["qrnca"]["loglik_drop"] == pytest.approx(np.mean(drops), rel=1e-4, abs=1e-6)
+    assert res.free_form["n_prompts"] == len(drops)
+
+
+def test_neuron_prediction_reports_a_reconstruction(setup, pool):
+    model, tok, queries, run = setup
+    res = evaluate(model, run, queries, pool, EvalConfig(methods=("qrnca",), n_boot=20, free_form=False), progress=False)
+    npred = res.neuron_prediction
+    assert "reconstruction" in npred["note"]
+    assert npred["n"] == sum(v["n"] for v in npred["per_group"].values()) > 0
+    for v in (npred["neuron_accuracy"], npred["model_accuracy"], npred["agreement"]):
+        assert 0.0 <= v <= 1.0
+
+
+def test_controls_come_from_other_groups_and_one_group_is_refused(pool):
+    qs = limit_per_group(pool, 3)
+    c = control_queries(qs, 7)
+    by = {q.id: q for q in qs}
+    assert all(by[c[q.id]].group != q.group for q in qs)
+    assert c == control_queries(qs, 7) and c != control_queries(qs, 8)
+    one = [q for q in qs if q.group == "capital"]
+    with pytest.raises(QrncaError, match="one group .*'capital'.*no unrelated control"):
+        control_queries(one)
+
+
+def test_same_count_per_query_and_custom_locators(setup, pool):
+    model, tok, queries, run = setup
+    prompts = build_all_prompts(queries, run.config.proxy, tok, pool=pool)
+    ctx = LocatorContext(model, queries, prompts, run, 0)
+
+    @register_locator("test-first")
+    def first(c):
+        return {q.id: [(0, i, 1.0) for i in range(100)] for q in c.queries}
+
+    try:
+        sets = neuron_sets(["qrnca", "activation", "test-first", "random", "kn"], ctx)
+        for q in queries:
+            n = len(run.qr_neurons(q.id))
+            assert len(sets["activation"][q.id]) == len(sets["test-first"][q.id]) == len(sets["random"][q.id]) == n
+            assert len(sets["kn"][q.id]) <= n
+        assert sets["random"] == neuron_sets(["random"], ctx)["random"]
+    finally:
+        LOCATORS.pop("test-first")
+    with pytest.raises(QrncaError, match="unknown method"):
+        neuron_sets(["nope"], ctx)

@@ -1,0 +1,246 @@
+"""render/: PNG figures, offline circuitsvis views, and the one-file report (also opened in headless Chromium)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from qrnca_lens import analysis as A
+from qrnca_lens.data import load_data
+from qrnca_lens.errors import QrncaError
+from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.render import figures as F
+from qrnca_lens.render import views as V
+from qrnca_lens.render.report import cmd_report, report_html, write_report
+
+from test_analysis import DOC
+
+# What a browser would fetch: a src/href/url(...) to the network, or the package hosts circuitsvis links to.
+_FETCH = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""", re.I)
+_HOSTS = re.compile(r"cdn|unpkg|jsdelivr", re.I)
+
+
+def _external_refs(html: str) -> list[str]:
+    # Base64 image data can spell "cdn" by chance; it fetches nothing, so it is left out of the search.
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", html)
+    return [m.group(0) for m in _FETCH.finditer(text)] + [m.group(0) for m in _HOSTS.finditer(text)]
+
+
+def _is_png(b: bytes) -> bool:
+    return b[:8] == F.PNG_SIGNATURE and len(b) > 1000
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_heatmap_figure_bins_1536_neurons_into_visible_columns():
+    doc = {"layers": list(range(30)), "queries": {
+        "q1": {"group": "g", "qr_neurons": [[3, 1535, 0.7], [20, 0, 0.2]]},
+        "q2": {"group": "h", "qr_neurons": [[29, 800, 1.0]]}}}
+    maps = {g: A.heatmap(doc, 30, 1536, group=g) for g in A.groups(doc)}
+    fig = F.heatmap_figure(maps, n_bins=192)
+    img = fig.axes[0].images[0].get_array()
+    assert img.shape == (30, 192) and img[3, 191] == pytest.approx(0.7)
+    assert "max Σnaica 0.7" in fig.axes[0].get_title(loc="left")
+    assert _is_png(F.png_bytes(fig))
+
+
+def test_layer_distribution_and_overlap_figures_are_png():
+    fig = F.layer_distribution_figure(A.layer_distribution(DOC, 3))
+    titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_visible()]
+    assert titles == ["all groups (5)", "A (3)", "B (2)", "C (0)"]
+    assert _is_png(F.png_bytes(fig))
+    names, m = A.overlap_matrix(DOC)  # C's self-overlap is NaN: drawn as a dash
+    fig = F.overlap_figure(names, m)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["1.00", "0.25", "0.00", "0.25", "1.00", "0.00", "0.00", "0.00", "–"]
+    assert _is_png(F.png_bytes(fig))
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_bundle_is_inlinable_and_offline():
+    js = V.bundle_js()
+    assert "var CircuitsVis" in js and len(js) > 100_000
+    assert not re.search(r"</script", js, re.I) and "sourceMappingURL" not in js
+
+
+def test_view_html_is_offline_and_well_formed(tmp_path):
+    tokens = [["The", " cat", "</s>"], ["A", " dog"]]
+    acts = [np.array([[0.1, 1.0], [0.5, -0.2], [0.0, 0.3]]), np.array([[1.0, 0.0], [0.2, 0.4]])]
+    view = V.activations_view(tokens, acts, ["L0.N1", "L2.N5"], title="acts")
+    assert view.element == "TextNeuronActivations" and view.call.startswith(f'CircuitsVis.render("{view.uuid}"')
+    frag = view.fragment()
+    assert f'<div class="cv-view" id="{view.uuid}"></div>' in frag  # closed, unlike circuitsvis's <div .../>
+    assert "</s>" not in frag and "<\\/s>" in frag  # a token cannot end the script element
+    assert '"L2.N5"' in view.call
+    path = view.save(tmp_path / "v.html")
+    page = path.read_text()
+    assert page.count("var CircuitsVis") == 1 and _external_refs(page) == []
+    top = V.topk_view(tokens, acts, k=2, sample_labels=["p0", "p1"])
+    assert top.element == "TopkTokens" and '"p1"' in top.call
+
+
+def test_neuron_activations_read_hook_post_through_the_door(tiny_gated):
+    from qrnca_lens.hooks import active_hook_count, capture, hooked
+
+    ids = [[5, 17, 40, 2], [9, 9, 100]]
+    neurons = [(2, 7), (0, 3), (2, 40)]
+    before = active_hook_count(tiny_gated)
+    acts = V.neuron_activations(tiny_gated, ids, neurons)
+    assert active_hook_count(tiny_gated) == before
+    assert [a.shape for a in acts] == [(4, 3), (3, 3)]
+    store: dict[str, torch.Tensor] = {}
+    names = ["blocks.0.mlp.hook_post", "blocks.2.mlp.hook_post"]
+    with torch.no_grad(), hooked(tiny_gated, fwd=[(n, capture(store, n)) for n in names]):
+        tiny_gated(torch.tensor([ids[0]]))
+    np.testing.assert_allclose(acts[0][:, 0], store[names[1]][0, :, 7].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts[0][:, 1], store[names[0]][0, :, 3].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(QrncaError, match="which"):
+        V.neuron_activations(tiny_gated, ids, neurons, which="pre")
+
+
+def test_query_views_on_a_tiny_model(tiny_gated):
+    pool = load_data("builtin:facts")
+    prompts = build_prompts(pool[0], ProxyConfig("cloze", n_prompts=2, n_shots=1), tiny_gated.tokenizer, pool=pool)
+    views = V.query_views(tiny_gated, prompts, [(1, 4), (2, 30)])
+    assert {k: v.element for k, v in views.items()} == {
+        "activations": "TextNeuronActivations", "topk": "TopkTokens", "target": "TokenLogProbs"}
+    assert list(V.query_views(tiny_gated, prompts, [])) == ["target"]
+
+
+# ---------------------------------------------------------------- the report
+
+FACT_IDS = {"capital": ["capital-01", "capital-02"], "language": ["language-01"], "color": ["color-01"]}
+EVALUATION = {
+    "pcr": {"qrnca": {"boost": 3.2, "suppress": 4.5, "boost_ci": [1.1, 6.0], "suppress_ci": [2.0, 9.9],
+                      "boost_related_mean": 12.0, "boost_unrelated_mean": -3.0, "mean_neurons": 4.0},
+            "random": {"boost": 0.9, "suppress": None}},
+    "editing": {"qrnca": {"boost": 0.25, "suppress": 0.5}, "kn": {"boost": 0.0}},
+    "per_group": {"capital": {"pcr": {"qrnca": {"boost": 2.0, "suppress": 3.0}}}, "color": "not a dict"},
+    "free_form": {"intervention": "suppress", "drop_ratio": 2.5, "qrnca": {"loglik_drop": 1.5}},
+    "unknown_part": [1, 2, 3],
+}
+
+
+def _tiny_run(tmp_path, evaluation=None):
+    """A synthetic neurons.json shaped like the tiny Llama (3 layers x 48 neurons) on real built-in query ids."""
+    rng = np.random.default_rng(0)
+    queries = {}
+    for g, ids in FACT_IDS.items():
+        for q in ids:
+            picks = rng.choice(3 * 48, size=4, replace=False)
+            queries[q] = {"group": g, "qr_neurons": [[int(p // 48), int(p % 48), float(1 / (i + 1))]
+                                                     for i, p in enumerate(picks)],
+                          "target_prob": 0.1, "accuracy": 0.5}
+    queries["capital-02"]["qr_neurons"].append([1, 4, 0.05])
+    queries["language-01"]["qr_neurons"].append([1, 4, 0.05])  # shared by two groups
+    proxy = ProxyConfig("cloze", n_prompts=2, n_shots=1, prepend_bos=False).to_dict()
+    doc = {"config": {"proxy": proxy, "ig": {"steps": 4, "alpha_schedule": "riemann"},
+                      "selection": {"t": 0.2, "u": 0.3, "v": 5}},
+           "model": "tiny", "data": "builtin:facts", "layers": [0, 1, 2], "common_neurons": [[2, 47], [0, 0]],
+           "queries": queries,
+           "summary": {"n_queries": 4, "mean_qr_neurons": 4.5, "accuracy": 0.5, "mean_target_prob": 0.1}}
+    (tmp_path / "neurons.json").write_text(json.dumps(doc))
+    (tmp_path / "manifest.json").write_text(json.dumps({"model_shape": [3, 48]}))
+    if evaluation is not None:
+        (tmp_path / "evaluation.json").write_text(json.dumps(evaluation))
+    return tmp_path
+
+
+def test_report_without_model_skips_views_with_a_note(tmp_path):
+    run = _tiny_run(tmp_path)
+    html = report_html(run)
+    assert _external_refs(html) == []
+    assert "No model given" in html and 'class="cv-view"' not in html and "var CircuitsVis" not in html
+    assert html.count("data:image/png;base64,") == 3  # heatmaps, layer distribution, overlap
+    assert "3 layers × 48 MLP neurons" in html and "model accuracy on the prompts" in html
+    assert "L1.N4" in html  # the neuron shared by two groups is listed
+    assert "id=evaluation" not in html  # no evaluation.json: no section
+
+
+def test_report_with_tiny_model_is_one_offline_file(tmp_path, tiny_gated):
+    run = _tiny_run(tmp_path, EVALUATION)
+    path = write_report(run, tiny_gated, n_queries=2)
+    assert path == run / "report.html"
+    html = path.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert _external_refs(html) == []
+    assert not re.search(r"<(?:script|link|img|iframe)[^>]*\s(?:src|href)=\"(?!data:)", html)
+    assert html.count("var CircuitsVis") == 1  # the bundle once, not once per view
+    for element in ("TextNeuronActivations", "TopkTokens", "TokenLogProbs"):
+        assert html.count(f"CircuitsVis.{element}") == 2  # one of each for both shown queries
+    assert html.count('class="cv-view"') == 6
+    # Evaluation: rows = methods, PCR with its interval, editing rates; odd parts skipped, not fatal.
+    assert "3.20 <span class=muted>[1.10, 6.00]</span>" in html and "25.0%" in html
+    assert "<b>kn</b>" in html and "<b>random</b>" in html and "drop_ratio" in html
+    assert "Vocabulary projections" in html and "No model given" not in html
+    assert "capital-01" in html and "language-01" in html
+
+
+def test_report_needs_a_model_of_the_run_shape(tmp_path, tiny_gated):
+    run = _tiny_run(tmp_path)
+    doc = json.loads((run / "neurons.json").read_text())
+    doc["queries"]["capital-01"]["qr_neurons"].append([2, 60, 0.1])
+    (run / "neurons.json").write_text(json.dumps(doc))
+    with pytest.raises(QrncaError, match="outside the given model"):
+        report_html(run, tiny_gated)
+
+
+def test_report_of_a_directory_without_neurons_json(tmp_path):
+    with pytest.raises(QrncaError, match="qrnca-lens locate"):
+        write_report(tmp_path)
+
+
+def test_report_notes_prompts_it_cannot_rebuild(tmp_path, tiny_gated):
+    run = _tiny_run(tmp_path)
+    doc = json.loads((run / "neurons.json").read_text())
+    doc["data"] = str(tmp_path / "gone.jsonl")
+    (run / "neurons.json").write_text(json.dumps(doc))
+    html = report_html(run, tiny_gated)
+    assert "Views skipped" in html and 'class="cv-view"' not in html
+
+
+def test_cmd_report_loads_the_runs_model(tmp_path, tiny_gated, monkeypatch, capsys):
+    import qrnca_lens.models as models
+
+    asked = []
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: asked.append(name) or tiny_gated)
+    run = _tiny_run(tmp_path)
+    assert cmd_report(argparse.Namespace(out=str(run), model=None)) == 0
+    assert asked == ["tiny"] and "report.html" in capsys.readouterr().out
+    assert cmd_report(argparse.Namespace(out=str(run), model="other")) == 0
+    assert asked == ["tiny", "other"]
+
+
+# ---------------------------------------------------------------- in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_opens_in_headless_chromium(tmp_path, tiny_gated):
+    run = _tiny_run(tmp_path / "run", EVALUATION) if (tmp_path / "run").mkdir() is None else None
+    report = write_report(run, tiny_gated, n_queries=1)
+    shot = tmp_path / "shot.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri())
+    assert shot.exists() and shot.read_bytes()[:8] == F.PNG_SIGNATURE and shot.stat().st_size > 20_000
+    # The views are drawn by circuitsvis's inlined JavaScript: after it ran, their containers are not empty.
+    dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", report.as_uri()).stdout
+    filled = re.findall(r'<div class="cv-view" id="[^"]+">\s*<', dom)
+    assert len(filled) == 3, dom[:2000]
