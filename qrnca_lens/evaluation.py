@@ -240,8 +240,15 @@ def evaluate(
     cfg: EvalConfig = EvalConfig(),
     *,
     progress: bool = True,
+    executor: Any = None,
 ) -> EvaluationResult:
-    """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check."""
+    """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
+
+    ``executor`` decides where the batched scoring runs (default: this process; see ``executors``).
+    """
+    from .executors import SerialExecutor
+
+    ex = executor if executor is not None else SerialExecutor(model)
     queries = [q for q in queries if q.id in run.selection.qr]
     if not queries:
         raise QrncaError("none of the queries belongs to this run")
@@ -261,7 +268,7 @@ def evaluate(
 
     # Clean scores of every prompt, once.
     flat = [(q.id, i, p) for q in queries for i, p in enumerate(prompts[q.id])]
-    clean = score_items(model, [(p, None) for _, _, p in flat], batch_size=cfg.batch_size)
+    clean = ex.score_items([(p, None) for _, _, p in flat], batch_size=cfg.batch_size)
     before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
     correct_before = {(qid, i): s.correct for (qid, i, _), s in zip(flat, clean)}
 
@@ -280,7 +287,7 @@ def evaluate(
                     keys.append((target_q, i))
                     owners.append(q.id)
                     related.append(is_rel)
-        scores = score_items(model, items, every_position=cfg.every_position, batch_size=cfg.batch_size)
+        scores = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size)
         after = [s.target_logprob for s in scores]
         rel_idx = [i for i, r in enumerate(related) if r]
         unr_idx = [i for i, r in enumerate(related) if not r]

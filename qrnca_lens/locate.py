@@ -25,7 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribution import IGConfig, attribute_prompts
+from .attribution import IGConfig
+from .executors import SerialExecutor
 from .data import Query
 from .errors import QrncaError, StoreError
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
@@ -206,11 +207,13 @@ def locate(
     progress: bool = True,
     name: str | None = None,
     data: str | None = None,
+    executor: Any = None,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
     Returns None when ``out`` is given and other shards still have queries to do (the last shard to finish
-    writes ``neurons.json``; ``reduce(out)`` can also be run by hand).
+    writes ``neurons.json``; ``reduce(out)`` can also be run by hand). ``executor`` decides where the
+    per-query attribution runs (default: this process, on ``model``; see ``executors``).
     """
     _check_queries(queries)
     if len(queries) == 1 and cfg.selection.use_ica:
@@ -232,23 +235,17 @@ def locate(
     mine = [q for k, q in enumerate(queries) if k % n == i and q.id not in done]
     scores: dict[str, Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
-    it: Any = mine
+    ex = executor if executor is not None else SerialExecutor(model)
+    results: Any = ex.attribute([(q.id, prompts[q.id]) for q in mine], cfg.ig, layers)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(mine, desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query", initial=0)
-    from .scoring import score_prompts
-
-    for q in it:
-        ps = prompts[q.id]
-        s = attribute_prompts(model, ps, cfg.ig, layers=layers)
-        sc = score_prompts(model, ps)
-        qi = {"group": q.group, "n_tokens": [len(p.tokens) for p in ps], "templates": [p.template for p in ps],
-              "target_probs": [x.target_prob for x in sc], "correct": [bool(x.correct) for x in sc]}
+        results = tqdm(results, total=len(mine), desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query")
+    for qid, s, qi in results:
         if store:
-            store.write_query(q.id, s, qi)
+            store.write_query(qid, s, qi)  # as each query arrives: nothing finished is lost
         else:
-            scores[q.id], info[q.id] = s, qi
+            scores[qid], info[qid] = s, qi
     if store:
         if store.done() != set(groups):
             left = len(set(groups) - store.done())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import qrnca_lens.locate as locate_mod
+import qrnca_lens.executors as executors_mod
 from qrnca_lens.attribution import IGConfig
 from qrnca_lens.data import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError, StoreError
@@ -58,8 +58,8 @@ def test_resume_redoes_only_missing_queries(tiny_gated, queries, pool, tmp_path,
     victim = queries[3].id
     (out / "queries" / query_filename(victim)).unlink()
     calls = []
-    real = locate_mod.attribute_prompts
-    monkeypatch.setattr(locate_mod, "attribute_prompts", lambda m, ps, *a, **k: calls.append(ps[0].query_id) or real(m, ps, *a, **k))
+    real = executors_mod.attribute_prompts
+    monkeypatch.setattr(executors_mod, "attribute_prompts", lambda m, ps, *a, **k: calls.append(ps[0].query_id) or real(m, ps, *a, **k))
     again = locate(tiny_gated, queries, CFG, pool=pool, out=out, progress=False)
     assert calls == [victim]
     assert again.neurons_json() == first.neurons_json()

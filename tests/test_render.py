@@ -235,7 +235,8 @@ def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
 def test_report_opens_in_headless_chromium(tmp_path, tiny_gated):
-    run = _tiny_run(tmp_path / "run", EVALUATION) if (tmp_path / "run").mkdir() is None else None
+    (tmp_path / "run").mkdir()
+    run = _tiny_run(tmp_path / "run", EVALUATION)
     report = write_report(run, tiny_gated, n_queries=1)
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri())

@@ -157,6 +157,36 @@ def _act_hook(model: Any, layer: int, which: str) -> str:
     return mlp_hook_name(model, layer)
 
 
+def _forward(
+    model: Any, token_lists: Sequence[Sequence[int]], neurons: Sequence[Neuron], which: str = "post",
+) -> tuple[list[Float[np.ndarray, "_pos neuron"]], Any]:
+    """One right-padded forward over all token lists: the neurons' activations per list, and the logits.
+
+    Right padding leaves every real position of a causal model exact, so one batch does the work of one
+    forward per prompt (the report's cost is dominated by these forwards on a CPU).
+    """
+    import torch
+
+    from ..hooks import capture, hooked
+    from ..models import model_device
+    from ..scoring import pad_batch
+
+    if which not in ("post", "attributed"):
+        raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
+    layers = sorted({int(layer) for layer, _ in neurons})
+    names = {layer: _act_hook(model, layer, which) for layer in layers}
+    store: dict[str, torch.Tensor] = {}
+    batch = pad_batch(token_lists, 0, model_device(model))
+    with torch.no_grad(), hooked(model, fwd=[(names[layer], capture(store, names[layer])) for layer in layers]):
+        logits = model(batch, return_type="logits")
+    out = []
+    for b, ids in enumerate(token_lists):
+        cols = [store[names[int(layer)]][b, : len(ids), int(n)].float().cpu() for layer, n in neurons]
+        acts = torch.stack(cols, dim=-1) if cols else torch.zeros(len(ids), 0)
+        out.append(acts.numpy().astype(np.float32))
+    return out, logits
+
+
 def neuron_activations(
     model: Any,
     token_lists: Sequence[Sequence[int]],
@@ -167,27 +197,10 @@ def neuron_activations(
     """Activations of ``neurons`` at every position of each token list: one [pos, neuron] array per list.
 
     ``which="post"`` reads ``hook_post`` (the MLP's hidden value that W_out multiplies); ``"attributed"``
-    reads the hook QRNCA attributes (``hook_pre_linear`` of a gated MLP, else ``hook_pre``).
+    reads the hook QRNCA attributes (``hook_pre_linear`` of a gated MLP, else ``hook_pre``). Hooks enter
+    through ``hooks.hooked`` and leave with the call.
     """
-    import torch
-
-    from ..hooks import capture, hooked
-    from ..models import model_device
-
-    if which not in ("post", "attributed"):
-        raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
-    layers = sorted({int(layer) for layer, _ in neurons})
-    names = {layer: _act_hook(model, layer, which) for layer in layers}
-    device = model_device(model)
-    out = []
-    for ids in token_lists:
-        store: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), hooked(model, fwd=[(names[layer], capture(store, names[layer])) for layer in layers]):
-            model(torch.tensor([list(ids)], dtype=torch.long, device=device), return_type="logits")
-        cols = [store[names[int(layer)]][0, :, int(n)].float().cpu() for layer, n in neurons]
-        acts = torch.stack(cols, dim=-1) if cols else torch.zeros(len(ids), 0)
-        out.append(acts.numpy().astype(np.float32))
-    return out
+    return _forward(model, token_lists, neurons, which)[0]
 
 
 # ---------------------------------------------------------------- views
@@ -231,10 +244,13 @@ def topk_view(
     return from_rendered(r, title)
 
 
-def target_view(model: Any, tokens: Sequence[int], target: Sequence[int], top_k: int = 5, title: str = "") -> View:
+def target_view(
+    model: Any, tokens: Sequence[int], target: Sequence[int], top_k: int = 5, title: str = "", logits: Any = None,
+) -> View:
     """circuitsvis ``token_log_probs`` over prompt + answer: every token's log-probability given its prefix.
 
-    The last ``len(target)`` tokens are the answer, so their colour is the model's (teacher-forced) belief in it.
+    The last ``len(target)`` tokens are the answer, so their colour is the model's (teacher-forced) belief in
+    it. ``logits`` ([pos, vocab] for those tokens, padding allowed after them) saves the forward pass.
     """
     import torch
     from circuitsvis.logits import token_log_probs
@@ -243,9 +259,11 @@ def target_view(model: Any, tokens: Sequence[int], target: Sequence[int], top_k:
 
     tok = tokenizer_of(model)
     seq = torch.tensor(list(tokens) + list(target), dtype=torch.long)
-    with torch.no_grad():
-        logits = model(seq[None].to(model_device(model)), return_type="logits")[0].float().cpu()
-    r = token_log_probs(seq, logits.log_softmax(-1), to_string=lambda t: str(tok.decode([int(t)])), top_k=top_k)
+    if logits is None:
+        with torch.no_grad():
+            logits = model(seq[None].to(model_device(model)), return_type="logits")[0]
+    logp = logits[: len(seq)].float().cpu().log_softmax(-1)
+    r = token_log_probs(seq, logp, to_string=lambda t: str(tok.decode([int(t)])), top_k=top_k)
     return from_rendered(r, title)
 
 
@@ -253,19 +271,25 @@ def query_views(model: Any, prompts: Sequence[Any], neurons: Sequence[Neuron], *
     """The three views of one query: ``activations`` and ``topk`` over its prompts, ``target`` on its first prompt.
 
     ``prompts`` are ``proxies.Prompt`` objects (``.tokens``, ``.target``); with no QR neuron only ``target``.
+    One forward pass serves all three: the first prompt runs with its answer appended (causal: its prompt
+    positions are unchanged), the others as they are.
     """
     from ..models import tokenizer_of
 
+    if not prompts:
+        return {}
     tok = tokenizer_of(model)
     token_lists = [list(p.tokens) for p in prompts]
+    first = token_lists[0] + list(prompts[0].target)
+    acts, logits = _forward(model, [first] + token_lists[1:], neurons)
+    acts[0] = acts[0][: len(token_lists[0])]
     strs = [token_strings(tok, ids) for ids in token_lists]
     out: dict[str, View] = {}
     if neurons:
-        acts = neuron_activations(model, token_lists, neurons)
         labels = neuron_labels(neurons)
         out["activations"] = activations_view(strs, acts, labels, title="QR neuron activations")
         out["topk"] = topk_view(strs, acts, k=k, sample_labels=[f"prompt {i}" for i in range(len(strs))],
                                 title="top activating tokens")
-    if prompts:
-        out["target"] = target_view(model, prompts[0].tokens, prompts[0].target, title="log p(token | prefix)")
+    out["target"] = target_view(model, prompts[0].tokens, prompts[0].target, title="log p(token | prefix)",
+                                logits=logits[0])
     return out
