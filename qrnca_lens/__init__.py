@@ -32,6 +32,20 @@ _EXPORTS = {
     "hooked": "hooks", "capture": "hooks", "set_neurons": "hooks",
     # scoring
     "accuracy": "scoring", "AccuracyResult": "scoring", "score_prompts": "scoring", "PromptScore": "scoring",
+    # attribution
+    "IGConfig": "attribution", "attribute_prompt": "attribution", "attribute_prompts": "attribution",
+    "reference_ig": "attribution",
+    # selection
+    "SelectionConfig": "selection", "Cluster": "selection", "Selection": "selection", "select": "selection",
+    "query_cluster": "selection",
+    # locate and the run store
+    "LocateConfig": "locate", "LocateResult": "locate", "locate": "locate", "reduce": "locate",
+    "RunStore": "store",
+    # interventions, locators, evaluation
+    "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
+    "register_locator": "locators", "LOCATORS": "locators",
+    "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
+    "SerialExecutor": "executors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     demo.add_argument("--model", default="smollm2")
-    demo.add_argument("--limit", type=int, default=None, help="queries per group (default: all)")
-    demo.add_argument("--out", default="runs/demo", help="where the demo writes its report")
+    demo.add_argument("--limit", type=int, default=6, help="queries per relation for locate/evaluate")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
+    demo.add_argument("--methods", default="qrnca,no-ica,with-common,kn,activation,random")
     return parser
 
 
@@ -221,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_RUNS = (
+DEMO_COMPETENCE = (
     ("builtin:facts", "cloze"),
     ("builtin:facts", "mcqa-letter"),
     ("builtin:domains", "mcqa-letter"),
@@ -230,31 +231,51 @@ DEMO_RUNS = (
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Competence on every proxy, then QRNCA on the proxy the model is competent at, proved and reported."""
     from pathlib import Path
 
     from . import models
+    from .attribution import IGConfig
     from .data import limit_per_group, load_data
+    from .evaluation import EvalConfig, evaluate
+    from .locate import LocateConfig, locate
     from .proxies import ProxyConfig
     from .scoring import accuracy
+    from .store import write_json_atomic
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = models.load_model(args.model, verbose=True)
+
+    print("\n== 1. Is the model competent on each proxy? (accuracy over prompts, first 10 queries per group)")
     rows = []
-    for data, proxy in DEMO_RUNS:
+    for data, proxy in DEMO_COMPETENCE:
         pool = load_data(data)
-        res = accuracy(model, limit_per_group(pool, args.limit), ProxyConfig(proxy), pool=pool, progress=True)
-        print(res)
+        res = accuracy(model, limit_per_group(pool, 10), ProxyConfig(proxy), pool=pool, progress=True)
         rows.append({"data": data, "proxy": proxy, **res.to_dict()})
-    report = out / "accuracy.json"
-    report.write_text(json.dumps({"model": args.model, "runs": rows}, indent=2))
-    print("\nCompetence of", args.model, "on the built-in sets (accuracy over prompts):")
+    write_json_atomic(out / "accuracy.json", {"model": args.model, "runs": rows})
     for r in rows:
         chance = f"{r['chance']:.2f}" if r["chance"] is not None else "-"
         print(f"  {r['data']:<16} {r['proxy']:<12} accuracy {r['accuracy']:.3f}  chance {chance:<5} "
               f"mean p(target) {r['mean_target_prob']:.3f}  n {r['n']}")
-    print(f"report written to {report} ({time.perf_counter() - t0:.0f} s)")
+
+    print(f"\n== 2. QRNCA on builtin:facts with the cloze proxy ({args.limit} queries per relation)")
+    pool = load_data("builtin:facts")
+    queries = limit_per_group(pool, args.limit)
+    run_dir = out / "facts-cloze"
+    cfg = LocateConfig(proxy=ProxyConfig("cloze"), ig=IGConfig(steps=16))
+    run = locate(model, queries, cfg, pool=pool, out=run_dir, name=args.model, data="builtin:facts")
+    assert run is not None
+    _print_summary(run, run_dir / "neurons.json")
+
+    print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
+    write_json_atomic(run_dir / "evaluation.json", res.to_dict())
+    print(res.table())
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results in {out}/ "
+          f"(accuracy.json, facts-cloze/neurons.json, facts-cloze/evaluation.json)")
     return 0
 
 

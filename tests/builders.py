@@ -52,6 +52,15 @@ def build_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> Any:
     return AutoTokenizer.from_pretrained(directory)
 
 
+def _widened(hf: Any) -> Any:
+    """Random init leaves tiny activations; widen the matrices so gradients and probabilities are not degenerate."""
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+    return hf.eval()
+
+
 def _freeze(model: Any) -> Any:
     model.eval()
     for p in model.parameters():
@@ -70,13 +79,7 @@ def tiny_llama_hf(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg)
-    # Random init leaves tiny activations; widen them so gradients and probabilities are not degenerate.
-    with torch.no_grad():
-        for _, p in hf.named_parameters():
-            if p.ndim == 2:
-                p.mul_(3.0)
-    return hf.eval()
+    return _widened(LlamaForCausalLM(cfg))
 
 
 def tiny_llama_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any:
@@ -97,12 +100,7 @@ def tiny_gpt2_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.ndim == 2:
-                p.mul_(3.0)
-    hf.eval()
+    hf = _widened(GPT2LMHeadModel(cfg))
     return _freeze(TransformerBridge.boot_transformers("tiny-gpt2", hf_model=hf, tokenizer=tokenizer))
 
 

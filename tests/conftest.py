@@ -52,11 +52,17 @@ def tiny_model(request, tiny_tokenizer, _tiny_cache):
     return _tiny_cache[kind]
 
 
-@pytest.fixture
-def tiny_gated(tiny_tokenizer, _tiny_cache):
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer, _tiny_cache):
+    """The tiny Llama bridge, session-wide (shared with ``tiny_model``'s llama-bridge case)."""
     if "llama-bridge" not in _tiny_cache:
         _tiny_cache["llama-bridge"] = build_tiny("llama-bridge", tiny_tokenizer)
     return _tiny_cache["llama-bridge"]
+
+
+@pytest.fixture
+def tiny_gated(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,8 @@ def pool():
 
 
 @pytest.fixture(scope="module")
-def setup(request, pool):
-    tok = request.getfixturevalue("tiny_tokenizer")
-    model = request.getfixturevalue("_tiny_cache").get("llama-bridge")
-    if model is None:
-        from builders import build_tiny
-
-        model = build_tiny("llama-bridge", tok)
+def setup(tiny_llama, tiny_tokenizer, pool):
+    model, tok = tiny_llama, tiny_tokenizer
     queries = limit_per_group(pool, 2)
     run = locate(model, queries, LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4)),
                  pool=pool, progress=False)
