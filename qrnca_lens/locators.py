@@ -60,7 +60,7 @@ def register_locator(name: str, fn: LocatorFn | None = None) -> Any:
 
 
 def _from_selection(run: LocateResult) -> Ranked:
-    return {q.id if hasattr(q, "id") else q: run.qr_neurons(q) for q in run.selection.qr}
+    return {qid: run.qr_neurons(qid) for qid in run.selection.qr}
 
 
 @register_locator("qrnca")
