@@ -46,6 +46,8 @@ _EXPORTS = {
     "register_locator": "locators", "LOCATORS": "locators",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
     "SerialExecutor": "executors",
+    # maps and the report
+    "write_report": "render.report",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--quiet", action="store_true")
 
+    rep = sub.add_parser("report", help="write DIR/report.html: maps, projections, evaluation, circuitsvis views (offline)")
+    rep.add_argument("out", help="the run directory")
+    rep.add_argument("--model", default=None, help="model name or checkpoint dir (default: the one in neurons.json)")
+    rep.add_argument("--no-model", action="store_true", help="skip projections and views")
+    rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
+
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores")
     red.add_argument("out")
     _add_selection_args(red, defaults=False)
@@ -287,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import cmd_bench
 
         handler["bench"] = cmd_bench
+    if args.command == "report":
+        from .render.report import cmd_report
+
+        handler["report"] = cmd_report
     handler = handler[args.command]
     try:
         return handler(args)

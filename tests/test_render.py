@@ -127,6 +127,7 @@ EVALUATION = {
     "editing": {"qrnca": {"boost": 0.25, "suppress": 0.5}, "kn": {"boost": 0.0}},
     "per_group": {"capital": {"pcr": {"qrnca": {"boost": 2.0, "suppress": 3.0}}}, "color": "not a dict"},
     "free_form": {"intervention": "suppress", "drop_ratio": 2.5, "qrnca": {"loglik_drop": 1.5}},
+    "neuron_prediction": {"neuron_accuracy": 0.4, "per_group": {"capital": {"neuron": 0.5, "n": 2}}},
     "unknown_part": [1, 2, 3],
 }
 
@@ -182,6 +183,7 @@ def test_report_with_tiny_model_is_one_offline_file(tmp_path, tiny_gated):
     # Evaluation: rows = methods, PCR with its interval, editing rates; odd parts skipped, not fatal.
     assert "3.20 <span class=muted>[1.10, 6.00]</span>" in html and "25.0%" in html
     assert "<b>kn</b>" in html and "<b>random</b>" in html and "drop_ratio" in html
+    assert "<h4>per_group</h4>" in html and "neuron_accuracy" in html
     assert "Vocabulary projections" in html and "No model given" not in html
     assert "capital-01" in html and "language-01" in html
 

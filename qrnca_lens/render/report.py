@@ -22,7 +22,9 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -120,10 +122,24 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img class="fig" alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+_GLYPHS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
 def _tok(s: str) -> str:
-    # Make the whitespace of a token visible: " the" and "the" are different tokens.
-    shown = s.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
-    return f'<code class="tok">{_esc(shown) if shown else "∅"}</code>'
+    """A token as a chip, its whitespace made visible (" the" and "the" are different tokens); long runs of one
+    whitespace character are counted ("␣×24") so an indentation token stays one chip wide."""
+    shown = []
+    for ch in s:
+        if ch in _GLYPHS:
+            shown.append(_GLYPHS[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+            shown.append(f"\\u{ord(ch):04x}")
+        else:
+            shown.append(ch)
+    text = re.sub(r"([␣↵⇥␍])\1{3,}", lambda m: f"{m.group(1)}×{len(m.group(0))}", "".join(shown))
+    if len(text) > 24:
+        text = text[:22] + "…"
+    return f'<code class="tok">{_esc(text) if text else "∅"}</code>'
 
 
 def _neuron(layer: int, n: int) -> str:
@@ -207,7 +223,22 @@ def _projection_cells(p: A.VocabProjection, k: int) -> list[str]:
     return ["".join(_tok(t) for t in p.tokens[:k]), "".join(_tok(t) for t in p.bottom_tokens[:max(3, k // 2)])]
 
 
-def _vocab(doc: Mapping[str, Any], model: Any, k: int) -> str:
+def _projections(doc: Mapping[str, Any], model: Any, shown: Sequence[str], k: int) -> dict[A.Neuron, A.VocabProjection]:
+    """Every projection the report shows, in one call (on a bridge each layer's W_out costs a stack of all
+    layers, so asking once per neuron list would repeat that work)."""
+    want: list[A.Neuron] = [(int(a), int(b)) for a, b in (doc.get("common_neurons") or [])[:_MAX_COMMON]]
+    for g in A.groups(doc):
+        want += [nn for nn, _ in A.top_group_neurons(doc, g, 3)]
+    for q in shown:
+        want += [(a, b) for a, b, _ in A.query_neurons(doc["queries"][q])]
+    want = list(dict.fromkeys(want))
+    return {(p.layer, p.neuron): p for p in A.project_neurons(model, want, k)}
+
+
+_MAX_COMMON = 40
+
+
+def _vocab(doc: Mapping[str, Any], model: Any, k: int, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     out = ["<h2 id=vocab>Vocabulary projections</h2>"]
     common = [(int(a), int(b)) for a, b in doc.get("common_neurons") or []]
     if model is None:
@@ -221,22 +252,21 @@ def _vocab(doc: Mapping[str, Any], model: Any, k: int) -> str:
                "forward pass. ␣ marks a leading space.</p>")
     out.append("<h3>Common neurons</h3>")
     if common:
-        projs = A.project_neurons(model, common[:40], k)
         out.append(_table(["neuron", f"top {k} tokens", "most demoted"],
-                          [[p.name, *_projection_cells(p, k)] for p in projs]))
-        if len(common) > 40:
-            out.append(f'<p class="muted">{len(common) - 40} more common neurons not shown.</p>')
-        out.append('<p class="muted">The paper finds that common neurons project to letters, punctuation and stop '
-                   "words: neurons every query uses, not knowledge of one.</p>")
+                          [[projs[c].name, *_projection_cells(projs[c], k)] for c in common[:_MAX_COMMON]]))
+        if len(common) > _MAX_COMMON:
+            out.append(f'<p class="muted">{len(common) - _MAX_COMMON} more common neurons not shown.</p>')
+        out.append('<p class="muted">The paper finds that common neurons (in its Llama-2-7B runs, top-layer ones) '
+                   "project to letters, punctuation and stop words: neurons every query uses, not knowledge of one. "
+                   "The direct projection of an early-layer neuron is rarely readable: many layers still transform "
+                   "what it writes before the unembedding sees it.</p>")
     else:
         out.append("<p>This run has no common neurons.</p>")
     out.append("<h3>Top QR neurons of each group (by accumulated naica)</h3>")
     rows = []
     for g in A.groups(doc):
-        top = A.top_group_neurons(doc, g, 3)
-        projs = A.project_neurons(model, [nn for nn, _ in top], k)
-        for (nn, acc), p in zip(top, projs):
-            rows.append([_esc(g), p.name, _fmt(acc), *_projection_cells(p, k)])
+        for nn, acc in A.top_group_neurons(doc, g, 3):
+            rows.append([_esc(g), projs[nn].name, _fmt(acc), *_projection_cells(projs[nn], k)])
     out.append(_table(["group", "neuron", "Σ naica", f"top {k} tokens", "most demoted"], rows,
                       [False, False, True, False, False]))
     return "\n".join(out)
@@ -305,18 +335,30 @@ def _pair(a: Any, b: Any) -> str:
 
 
 def _generic(d: Mapping[str, Any]) -> str:
-    """Scalars as a key/value list, sub-dicts of scalars as one table (rows = keys); deeper parts skipped."""
+    """Scalars as a key/value list; sub-dicts of scalars as one table (a row each); a sub-dict of such dicts
+    (e.g. ``per_group``) as a table of its own; anything deeper or list-valued is left out."""
     scalars = [(k, v) for k, v in d.items() if not isinstance(v, (Mapping, list))]
-    subs = {k: v for k, v in d.items() if isinstance(v, Mapping)}
+    flat = {k: v for k, v in d.items() if isinstance(v, Mapping) and v and not _all_maps(v)}
+    nested = {k: v for k, v in d.items() if isinstance(v, Mapping) and v and _all_maps(v)}
     out = []
     if scalars:
         out.append(_kv([(_esc(str(k)), _fmt(v)) for k, v in scalars]))
-    if subs:
-        cols = list(dict.fromkeys(c for v in subs.values() for c, x in v.items() if not isinstance(x, (Mapping, list))))
-        out.append(_table([""] + [_esc(str(c)) for c in cols],
-                          [[_esc(str(k))] + [_fmt(v.get(c)) for c in cols] for k, v in subs.items()],
-                          [False] + [True] * len(cols)))
+    if flat:
+        out.append(_rows_table(flat))
+    for k, v in nested.items():
+        out.append(f"<h4>{_esc(str(k))}</h4>" + _rows_table(v))
     return "\n".join(out)
+
+
+def _all_maps(d: Mapping[str, Any]) -> bool:
+    return all(isinstance(v, Mapping) for v in d.values())
+
+
+def _rows_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    cols = list(dict.fromkeys(c for v in rows.values() for c, x in v.items() if not isinstance(x, (Mapping, list))))
+    return _table([""] + [_esc(str(c)) for c in cols],
+                  [[_esc(str(k))] + [_fmt(v.get(c)) for c in cols] for k, v in rows.items()],
+                  [False] + [True] * len(cols))
 
 
 def _groups_section(doc: Mapping[str, Any], n_layers: int) -> str:
@@ -371,10 +413,10 @@ def _rebuild_prompts(doc: Mapping[str, Any], model: Any, ids: Sequence[str], que
         return {}, f"the prompts could not be rebuilt ({_esc(str(e))})"
 
 
-def _queries_section(doc: Mapping[str, Any], model: Any, n: int, queries: Any, pool: Any, k: int) -> str:
+def _queries_section(doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any, pool: Any,
+                     projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     from ..models import tokenizer_of
 
-    ids = _pick_queries(doc, n)
     out = [f"<h2 id=queries>Queries ({len(ids)} of {len(doc['queries'])})</h2>"]
     prompts: dict[str, Any] = {}
     if model is None:
@@ -399,9 +441,6 @@ def _queries_section(doc: Mapping[str, Any], model: Any, n: int, queries: Any, p
                    f"</span></h3>")
         out.append(f'<p>p(target) {_fmt(e.get("target_prob"), "{:.3f}")}, model accuracy on its prompts '
                    f'{_fmt(e.get("accuracy"), "{:.0%}")}, {len(neurons)} QR neurons.</p>')
-        projs: dict[A.Neuron, A.VocabProjection] = {}
-        if model is not None and neurons:
-            projs = {(p.layer, p.neuron): p for p in A.project_neurons(model, [(a, b) for a, b, _ in neurons], k)}
         rows = [[i, _neuron(a, b), _fmt(x, "{:.4f}"),
                  "".join(_tok(t) for t in projs[(a, b)].tokens[:6]) if (a, b) in projs else "–"]
                 for i, (a, b, x) in enumerate(neurons)]
@@ -462,6 +501,8 @@ def report_html(
     doc, ev, manifest = load_run(run_dir)
     shape, shape_note = _shape(doc, model, manifest)
     n_queries = min(6, max(len(A.groups(doc)), 1)) if n_queries is None else n_queries
+    shown = _pick_queries(doc, n_queries)
+    projs = _projections(doc, model, shown, k) if model is not None else {}
     proxy = ((doc.get("config") or {}).get("proxy") or {}).get("kind", "")
     title = f"QRNCA report: {doc.get('model')} on {doc.get('data')}" + (f" ({proxy})" if proxy else "")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -475,10 +516,10 @@ def report_html(
         f"<nav>{nav}</nav>",
         _summary(doc, shape, shape_note),
         _maps(doc, shape),
-        _vocab(doc, model, k),
+        _vocab(doc, model, k, projs),
         _evaluation(ev),
         _groups_section(doc, shape[0]),
-        _queries_section(doc, model, n_queries, queries, pool, k),
+        _queries_section(doc, model, shown, queries, pool, projs),
     ]
     # The circuitsvis bundle goes at the end of <head> only when a view needs it (1.3 MB).
     body = "\n".join(p for p in parts if p)
