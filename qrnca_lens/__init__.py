@@ -45,7 +45,7 @@ _EXPORTS = {
     "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
     "register_locator": "locators", "LOCATORS": "locators",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
-    "SerialExecutor": "executors",
+    "SerialExecutor": "executors", "RayExecutor": "executors",
     # maps and the report
     "write_report": "render.report",
 }

@@ -2,6 +2,8 @@
 
     qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--json]
     qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--shard I/N]
+                      [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
+    qrnca-lens evaluate DIR [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
     qrnca-lens bench --model smollm2
     qrnca-lens demo
@@ -66,6 +68,32 @@ def _selection_config(args: argparse.Namespace, base: Any = None) -> Any:
     return SelectionConfig.from_dict(d)
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out", "run the per-query work on a Ray cluster (pip install 'qrnca-lens[ray]'; "
+                                          "see docs/ray.md)")
+    g.add_argument("--executor", choices=["serial", "ray"], default="serial", help="where the per-query work runs")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster (HEAD:6379, auto); default: $RAY_ADDRESS, else the `ray start` cluster of this "
+                        "machine, else a new local one")
+    g.add_argument("--workers", type=int, default=2, help="Ray actors, each holding one model replica")
+    g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs reserved per actor (the model goes on cuda)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per actor, also the CPUs it reserves (default: this process's count, which "
+                        "keeps results bit-identical to a serial run; 1 CPU reserved)")
+
+
+def _executor(args: argparse.Namespace, model_name: str) -> Any:
+    """None (serial, on the driver's model) or a RayExecutor; the caller shuts it down."""
+    if args.executor != "ray":
+        if args.address is not None or args.gpus_per_worker or args.threads is not None:
+            raise QrncaError("--address, --gpus-per-worker and --threads only apply with --executor ray")
+        return None
+    from .executors import RayExecutor
+
+    return RayExecutor(model_name, address=args.address, workers=args.workers,
+                       gpus_per_worker=args.gpus_per_worker, threads=args.threads)
+
+
 def _print_summary(res: Any, path: Any) -> None:
     s = res.neurons_json()["summary"]
     acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "-"
@@ -93,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--method", choices=["fast", "reference"], default="fast")
     loc.add_argument("--max-batch-rows", type=int, default=240, help="rows per forward/backward (memory budget)")
     _add_selection_args(loc)
+    _add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
@@ -103,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--every-position", action="store_true", help="intervene at every position, not the last")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--batch-size", type=int, default=8)
+    _add_executor_args(ev)
     ev.add_argument("--quiet", action="store_true")
 
     rep = sub.add_parser("report", help="write DIR/report.html: maps, projections, evaluation, circuitsvis views (offline)")
@@ -166,8 +196,13 @@ def cmd_locate(args: argparse.Namespace) -> int:
     pool = load_data(args.data)
     queries = limit_per_group(pool, args.limit)
     model = models.load_model(args.model, verbose=not args.quiet)
-    res = locate(model, queries, cfg, pool=pool, out=args.out, shard=shard, progress=not args.quiet,
-                 name=args.model, data=args.data)
+    ex = _executor(args, args.model)
+    try:
+        res = locate(model, queries, cfg, pool=pool, out=args.out, shard=shard, progress=not args.quiet,
+                     name=args.model, data=args.data, executor=ex)
+    finally:
+        if ex is not None:
+            ex.shutdown()
     if res is not None:
         _print_summary(res, Path(args.out) / "neurons.json")
     return 0
@@ -208,7 +243,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = EvalConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
                      every_position=args.every_position, n_boot=args.bootstrap, batch_size=args.batch_size)
     t0 = time.perf_counter()
-    res = evaluate(model, run, queries, pool, cfg, progress=not args.quiet)
+    ex = _executor(args, run.model)
+    try:
+        res = evaluate(model, run, queries, pool, cfg, progress=not args.quiet, executor=ex)
+    finally:
+        if ex is not None:
+            ex.shutdown()
     path = Path(args.out) / "evaluation.json"
     write_json_atomic(path, res.to_dict())
     print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
