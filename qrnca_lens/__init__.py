@@ -46,6 +46,8 @@ _EXPORTS = {
     "register_locator": "locators", "LOCATORS": "locators",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
     "SerialExecutor": "executors", "RayExecutor": "executors",
+    # the log-probability-increase lens
+    "lens_locate": "lens",
     # maps and the report
     "write_report": "render.report",
 }

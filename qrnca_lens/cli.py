@@ -5,6 +5,8 @@
                       [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
     qrnca-lens evaluate DIR [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
+    qrnca-lens lens --model smollm2 --data builtin:facts --proxy cloze --out DIR [--top K] [--compare]
+    qrnca-lens report DIR
     qrnca-lens bench --model smollm2
     qrnca-lens demo
 """
@@ -123,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection_args(loc)
     _add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
+
+    lens = sub.add_parser("lens", help="the log-probability-increase lens as a locator (neurons.json schema)")
+    _add_proxy_args(lens)
+    lens.add_argument("--out", required=True)
+    lens.add_argument("--top", dest="top_k", type=int, default=20, help="neurons kept per query")
+    lens.add_argument("--lens-mode", choices=["topk", "exact"], default="topk",
+                      help="topk: first-order bound + exact rescoring (certified); exact: every neuron")
+    lens.add_argument("--compare", action="store_true",
+                      help="also write DIR/lens.json: the paper's 7 alternative scores, top-10 ablated vs random")
+    lens.add_argument("--compare-prompts", type=int, default=30)
+    lens.add_argument("--compare-k", type=int, default=10)
+    lens.add_argument("--quiet", action="store_true")
 
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
     ev.add_argument("out", help="a run directory made by locate")
@@ -333,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import cmd_bench
 
         handler["bench"] = cmd_bench
+    if args.command == "lens":
+        from .lens import cmd_lens
+
+        handler["lens"] = cmd_lens
     if args.command == "report":
         from .render.report import cmd_report
 

@@ -24,8 +24,8 @@ importance of adding a vector v to a "before" vector b is
       Δ_i = a_i c_i + log Σ_n (a_i R_i)^n E_b[Y_i^n] / n!, where the moments E_b[Y^n] = Y^n · softmax(L_b) are
       matrix products shared by the whole batch of prompts. The truncation after N terms is bounded by
       ρ^(N+1) e^(2ρ) / (N+1)! relative (ρ = |a_i| R_i), and N is chosen so the bound is below ``series_tol``
-      (1e-8: below float32 rounding of a direct logsumexp). Neurons with ρ > ``series_radius`` (a few percent,
-      mostly in the last layers) go through the direct logsumexp. On SmolLM2 over 99% of neurons have ρ < 0.5.
+      (1e-8: below float32 rounding of a direct logsumexp). (prompt, neuron) pairs with ρ > ``series_radius``
+      go through the direct logsumexp: on SmolLM2 about 5% of the last layer's and well under 1% elsewhere.
 - Top-K mode: log p(w | L_b + t a_i P_i) is concave in t, so its tangent at t = 0, a_i · (W_out[l, i] · g_l) with
   g_l = U (onehot(w) - softmax(L_b)), is an **upper bound** on the exact score. Neurons are rescored exactly in
   decreasing order of that bound until the k-th best exact score is above every remaining bound: the result is
@@ -44,8 +44,12 @@ forward pass checks that the lens reproduces the model's own log-probabilities a
 decomposes as assumed.
 
 Example:
-    >>> model = load_model("smollm2")                                          # doctest: +SKIP
+    >>> from qrnca_lens.data import load_data
+    >>> from qrnca_lens.lens import LensConfig, neuron_scores, query_neurons, top_neurons
+    >>> from qrnca_lens.models import load_model
+    >>> from qrnca_lens.proxies import ProxyConfig, build_all_prompts
     >>> pool = load_data("builtin:facts")
+    >>> model = load_model("smollm2")                                          # doctest: +SKIP
     >>> prompts = build_all_prompts(pool[:2], ProxyConfig("cloze"), model.tokenizer, pool=pool)  # doctest: +SKIP
     >>> ps = [p for v in prompts.values() for p in v]                          # doctest: +SKIP
     >>> scores = neuron_scores(model, ps)                    # [prompt, layer, d_mlp]  # doctest: +SKIP
@@ -147,8 +151,8 @@ class LensConfig:
 
     mode: str = "exact"
     engine: str = "series"
-    chunk: int = 128
-    batch_size: int = 16
+    chunk: int = 256
+    batch_size: int = 32
     series_radius: float = 0.5
     series_tol: float = 1e-8
     max_rescore: int = 4096
@@ -313,6 +317,10 @@ class LensCache:
         """The lens of each FFN layer's "before" vector, resid_mid[l]."""
         return self.lens.logits(self.resid_mid, self.scale[:, None].expand(-1, self.resid_mid.shape[1]))
 
+    def layer_logits(self, layer: int) -> Float[Tensor, "batch vocab"]:
+        """The lens of FFN layer ``layer``'s "before" vector, resid_mid[layer]."""
+        return self.lens.logits(self.resid_mid[:, layer], self.scale)
+
 
 class _Stop(Exception):
     """Raised from the last block's hook: the final residual is captured, the unembedding is not needed."""
@@ -348,6 +356,15 @@ def _hook_names(model: Any) -> list[str]:
     if missing:
         raise ModelError(f"{model_name(model)} lacks the residual-stream hooks the lens reads: {missing[:4]}")
     return names
+
+
+def _post_names(model: Any) -> list[str]:
+    d_mlp(model)
+    try:
+        return [post_hook_name(model, layer) for layer in range(n_layers(model))]
+    except ModelError as e:
+        raise ModelError(f"the log-probability lens scores FFN neurons, read at hook_post: {e} (an attention-only "
+                         "model has no FFN neurons to score)") from None
 
 
 def _at_targets(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -> Any:
@@ -399,9 +416,9 @@ def lens_cache(model: Any, prompts: Sequence[Prompt], *, check_tol: float = 1e-3
     mlp_out = hook_post · W_out + b_out); a model that breaks either is refused with a ModelError.
     """
     _check_prompts(model, prompts)
-    L, dm = n_layers(model), d_mlp(model)
+    L = n_layers(model)
+    posts = _post_names(model)
     names = _hook_names(model)
-    posts = [post_hook_name(model, layer) for layer in range(L)]
     device = model_device(model)
     ids, pos, targets = _padded(prompts, device)
     rows = torch.arange(len(prompts), device=device)
@@ -434,7 +451,7 @@ def lens_cache(model: Any, prompts: Sequence[Prompt], *, check_tol: float = 1e-3
         post=torch.stack([store[p] for p in posts], dim=1), z=stack("blocks.{}.attn.hook_z"), final=final,
         model_logp=torch.log_softmax(real, -1)[rows, targets],
     )
-    _verify(model, cache, real, check_tol, dm)
+    _verify(model, cache, real, check_tol)
     return cache
 
 
@@ -442,7 +459,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / (b.norm() + 1e-6))
 
 
-def _verify(model: Any, cache: LensCache, real: Tensor, tol: float, dm: int) -> None:
+def _verify(model: Any, cache: LensCache, real: Tensor, tol: float) -> None:
     with torch.no_grad():
         lens_lp = torch.log_softmax(cache.lens.logits(cache.final, cache.scale), -1)
         err = float((lens_lp - torch.log_softmax(real, -1)).abs().max())
@@ -471,6 +488,17 @@ def _verify(model: Any, cache: LensCache, real: Tensor, tol: float, dm: int) -> 
             )
 
 
+def _start(model: Any, prompts: Sequence[Prompt]) -> Tensor:
+    """Guards shared by the public functions; returns W_out [layer, d_mlp, d_model] as float32."""
+    if not prompts:
+        raise QrncaError("no prompts to score")
+    _post_names(model)
+    W_out = _param(model, "W_out")
+    if W_out is None:
+        raise ModelError(f"{model_name(model)} exposes no W_out; the lens needs the FFN output weights")
+    return W_out.detach().float()
+
+
 def _batches(prompts: Sequence[Prompt], size: int) -> Iterator[tuple[int, list[Prompt]]]:
     for i in range(0, len(prompts), size):
         yield i, list(prompts[i : i + size])
@@ -492,6 +520,15 @@ def _series_order(rho: float, tol: float) -> int:
     return n
 
 
+def _lse_(X: Tensor) -> Tensor:
+    """log-sum-exp over the last dimension, computed in place (X is overwritten)."""
+    m = X.amax(-1, keepdim=True)
+    return X.sub_(m).exp_().sum(-1).log_() + m[..., 0]
+
+
+_BLOCK = 256  # rows per direct log-sum-exp (bounds the temporaries to 256 x vocab floats)
+
+
 def _delta_lse(
     P: Float[Tensor, "c vocab"],
     base: Float[Tensor, "k vocab"],
@@ -501,24 +538,24 @@ def _delta_lse(
     engine: str,
     radius: float,
     tol: float,
+    weights: Float[Tensor, "k vocab"] | None = None,
 ) -> tuple[Float[Tensor, "k c"], Float[Tensor, "c"]]:
     """Δ[k, i] = lse(base_k + coef[k, i] P_i) - lse(base_k) - coef[k, i] mid_i, in float64, and mid.
 
     The row's mid-range ``mid_i`` is split off so that a caller's ``coef · (P_iw - mid_i) - Δ`` loses no
-    precision to the cancellation of two large terms.
+    precision to the cancellation of two large terms. ``weights``: softmax(base), if the caller has it.
     """
-    hi, lo = P.amax(1), P.amin(1)
+    lo, hi = torch.aminmax(P, dim=1)
     mid = (hi + lo) / 2
     K, C = coef.shape
     out = torch.empty(K, C, dtype=torch.float64, device=P.device)
     mid64 = mid.double()
-    if engine == "direct":
+    if engine == "direct":  # one log-sum-exp per prompt and row, the whole chunk at once
         for k in range(K):
             X = torch.addcmul(base[k], coef[k, :, None], P)
-            out[k] = torch.logsumexp(X, 1).double() - float(base_lse[k]) - coef[k].double() * mid64
+            out[k] = _lse_(X).double() - float(base_lse[k]) - coef[k].double() * mid64
         return out, mid
     R = (hi - lo) / 2
-    Rs = torch.where(R > 0, R, torch.ones_like(R))
     t = coef * R[None]
     small = t.abs() <= radius
     if bool(small.any()):
@@ -526,8 +563,9 @@ def _delta_lse(
         order = _series_order(rho, tol)
         series = torch.ones(K, C, dtype=torch.float64, device=P.device)
         if order > 0:
-            S = torch.exp(base - base_lse[:, None])  # softmax of each base: the moments' weights
-            Y = (P - mid[:, None]) / Rs[:, None]
+            S = torch.exp(base - base_lse[:, None]) if weights is None else weights
+            Rs = torch.where(R > 0, R, torch.ones_like(R))
+            Y = torch.addcmul((-mid / Rs)[:, None], P, (1.0 / Rs)[:, None])  # (P - mid) / R, in [-1, 1]
             Z = Y
             term = torch.ones(K, C, dtype=torch.float64, device=P.device)
             t64 = t.double()
@@ -537,14 +575,13 @@ def _delta_lse(
                 elif n > 2:
                     Z.mul_(Y)
                 term = term * t64 / n
-                series += term * (S @ Z.T).double()
-        out = torch.log(series)
-    big = ~small
-    if bool(big.any()):
-        for k in torch.nonzero(big.any(1))[:, 0].tolist():
-            idx = torch.nonzero(big[k])[:, 0]
-            X = torch.addcmul(base[k], coef[k, idx, None], P[idx])
-            out[k, idx] = torch.logsumexp(X, 1).double() - float(base_lse[k]) - coef[k, idx].double() * mid64[idx]
+                series += term * (S @ Z.T).double()  # the n-th moment of Y under each base's softmax
+        out[:] = torch.log(series)
+    ks, cs = torch.nonzero(~small, as_tuple=True)  # rows outside the radius: a direct log-sum-exp each
+    for s in range(0, int(ks.numel()), _BLOCK):
+        k, c = ks[s : s + _BLOCK], cs[s : s + _BLOCK]
+        X = torch.addcmul(base[k], coef[k, c][:, None], P[c])
+        out[k, c] = _lse_(X).double() - base_lse[k].double() - coef[k, c].double() * mid64[c]
     return out, mid
 
 
@@ -554,12 +591,13 @@ def _layer_scores_exact(
 ) -> Float[Tensor, "k d_mlp"]:
     """log p(w | b + a_i W_out[l, i]) - log p(w | b) for every neuron of one layer and every prompt k."""
     base_lse = torch.logsumexp(base, -1)
+    weights = torch.exp(base - base_lse[:, None])
     out = torch.empty(coef.shape, dtype=torch.float32, device=coef.device)
     for c0 in range(0, W_l.shape[0], cfg.chunk):
         c1 = min(c0 + cfg.chunk, W_l.shape[0])
         P = W_l[c0:c1] @ U
         delta, mid = _delta_lse(P, base, base_lse, coef[:, c0:c1], engine=cfg.engine, radius=cfg.series_radius,
-                                tol=cfg.series_tol)
+                                tol=cfg.series_tol, weights=weights)
         Pw = (P[:, targets].T - mid[None]).double()  # [k, c]: each prompt's own target column
         out[:, c0:c1] = (coef[:, c0:c1].double() * Pw - delta).float()
     return out
@@ -576,9 +614,9 @@ def neuron_scores(
     Per batch of ``cfg.batch_size`` prompts: one forward pass, then per layer the products W_out[l, chunk] · U
     (shared by the batch) and the per-neuron log-sum-exps (``cfg.engine``).
     """
+    W_out = _start(model, prompts)
     L, dm = n_layers(model), d_mlp(model)
     out = torch.empty(len(prompts), L, dm)
-    W_out = model.W_out.detach().float()
     it: Any = _batches(prompts, cfg.batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -587,29 +625,27 @@ def neuron_scores(
     with torch.no_grad():
         for start, batch in it:
             cache = lens_cache(model, batch, check_tol=cfg.check_tol)
-            base = cache.base_logits()
             a = cache.coefficients
             for layer in range(L):
                 out[start : start + len(batch), layer] = _layer_scores_exact(
-                    W_out[layer], cache.lens.U, base[:, layer], a[:, layer], cache.targets, cfg).cpu()
+                    W_out[layer], cache.lens.U, cache.layer_logits(layer), a[:, layer], cache.targets, cfg).cpu()
     return out
 
 
-def _rows_exact(
-    cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], b: int, layers: Int[Tensor, "n"],
-    neurons: Int[Tensor, "n"], base: Float[Tensor, "layer vocab"], base_lse: Float[Tensor, "layer"],
+def _score_triples(
+    cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], rows: Int[Tensor, "n"], layers: Int[Tensor, "n"],
+    neurons: Int[Tensor, "n"], base: Float[Tensor, "batch layer vocab"], base_lse: Float[Tensor, "batch layer"],
 ) -> Float[Tensor, "n"]:
-    """Exact scores of the given neurons for prompt ``b`` of the cache (a direct log-sum-exp per neuron)."""
-    out = torch.empty(layers.shape[0], dtype=torch.float32, device=W_out.device)
-    w = cache.targets[b]
-    a = cache.coefficients[b]
-    for layer in torch.unique(layers).tolist():
-        sel = torch.nonzero(layers == layer)[:, 0]
-        idx = neurons[sel]
-        P = W_out[layer, idx] @ cache.lens.U
-        coef = a[layer, idx]
-        lse = torch.logsumexp(torch.addcmul(base[layer], coef[:, None], P), 1)
-        out[sel] = (coef.double() * P[:, w].double() - (lse.double() - float(base_lse[layer]))).float()
+    """Exact scores of neuron (layers[j], neurons[j]) on prompt rows[j] of the cache (a direct log-sum-exp each)."""
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=W_out.device)
+    a = cache.coefficients
+    for s in range(0, int(rows.numel()), _BLOCK):
+        r, l, i = rows[s : s + _BLOCK], layers[s : s + _BLOCK], neurons[s : s + _BLOCK]
+        P = W_out[l, i] @ cache.lens.U
+        coef = a[r, l, i]
+        Pw = P[torch.arange(P.shape[0], device=P.device), cache.targets[r]]
+        lse = _lse_(torch.addcmul(base[r, l], coef[:, None], P))
+        out[s : s + _BLOCK] = (coef.double() * Pw.double() - (lse.double() - base_lse[r, l].double())).float()
     return out
 
 
@@ -617,21 +653,23 @@ def score_neurons(
     model: Any, prompts: Sequence[Prompt], neurons: Int[Tensor, "n 2"], cfg: LensConfig = LensConfig(),
 ) -> Float[Tensor, "prompt n"]:
     """Exact log-probability increase of the given (layer, neuron) pairs on every prompt."""
+    W_out = _start(model, prompts)
     L, dm = n_layers(model), d_mlp(model)
     neurons = torch.as_tensor(neurons).long().reshape(-1, 2)
     if neurons.numel() and not (bool(((neurons[:, 0] >= 0) & (neurons[:, 0] < L)).all())
                                 and bool(((neurons[:, 1] >= 0) & (neurons[:, 1] < dm)).all())):
         raise QrncaError(f"neurons must be (layer, neuron) pairs with layer < {L} and neuron < {dm}")
     out = torch.empty(len(prompts), neurons.shape[0])
-    W_out = model.W_out.detach().float()
     with torch.no_grad():
         for start, batch in _batches(prompts, cfg.batch_size):
             cache = lens_cache(model, batch, check_tol=cfg.check_tol)
             base = cache.base_logits()
             base_lse = torch.logsumexp(base, -1)
             dev = neurons.to(W_out.device)
-            for b in range(cache.size):
-                out[start + b] = _rows_exact(cache, W_out, b, dev[:, 0], dev[:, 1], base[b], base_lse[b]).cpu()
+            n, B = dev.shape[0], cache.size
+            rows = torch.arange(B, device=dev.device).repeat_interleave(n)
+            got = _score_triples(cache, W_out, rows, dev[:, 0].repeat(B), dev[:, 1].repeat(B), base, base_lse)
+            out[start : start + B] = got.view(B, n).cpu()
     return out
 
 
@@ -673,72 +711,81 @@ def _first_order(cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"]) 
 
 def _top_bound(
     cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], k: int, cfg: LensConfig,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> list[TopNeurons]:
-    """Exact top k per prompt: rescore in decreasing order of the (upper-bounding) tangent until certified."""
+    """Exact top k per group of prompts (default: each prompt alone) by the score averaged over the group.
+
+    The group mean of the tangent bounds bounds the group mean of the exact scores, so neurons are rescored (on
+    every prompt of the group) in decreasing order of the mean bound until the k-th best exact mean is above
+    every remaining bound. All groups advance together: each round is one batched rescoring.
+    """
     base, base_lse, ub = _first_order(cache, W_out)
     dm = W_out.shape[1]
-    a = cache.coefficients
-    out = []
-    for b in range(cache.size):
-        flat_ub = ub[b].flatten()
-        zero = a[b].flatten() == 0  # exactly silent neurons score exactly 0: no need to rescore them
-        order = torch.argsort(torch.where(zero, torch.full_like(flat_ub, -math.inf), flat_ub), descending=True)
-        n_live = int((~zero).sum())
-        order = order[:n_live]
-        got_idx: list[Tensor] = []
-        got_val: list[Tensor] = []
-        n, step, certified = 0, max(2 * k, 32), False
-        while True:
-            take = order[n : n + step]
-            n += int(take.numel())
-            if take.numel():
-                got_idx.append(take)
-                got_val.append(_rows_exact(cache, W_out, b, take // dm, take % dm, base[b], base_lse[b]))
-            vals = torch.cat(got_val) if got_val else torch.empty(0, device=W_out.device)
-            n_known = int(vals.numel()) + int(zero.sum())
-            if n_known >= k:
-                kth = _kth(vals, int(zero.sum()), k)
-                if n >= n_live:
-                    certified = True
-                    break
-                nxt = float(flat_ub[order[n]])
+    groups = [[b] for b in range(cache.size)] if groups is None else [list(g) for g in groups]
+    G = len(groups)
+    a = cache.coefficients.flatten(1)
+    flat_ub = torch.stack([ub.flatten(1)[g].mean(0) for g in groups])  # [G, layer * d_mlp]
+    zero = torch.stack([(a[g] == 0).all(0) for g in groups])  # silent on every prompt: exactly 0, never rescored
+    order = torch.argsort(torch.where(zero, torch.full_like(flat_ub, -math.inf), flat_ub), dim=1, descending=True)
+    n_live = (~zero).sum(1).tolist()
+    n_zero = [int(z) for z in zero.sum(1).tolist()]
+    got_idx: list[list[Tensor]] = [[] for _ in range(G)]
+    got_val: list[list[Tensor]] = [[] for _ in range(G)]
+    done, certified, n = [False] * G, [False] * G, [0] * G
+    step = max(2 * k, 16)
+    while not all(done):
+        todo = [gi for gi in range(G) if not done[gi]]
+        takes = [order[gi, n[gi] : min(n[gi] + step, n_live[gi])] for gi in todo]
+        members = [torch.tensor(groups[gi], device=W_out.device) for gi in todo]
+        rows = torch.cat([m.repeat(t.numel()) for m, t in zip(members, takes)])
+        flat = torch.cat([t.repeat_interleave(m.numel()) for m, t in zip(members, takes)])
+        vals = _score_triples(cache, W_out, rows, flat // dm, flat % dm, base, base_lse)
+        offset = 0
+        for gi, m, t in zip(todo, members, takes):
+            size = t.numel() * m.numel()
+            got_idx[gi].append(t)
+            got_val[gi].append(vals[offset : offset + size].view(t.numel(), m.numel()).mean(1))
+            offset += size
+            n[gi] += int(t.numel())
+            if n[gi] >= n_live[gi]:
+                done[gi] = certified[gi] = True
+                continue
+            if n[gi] + n_zero[gi] >= k:
+                kth = _kth(torch.cat(got_val[gi]), n_zero[gi], k)
+                nxt = float(flat_ub[gi, order[gi, n[gi]]])
                 if kth >= nxt + 1e-6 * (1.0 + abs(nxt)):
-                    certified = True
-                    break
-            if n >= n_live:
-                certified = True
-                break
-            if n >= cfg.max_rescore:
-                break
-            step *= 2
-        idx = torch.cat(got_idx) if got_idx else torch.empty(0, dtype=torch.long, device=W_out.device)
-        vals = torch.cat(got_val) if got_val else torch.empty(0, device=W_out.device)
-        if vals.numel() < k:  # pad with silent neurons (score exactly 0)
-            extra = torch.nonzero(zero)[: k - vals.numel(), 0]
-            idx = torch.cat([idx, extra])
-            vals = torch.cat([vals, torch.zeros(extra.numel(), device=vals.device)])
+                    done[gi] = certified[gi] = True
+                    continue
+            if n[gi] >= cfg.max_rescore:
+                done[gi] = True
+        step *= 2
+    out = []
+    for gi in range(G):
+        silent = torch.nonzero(zero[gi])[:k, 0]  # silent neurons score exactly 0 and may belong in the top k
+        idx = torch.cat(got_idx[gi] + [silent])
+        vals = torch.cat(got_val[gi] + [torch.zeros(silent.numel(), device=W_out.device)])
         top_v, top_i = torch.topk(vals, k)
-        flat = idx[top_i]
-        out.append(TopNeurons(torch.stack([flat // dm, flat % dm], 1).cpu(), top_v.cpu(), certified, n,
+        f = idx[top_i]
+        out.append(TopNeurons(torch.stack([f // dm, f % dm], 1).cpu(), top_v.cpu(), certified[gi], n[gi],
                               float(top_v[-1])))
     return out
 
 
 def _kth(vals: Tensor, n_zero: int, k: int) -> float:
     allv = torch.cat([vals, torch.zeros(min(n_zero, k), device=vals.device)])
-    return float(torch.topk(allv, k).values[-1])
+    return float(torch.topk(allv, min(k, int(allv.numel()))).values[-1])
 
 
 def top_neurons(
     model: Any, prompts: Sequence[Prompt], k: int = 10, cfg: LensConfig = LensConfig(mode="topk"),
 ) -> list[TopNeurons]:
     """The top-k FFN neurons of each prompt by log-probability increase (``cfg.mode``: exact or topk)."""
+    W_out = _start(model, prompts)
     L, dm = n_layers(model), d_mlp(model)
     if not 1 <= k <= L * dm:
         raise QrncaError(f"k must be between 1 and {L * dm} (all neurons), got {k}")
     if cfg.mode == "exact":
         return [_top_from_scores(s, k) for s in neuron_scores(model, prompts, cfg)]
-    W_out = model.W_out.detach().float()
     out: list[TopNeurons] = []
     with torch.no_grad():
         for _, batch in _batches(prompts, cfg.batch_size):
@@ -784,10 +831,11 @@ def head_vectors(model: Any, cache: LensCache) -> tuple[Float[Tensor, "batch lay
     rest = cache.attn_out - heads.sum(2)
     L, d = W_O.shape[0], W_O.shape[-1]
     expected = weights.bias("b_O", (L, d)) + torch.einsum("lhe,lhed->ld", _value_constants(model, weights), W_O)
-    r = _rel(rest, expected[None].expand_as(rest))
-    if not r <= 1e-3 * (1 + float(cache.attn_out.norm() / (expected.norm() + 1e-6))):
+    err = float((rest - expected[None]).norm())
+    scale = float(cache.attn_out.norm()) + float(expected.norm()) * cache.size ** 0.5
+    if not err <= 1e-3 * scale + 1e-6:
         raise ModelError(
-            f"{model_name(model)}'s attention output is not Σ_h z_h W_O[h] + b_O (relative error {r:.2g}); "
+            f"{model_name(model)}'s attention output is not Σ_h z_h W_O[h] + b_O (error {err:.2g} of {scale:.2g}); "
             "per-head scores are not supported for this architecture"
         )
     return heads, rest
@@ -812,6 +860,7 @@ class LayerScores:
 
 def layer_scores(model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig()) -> LayerScores:
     """FFN layer, attention layer and head scores (float32, on the CPU)."""
+    _start(model, prompts)
     parts: dict[str, list[Tensor]] = {k: [] for k in ("ffn", "attn", "heads", "attn_const", "embed", "final")}
     with torch.no_grad():
         for _, batch in _batches(prompts, cfg.batch_size):
@@ -842,6 +891,7 @@ def attention_source_scores(model: Any, prompt: Prompt, cfg: LensConfig = LensCo
     ``pos`` runs over the prompt's positions 0..t (the target position t included). Summed over positions they
     give the head's vector of ``head_vectors``.
     """
+    _start(model, [prompt])
     L, H = n_layers(model), int(model.cfg.n_heads)
     names = [f"blocks.{layer}.attn.hook_{k}" for layer in range(L) for k in ("pattern", "v")]
     missing = [n for n in names if n not in model.hook_dict]
@@ -849,15 +899,18 @@ def attention_source_scores(model: Any, prompt: Prompt, cfg: LensConfig = LensCo
         raise ModelError(f"{model_name(model)} lacks the attention hooks {missing[:2]}; per-source scores need them")
     store: dict[str, Tensor] = {}
 
-    def keep(act: Tensor, hook: Any) -> Tensor:
-        store[hook.name] = act.detach().float()
-        return act
+    def keep(name: str) -> Any:  # keyed by the name asked for (a bridge may report an alias as hook.name)
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            store[name] = act.detach().float()
+            return act
+
+        return hook
 
     t = prompt.target_position
     with torch.no_grad():
         cache = lens_cache(model, [prompt], check_tol=cfg.check_tol)
         ids = torch.tensor([list(prompt.tokens)], device=model_device(model))
-        with hooked(model, fwd=[(n, keep) for n in names]):
+        with hooked(model, fwd=[(n, keep(n)) for n in names]):
             model(ids)
         weights = _Weights(model)
         W_O = _expand_heads(weights.need("W_O"), H)
@@ -941,13 +994,13 @@ class QueryNeurons:
 
 def query_neurons(model: Any, prompt: Prompt, layer: int, neuron: int, cfg: LensConfig = LensConfig()) -> dict[str, QueryNeurons]:
     """Query neurons, heads and layers of value neuron (layer, neuron) on ``prompt``, one entry per key."""
+    W_out = _start(model, [prompt])
     keys = value_keys(model, layer, neuron)
     with torch.no_grad():
         c = lens_cache(model, [prompt], check_tol=cfg.check_tol)
-        W_out = model.W_out.detach().float()
-        base = c.base_logits()[0]
-        imp = float(_rows_exact(c, W_out, 0, torch.tensor([layer], device=W_out.device),
-                                torch.tensor([neuron], device=W_out.device), base, torch.logsumexp(base, -1))[0])
+        base = c.base_logits()
+        one = torch.tensor([0], device=W_out.device)
+        imp = float(_score_triples(c, W_out, one, one + layer, one + neuron, base, torch.logsumexp(base, -1))[0])
         heads, rest = head_vectors(model, c)
         L, dm = c.post.shape[1], c.post.shape[2]
         out = {}
@@ -982,7 +1035,7 @@ def baseline_scores(
 
     - ``log_prob_increase``: log p(w | b + v) - log p(w | b) (the method).
     - ``prob_increase``: p(w | b + v) - p(w | b).
-    - ``log_prob_alone``: log softmax(a_i P_i)[w], the lens of v alone (no bias terms).
+    - ``log_prob_alone``: log p(w | lens(v)), the lens of v alone (W_U norm(v) + b_U, scale frozen).
     - ``norm``: ||W_out[l, i]|| (mean-removed for LayerNorm), the norm of the neuron's value vector; the norm of
       v itself is ``coef_x_norm``.
     - ``coefficient``: |m_i|.
@@ -991,9 +1044,9 @@ def baseline_scores(
     - ``coef_x_norm``: |m_i| · norm = ||v||.
     - ``coef_x_rank``: |m_i| / rank (a large coefficient and a high rank of w both raise it).
     """
+    W_out = _start(model, prompts)
     L, dm = n_layers(model), d_mlp(model)
     out = {k: torch.empty(len(prompts), L, dm) for k in BASELINES}
-    W_out = model.W_out.detach().float()
     with torch.no_grad():
         for start, batch in _batches(prompts, cfg.batch_size):
             c = lens_cache(model, batch, check_tol=cfg.check_tol)
@@ -1005,28 +1058,32 @@ def baseline_scores(
                 base = base_all[:, layer]
                 base_lse = torch.logsumexp(base, -1)
                 base_lp = base[torch.arange(B), c.targets] - base_lse
-                zeros = torch.zeros_like(base)
-                zeros_lse = torch.full_like(base_lse, math.log(V))
+                alone = c.lens.c[None].expand(B, -1)  # lens(v) = W_U norm(v) + b_U: only the constant part
+                alone_lse = torch.logsumexp(alone, -1)
+                alone_lp = alone[torch.arange(B), c.targets] - alone_lse
                 for c0 in range(0, dm, cfg.chunk):
                     c1 = min(c0 + cfg.chunk, dm)
                     a = a_all[:, layer, c0:c1]
                     P = W_out[layer, c0:c1] @ c.lens.U
                     Pw = P[:, c.targets].T  # [B, C]
-                    kw = dict(engine=cfg.engine, radius=cfg.series_radius, tol=cfg.series_tol)
-                    d_inc, mid = _delta_lse(P, base, base_lse, a, **kw)
-                    d_alone, _ = _delta_lse(P, zeros, zeros_lse, a, **kw)
+                    # one series for both bases (resid_mid[l] and the lens constant): the powers of P are shared
+                    both, mid = _delta_lse(P, torch.cat([base, alone]), torch.cat([base_lse, alone_lse]),
+                                           torch.cat([a, a]), engine=cfg.engine, radius=cfg.series_radius,
+                                           tol=cfg.series_tol)
+                    d_inc, d_alone = both[:B], both[B:]
                     centered_pw = (Pw - mid[None]).double()
                     inc = a.double() * centered_pw - d_inc
                     out["log_prob_increase"][sl, layer, c0:c1] = inc.float().cpu()
                     out["prob_increase"][sl, layer, c0:c1] = (
                         torch.exp(base_lp.double()[:, None] + inc) - torch.exp(base_lp.double())[:, None]).float().cpu()
                     out["log_prob_alone"][sl, layer, c0:c1] = (
-                        a.double() * centered_pw - d_alone - math.log(V)).float().cpu()
-                    sign = torch.sign(a)
-                    rank = torch.stack([
-                        ((sign[b][:, None] * (P - Pw[b][:, None])) >= 0).sum(1) for b in range(B)
-                    ]).float()
-                    rank = torch.where(sign == 0, torch.full_like(rank, float(V)), rank)
+                        alone_lp.double()[:, None] + a.double() * centered_pw - d_alone).float().cpu()
+                    rank = torch.empty(B, c1 - c0, device=P.device)
+                    for w in torch.unique(c.targets).tolist():  # #{u: P_u >= P_w} and #{u: P_u <= P_w}, per target
+                        col = P[:, w : w + 1]
+                        ge, le = (P >= col).sum(1).float(), (P <= col).sum(1).float()
+                        for b in torch.nonzero(c.targets == w)[:, 0].tolist():
+                            rank[b] = torch.where(a[b] > 0, ge, torch.where(a[b] < 0, le, torch.full_like(ge, float(V))))
                     out["rank"][sl, layer, c0:c1] = (1.0 / rank).cpu()
             m = c.post.abs()
             norm = c.lens.center(W_out).norm(dim=-1)  # [L, d_mlp]
@@ -1067,6 +1124,7 @@ def ablation_metrics(
 
     rank = 1 + #{tokens with a strictly larger logit}.
     """
+    _start(model, prompts)
     if neurons is not None and len(neurons) != len(prompts):
         raise QrncaError(f"neurons must hold one set per prompt ({len(prompts)}), got {len(neurons)}")
     device = model_device(model)
@@ -1109,6 +1167,7 @@ def compare_methods(
     prompt drawn with a ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched), averaged over
     ``random_repeats`` draws.
     """
+    _start(model, prompts)
     L, dm = n_layers(model), d_mlp(model)
     if not 1 <= k <= L * dm:
         raise QrncaError(f"k must be between 1 and {L * dm}, got {k}")
@@ -1155,33 +1214,18 @@ def comparison_report(model: Any, rows: list[dict[str, Any]], *, seed: int = 0, 
 
 def _query_top(model: Any, prompts: Sequence[Prompt], top_k: int, cfg: LensConfig,
                W_out: Tensor) -> tuple[list[list[Any]], bool, list[float]]:
-    """The top_k neurons of a query by log-prob increase averaged over its prompts (certified when possible)."""
+    """The top_k neurons of a query by log-prob increase averaged over its prompts (exact; certified in topk mode)."""
     L, dm = W_out.shape[0], W_out.shape[1]
     cache = lens_cache(model, prompts, check_tol=cfg.check_tol)
-    base = cache.base_logits()
-    base_lse = torch.logsumexp(base, -1)
-    kk = min(top_k, L * dm)
-    while True:
-        if cfg.mode == "exact":
-            tops = [_top_from_scores(torch.stack([
-                _layer_scores_exact(W_out[layer], cache.lens.U, base[b : b + 1, layer], cache.coefficients[b : b + 1, layer],
-                                    cache.targets[b : b + 1], cfg)[0] for layer in range(L)]), kk)
-                for b in range(cache.size)]
-        else:
-            tops = _top_bound(cache, W_out, kk, cfg)
-        union = torch.unique(torch.cat([t.neurons for t in tops]).to(W_out.device), dim=0)
-        per = torch.stack([_rows_exact(cache, W_out, b, union[:, 0], union[:, 1], base[b], base_lse[b])
-                           for b in range(cache.size)])
-        mean = per.mean(0)
-        bound = sum(t.threshold for t in tops) / len(tops)  # no neuron outside the union averages more
-        order = torch.argsort(mean, descending=True)[:top_k]
-        certified = all(t.certified for t in tops)
-        done = len(order) >= top_k and float(mean[order[-1]]) >= bound
-        if done or kk >= L * dm:
-            break
-        kk = min(2 * kk, L * dm)
-    rows = [[int(union[i, 0]), int(union[i, 1]), float(mean[i])] for i in order.tolist()]
-    return rows, certified and (done or kk >= L * dm), cache.model_logp.cpu().tolist()
+    k = min(top_k, L * dm)
+    if cfg.mode == "exact":
+        a = cache.coefficients
+        full = torch.stack([_layer_scores_exact(W_out[layer], cache.lens.U, cache.layer_logits(layer), a[:, layer],
+                                                cache.targets, cfg) for layer in range(L)], dim=1)
+        top = _top_from_scores(full.mean(0), k)
+    else:
+        top = _top_bound(cache, W_out, k, cfg, groups=[list(range(cache.size))])[0]
+    return top.to_list(), top.certified, cache.model_logp.cpu().tolist()
 
 
 def lens_locate(
@@ -1193,8 +1237,12 @@ def lens_locate(
     top_k: int = 20,
     progress: bool = True,
     cfg: LensConfig = LensConfig(mode="topk"),
+    prompts: dict[str, list[Prompt]] | None = None,
 ) -> dict[str, Any]:
     """The log-prob-increase locator: each query's top_k FFN neurons, in the ``neurons.json`` schema.
+
+    ``prompts`` (query id -> its prompts), when given, are used as they are (e.g. the very prompts another
+    locator ranked on); otherwise they are built with ``build_all_prompts(queries, proxy_cfg, ...)``.
 
     A neuron's score is its log-probability increase (first target token, target position) **averaged** over the
     query's prompts. The top_k by that mean is exact: per prompt, a certified top kk and its kk-th score bound
@@ -1210,8 +1258,13 @@ def lens_locate(
         raise QrncaError("query ids repeat; every query needs its own id")
     bos = proxy_cfg.prepend_bos if proxy_cfg.prepend_bos is not None else default_prepend_bos(model)
     proxy = replace(proxy_cfg, prepend_bos=bos)
-    prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool, prepend_bos=bos)
-    W_out = model.W_out.detach().float()
+    if prompts is None:
+        prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool, prepend_bos=bos)
+    else:
+        missing = [q for q in ids if not prompts.get(q)]
+        if missing:
+            raise QrncaError(f"no prompts given for queries {missing[:3]}; pass every query's prompts, or none")
+    W_out = _start(model, [p for ps in prompts.values() for p in ps])
     it: Any = queries
     if progress:
         from tqdm.auto import tqdm
@@ -1250,7 +1303,12 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def cmd_lens(args: argparse.Namespace) -> int:
-    """``qrnca-lens lens``: write OUT/neurons.json (and OUT/lens.json with ``--compare``)."""
+    """``qrnca-lens lens``: write OUT/neurons.json (and OUT/lens.json with ``--compare``).
+
+    Reads ``args.model, .data, .proxy, .out, .top_k, .limit, .shots, .templates, .seed, .bos ("auto"/"yes"/"no"),
+    .chat``, and optionally ``.quiet``, ``.lens_mode`` ("topk", default, or "exact"), ``.compare`` (also run the
+    paper's comparison), ``.compare_prompts`` (its first N prompts; all by default) and ``.compare_k`` (10).
+    """
     from . import models
     from .data import limit_per_group, load_data
 

@@ -1,0 +1,652 @@
+"""Log-probability increase (lens.py) against brute force through the model itself.
+
+The main oracle, ``_frozen_logp``, never reads W_U, b_U or the final norm's weights: it runs the model with the
+final residual at the target position replaced by a vector and the final norm's scale pinned (through its
+``hook_scale``) to the clean run's value, and reads the model's own log-probability of the target. The models
+get random norm weights and biases (fresh copies, never the shared fixtures), so a lens that forgot the norm
+weight, its bias, b_U or LayerNorm's mean removal would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer
+from qrnca_lens import lens as lens_mod
+from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.errors import ModelError, QrncaError
+from qrnca_lens.hooks import active_hook_count, hooked
+from qrnca_lens.lens import (
+    BASELINES,
+    LensConfig,
+    ablation_metrics,
+    attention_source_scores,
+    compare_methods,
+    comparison_report,
+    head_vectors,
+    layer_scores,
+    lens_cache,
+    lens_locate,
+    neuron_scores,
+    query_neurons,
+    score_neurons,
+    top_neurons,
+    value_keys,
+)
+from qrnca_lens.models import is_gated, n_layers, post_hook_name
+from qrnca_lens.proxies import Prompt, ProxyConfig, build_all_prompts
+
+KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
+_FRESH: dict[str, object] = {}
+
+
+def _randomise(model, seed: int = 1) -> None:
+    """Norm weights 1 ± 0.5 and every bias ~ N(0, 0.3), from a private generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.split(".")[-1].lstrip("_")
+            if p.ndim == 1 and last in ("weight", "w"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif last in ("bias", "b") or last.startswith("b_"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _fresh(kind, tok):
+    model = build_tiny(kind, tok)
+    _randomise(model)
+    return model
+
+
+@pytest.fixture(params=KINDS)
+def rich(request, tiny_tokenizer):
+    """Each tiny kind with random norm weights and biases (built once per module; never modified after)."""
+    if request.param not in _FRESH:
+        _FRESH[request.param] = _fresh(request.param, tiny_tokenizer)
+    return _FRESH[request.param]
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return load_data("builtin:facts")
+
+
+def _prompts(facts, tok, n=2, shots=1, kind="cloze"):
+    built = build_all_prompts(facts[:n], ProxyConfig(kind, n_prompts=1, n_shots=shots), tok, pool=facts)
+    return [p for ps in built.values() for p in ps]
+
+
+def _acts(model, prompt, names):
+    """Activations at every position of one prompt (batch of 1)."""
+    store = {}
+
+    def keep(name):  # a bridge reports some hooks under another alias: key by the name asked for
+        def hook(act, hook):
+            store[name] = act[0].detach().float().clone()
+            return act
+        return hook
+
+    with torch.no_grad(), hooked(model, fwd=[(n, keep(n)) for n in names]):
+        logits = model(torch.tensor([list(prompt.tokens)]))
+    return store, logits[0].float()
+
+
+def _frozen_logp(model, prompt, vectors):
+    """The model's log p(target) with the final residual at the target set to each vector, final scale frozen."""
+    L = n_layers(model)
+    last = f"blocks.{L - 1}.hook_resid_post"
+    pos, w = prompt.target_position, prompt.target[0]
+    clean, _ = _acts(model, prompt, ["ln_final.hook_scale"])
+    s = clean["ln_final.hook_scale"][pos]
+    vectors = torch.stack(list(vectors)).to(torch.float32)
+    n = vectors.shape[0]
+
+    def put(act, hook):
+        out = act.clone()
+        out[:, pos] = vectors.to(act.dtype)
+        return out
+
+    def freeze(act, hook):
+        out = act.clone()
+        out[:, pos] = s.to(act.dtype)
+        return out
+
+    with torch.no_grad(), hooked(model, fwd=[(last, put), ("ln_final.hook_scale", freeze)]):
+        logits = model(torch.tensor([list(prompt.tokens)] * n))
+    return torch.log_softmax(logits[:, pos].double(), -1)[:, w]
+
+
+def _clean_logp(model, prompt):
+    _, logits = _acts(model, prompt, [])
+    return float(torch.log_softmax(logits[prompt.target_position].double(), -1)[prompt.target[0]])
+
+
+def _pre_names(model, layer):
+    if is_gated(model):
+        return {"up": f"blocks.{layer}.mlp.hook_pre_linear", "gate": f"blocks.{layer}.mlp.hook_pre"}
+    return {"in": f"blocks.{layer}.mlp.hook_pre"}
+
+
+# ---------------------------------------------------------------- value neurons
+
+
+ENGINES = [("direct", 0.5), ("series", 0.5), ("series", 0.02), ("series", 4.0)]  # 0.02: mostly direct rows
+
+
+def test_neuron_scores_equal_brute_force(rich, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=1, shots=1) + _prompts(facts[1:], tiny_tokenizer, n=1, shots=3)
+    assert len({len(p.tokens) for p in prompts}) == 2  # different lengths share one padded batch
+    L, dm = n_layers(rich), rich.cfg.d_mlp
+    W_out = rich.W_out.detach().float()
+    want = []
+    for prompt in prompts:
+        pos = prompt.target_position
+        names = [f"blocks.{l}.hook_resid_mid" for l in range(L)] + [post_hook_name(rich, l) for l in range(L)]
+        acts, _ = _acts(rich, prompt, names)
+        vecs, bases = [], []
+        for l in range(L):
+            mid = acts[f"blocks.{l}.hook_resid_mid"][pos]
+            m = acts[post_hook_name(rich, l)][pos]
+            bases.append(mid)
+            vecs += [mid + m[i] * W_out[l, i] for i in range(dm)]
+        lp = _frozen_logp(rich, prompt, vecs + bases)
+        want.append((lp[: L * dm].view(L, dm) - lp[L * dm :, None]).float())
+    want = torch.stack(want)
+    assert want.abs().max() > 1e-3
+    for engine, radius in ENGINES:
+        got = neuron_scores(rich, prompts, LensConfig(engine=engine, series_radius=radius, chunk=20, batch_size=2))
+        assert torch.allclose(got, want, atol=2e-4, rtol=1e-3), (engine, radius, float((got - want).abs().max()))
+
+
+def test_series_order_bounds_the_truncation():
+    for rho in (0.01, 0.1, 0.5, 1.0, 3.0):
+        n = lens_mod._series_order(rho, 1e-8)
+        exact = torch.tensor(rho, dtype=torch.float64).exp()
+        partial = sum(rho**k / torch.exp(torch.lgamma(torch.tensor(k + 1.0, dtype=torch.float64))) for k in range(n + 1))
+        assert abs(float(exact - partial)) / float(torch.exp(torch.tensor(-rho))) <= 1e-8
+        if n > 1:  # and N is the smallest such order for the bound
+            bound = rho ** n * torch.exp(torch.tensor(2 * rho)) / torch.exp(torch.lgamma(torch.tensor(n + 1.0)))
+            assert float(bound) > 1e-8
+
+
+def test_scores_are_the_same_in_any_batch(tiny_gated, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=3, shots=2)
+    together = neuron_scores(tiny_gated, prompts, LensConfig(batch_size=3))
+    alone = torch.cat([neuron_scores(tiny_gated, [p], LensConfig(batch_size=1)) for p in prompts])
+    assert torch.allclose(together, alone, atol=1e-5)
+    some = torch.tensor([[0, 3], [2, 47], [1, 0]])
+    picked = score_neurons(tiny_gated, prompts, some)
+    assert torch.allclose(picked, together[:, some[:, 0], some[:, 1]], atol=1e-5)
+
+
+def test_lens_reproduces_the_models_log_probability(rich, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+    cache = lens_cache(rich, prompts)
+    for b, p in enumerate(prompts):
+        assert abs(float(cache.model_logp[b]) - _clean_logp(rich, p)) < 1e-4
+
+
+# ---------------------------------------------------------------- layers and heads
+
+
+def test_layer_scores_telescope_and_equal_brute_force(rich, tiny_tokenizer, facts):
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    ls = layer_scores(rich, [prompt])
+    L, pos = n_layers(rich), prompt.target_position
+    names = [f"blocks.{l}.hook_{k}" for l in range(L) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")]
+    names += [n for n in ("hook_embed", "hook_pos_embed") if n in rich.hook_dict]
+    acts, _ = _acts(rich, prompt, names)
+    embed = acts["hook_embed"][pos] + (acts["hook_pos_embed"][pos] if "hook_pos_embed" in acts else 0.0)
+    vecs = [embed]
+    for l in range(L):
+        pre, mid = acts[f"blocks.{l}.hook_resid_pre"][pos], acts[f"blocks.{l}.hook_resid_mid"][pos]
+        vecs += [pre, pre + acts[f"blocks.{l}.hook_attn_out"][pos], mid, mid + acts[f"blocks.{l}.hook_mlp_out"][pos]]
+    lp = _frozen_logp(rich, prompt, vecs)
+    assert abs(float(ls.embed_logp[0]) - float(lp[0])) < 1e-4
+    assert abs(float(ls.final_logp[0]) - _clean_logp(rich, prompt)) < 1e-4
+    for l in range(L):
+        a0, a1, f0, f1 = lp[1 + 4 * l : 5 + 4 * l]
+        assert abs(float(ls.attn[0, l]) - float(a1 - a0)) < 1e-4
+        assert abs(float(ls.ffn[0, l]) - float(f1 - f0)) < 1e-4
+    total = float(ls.ffn.sum() + ls.attn.sum())
+    assert abs(total - float(ls.final_logp[0] - ls.embed_logp[0])) < 1e-4
+    assert abs(total) > 1e-2
+
+
+def test_head_vectors_decompose_the_attention_output_and_score_by_brute_force(rich, tiny_tokenizer, facts):
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    cache = lens_cache(rich, [prompt])
+    heads, rest = head_vectors(rich, cache)
+    assert torch.allclose(heads.sum(2) + rest, cache.attn_out, atol=1e-5)
+    ls = layer_scores(rich, [prompt])
+    L, H = heads.shape[1], heads.shape[2]
+    vecs = [cache.resid_pre[0, l] + heads[0, l, h] for l in range(L) for h in range(H)]
+    vecs += [cache.resid_pre[0, l] + rest[0, l] for l in range(L)] + [cache.resid_pre[0, l] for l in range(L)]
+    lp = _frozen_logp(rich, prompt, vecs)
+    base = lp[L * H + L :]
+    assert torch.allclose(ls.heads[0], (lp[: L * H].view(L, H) - base[:, None]).float(), atol=1e-4)
+    assert torch.allclose(ls.attn_const[0], (lp[L * H : L * H + L] - base).float(), atol=1e-4)
+
+
+def test_attention_source_scores_by_brute_force(tiny_gated, tiny_tokenizer, facts):
+    """On a model without value or norm biases each subvalue is A[h, t, j] v_j W_O[h] (GQA heads share v)."""
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    got = attention_source_scores(tiny_gated, prompt)
+    t = prompt.target_position
+    L, H = n_layers(tiny_gated), tiny_gated.cfg.n_heads
+    assert got.shape == (L, H, t + 1)
+    layer = 1
+    names = [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.hook_resid_pre"]
+    acts, _ = _acts(tiny_gated, prompt, names)
+    A, v = acts[names[0]], acts[names[1]]
+    W_O = tiny_gated.W_O[layer].detach().float()
+    kv = H // v.shape[1]
+    vecs = [acts[names[2]][t] + A[h, t, j] * v[j, h // kv] @ W_O[h] for h in range(H) for j in range(t + 1)]
+    lp = _frozen_logp(tiny_gated, prompt, vecs + [acts[names[2]][t]])
+    want = (lp[:-1] - lp[-1]).view(H, t + 1).float()
+    assert torch.allclose(got[layer], want, atol=1e-4)
+    assert want.abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- query neurons
+
+
+def test_value_keys_read_the_models_pre_activations(rich, tiny_tokenizer, facts):
+    """pre[p] - pre[q] = <x_p, κ>/s_p - <x_q, κ>/s_q at any two positions (the constants cancel)."""
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    layer = 2
+    pre = _pre_names(rich, layer)
+    names = [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.ln2.hook_scale", *pre.values()]
+    acts, _ = _acts(rich, prompt, names)
+    x, s = acts[names[0]], acts[names[1]][:, 0]
+    for neuron in (0, 7, 31):
+        keys = value_keys(rich, layer, neuron)
+        assert set(keys) == set(pre)
+        for name, hook in pre.items():
+            read = (x @ keys[name]) / s
+            h = acts[hook][:, neuron]
+            assert torch.allclose(h - h[-1], read - read[-1], atol=1e-4), name
+
+
+def test_query_neurons_decompose_and_match_a_frozen_scale_intervention(rich, tiny_tokenizer, facts):
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    layer, pos = 2, prompt.target_position
+    scores = neuron_scores(rich, [prompt])[0]
+    neuron = int(scores[layer].argmax())
+    res = query_neurons(rich, prompt, layer, neuron)
+    L = n_layers(rich)
+    names = [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.ln2.hook_scale"]
+    names += [post_hook_name(rich, j) for j in range(L)] + list(_pre_names(rich, layer).values())
+    acts, _ = _acts(rich, prompt, names)
+    W_out = rich.W_out.detach().float()
+    for name, q in res.items():
+        assert abs(q.importance - float(scores[layer, neuron])) < 1e-5
+        kap = value_keys(rich, layer, neuron)[name]
+        assert abs(q.total - float(acts[names[0]][pos] @ kap)) < 1e-4 * (1 + abs(q.total))
+        # completeness: embedding + attention layers <= l + FFN layers < l
+        assert abs(q.embed + float(q.attn_layers.sum() + q.ffn_layers.sum()) - q.importance) < 1e-4 * (1 + abs(q.importance))
+        assert float(q.neurons[layer:].abs().sum()) == 0.0 and float(q.attn_layers[layer + 1 :].abs().sum()) == 0.0
+        # each earlier neuron: Imp <m_i W_out[j, i], κ> / <resid, κ>, from independently captured activations
+        for j in range(layer):
+            m = acts[post_hook_name(rich, j)][pos]
+            want = q.importance * (m[:, None] * W_out[j]) @ kap / q.total
+            assert torch.allclose(q.neurons[j], want, atol=1e-5 * (1 + float(want.abs().max())))
+        # intervention: remove the top query neuron's vector from resid_mid[l] with ln2's scale frozen; the value
+        # neuron's pre-activation moves by -<v, κ>/s, i.e. by -score * total / (Imp * s)
+        (j, i, sc), = q.top(1)
+        v = acts[post_hook_name(rich, j)][pos, i] * W_out[j, i]
+        s = acts[names[1]][pos, 0]
+
+        def sub(act, hook):
+            out = act.clone()
+            out[:, pos] = act[:, pos] - v.to(act.dtype)
+            return out
+
+        def freeze(act, hook):
+            out = act.clone()
+            out[:, pos] = s.to(act.dtype)
+            return out
+
+        hook = _pre_names(rich, layer)[name]
+        after, _ = _acts_with(rich, prompt, hook, [(names[0], sub), (f"blocks.{layer}.ln2.hook_scale", freeze)])
+        moved = float(after[pos, neuron] - acts[hook][pos, neuron])
+        assert abs(moved - (-sc * q.total / (q.importance * float(s)))) < 1e-4 * (1 + abs(moved))
+        assert abs(moved) > 1e-6
+
+
+def _acts_with(model, prompt, name, fwd):
+    store = {}
+
+    def keep(act, hook):
+        store["x"] = act[0].detach().float().clone()
+        return act
+
+    with torch.no_grad(), hooked(model, fwd=list(fwd) + [(name, keep)]):
+        logits = model(torch.tensor([list(prompt.tokens)]))
+    return store["x"], logits
+
+
+def test_query_heads_and_biases_add_up_to_their_layers(rich, tiny_tokenizer, facts):
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    res = query_neurons(rich, prompt, 1, 5)
+    cache = lens_cache(rich, [prompt])
+    heads, rest = head_vectors(rich, cache)
+    b_out = lens_mod._param(rich, "b_out")
+    for q in res.values():
+        f = q.importance / q.total
+        assert torch.allclose(q.heads[:2].sum(-1) + f * (rest[0, :2] @ q.kappa), q.attn_layers[:2], atol=1e-5)
+        bias = 0.0 if b_out is None else f * (b_out[0].detach().float() @ q.kappa)
+        assert abs(float(q.ffn_layers[0] - q.neurons[0].sum()) - float(bias)) < 1e-5
+
+
+# ---------------------------------------------------------------- top-K mode
+
+
+def test_first_order_term_bounds_every_exact_score(rich, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+    exact = neuron_scores(rich, prompts)
+    cache = lens_cache(rich, prompts)
+    _, _, ub = lens_mod._first_order(cache, rich.W_out.detach().float())
+    assert (exact <= ub + 1e-5).all()  # concavity of log p in the added vector's scale
+    assert (ub - exact).max() > 1e-3 * ub.abs().max()  # and the bound is not the score itself
+
+
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_topk_mode_equals_exact_top_k(rich, tiny_tokenizer, facts, k):
+    prompts = _prompts(facts, tiny_tokenizer, n=3)
+    exact = top_neurons(rich, prompts, k=k, cfg=LensConfig(mode="exact"))
+    fast = top_neurons(rich, prompts, k=k, cfg=LensConfig(mode="topk"))
+    for e, f in zip(exact, fast):
+        assert f.certified
+        assert torch.allclose(e.scores, f.scores, atol=1e-4)
+        same = {tuple(x) for x in e.neurons.tolist()} == {tuple(x) for x in f.neurons.tolist()}
+        assert same or abs(e.threshold - f.threshold) < 1e-5  # only a tie at the k-th place may differ
+
+
+def test_a_loose_bound_costs_time_not_exactness_and_the_cap_drops_the_certificate(tiny_gated, tiny_tokenizer, facts,
+                                                                                  monkeypatch):
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+    exact = top_neurons(tiny_gated, prompts, k=10, cfg=LensConfig(mode="exact"))
+    real = lens_mod._first_order
+
+    def loose(cache, W_out):  # still an upper bound, but useless for pruning
+        base, base_lse, ub = real(cache, W_out)
+        return base, base_lse, ub + 10.0
+
+    monkeypatch.setattr(lens_mod, "_first_order", loose)
+    full = top_neurons(tiny_gated, prompts, k=10, cfg=LensConfig(mode="topk"))
+    capped = top_neurons(tiny_gated, prompts, k=10, cfg=LensConfig(mode="topk", max_rescore=1))
+    n_live = 3 * tiny_gated.cfg.d_mlp
+    for e, f, c in zip(exact, full, capped):
+        assert f.certified and f.rescored == n_live  # everything had to be rescored
+        assert torch.allclose(e.scores, f.scores, atol=1e-5)
+        assert not c.certified and c.rescored == 20  # one round of 2k candidates, then the cap
+
+
+# ---------------------------------------------------------------- weight processing
+
+
+def _process(model):
+    if hasattr(model, "enable_compatibility_mode"):
+        model.enable_compatibility_mode(disable_warnings=True)
+    else:
+        model.process_weights_()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_processing_does_not_change_any_score(kind, tiny_tokenizer, facts):
+    model = _fresh(kind, tiny_tokenizer)
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+
+    def everything():
+        ls = layer_scores(model, prompts)
+        q = query_neurons(model, prompts[0], 2, 3)
+        base = baseline_scores_small(model, prompts)
+        return [neuron_scores(model, prompts), ls.ffn, ls.attn, ls.heads, ls.attn_const, ls.embed_logp,
+                *[x for v in q.values() for x in (v.neurons, v.heads, v.ffn_layers, v.attn_layers)],
+                attention_source_scores(model, prompts[0]), *base]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = everything()
+        _process(model)
+        after = everything()
+    assert len(before) == len(after)
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert torch.allclose(b, a, atol=2e-4, rtol=1e-3), (i, float((a - b).abs().max()))
+
+
+def baseline_scores_small(model, prompts):
+    s = lens_mod.baseline_scores(model, prompts)
+    return [s[k] for k in BASELINES]
+
+
+# ---------------------------------------------------------------- the paper's comparison
+
+
+def test_baselines_by_brute_force(rich, tiny_tokenizer, facts):
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    got = lens_mod.baseline_scores(rich, [prompt], LensConfig(chunk=16))
+    L, dm, pos, w = n_layers(rich), rich.cfg.d_mlp, prompt.target_position, prompt.target[0]
+    names = [f"blocks.{l}.hook_resid_mid" for l in range(L)] + [post_hook_name(rich, l) for l in range(L)]
+    acts, _ = _acts(rich, prompt, names)
+    W_out = rich.W_out.detach().float()
+    layer = 1
+    m = acts[post_hook_name(rich, layer)][pos]
+    mid = acts[f"blocks.{layer}.hook_resid_mid"][pos]
+    vs = [m[i] * W_out[layer, i] for i in range(dm)]
+    lp = _frozen_logp(rich, prompt, [mid + v for v in vs] + vs + [mid])
+    inc, alone, base = lp[:dm], lp[dm : 2 * dm], lp[-1]
+    assert torch.allclose(got["log_prob_increase"][0, layer], (inc - base).float(), atol=2e-4)
+    assert torch.allclose(got["prob_increase"][0, layer], (inc.exp() - base.exp()).float(), atol=1e-5)
+    assert torch.allclose(got["log_prob_alone"][0, layer], alone.float(), atol=2e-4)
+    assert torch.allclose(got["coefficient"][0, layer], m.abs())
+    # rank of w when v alone is projected to the vocabulary (any positive scale of the projection ranks the same)
+    cache = lens_cache(rich, [prompt])
+    proj = torch.stack(vs) @ cache.lens.U
+    rank = (proj >= proj[:, w : w + 1]).sum(1).float()
+    rank[m == 0] = proj.shape[1]
+    assert torch.allclose(got["rank"][0, layer], 1.0 / rank)
+    assert torch.allclose(got["coef_x_rank"][0, layer], m.abs() / rank)
+    norm = cache.lens.center(W_out[layer]).norm(dim=-1)
+    assert torch.allclose(got["norm"][0, layer], norm)
+    assert torch.allclose(got["coef_x_norm"][0, layer], cache.lens.center(torch.stack(vs)).norm(dim=-1), atol=1e-5)
+
+
+def test_ablation_table_against_a_hand_computation(tiny_gated, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=3)
+    state = torch.get_rng_state()
+    rows = compare_methods(tiny_gated, prompts, k=10, seed=3, random_repeats=2)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+    assert [r["method"] for r in rows] == list(BASELINES) + ["random"]
+    L, dm = n_layers(tiny_gated), tiny_gated.cfg.d_mlp
+    names = [post_hook_name(tiny_gated, l) for l in range(L)]
+    before, after = [], []
+    for p in prompts:
+        pos, w = p.target_position, p.target[0]
+        acts, clean = _acts(tiny_gated, p, names)
+        m = torch.stack([acts[n][pos] for n in names]).abs()
+        top = torch.topk(m.flatten(), 10).indices
+        hooks = []
+        for l in range(L):
+            idx = top[top // dm == l] % dm
+
+            def zero(act, hook, idx=idx):
+                out = act.clone()
+                out[:, pos, idx] = 0.0
+                return out
+
+            hooks.append((names[l], zero))
+        with torch.no_grad(), hooked(tiny_gated, fwd=hooks):
+            abl = tiny_gated(torch.tensor([list(p.tokens)]))[0].float()
+        for logits, acc in ((clean, before), (abl, after)):
+            row = logits[pos]
+            acc.append((1.0 / (1 + (row > row[w]).sum()).item(), torch.log_softmax(row, -1)[w].item()))
+    coef = next(r for r in rows if r["method"] == "coefficient")
+    for key, j in (("mrr", 0), ("logprob", 1)):
+        b = sum(x[j] for x in before) / 3
+        a = sum(x[j] for x in after) / 3
+        assert abs(coef[f"{key}_before"] - b) < 1e-5 and abs(coef[f"{key}_after"] - a) < 1e-5
+        assert abs(coef[f"{key}_drop"] - (b - a)) < 1e-5
+    pb = sum(torch.tensor(x[1]).exp().item() for x in before) / 3
+    assert abs(coef["prob_before"] - pb) < 1e-6
+    # seeded random rows: the same seed repeats, another seed draws other neurons
+    again = compare_methods(tiny_gated, prompts, k=10, seed=3, random_repeats=2)
+    other = compare_methods(tiny_gated, prompts, k=10, seed=4, random_repeats=2)
+    assert again[-1] == rows[-1] and other[-1] != rows[-1]
+    doc = json.loads(json.dumps(comparison_report(tiny_gated, rows, seed=3)))
+    assert doc["rows"] == rows and doc["seed"] == 3
+
+
+def test_ablation_metrics_without_neurons_is_the_clean_model(tiny_model, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+    clean = ablation_metrics(tiny_model, prompts)
+    for i, p in enumerate(prompts):
+        assert abs(float(clean["logprob"][i]) - _clean_logp(tiny_model, p)) < 1e-4
+    with pytest.raises(QrncaError, match="one set per prompt"):
+        ablation_metrics(tiny_model, prompts, [torch.tensor([[0, 1]])])
+
+
+# ---------------------------------------------------------------- locator
+
+
+def test_lens_locate_schema_and_averaged_scores(tiny_gated, tiny_tokenizer, facts):
+    queries = limit_per_group(facts, 1)[:3]
+    proxy = ProxyConfig("cloze", n_prompts=2, n_shots=1)
+    doc = lens_locate(tiny_gated, queries, proxy, pool=facts, top_k=5, progress=False)
+    assert set(doc) >= {"config", "model", "common_neurons", "queries"}
+    assert doc["common_neurons"] == [] and doc["config"]["proxy"]["prepend_bos"] is not None
+    assert set(doc["queries"]) == {q.id for q in queries}
+    json.dumps(doc)
+    exact_doc = lens_locate(tiny_gated, queries, proxy, pool=facts, top_k=5, progress=False,
+                            cfg=LensConfig(mode="exact"))
+    bos = doc["config"]["proxy"]["prepend_bos"]
+    built = build_all_prompts(queries, proxy.with_(prepend_bos=bos), tiny_tokenizer, pool=facts, prepend_bos=bos)
+    for q in queries:
+        entry = doc["queries"][q.id]
+        assert entry["group"] == q.group and entry["certified"]
+        rows = entry["qr_neurons"]
+        assert len(rows) == 5 and all(isinstance(a, int) and isinstance(b, int) and isinstance(s, float) for a, b, s in rows)
+        assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+        mean = neuron_scores(tiny_gated, built[q.id]).mean(0)
+        want = torch.topk(mean.flatten(), 5)
+        assert torch.allclose(torch.tensor([r[2] for r in rows]), want.values, atol=1e-4)
+        assert [r[:2] for r in rows] == [r[:2] for r in exact_doc["queries"][q.id]["qr_neurons"]]
+    given = lens_locate(tiny_gated, queries, proxy, top_k=5, progress=False, prompts=built)
+    assert given["queries"] == doc["queries"]
+    with pytest.raises(QrncaError, match="no prompts given"):
+        lens_locate(tiny_gated, queries, proxy, top_k=5, progress=False, prompts={queries[0].id: built[queries[0].id]})
+
+
+def test_cmd_lens_writes_neurons_and_comparison(tiny_checkpoint, tmp_path, monkeypatch):
+    import argparse
+
+    from qrnca_lens import models
+
+    real = models.load_model
+
+    def fake_load(name, **kw):  # cmd_lens loads by name; the tiny checkpoint stands in for it
+        return real(str(tiny_checkpoint))
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    args = argparse.Namespace(model="tiny", data="builtin:facts", proxy="cloze", out=str(tmp_path / "run"), top_k=4,
+                              limit=1, shots=1, templates=2, seed=0, bos="auto", chat=False, quiet=True,
+                              compare=True, compare_prompts=4, compare_k=5)
+    assert lens_mod.cmd_lens(args) == 0
+    doc = json.loads((tmp_path / "run" / "neurons.json").read_text())
+    assert doc["model"] == "tiny" and doc["data"] == "builtin:facts"
+    assert all(len(v["qr_neurons"]) == 4 for v in doc["queries"].values())
+    table = json.loads((tmp_path / "run" / "lens.json").read_text())
+    assert [r["method"] for r in table["rows"]] == list(BASELINES) + ["random"]
+    assert all(r["n_prompts"] == 4 and r["k"] == 5 for r in table["rows"])
+
+
+# ---------------------------------------------------------------- hygiene and errors
+
+
+def test_hooks_are_removed_after_every_call(tiny_model, tiny_tokenizer, facts, monkeypatch):
+    prompts = _prompts(facts, tiny_tokenizer, n=2)
+    count = active_hook_count(tiny_model)
+    calls = [
+        lambda: neuron_scores(tiny_model, prompts),
+        lambda: top_neurons(tiny_model, prompts, k=3),
+        lambda: layer_scores(tiny_model, prompts),
+        lambda: attention_source_scores(tiny_model, prompts[0]),
+        lambda: query_neurons(tiny_model, prompts[0], 1, 2),
+        lambda: ablation_metrics(tiny_model, prompts, [torch.tensor([[0, 1]]), torch.tensor([[2, 3]])]),
+        lambda: compare_methods(tiny_model, prompts[:1], k=2, random_repeats=1),
+    ]
+    for call in calls:
+        call()
+        assert active_hook_count(tiny_model) == count
+    real = lens_mod._norm_affine  # a wrong final-norm weight: the check after the forward pass fails
+    monkeypatch.setattr(lens_mod, "_norm_affine", lambda m, norm, d, dev: (real(m, norm, d, dev)[0] * 3, *real(m, norm, d, dev)[1:]))
+    with pytest.raises(ModelError, match="does not reproduce"):
+        neuron_scores(tiny_model, prompts)
+    assert active_hook_count(tiny_model) == count
+
+
+def test_bad_prompts_and_arguments_are_refused(tiny_gated, tiny_tokenizer, facts):
+    good = _prompts(facts, tiny_tokenizer, n=1)[0]
+    empty = Prompt("q", "g", 0, "", (), (5,))
+    no_target = Prompt("q", "g", 0, "x", (5, 6), ())
+    too_long = Prompt("q", "g", 0, "x", (5,) * (tiny_gated.cfg.n_ctx + 1), (5,))
+    outside = Prompt("q", "g", 0, "x", (5, 10**6), (5,))
+    for bad, msg in ((empty, "no tokens"), (no_target, "no target"), (too_long, "context"), (outside, "vocabulary")):
+        with pytest.raises(QrncaError, match=msg):
+            neuron_scores(tiny_gated, [bad])
+    with pytest.raises(QrncaError, match="no prompts"):
+        neuron_scores(tiny_gated, [])
+    with pytest.raises(QrncaError, match="out of range"):
+        value_keys(tiny_gated, 3, 0)
+    with pytest.raises(QrncaError, match="out of range"):
+        query_neurons(tiny_gated, good, 0, 48)
+    with pytest.raises(QrncaError, match="k must be"):
+        top_neurons(tiny_gated, [good], k=0)
+    with pytest.raises(QrncaError, match="neurons must be"):
+        score_neurons(tiny_gated, [good], torch.tensor([[3, 0]]))
+    for bad_cfg in (dict(mode="fast"), dict(engine="exp"), dict(chunk=0), dict(series_radius=9.0), dict(max_rescore=0)):
+        with pytest.raises(QrncaError):
+            LensConfig(**bad_cfg)
+    assert LensConfig.from_dict(LensConfig(mode="topk").to_dict()) == LensConfig(mode="topk")
+
+
+def test_models_without_mlp_or_with_unsupported_heads_are_refused(tiny_tokenizer, facts, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    attn_only = TransformerBridge.boot_native(
+        dict(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=len(tiny_tokenizer), attn_only=True,
+             act_fn="gelu", normalization_type="LN"), tokenizer=tiny_tokenizer)
+    prompt = _prompts(facts, tiny_tokenizer, n=1)[0]
+    with pytest.raises(ModelError, match="FFN neurons"):
+        neuron_scores(attn_only, [prompt])
+    capped = _fresh("llama-bridge", tiny_tokenizer)
+    monkeypatch.setattr(capped.cfg, "output_logits_soft_cap", 30.0, raising=False)
+    with pytest.raises(ModelError, match="soft-caps"):
+        neuron_scores(capped, [prompt])
+    # a final norm read wrongly (as for Gemma's (1 + w) RMSNorm) is caught by the check against the model
+    model = _fresh("llama-bridge", tiny_tokenizer)
+    real = lens_mod._norm_affine
+    monkeypatch.setattr(lens_mod, "_norm_affine", lambda m, norm, d, dev: (real(m, norm, d, dev)[0] + 1, *real(m, norm, d, dev)[1:]))
+    with pytest.raises(ModelError, match="does not reproduce"):
+        neuron_scores(model, [prompt])
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_topk_mode_equals_exact_top10(smollm2):
+    pool = load_data("builtin:facts")
+    built = build_all_prompts(pool[:2], ProxyConfig("cloze", n_prompts=1), smollm2.tokenizer, pool=pool)
+    prompts = [p for ps in built.values() for p in ps]
+    exact = top_neurons(smollm2, prompts, k=10, cfg=LensConfig(mode="exact", batch_size=2))
+    fast = top_neurons(smollm2, prompts, k=10, cfg=LensConfig(mode="topk"))
+    for e, f in zip(exact, fast):
+        assert f.certified
+        assert {tuple(x) for x in e.neurons.tolist()} == {tuple(x) for x in f.neurons.tolist()}
+        assert torch.allclose(e.scores, f.scores, atol=1e-3)
