@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2")
     demo.add_argument("--limit", type=int, default=6, help="queries per relation for locate/evaluate")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
-    demo.add_argument("--methods", default="qrnca,no-ica,with-common,kn,activation,random")
+    demo.add_argument("--methods", default="qrnca,no-ica,with-common,kn,activation,random,logprob")
     return parser
 
 
@@ -313,7 +313,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for data, proxy in DEMO_COMPETENCE:
         pool = load_data(data)
         res = accuracy(model, limit_per_group(pool, 10), ProxyConfig(proxy), pool=pool, progress=True)
-        rows.append({"data": data, "proxy": proxy, **res.to_dict()})
+        row = res.to_dict()
+        row["proxy_config"] = row.pop("proxy")  # keep the full config; "proxy" names the proxy
+        rows.append({"data": data, "proxy": proxy, **row})
     write_json_atomic(out / "accuracy.json", {"model": args.model, "runs": rows})
     for r in rows:
         chance = f"{r['chance']:.2f}" if r["chance"] is not None else "-"
@@ -334,8 +336,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
     write_json_atomic(run_dir / "evaluation.json", res.to_dict())
     print(res.table())
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results in {out}/ "
-          f"(accuracy.json, facts-cloze/neurons.json, facts-cloze/evaluation.json)")
+
+    print("\n== 4. The report: maps, vocabulary projections, the table, circuitsvis views (one offline file)")
+    from .render.report import write_report
+
+    report = write_report(run_dir, model, queries=queries, pool=pool)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    print(f"report: {report.resolve()}")
     return 0
 
 

@@ -87,3 +87,14 @@ def test_accuracy_cli_on_smollm2_process(tmp_path):
     assert res["n"] == 5 * 3 * 3
     # The model knows these easy facts with in-context examples: far above zero (measured 0.77 on the full set).
     assert res["accuracy"] > 0.3
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(cli_model, capsys, tmp_path):
+    """The main job, start to finish: competence, locate, evaluate (with the lens), report."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--limit", "2", "--methods", "qrnca,random,logprob"]) == 0
+    text = capsys.readouterr().out
+    assert "report:" in text and (out / "facts-cloze" / "report.html").exists()
+    ev = json.loads((out / "facts-cloze" / "evaluation.json").read_text())
+    assert set(ev["pcr"]) == {"qrnca", "random", "logprob"}
+    assert json.loads((out / "accuracy.json").read_text())["runs"][0]["proxy"] == "cloze"
