@@ -98,3 +98,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(cli_model, capsys, tmp_path):
     ev = json.loads((out / "facts-cloze" / "evaluation.json").read_text())
     assert set(ev["pcr"]) == {"qrnca", "random", "logprob"}
     assert json.loads((out / "accuracy.json").read_text())["runs"][0]["proxy"] == "cloze"
+
+
+def test_examples_compile():
+    """The examples stay valid Python (03 runs for real in the slow test below; 01 and 02 need a long run)."""
+    import py_compile
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
+    assert len(files) >= 3
+    for f in files:
+        py_compile.compile(str(f), doraise=True)
+
+
+@pytest.mark.slow
+def test_example_03_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "03_your_own_model.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=True)
+    assert "hooks left: 0" in out.stdout
+    rel = float(out.stdout.split("max rel diff")[1].split()[0])
+    assert rel <= 1e-4

@@ -1,0 +1,34 @@
+# %% [markdown]
+# # Bring your own TransformerLens model
+# Any TL 4.x `TransformerBridge` or TL 3.x `HookedTransformer` works; nothing here is SmolLM2-specific.
+# This builds a tiny random bridge so it runs anywhere in seconds (no weights to download).
+
+# %%
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformer_lens.model_bridge import TransformerBridge
+
+import qrnca_lens as ql
+from qrnca_lens.hooks import active_hook_count
+from qrnca_lens.models import cache_root
+
+ql.load_model("smollm2")                             # only to make sure SmolLM2's tokenizer is in the cache
+tokenizer_dir = cache_root() / "smollm2"             # any local tokenizer directory works
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2)
+torch.manual_seed(0)
+model = TransformerBridge.boot_transformers("my-tiny-llama", hf_model=LlamaForCausalLM(cfg).eval(),
+                                            tokenizer=tokenizer)
+
+# %% IG of one prompt, fast path (exact) vs the authors' reference path
+pool = ql.load_data("builtin:facts")
+prompt = ql.build_prompts(pool[0], ql.ProxyConfig("cloze", n_prompts=1), model.tokenizer, pool=pool)[0]
+fast = ql.attribute_prompt(model, prompt, ql.IGConfig(steps=16))
+ref = ql.attribute_prompt(model, prompt, ql.IGConfig(steps=16, method="reference"))
+print("scores", tuple(fast.shape), "max rel diff", float((fast - ref).abs().max() / ref.abs().max()))
+
+# %% Hooks only enter through one door, and leave even when the body fails
+with ql.hooked(model, fwd=[("blocks.0.mlp.hook_pre_linear", ql.capture(store := {}, "f"))]):
+    model(torch.tensor([prompt.tokens]))
+print(store["f"].shape, "hooks left:", active_hook_count(model))
