@@ -42,6 +42,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _write_atomic(path, json.dumps(obj, indent=1, sort_keys=False).encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, payload: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -49,6 +55,8 @@ def _write_atomic(path: Path, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes 0600 files; give run files the permissions any other file would get.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -45,6 +45,9 @@ def test_in_memory_and_stored_runs_agree(tiny_gated, queries, pool, tmp_path):
     assert mem.neurons_json()["queries"] == disk.neurons_json()["queries"]
     assert _neurons(tmp_path / "run") == disk.neurons_json()
     doc = disk.neurons_json()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "run" / "neurons.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert set(doc) >= {"config", "model", "common_neurons", "queries"}
     q = doc["queries"][queries[0].id]
     assert q["group"] == queries[0].group
