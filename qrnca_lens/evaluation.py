@@ -48,7 +48,7 @@ from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import mlp_hook_name, model_device, tokenizer_of
 from .proxies import Prompt, build_all_prompts
-from .scoring import _pad_id, pad_batch
+from .scoring import ItemScore, _pad_id, pad_batch, score_items
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
            "DEFAULT_METHODS"]
@@ -82,64 +82,6 @@ class EvalConfig:
 # ---------------------------------------------------------------- batched scoring with interventions
 
 Intervention = tuple[Sequence[Sequence[int]], float] | None
-
-
-@dataclass(frozen=True)
-class ItemScore:
-    target_logprob: float
-    predicted: int
-    correct: bool
-
-
-def score_items(
-    model: Any,
-    items: Sequence[tuple[Prompt, Intervention]],
-    *,
-    every_position: bool = False,
-    batch_size: int = 8,
-) -> list[ItemScore]:
-    """Score each (prompt, intervention) pair: target log-prob, prediction, correctness; rows batched.
-
-    A row's intervention acts at its own last prompt position (or at every position), on its own neurons.
-    Identical rows (same tokens, same intervention object) run once: a letter prompt's options share a row.
-    """
-    needed: dict[tuple, set[int]] = {}
-    row_iv: dict[tuple, Intervention] = {}
-    plans = []
-    for pr, iv in items:
-        pos = pr.target_position
-        plan = []
-        for cont in [pr.target, *(pr.options or ())]:
-            key = (tuple(pr.tokens) + tuple(cont[:-1]), id(iv), pos)
-            needed.setdefault(key, set()).update(range(pos, pos + len(cont)))
-            row_iv[key] = iv
-            plan.append((key, tuple(cont)))
-        plans.append(plan)
-    keys = sorted(needed, key=lambda k: -len(k[0]))  # longest first: little padding within a batch
-    tables: dict[tuple, dict[int, torch.Tensor]] = {}
-    device, pad = model_device(model), _pad_id(model)
-    with torch.no_grad():
-        for start in range(0, len(keys), batch_size):
-            batch = keys[start : start + batch_size]
-            positions = None if every_position else torch.tensor([k[2] for k in batch], device=device)
-            with scale_rows(model, row_factors(model, [row_iv[k] for k in batch]), positions):
-                logits = model(pad_batch([k[0] for k in batch], pad, device), return_type="logits")
-            for b, k in enumerate(batch):
-                pos_list = sorted(needed[k])
-                lp = torch.log_softmax(logits[b, pos_list].float(), dim=-1).cpu()
-                tables[k] = {p: lp[i] for i, p in enumerate(pos_list)}
-    out = []
-    for (pr, _), plan in zip(items, plans):
-        pos = pr.target_position
-        vals = [sum(float(tables[k][pos + t][tok]) for t, tok in enumerate(cont)) for k, cont in plan]
-        if pr.options:
-            pred = int(np.argmax(vals[1:]))
-            ok = pred == pr.correct
-        else:
-            pred = int(tables[plan[0][0]][pos].argmax())
-            ok = pred == pr.target[0]
-        out.append(ItemScore(vals[0], pred, bool(ok)))
-    return out
 
 
 # ---------------------------------------------------------------- controls

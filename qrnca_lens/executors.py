@@ -66,7 +66,7 @@ class SerialExecutor:
             yield qid, scores, info
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8) -> list[Any]:
-        from .evaluation import score_items
+        from .scoring import score_items
 
         return score_items(self.model, items, every_position=every_position, batch_size=batch_size)
 
@@ -106,7 +106,7 @@ class _Worker:
         return qid, scores.detach().cpu(), info
 
     def score_items(self, items: Sequence[Any], every_position: bool, batch_size: int) -> list[Any]:
-        from .evaluation import score_items
+        from .scoring import score_items
 
         return score_items(self.model, items, every_position=every_position, batch_size=batch_size)
 

@@ -5,7 +5,8 @@ tokens (teacher forcing). Prediction is the argmax over options for MCQA (a mult
 its summed log-probability) and the top-1 first answer token for cloze.
 
 Sequences are batched with right padding, which leaves every real position of a causal model exact, and
-identical sequences are run once (a letter prompt's options share one forward pass).
+identical sequences are run once (a letter prompt's options share one forward pass). ``score_items`` is the
+one batched scorer: each row may carry its own intervention (the evaluation's boost/suppress rows).
 
 Example:
     >>> res = accuracy(model, load_data("builtin:facts", limit=5), ProxyConfig("cloze"))  # doctest: +SKIP
@@ -18,16 +19,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .data import Query, groups_of
 from .errors import ProxyError
+from .interventions import row_factors, scale_rows
 from .models import default_prepend_bos, model_device, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 
-__all__ = ["PromptScore", "AccuracyResult", "score_prompts", "continuation_logprobs", "accuracy", "pad_batch"]
+__all__ = ["PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch"]
 
 
 @dataclass(frozen=True)
@@ -61,67 +64,72 @@ def _pad_id(model: Any) -> int:
     return 0
 
 
-def continuation_logprobs(
-    model: Any,
-    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *,
-    batch_size: int = 8,
-) -> tuple[list[Float[Tensor, "n_cont"]], list[int]]:
-    """Per-token log-probs of each continuation after its prefix, and the top-1 token after each prefix.
+Intervention = tuple[Sequence[Sequence[int]], float] | None  # (neurons, factor)
 
-    ``requests`` holds (prefix tokens, continuation tokens) pairs. Returns float32 tensors on the CPU.
+
+@dataclass(frozen=True)
+class ItemScore:
+    target_logprob: float
+    predicted: int
+    correct: bool
+
+
+def score_items(
+    model: Any,
+    items: Sequence[tuple[Prompt, Intervention]],
+    *,
+    every_position: bool = False,
+    batch_size: int = 8,
+) -> list[ItemScore]:
+    """Score each (prompt, intervention) pair: target log-prob, prediction, correctness; rows batched.
+
+    A row's intervention acts at its own last prompt position (or at every position), on its own neurons.
+    Identical rows (same tokens, same intervention object) run once: a letter prompt's options share a row.
     """
-    seq_of = [tuple(p) + tuple(c[:-1]) for p, c in requests]
-    unique = list(dict.fromkeys(seq_of))
-    # Longest first keeps padding (and wasted unembedding work) low within a batch.
-    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
-    logp_rows: dict[tuple[int, ...], Tensor] = {}
-    device = model_device(model)
-    pad = _pad_id(model)
-    needed: dict[tuple[int, ...], set[int]] = {}
-    for (p, c), s in zip(requests, seq_of):
-        needed.setdefault(s, set()).update(range(len(p) - 1, len(p) - 1 + len(c)))
+    needed: dict[tuple, set[int]] = {}
+    row_iv: dict[tuple, Intervention] = {}
+    plans = []
+    for pr, iv in items:
+        pos = pr.target_position
+        plan = []
+        for cont in [pr.target, *(pr.options or ())]:
+            key = (tuple(pr.tokens) + tuple(cont[:-1]), id(iv), pos)
+            needed.setdefault(key, set()).update(range(pos, pos + len(cont)))
+            row_iv[key] = iv
+            plan.append((key, tuple(cont)))
+        plans.append(plan)
+    keys = sorted(needed, key=lambda k: -len(k[0]))  # longest first: little padding within a batch
+    tables: dict[tuple, dict[int, torch.Tensor]] = {}
+    device, pad = model_device(model), _pad_id(model)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = [unique[i] for i in order[start : start + batch_size]]
-            logits = model(pad_batch(batch, pad, device), return_type="logits")
-            for b, s in enumerate(batch):
-                pos = sorted(needed[s])
-                rows = torch.log_softmax(logits[b, pos].float(), dim=-1).cpu()
-                logp_rows[s] = (torch.tensor(pos), rows)
-    out, top = [], []
-    for (p, c), s in zip(requests, seq_of):
-        pos, rows = logp_rows[s]
-        index = {int(x): i for i, x in enumerate(pos)}
-        lp = torch.stack([rows[index[len(p) - 1 + t], tok] for t, tok in enumerate(c)])
-        out.append(lp)
-        top.append(int(rows[index[len(p) - 1]].argmax()))
-    return out, top
+        for start in range(0, len(keys), batch_size):
+            batch = keys[start : start + batch_size]
+            positions = None if every_position else torch.tensor([k[2] for k in batch], device=device)
+            with scale_rows(model, row_factors(model, [row_iv[k] for k in batch]), positions):
+                logits = model(pad_batch([k[0] for k in batch], pad, device), return_type="logits")
+            for b, k in enumerate(batch):
+                pos_list = sorted(needed[k])
+                lp = torch.log_softmax(logits[b, pos_list].float(), dim=-1).cpu()
+                tables[k] = {p: lp[i] for i, p in enumerate(pos_list)}
+    out = []
+    for (pr, _), plan in zip(items, plans):
+        pos = pr.target_position
+        vals = [sum(float(tables[k][pos + t][tok]) for t, tok in enumerate(cont)) for k, cont in plan]
+        if pr.options:
+            pred = int(np.argmax(vals[1:]))
+            ok = pred == pr.correct
+        else:
+            pred = int(tables[plan[0][0]][pos].argmax())
+            ok = pred == pr.target[0]
+        out.append(ItemScore(vals[0], pred, bool(ok)))
+    return out
 
 
 def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8) -> list[PromptScore]:
-    """Target log-probability, prediction and correctness of every prompt."""
-    requests: list[tuple[Sequence[int], Sequence[int]]] = []
-    spans = []
-    for pr in prompts:
-        first = len(requests)
-        requests.append((pr.tokens, pr.target))
-        for opt in pr.options or ():
-            requests.append((pr.tokens, opt))
-        spans.append((first, len(requests)))
-    lps, tops = continuation_logprobs(model, requests, batch_size=batch_size)
-    scores = []
-    for pr, (a, b) in zip(prompts, spans):
-        target_lp = float(lps[a].sum())
-        if pr.options:
-            opt_lp = [float(lps[i].sum()) for i in range(a + 1, b)]
-            pred = max(range(len(opt_lp)), key=lambda i: opt_lp[i])
-            ok = pred == pr.correct
-        else:
-            pred = tops[a]
-            ok = pred == pr.target[0]
-        scores.append(PromptScore(pr.query_id, pr.group, pr.template, target_lp, pred, ok))
-    return scores
+    """Target log-probability, prediction and correctness of every prompt (no intervention)."""
+    scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size)
+    return [PromptScore(p.query_id, p.group, p.template, s.target_logprob, s.predicted, s.correct)
+            for p, s in zip(prompts, scores)]
 
 
 @dataclass
