@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import ModelError, QrncaError
+from .errors import QrncaError
 from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, n_layers
 from .proxies import Prompt

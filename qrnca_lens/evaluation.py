@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence

@@ -1002,7 +1002,6 @@ def query_neurons(model: Any, prompt: Prompt, layer: int, neuron: int, cfg: Lens
         one = torch.tensor([0], device=W_out.device)
         imp = float(_score_triples(c, W_out, one, one + layer, one + neuron, base, torch.logsumexp(base, -1))[0])
         heads, rest = head_vectors(model, c)
-        L, dm = c.post.shape[1], c.post.shape[2]
         out = {}
         for name, kap in keys.items():
             total = float(c.resid_mid[0, layer] @ kap)

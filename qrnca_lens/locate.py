@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from .data import Query, groups_of

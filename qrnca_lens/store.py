@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 

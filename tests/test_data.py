@@ -15,7 +15,6 @@ from qrnca_lens.data import (
     load_authors_json,
     load_data,
     load_jsonl,
-    load_mlama,
     load_mmlu_csv,
 )
 from qrnca_lens.errors import DataError, QrncaError

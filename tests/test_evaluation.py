@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import Query, limit_per_group, load_data
+from qrnca_lens.data import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
 from qrnca_lens.evaluation import EvalConfig, control_queries, evaluate, score_items
 from qrnca_lens.hooks import hooked

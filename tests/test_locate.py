@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import qrnca_lens.executors as executors_mod
 from qrnca_lens.attribution import IGConfig
@@ -20,7 +19,7 @@ from qrnca_lens.errors import QrncaError, StoreError
 from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, reduce
 from qrnca_lens.proxies import ProxyConfig
 from qrnca_lens.selection import SelectionConfig
-from qrnca_lens.store import RunStore, query_filename
+from qrnca_lens.store import query_filename
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
 

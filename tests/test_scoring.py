@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qrnca_lens.data import Query, load_data
+from qrnca_lens.data import load_data
 from qrnca_lens.errors import ProxyError
 from qrnca_lens.proxies import ProxyConfig, build_all_prompts
 from qrnca_lens.scoring import accuracy, pad_batch, score_prompts
