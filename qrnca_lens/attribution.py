@@ -44,14 +44,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import QrncaError
-from .hooks import capture, hooked
+from .hooks import capture, hooked, prefix_cache_kwarg
 from .models import d_mlp, mlp_hook_name, model_device, n_layers
 from .proxies import Prompt
 
@@ -250,9 +251,10 @@ class _SequenceRows:
         # One pass over the whole prompts fills the cache and records f̄ at each last position; it stops before
         # the final norm, so no prefix logits (a full-vocabulary product per position) are computed.
         stops = [("ln_final.hook_in", _stop_hook)] if "ln_final.hook_in" in model.hook_dict else []
-        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in self.names] + stops):
+        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in self.names] + stops), \
+                prefix_cache_kwarg(model) as keyword:
             try:
-                model(ids, past_key_values=cache)
+                model(ids, **{keyword: cache})
             except _Stop:
                 pass
         last = self.P
@@ -282,7 +284,7 @@ class _SequenceRows:
         tid = torch.arange(n, device=self.device) % T
         own = (rid[:, None] == rid[None, :]) & (tid[None, :] <= tid[:, None])
         mask[:, 0, :, C:].masked_fill_(own, 0.0)
-        return {"attention_mask": mask, "position_ids": pos_ids, "past_key_values": self._cache()}
+        return {"attention_mask": mask, "position_ids": pos_ids}
 
     def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
         """Forward the chunk's rows for every prompt, each layer's leaf [prompt, rows, d_mlp] written at its rows.
@@ -295,8 +297,8 @@ class _SequenceRows:
         for li, leaf in leaves.items():
             idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device) * self.T
             hooks.append((self.names[li], _write_rows(lambda a: (slice(None), a), idx, leaf)))
-        with hooked(self.model, fwd=hooks):
-            logits = self.model(seq, return_type="logits", **self._kwargs(n_rows))
+        with hooked(self.model, fwd=hooks), prefix_cache_kwarg(self.model) as keyword:
+            logits = self.model(seq, return_type="logits", **self._kwargs(n_rows), **{keyword: self._cache()})
         B = len(self.P)
         return torch.log_softmax(logits.float(), dim=-1).view(B * n_rows, self.T, -1)
 
@@ -414,10 +416,57 @@ def attribute_prompts(
     return torch.stack([x for x in out if x is not None])
 
 
+# Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
+# (an empty or shifted prefix) moves log-probabilities by far more than these bounds.
+_SELF_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+_SELF_CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
+
+
+def _plain_logprobs(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
+    """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no hook)."""
+    device = model_device(model)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = torch.tensor([list(p.tokens) + list(p.target[:-1])], device=device)
+            pos = p.target_position
+            logits = model(seq, return_type="logits")[0, pos : pos + len(p.target)]
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.stack(out)
+
+
+def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], layer: int, dtype: torch.dtype) -> None:
+    """The α = 1 row re-creates the clean prompt: its log-probabilities must equal the plain forward's.
+
+    Compared on the tokens the plain forward gives at least 1e-6 probability (float error on the far tail
+    of log-probabilities is large and says nothing about the cache).
+    """
+    from .errors import FastPathError
+    from .versions import versions_line
+
+    plain = plain.to(row_logp.device)
+    if not torch.isfinite(plain).all():
+        return  # the model itself overflows: _check_finite names that problem and its fix
+    live = plain > -13.8  # p > 1e-6
+    diff = ((row_logp - plain).abs() * live).amax(dim=(-1, -2))  # [prompt]
+    tol = _SELF_CHECK_TOL.get(dtype, _SELF_CHECK_TOL_LOW)
+    worst = int(diff.argmax())
+    if not torch.isfinite(diff).all() or float(diff[worst]) > tol:
+        raise FastPathError(
+            f"the fast IG path does not reproduce a plain forward: for query {prompts[worst].query_id!r} "
+            f"(template {prompts[worst].template}) the unscaled row at layer {layer} differs from the clean "
+            f"prompt's log-probabilities by {float(diff[worst]):.3g} nats (tolerance {tol:g}). The prefix-cache "
+            f"contract of the installed libraries has changed ({versions_line()}). Use "
+            "IGConfig(method='reference') (exact, slower) and report the versions; no scores were returned"
+        )
+
+
 def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
           backend: type) -> Float[Tensor, "prompt layer d_mlp"]:
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
     runner = backend(model, prompts, names)
+    plain = _plain_logprobs(model, prompts)
+    full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
     B = len(prompts)
     fbar = torch.stack([runner.fbar[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
     grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32)
@@ -431,6 +480,11 @@ def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: S
                 ks = torch.tensor([k for lj, k in chunk if lj == li], device=a.device)
                 leaves[li] = (a[None, ks, None] * fbar[:, li, None].to(a.device)).detach().requires_grad_(True)
             logp = runner.run(chunk, leaves)  # [prompt * rows, T, vocab], prompt-major
+            with torch.no_grad():
+                by_prompt = logp.detach().view(B, len(chunk), *logp.shape[1:])
+                for r, (li, k) in enumerate(chunk):
+                    if k == full_step:
+                        _self_check(by_prompt[:, r], plain, prompts, chosen[li], _act_dtype(model))
             prob = _target_prob(logp, targets.repeat_interleave(len(chunk), dim=0))
             order = sorted(leaves)
             got = torch.autograd.grad(prob.sum(), [leaves[li] for li in order])

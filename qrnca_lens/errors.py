@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["QrncaError", "DataError", "ModelError", "ProxyError", "StoreError"]
+__all__ = ["QrncaError", "DataError", "ModelError", "ProxyError", "StoreError", "FastPathError"]
 
 
 class QrncaError(ValueError):
@@ -23,3 +23,7 @@ class ProxyError(QrncaError):
 
 class StoreError(QrncaError):
     """A run directory is corrupt, foreign, or was made with a different setup."""
+
+
+class FastPathError(QrncaError):
+    """A fast path failed its self-check against a plain forward (a library changed a contract)."""

@@ -14,14 +14,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import ModelError
 
-__all__ = ["hooked", "capture", "set_neurons", "active_hook_count"]
+__all__ = ["hooked", "prefix_cache_kwarg", "capture", "set_neurons", "active_hook_count"]
 
 HookFn = Callable[..., Any]
 HookSpec = Sequence[tuple[str, HookFn]]
@@ -95,6 +96,51 @@ def hooked(model: Any, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
     finally:
         for point, snap in snaps.values():
             _restore(point, snap)
+
+
+def _cache_keyword(hf_model: Any) -> str:
+    """The keyword under which a transformers model takes a prefix cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40); the
+    decorator that maps the old name keeps the signature, so the new name is visible there.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def prefix_cache_kwarg(model: Any) -> Iterator[str]:
+    """Yield the keyword that hands a prefix cache to a bridged transformers model, and make it reach TL.
+
+    On transformers >= 5.24 the model takes ``cache=`` and passes ``cache=`` on to each attention module,
+    but TL 4.3's attention bridge reads only ``past_key_values`` (and ``layer_past``): the cache stays
+    empty and every row attends to itself alone. For the duration of the block, each attention bridge gets
+    the cache under the name it reads as well. On older transformers nothing is attached. The fast paths
+    check their α = 1 rows against a plain forward, so a future change of this contract fails loudly.
+    """
+    hf = getattr(model, "original_model", None)
+    keyword = _cache_keyword(hf) if hf is not None else "past_key_values"
+    handles = []
+    if keyword == "cache":
+
+        def forward_as_past_key_values(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+                return args, {**kwargs, "past_key_values": kwargs["cache"]}
+            return None
+
+        for module in model.modules():
+            if callable(getattr(module, "_update_kv_cache", None)):
+                handles.append(module.register_forward_pre_hook(forward_as_past_key_values, with_kwargs=True))
+    try:
+        yield keyword
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------- hook functions

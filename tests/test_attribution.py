@@ -238,3 +238,68 @@ def test_fast_equals_reference_on_smollm2(smollm2, facts):
     ref = attribute_prompt(smollm2, prompt, IGConfig(steps=16, method="reference"), layers=layers)
     assert ref.abs().max() > 0
     assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+# ---------------------------------------------------------------- the fast path checks itself
+
+
+def _broken_sequence_cache(how: str):
+    """Break the bridge's prefix cache on purpose: ``empty`` (no layer filled: the transformers 5.24
+    failure) or ``drop`` (layer 1's keys and values zeroed)."""
+
+    def cache(self):
+        out = self._new_cache()
+        if how == "empty":
+            return out
+        for i, (k, v) in enumerate(self.kv):
+            if i == 1:
+                k, v = torch.zeros_like(k), torch.zeros_like(v)
+            out.update(k, v, i)
+        return out
+
+    return cache
+
+
+@pytest.mark.parametrize("how", ["empty", "drop"])
+def test_self_check_fails_loudly_on_a_broken_cache(tiny_model, tiny_tokenizer, facts, monkeypatch, how):
+    from qrnca_lens import attribution as attr
+    from qrnca_lens.errors import FastPathError
+
+    backend = fast_backend(tiny_model)
+    if backend is None:
+        pytest.skip("no fast path for this model kind")
+    prompt = _prompt(facts, tiny_tokenizer, "cloze", shots=2)
+    if backend == "sequence":
+        monkeypatch.setattr(attr._SequenceRows, "_cache", _broken_sequence_cache(how))
+    else:
+        original = attr._BatchRows._cache
+        if how == "empty":
+            def empty(self, n_rows):
+                from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+                return TransformerLensKeyValueCache.init_cache(tiny_model.cfg, self.device, batch_size=n_rows)
+            monkeypatch.setattr(attr._BatchRows, "_cache", empty)
+        else:
+            original_fn = original
+            def drop(self, n_rows):
+                cache = original_fn(self, n_rows)
+                from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+                e = cache.entries[1]
+                cache.entries[1] = TransformerLensKeyValueCacheEntry(
+                    past_keys=torch.zeros_like(e.past_keys), past_values=torch.zeros_like(e.past_values), frozen=True)
+                return cache
+            monkeypatch.setattr(attr._BatchRows, "_cache", drop)
+    hooks = active_hook_count(tiny_model)
+    with pytest.raises(FastPathError, match=r"transformers .*transformer-lens .*method='reference'"):
+        attribute_prompt(tiny_model, prompt, IGConfig(steps=3))
+    assert active_hook_count(tiny_model) == hooks
+
+
+def test_self_check_passes_and_costs_one_plain_forward(tiny_gated, tiny_tokenizer, facts, monkeypatch):
+    from qrnca_lens import attribution as attr
+
+    calls = []
+    original = attr._plain_logprobs
+    monkeypatch.setattr(attr, "_plain_logprobs", lambda m, ps: calls.append(len(ps)) or original(m, ps))
+    prompts = build_prompts(facts[0], ProxyConfig("mcqa-letter", n_prompts=3, n_shots=1), tiny_tokenizer, pool=facts)
+    attribute_prompts(tiny_gated, prompts, IGConfig(steps=4, max_batch_rows=5))
+    assert calls == [3]
