@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from torch import Tensor
 

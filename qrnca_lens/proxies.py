@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .data import SLOT, Query, groups_of
 from .errors import ProxyError

@@ -22,7 +22,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
