@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .versions import library_versions, model_identity
 from .data import Query, groups_of
 from .errors import QrncaError
 from .hooks import capture, hooked
@@ -265,7 +267,8 @@ def evaluate(
         meta={"config": cfg.to_dict(), "n_queries": len(queries), "n_prompts": len(flat),
               "model_accuracy": float(np.mean(list(correct_before.values()))),
               "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
-              "proxy": proxy.kind, "controls": controls},
+              "proxy": proxy.kind, "controls": controls,
+              "versions": library_versions(), "model_identity": model_identity(model)},
     )
     if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):
         result.free_form = _free_form(model, queries, prompts, sets, run, cfg)

@@ -67,12 +67,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .versions import library_versions, model_identity
 from .data import Query
 from .errors import ModelError, QrncaError
 from .hooks import hooked
@@ -1201,6 +1203,8 @@ def comparison_report(model: Any, rows: list[dict[str, Any]], *, seed: int = 0, 
     """The comparison table as a JSON-ready document (``json.dumps(comparison_report(...))``)."""
     return {
         "model": name or model_name(model),
+        "versions": library_versions(),
+        "model_identity": model_identity(model),
         "metric": "ablate each score's top-k FFN neurons (hook_post zeroed at the target position); drops in MRR, "
                   "probability and log-probability of the target token, averaged over prompts",
         "seed": seed,
@@ -1285,6 +1289,8 @@ def lens_locate(
             "proxy": proxy.to_dict(),
             "lens": cfg.to_dict(),
         },
+        "versions": library_versions(),
+        "model_identity": model_identity(model),
         "model": model_name(model),
         "data": None,
         "layers": list(range(L)),

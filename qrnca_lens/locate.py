@@ -19,7 +19,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
@@ -32,6 +33,7 @@ from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_
 from .proxies import ProxyConfig, build_all_prompts
 from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
 from .store import RunStore
+from .versions import library_versions, model_identity
 
 __all__ = ["LocateConfig", "LocateResult", "locate", "reduce", "parse_shard"]
 
@@ -91,6 +93,7 @@ class LocateResult:
         correct = [c for i in self.info.values() for c in i.get("correct", [])]
         return {
             "config": self.config.to_dict(),
+            "versions": library_versions(),
             "model": self.model,
             "data": self.data,
             "layers": self.layers,
@@ -181,10 +184,12 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
-              shape: list[int]) -> dict[str, Any]:
+              shape: list[int], identity: dict[str, Any]) -> dict[str, Any]:
     d = cfg.to_dict()
+    # versions and model_identity say what the run was made with; each query file also records its own.
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
-            "model_shape": shape, "selection": d["selection"], "queries": groups}
+            "model_shape": shape, "selection": d["selection"], "queries": groups,
+            "versions": library_versions(), "model_identity": identity}
 
 
 def _check_queries(queries: Sequence[Query]) -> None:
@@ -225,7 +230,9 @@ def locate(
     cfg = replace(cfg, proxy=proxy, layers=tuple(layers))
     prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
     groups = {q.id: q.group for q in queries}
-    store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)])) if out else None
+    identity = model_identity(model)
+    store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity)) \
+        if out else None
     done = store.done() if store else set()
     unknown = done - set(groups)
     if unknown:
@@ -241,6 +248,7 @@ def locate(
 
         results = tqdm(results, total=len(mine), desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query")
     for qid, s, qi in results:
+        qi = {**qi, "versions": library_versions()}
         if store:
             store.write_query(qid, s, qi)  # as each query arrives: nothing finished is lost
         else:

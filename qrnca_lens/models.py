@@ -20,7 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -181,9 +182,11 @@ def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         stat = gguf.stat()
-        (tmp / "qrnca_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "size": stat.st_size, "model": spec.name})
-        )
+        from .versions import _file_sha256
+
+        (tmp / "qrnca_source.json").write_text(json.dumps({
+            "gguf": str(gguf), "size": stat.st_size, "model": spec.name, "gguf_sha256": _file_sha256(gguf),
+        }))
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)
@@ -197,7 +200,8 @@ def _cache_is_fresh(spec: EmbeddedModel, cache: Path) -> bool:
         return False
     try:
         info = json.loads(marker.read_text())
-        return info.get("model") == spec.name and Path(info["gguf"]).stat().st_size == info["size"]
+        return (info.get("model") == spec.name and "gguf_sha256" in info
+                and Path(info["gguf"]).stat().st_size == info["size"])
     except (OSError, ValueError, KeyError):
         return False
 
@@ -249,6 +253,10 @@ def load_model(
             kwargs["device"] = device
         model = TransformerBridge.boot_transformers(spec.hf_name, **kwargs)
     _finish(model, tok, compatibility_mode)
+    source = json.loads((cache / "qrnca_source.json").read_text())
+    object.__setattr__(model, "_qrnca_embedded", {
+        "embedded": name, "gguf": Path(source["gguf"]).name, "gguf_sha256": source["gguf_sha256"],
+    })
     if verbose:
         print(f"[qrnca-lens] loaded {name} in {time.perf_counter() - t0:.1f} s")
     return model

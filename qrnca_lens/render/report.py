@@ -26,7 +26,8 @@ import re
 import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .. import analysis as A
 from ..errors import QrncaError
@@ -466,6 +467,23 @@ def _queries_section(doc: Mapping[str, Any], model: Any, ids: Sequence[str], que
 # ---------------------------------------------------------------- the report
 
 
+def _provenance(manifest: Mapping[str, Any] | None, model: Any) -> str:
+    """What the run was measured with (from the manifest) and what drew this report."""
+    from ..versions import library_versions, model_identity
+
+    def line(label: str, versions: Mapping[str, Any] | None, identity: Mapping[str, Any] | None) -> str:
+        if not versions:
+            return f"<li>{label}: not recorded (a run made before qrnca-lens recorded versions)</li>"
+        v = ", ".join(f"{k} {val}" for k, val in versions.items())
+        ident = ", ".join(f"{k} {val}" for k, val in (identity or {}).items())
+        return f"<li>{label}: {_esc(v)}" + (f"; model: {_esc(ident)}" if ident else "") + "</li>"
+
+    m = manifest or {}
+    now_identity = model_identity(model) if model is not None else None
+    return ('<ul class="sub provenance">' + line("measured with", m.get("versions"), m.get("model_identity"))
+            + line("report drawn with", library_versions(), now_identity) + "</ul>")
+
+
 def _shape(doc: Mapping[str, Any], model: Any, manifest: Mapping[str, Any] | None) -> tuple[tuple[int, int], str]:
     from ..models import d_mlp, n_layers
 
@@ -513,6 +531,7 @@ def report_html(
     parts = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="sub">{_esc(str(Path(run_dir).resolve()))} · generated {stamp} by qrnca-lens {__version__}</p>',
+        _provenance(manifest, model),
         f"<nav>{nav}</nav>",
         _summary(doc, shape, shape_note),
         _maps(doc, shape),
