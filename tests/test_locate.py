@@ -171,3 +171,30 @@ def test_kill_9_then_rerun_gives_identical_neurons(tiny_checkpoint, tmp_path):
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     assert _neurons(out) == _neurons(tmp_path / "clean")
     assert not list((out / "queries").glob(".*tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.smoke
+def test_locate_one_builtin_query_on_smollm2_fast_equals_reference(smollm2):
+    """The latest-dependencies smoke test: a real locate on SmolLM2 takes the fast path (which checks itself
+    against a plain forward), and its stored scores equal the reference path's on a few layers."""
+    import warnings as _w
+
+    from qrnca_lens.attribution import IGConfig, attribute_prompts
+    from qrnca_lens.data import load_data
+    from qrnca_lens.locate import LocateConfig, locate, scores_of
+    from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+    from qrnca_lens.selection import SelectionConfig
+
+    pool = load_data("builtin:facts")
+    cfg = LocateConfig(proxy=ProxyConfig("cloze"), ig=IGConfig(steps=8), selection=SelectionConfig(use_ica=False))
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # no fallback warning: the fast path ran
+        run = locate(smollm2, pool[:1], cfg, pool=pool, progress=False)
+    q = pool[0]
+    fast = scores_of(run, q.id)
+    prompts = build_all_prompts([q], run.config.proxy, smollm2.tokenizer, pool=pool)[q.id]
+    layers = [0, 15, 29]
+    ref = attribute_prompts(smollm2, prompts, IGConfig(steps=8, method="reference"), layers=layers)
+    assert ref.abs().max() > 0
+    assert (fast[:, layers] - ref).abs().max() <= 1e-4 * ref.abs().max()
