@@ -49,3 +49,23 @@ def test_embedded_model_identity_hashes_its_gguf(smollm2):
     ident = model_identity(smollm2)
     assert ident["embedded"] == "smollm2" and ident["gguf"].endswith(".gguf")
     assert len(ident["gguf_sha256"]) == 64
+
+
+def test_evaluation_lens_and_report_record_versions(tiny_gated, tmp_path):
+    from qrnca_lens.evaluation import EvalConfig, evaluate
+    from qrnca_lens.lens import lens_locate
+    from qrnca_lens.render.report import write_report
+
+    pool = load_data("builtin:facts")
+    queries = limit_per_group(pool, 2)
+    proxy = ProxyConfig("cloze", n_prompts=1, n_shots=1)
+    run = locate(tiny_gated, queries, LocateConfig(proxy=proxy, ig=IGConfig(steps=2)), pool=pool,
+                 out=tmp_path / "run", progress=False)
+    res = evaluate(tiny_gated, run, queries, pool,
+                   EvalConfig(methods=("qrnca",), n_boot=10, free_form=False, neuron_prediction=False), progress=False)
+    assert res.meta["versions"] == library_versions()
+    assert res.meta["model_identity"] == model_identity(tiny_gated)
+    doc = lens_locate(tiny_gated, queries[:2], proxy, pool=pool, top_k=3, progress=False)
+    assert doc["versions"] == library_versions() and doc["model_identity"] == model_identity(tiny_gated)
+    html = write_report(tmp_path / "run").read_text()
+    assert "measured with" in html and f"transformers {library_versions()['transformers']}" in html
