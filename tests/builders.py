@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,9 @@ def tiny_native_bridge(tokenizer: Any, *, gated: bool = True, norm: str = "RMS",
     return _freeze(TransformerBridge.boot_native(cfg, tokenizer=tokenizer))
 
 
-def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int = 3, seed: int = 0) -> Any:
-    """A TL 3.x ``HookedTransformer`` (needs TL < 4)."""
+def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int = 3, seed: int = 0,
+                            cls: type | None = None) -> Any:
+    """A TL 3.x ``HookedTransformer``, or the subclass ``cls`` of it (needs TL < 4)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     kw: dict[str, Any] = dict(
@@ -131,7 +133,10 @@ def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int
     )
     if gated:
         kw["n_key_value_heads"] = 2
-    return _freeze(HookedTransformer(HookedTransformerConfig(**kw), tokenizer=tokenizer))
+    with warnings.catch_warnings():
+        # TL 3.9 deprecates the class itself; building it is the point here (the TL 3.x support we test).
+        warnings.filterwarnings("ignore", r"Hooked\w* is deprecated", DeprecationWarning)
+        return _freeze((cls or HookedTransformer)(HookedTransformerConfig(**kw), tokenizer=tokenizer))
 
 
 def build_tiny(kind: str, tokenizer: Any) -> Any:
