@@ -46,6 +46,7 @@ __all__ = [
     "tokenizer_of",
     "default_prepend_bos",
     "model_name",
+    "check_model_name",
 ]
 
 
@@ -226,13 +227,9 @@ def load_model(
         >>> model.cfg.n_layers              # doctest: +SKIP
         30
     """
+    check_model_name(name)
     if name not in EMBEDDED_MODELS:
-        if Path(name).is_dir():
-            return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
-        raise ModelError(
-            f"unknown model {name!r}; embedded models are {sorted(EMBEDDED_MODELS)}, or give a local "
-            "transformers checkpoint directory (config.json + weights + tokenizer)"
-        )
+        return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
     spec = EMBEDDED_MODELS[name]
     cache = cache_root() / name
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -262,14 +259,38 @@ def load_model(
     return model
 
 
+def check_model_name(name: str) -> None:
+    """Fail now, before data or weights are read, if ``name`` is neither embedded nor a checkpoint directory.
+
+    Cheap (a few ``stat`` calls), so the CLI runs it before anything slow.
+    """
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name)
+    fix = (f"embedded models are {sorted(EMBEDDED_MODELS)}, or give a local transformers checkpoint directory "
+           "(config.json + weights + tokenizer, as save_pretrained writes it)")
+    if not path.exists():
+        raise ModelError(f"unknown model {name!r}; {fix}")
+    if not path.is_dir():
+        raise ModelError(f"model {name!r} is a file, not a checkpoint directory; {fix}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a transformers checkpoint (no config.json); {fix}")
+
+
 def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibility_mode: bool) -> Any:
     """A local transformers checkpoint directory, wrapped by the bridge (offline)."""
     with _offline():
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
 
-        tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        except (OSError, ValueError, KeyError) as e:
+            # transformers' own message says what is missing; ours names the directory and the fix.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{path} does not load as a transformers causal LM checkpoint ({first}); give a "
+                             "directory written by save_pretrained (config.json, weights, tokenizer files)") from e
         kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
         if device is not None:
             kwargs["device"] = device
