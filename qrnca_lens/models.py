@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -195,6 +195,27 @@ def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path, *, exclusive: bool) -> Iterator[None]:
+    """An advisory file lock next to the model cache, shared by every process (Ray actors included).
+
+    The build replaces the cache directory (rmtree + rename): without the lock two first loads both build,
+    and one can delete the directory the other is reading. Where ``fcntl`` is missing (Windows) nothing is
+    locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(cache.parent / f".{cache.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _cache_is_fresh(spec: EmbeddedModel, cache: Path) -> bool:
     marker = cache / "qrnca_source.json"
     if not marker.exists():
@@ -238,19 +259,21 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
 
-        if not _cache_is_fresh(spec, cache):
-            if verbose:
-                print(f"[qrnca-lens] first use of {name}: dequantising the GGUF into {cache} (once)")
-            _build_cache(spec, cache)
-        tok = AutoTokenizer.from_pretrained(cache)
-        hf = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        with _cache_lock(cache, exclusive=True):  # one builder; the others wait, then find it fresh
+            if not _cache_is_fresh(spec, cache):
+                if verbose:
+                    print(f"[qrnca-lens] first use of {name}: dequantising the GGUF into {cache} (once)")
+                _build_cache(spec, cache)
+        with _cache_lock(cache, exclusive=False):  # no rebuild (of a stale cache) while we read it
+            tok = AutoTokenizer.from_pretrained(cache)
+            hf = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+            source = json.loads((cache / "qrnca_source.json").read_text())
         hf.eval()
         kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
         if device is not None:
             kwargs["device"] = device
         model = TransformerBridge.boot_transformers(spec.hf_name, **kwargs)
     _finish(model, tok, compatibility_mode)
-    source = json.loads((cache / "qrnca_source.json").read_text())
     object.__setattr__(model, "_qrnca_embedded", {
         "embedded": name, "gguf": Path(source["gguf"]).name, "gguf_sha256": source["gguf_sha256"],
     })
