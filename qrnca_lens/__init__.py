@@ -12,6 +12,9 @@ Example:
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -53,6 +56,23 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+# Public names that are also submodule names (``locate``). Importing ``qrnca_lens.locate`` (directly, or
+# through any other export it defines) makes the import system bind the *module* as the package attribute,
+# after which ``ql.locate(...)`` fails with "'module' object is not callable". The package's class keeps
+# the function there instead; ``from qrnca_lens.locate import ...`` still reaches the module.
+_SHADOWED = frozenset(_EXPORTS) & {m.name for m in pkgutil.iter_modules(__path__)}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -326,7 +326,10 @@ class VocabProjection:
 
 
 def _final_norm(model: Any) -> tuple[Any, bool]:
-    """The final norm's elementwise weight (None if there is none, e.g. folded into W_U), and whether it centres."""
+    """The final norm's elementwise gain (None if there is none, e.g. folded into W_U), and whether it centres.
+
+    The gain is what the norm multiplies by: ``w``, or ``1 + w`` for Gemma's RMSNorm (see ``_gain_offset``).
+    """
     import torch
 
     ln = getattr(model, "ln_final", None)
@@ -335,14 +338,26 @@ def _final_norm(model: Any) -> tuple[Any, bool]:
     ntype = str(getattr(model.cfg, "normalization_type", "") or "")
     centres = ntype.startswith("LN")
     w = getattr(ln, "w", None)
-    if isinstance(w, torch.Tensor):
-        return w, centres
-    d_model = int(model.cfg.d_model)
-    # A bridge keeps the HF module inside (``_original_component.weight``); take the d_model-sized weight.
-    for name, p in ln.named_parameters():
-        if name.split(".")[-1] in ("weight", "w") and tuple(p.shape) == (d_model,):
-            return p, centres
-    return None, centres
+    if not isinstance(w, torch.Tensor):
+        d_model = int(model.cfg.d_model)
+        # A bridge keeps the HF module inside (``_original_component.weight``); take the d_model-sized weight.
+        w = next((p for name, p in ln.named_parameters()
+                  if name.split(".")[-1] in ("weight", "w") and tuple(p.shape) == (d_model,)), None)
+        if w is None:
+            return None, centres
+    return w.detach() + _gain_offset(model, ln), centres
+
+
+def _gain_offset(model: Any, ln: Any) -> float:
+    """1.0 where the norm scales by ``1 + w`` (Gemma's RMSNorm, transformers' ``Gemma3RMSNorm``), else 0.0.
+
+    TL's bridge says so on the norm (``uses_weight_offset``) and in its cfg (``rmsnorm_uses_offset``); a TL
+    3.x HookedTransformer has already added the 1 to ``w`` when it converted the weights.
+    """
+    flag = getattr(ln, "uses_weight_offset", None)
+    if flag is None:
+        flag = getattr(model.cfg, "rmsnorm_uses_offset", False)
+    return 1.0 if bool(flag) else 0.0
 
 
 def _token_str(tokenizer: Any, tid: int) -> str:

@@ -203,9 +203,19 @@ def fast_backend(model: Any) -> str | None:
         except ImportError:  # pragma: no cover
             return None
         return "sequence" if isinstance(original, PreTrainedModel) else None
-    if type(model).__name__ == "HookedTransformer" and hasattr(model, "blocks"):
-        return "batch"
-    return None
+    return "batch" if _is_hooked_transformer(model) else None
+
+
+def _is_hooked_transformer(model: Any) -> bool:
+    """True for a TL 3.x ``HookedTransformer`` and its subclasses (SAELens' ``HookedSAETransformer``...).
+
+    The import is lazy and may fail: TL 4.x has no ``HookedTransformer``.
+    """
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return False
+    return isinstance(model, HookedTransformer)
 
 
 def _row_plan(layers: Sequence[int], steps: int, max_rows: int) -> list[list[tuple[int, int]]]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import QrncaError
@@ -347,6 +349,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable_dir(path: str, what: str) -> None:
+    """``path`` is, or can be created as, a directory we can write in; checked before any slow work."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QrncaError(f"{what} {path} is a file, not a directory; give a directory (it is created if missing)")
+    probe = p
+    while not probe.exists():  # the nearest existing ancestor decides whether the directory can be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QrncaError(f"{what} {path}: {probe} is a file, so the directory cannot be created; give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QrncaError(f"{what} {path}: {probe} is not writable; give a directory you can write to")
+
+
+def _check_args_early(args: argparse.Namespace) -> None:
+    """Bad paths fail in a second, before the data or the model is loaded, not after a long run."""
+    if getattr(args, "model", None):  # report's --model is optional
+        from .models import check_model_name
+
+        check_model_name(args.model)
+    if args.command in ("locate", "lens", "demo"):
+        _check_writable_dir(args.out, "--out")
+    if args.command in ("evaluate", "report"):  # both write into the run directory at the end
+        _check_writable_dir(args.out, "the run directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "evaluate": cmd_evaluate,
@@ -365,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler["report"] = cmd_report
     handler = handler[args.command]
     try:
+        _check_args_early(args)
         return handler(args)
     except QrncaError as e:
         print(f"qrnca-lens {args.command}: error: {e}", file=sys.stderr)

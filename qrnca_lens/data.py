@@ -116,6 +116,22 @@ def _where(path: Path | str, line: int | None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+def _read_text(path: Path | str) -> str:
+    """A data file's text, or a DataError naming the file and the fix (never a raw OSError or decode error)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a data file; give the path of a .jsonl, .csv or .json "
+                        "file") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; give a path or one of {['builtin:' + b for b in BUILTIN]}") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied); fix its permissions or copy it") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
 def _require(row: dict[str, Any], keys: Iterable[str], path: Path | str, line: int) -> None:
     missing = [k for k in keys if k not in row or row[k] in (None, "")]
     if missing:
@@ -157,7 +173,7 @@ def _query(path: Path | str, line: int | None, **kw: Any) -> Query:
 
 def load_jsonl(path: Path | str, *, text: str | None = None) -> list[Query]:
     """Our JSONL format (see module docstring)."""
-    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    text = _read_text(path) if text is None else text
     out = []
     for i, row in _jsonl_rows(path, text):
         _require(row, ("id", "group", "question", "answer"), path, i)
@@ -188,7 +204,7 @@ def load_mlama(
     """
     if group_by not in ("relation", "language"):
         raise DataError(f"group_by must be 'relation' or 'language', got {group_by!r}")
-    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    text = _read_text(path) if text is None else text
     out = []
     for i, row in _jsonl_rows(path, text):
         _require(row, ("subject", "relation", "object"), path, i)
@@ -218,7 +234,7 @@ MMLU_HEADER = ["question", "A", "B", "C", "D", "answer"]
 
 def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | None = None) -> list[Query]:
     """MMLU CSV rows ``question,A,B,C,D,answer`` (header optional); the answer is a letter A-D."""
-    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    text = _read_text(path) if text is None else text
     stem = Path(path).stem
     for suffix in ("_test", "_dev", "_val"):
         stem = stem.removesuffix(suffix)
@@ -250,7 +266,7 @@ def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | Non
 
 def load_authors_json(path: Path | str, *, text: str | None = None) -> list[Query]:
     """The QRNCA authors' pre-built prompts: ``{id: {"sentences", "obj_label", "relation_name"}}``."""
-    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    text = _read_text(path) if text is None else text
     try:
         data = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
@@ -308,13 +324,15 @@ def load_data(spec: str | Path, *, limit: int | None = None, **kwargs: Any) -> l
         path = Path(spec_s)
         if not path.exists():
             raise DataError(f"{path}: no such file; give a path or one of {['builtin:' + b for b in BUILTIN]}")
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, not a data file; give the path of a .jsonl, .csv or .json file")
         suffix = path.suffix.lower()
         if suffix == ".csv":
             queries = load_mmlu_csv(path, **kwargs)
         elif suffix == ".json":
             queries = load_authors_json(path, **kwargs)
         elif suffix in (".jsonl", ".ndjson"):
-            text = path.read_text(encoding="utf-8")
+            text = _read_text(path)
             first = next((row for _, row in _jsonl_rows(path, text)), None)
             if first is not None and {"subject", "relation", "object"} <= set(first) and "question" not in first:
                 queries = load_mlama(path, text=text, **kwargs)

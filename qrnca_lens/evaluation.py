@@ -240,7 +240,8 @@ def evaluate(
         r_vals, u_vals = [rel[i] for i in ids], [unr[i] for i in ids]
         entry = pcr_out.setdefault(m, {"mean_neurons": float(np.mean([len(sets[m][i]) for i in ids]))})
         entry[kind] = pcr(r_vals, u_vals)
-        entry[f"{kind}_ci"] = list(bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed))
+        ci = bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed)
+        entry[f"{kind}_ci"], entry[f"{kind}_ci_dropped"] = list(ci), ci.dropped
         entry[f"{kind}_related_mean"] = float(np.mean(r_vals))
         entry[f"{kind}_unrelated_mean"] = float(np.mean(u_vals))
         entry[f"{kind}_related_abs"] = float(np.mean(np.abs(r_vals)))

@@ -3,7 +3,9 @@
 User-facing context managers, through the one hook door, that leave nothing behind:
 
     >>> with boost(model, [(14, 103), (20, 7)]):          # doctest: +SKIP
-    ...     logits = model(tokens)                          # f_i <- 2 f̄_i at the last position
+    ...     logits = model(tokens)                          # f_i <- 2 f̄_i at the last position (one row)
+    >>> with boost(model, neurons, tokens=batch):           # doctest: +SKIP
+    ...     logits = model(batch)                           # at each row's last non-pad token
     >>> with suppress(model, neurons, every_position=True): # doctest: +SKIP
     ...     logits = model(tokens)                          # f_i <- 0 everywhere
 
@@ -22,14 +24,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import hooked, set_neurons
+from .errors import ModelError
+from .hooks import LAST, Position, hooked, last_real_positions, positions_from_mask, set_neurons
 from .models import d_mlp, mlp_hook_name, model_device
+from .proxies import Prompt
 
-__all__ = ["intervene", "boost", "suppress", "row_factors", "scale_rows", "BOOST", "SUPPRESS"]
+__all__ = [
+    "intervene", "boost", "suppress", "row_factors", "scale_rows", "check_neurons", "resolve_positions", "BOOST",
+    "SUPPRESS",
+]
 
 BOOST, SUPPRESS = 2.0, 0.0
 
 Neuron = tuple[int, int]
+Where = int | Sequence[int] | Tensor | Prompt | Sequence[Prompt] | None
 
 
 def _by_layer(neurons: Iterable[Sequence[int]]) -> dict[int, list[int]]:
@@ -39,27 +47,92 @@ def _by_layer(neurons: Iterable[Sequence[int]]) -> dict[int, list[int]]:
     return dict(out)
 
 
+def check_neurons(model: Any, neurons: Iterable[Sequence[int]]) -> dict[int, list[int]]:
+    """The neurons grouped by layer, or a clear error naming the valid range (before any forward pass)."""
+    n_layers, width = int(model.cfg.n_layers), d_mlp(model)
+    by_layer = _by_layer(neurons)
+    for layer, idx in by_layer.items():
+        if not 0 <= layer < n_layers:
+            raise ModelError(f"neuron ({layer}, {idx[0]}): layer {layer} is out of range, "
+                             f"valid layers are 0..{n_layers - 1}")
+        bad = [i for i in idx if not 0 <= i < width]
+        if bad:
+            raise ModelError(f"neuron ({layer}, {bad[0]}): index {bad[0]} is out of range, "
+                             f"valid neurons are 0..{width - 1}")
+    return by_layer
+
+
+def resolve_positions(
+    model: Any,
+    positions: Where = None,
+    *,
+    tokens: Int[Tensor, "batch seq"] | None = None,
+    attention_mask: Int[Tensor, "batch seq"] | None = None,
+) -> Position:
+    """Where each row is intervened on: the last *real* token of each row unless told otherwise.
+
+    ``positions``: an int (every row), one int per row, a ``Prompt`` (its target position) or one per row.
+    Otherwise the last real token of each row, from ``attention_mask`` (last 1) or ``tokens`` (last token
+    that is not a trailing pad: TL's ``to_tokens`` pads right with the tokenizer's pad token). With none of
+    them, a single-row batch acts at -1 and a batch of several rows is refused at the forward pass.
+    """
+    given = [n for n, v in (("positions", positions), ("tokens", tokens), ("attention_mask", attention_mask))
+             if v is not None]
+    if len(given) > 1:
+        raise ModelError(f"pass only one of positions=, tokens=, attention_mask= (got {', '.join(given)})")
+    if isinstance(positions, Prompt):
+        return [positions.target_position]
+    if isinstance(positions, Sequence) and positions and all(isinstance(p, Prompt) for p in positions):
+        return [p.target_position for p in positions]
+    if positions is not None:
+        return positions
+    if attention_mask is not None:
+        return positions_from_mask(torch.as_tensor(attention_mask))
+    if tokens is not None:
+        pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+        return last_real_positions(torch.as_tensor(tokens), pad_id)
+    return LAST
+
+
 @contextlib.contextmanager
-def intervene(model: Any, neurons: Iterable[Sequence[int]], factor: float, *,
-              every_position: bool = False) -> Iterator[Any]:
-    """Multiply the given (layer, neuron) activations by ``factor`` at the last position (or everywhere)."""
+def intervene(model: Any, neurons: Iterable[Sequence[int]], factor: float, *, every_position: bool = False,
+              positions: Where = None,
+              tokens: Int[Tensor, "batch seq"] | None = None,
+              attention_mask: Int[Tensor, "batch seq"] | None = None) -> Iterator[Any]:
+    """Multiply the given (layer, neuron) activations by ``factor`` at each row's last real token (or everywhere).
+
+    Rows of a batch may be right-padded, so a batch needs ``positions=`` (ints or ``Prompt``s, one per row),
+    ``tokens=`` (the batch itself; trailing pad tokens are skipped) or ``attention_mask=``; a single row acts
+    at its last position. See ``resolve_positions``.
+    """
+    by_layer = check_neurons(model, neurons)
+    if every_position:
+        if positions is not None or tokens is not None or attention_mask is not None:
+            raise ModelError("every_position=True acts everywhere: drop positions= / tokens= / attention_mask=")
+        where: Position = None
+    else:
+        where = resolve_positions(model, positions, tokens=tokens, attention_mask=attention_mask)
     hooks = [
         (mlp_hook_name(model, layer), set_neurons(torch.tensor(idx, device=model_device(model)), factor=factor,
-                                                  position=None if every_position else -1))
-        for layer, idx in sorted(_by_layer(neurons).items())
+                                                  position=where))
+        for layer, idx in sorted(by_layer.items())
     ]
     with hooked(model, fwd=hooks):
         yield model
 
 
-def boost(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False) -> Any:
-    """f_i <- 2 f̄_i (the paper's boost)."""
-    return intervene(model, neurons, BOOST, every_position=every_position)
+def boost(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False, positions: Where = None,
+          tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
+    """f_i <- 2 f̄_i (the paper's boost), where ``intervene`` says."""
+    return intervene(model, neurons, BOOST, every_position=every_position, positions=positions, tokens=tokens,
+                     attention_mask=attention_mask)
 
 
-def suppress(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False) -> Any:
-    """f_i <- 0 (the paper's suppress)."""
-    return intervene(model, neurons, SUPPRESS, every_position=every_position)
+def suppress(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False, positions: Where = None,
+             tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
+    """f_i <- 0 (the paper's suppress), where ``intervene`` says."""
+    return intervene(model, neurons, SUPPRESS, every_position=every_position, positions=positions, tokens=tokens,
+                     attention_mask=attention_mask)
 
 
 def row_factors(
@@ -72,7 +145,7 @@ def row_factors(
         if row is None:
             continue
         neurons, factor = row
-        for layer, idx in _by_layer(neurons).items():
+        for layer, idx in check_neurons(model, neurons).items():
             if layer not in per_layer:
                 per_layer[layer] = torch.ones(len(rows), width, device=model_device(model))
             per_layer[layer][b, idx] = factor

@@ -14,13 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .errors import QrncaError
 
-__all__ = ["relative_change", "relative_change_log", "pcr", "bootstrap_ci", "editing_rates", "mean_or_none"]
+__all__ = [
+    "relative_change", "relative_change_log", "pcr", "bootstrap_ci", "BootstrapCI", "editing_rates", "mean_or_none",
+]
 
 
 def relative_change(before: Sequence[float], after: Sequence[float]) -> np.ndarray:
@@ -61,6 +64,26 @@ def pcr(related: Sequence[float], unrelated: Sequence[float]) -> float:
     return _ratio(r, u)
 
 
+class BootstrapCI(tuple):
+    """``(lo, hi)`` that also says how many of its ``n_boot`` resamples were left out (``dropped``).
+
+    A resample whose statistic is not finite (PCR with every unrelated change 0: infinite) cannot be ranked,
+    so it is dropped; that narrows the interval towards the finite values, so the count travels with it.
+    """
+
+    dropped: int
+    n_boot: int
+
+    def __new__(cls, lo: float, hi: float, *, dropped: int = 0, n_boot: int = 0) -> "BootstrapCI":
+        self = super().__new__(cls, (lo, hi))
+        self.dropped, self.n_boot = dropped, n_boot
+        return self
+
+    def __repr__(self) -> str:
+        note = f", {self.dropped} of {self.n_boot} resamples non-finite and dropped" if self.dropped else ""
+        return f"BootstrapCI({self[0]!r}, {self[1]!r}{note})"
+
+
 def bootstrap_ci(
     related: Sequence[float],
     unrelated: Sequence[float],
@@ -69,19 +92,27 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile interval of ``stat`` under resampling of queries (pairs kept together), seeded locally."""
+) -> BootstrapCI:
+    """Percentile interval of ``stat`` under resampling of queries (pairs kept together), seeded locally.
+
+    Resamples with a non-finite statistic are dropped, counted in the result's ``dropped`` and warned about.
+    """
     r, u = np.asarray(related, dtype=np.float64), np.asarray(unrelated, dtype=np.float64)
     if r.shape != u.shape or r.size == 0:
         raise QrncaError("bootstrap needs paired, non-empty related/unrelated values (one pair per query)")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, r.size, size=(n_boot, r.size))
     vals = np.array([stat(r[i], u[i]) for i in idx])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return (float("nan"), float("nan"))
-    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return (float(lo), float(hi))
+    finite = vals[np.isfinite(vals)]
+    dropped = int(vals.size - finite.size)
+    if dropped:
+        warnings.warn(f"bootstrap interval: {dropped} of {n_boot} resamples gave a non-finite statistic (e.g. every "
+                      "unrelated change 0) and were left out; the interval covers the finite ones only",
+                      RuntimeWarning, stacklevel=2)
+    if finite.size == 0:
+        return BootstrapCI(float("nan"), float("nan"), dropped=dropped, n_boot=n_boot)
+    lo, hi = np.quantile(finite, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return BootstrapCI(float(lo), float(hi), dropped=dropped, n_boot=n_boot)
 
 
 def editing_rates(

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "tokenizer_of",
     "default_prepend_bos",
     "model_name",
+    "check_model_name",
 ]
 
 
@@ -194,6 +195,27 @@ def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path, *, exclusive: bool) -> Iterator[None]:
+    """An advisory file lock next to the model cache, shared by every process (Ray actors included).
+
+    The build replaces the cache directory (rmtree + rename): without the lock two first loads both build,
+    and one can delete the directory the other is reading. Where ``fcntl`` is missing (Windows) nothing is
+    locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(cache.parent / f".{cache.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _cache_is_fresh(spec: EmbeddedModel, cache: Path) -> bool:
     marker = cache / "qrnca_source.json"
     if not marker.exists():
@@ -226,13 +248,9 @@ def load_model(
         >>> model.cfg.n_layers              # doctest: +SKIP
         30
     """
+    check_model_name(name)
     if name not in EMBEDDED_MODELS:
-        if Path(name).is_dir():
-            return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
-        raise ModelError(
-            f"unknown model {name!r}; embedded models are {sorted(EMBEDDED_MODELS)}, or give a local "
-            "transformers checkpoint directory (config.json + weights + tokenizer)"
-        )
+        return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
     spec = EMBEDDED_MODELS[name]
     cache = cache_root() / name
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -241,19 +259,21 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
 
-        if not _cache_is_fresh(spec, cache):
-            if verbose:
-                print(f"[qrnca-lens] first use of {name}: dequantising the GGUF into {cache} (once)")
-            _build_cache(spec, cache)
-        tok = AutoTokenizer.from_pretrained(cache)
-        hf = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        with _cache_lock(cache, exclusive=True):  # one builder; the others wait, then find it fresh
+            if not _cache_is_fresh(spec, cache):
+                if verbose:
+                    print(f"[qrnca-lens] first use of {name}: dequantising the GGUF into {cache} (once)")
+                _build_cache(spec, cache)
+        with _cache_lock(cache, exclusive=False):  # no rebuild (of a stale cache) while we read it
+            tok = AutoTokenizer.from_pretrained(cache)
+            hf = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+            source = json.loads((cache / "qrnca_source.json").read_text())
         hf.eval()
         kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
         if device is not None:
             kwargs["device"] = device
         model = TransformerBridge.boot_transformers(spec.hf_name, **kwargs)
     _finish(model, tok, compatibility_mode)
-    source = json.loads((cache / "qrnca_source.json").read_text())
     object.__setattr__(model, "_qrnca_embedded", {
         "embedded": name, "gguf": Path(source["gguf"]).name, "gguf_sha256": source["gguf_sha256"],
     })
@@ -262,14 +282,38 @@ def load_model(
     return model
 
 
+def check_model_name(name: str) -> None:
+    """Fail now, before data or weights are read, if ``name`` is neither embedded nor a checkpoint directory.
+
+    Cheap (a few ``stat`` calls), so the CLI runs it before anything slow.
+    """
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name)
+    fix = (f"embedded models are {sorted(EMBEDDED_MODELS)}, or give a local transformers checkpoint directory "
+           "(config.json + weights + tokenizer, as save_pretrained writes it)")
+    if not path.exists():
+        raise ModelError(f"unknown model {name!r}; {fix}")
+    if not path.is_dir():
+        raise ModelError(f"model {name!r} is a file, not a checkpoint directory; {fix}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a transformers checkpoint (no config.json); {fix}")
+
+
 def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibility_mode: bool) -> Any:
     """A local transformers checkpoint directory, wrapped by the bridge (offline)."""
     with _offline():
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
 
-        tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        except (OSError, ValueError, KeyError) as e:
+            # transformers' own message says what is missing; ours names the directory and the fix.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{path} does not load as a transformers causal LM checkpoint ({first}); give a "
+                             "directory written by save_pretrained (config.json, weights, tokenizer files)") from e
         kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
         if device is not None:
             kwargs["device"] = device

@@ -175,6 +175,16 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     index: int = 0  # position among the query's prompts
 
+    def __post_init__(self) -> None:
+        # Caught here, not downstream: an empty target fails deep inside the model on the fast IG path and
+        # silently scores every neuron 0 on the reference path.
+        if not self.tokens:
+            raise ProxyError(f"prompt of query {self.query_id!r} has no tokens: there is no target position to "
+                             "score; give it a non-empty text")
+        if not self.target:
+            raise ProxyError(f"prompt of query {self.query_id!r} has no target token to score: give it a "
+                             "non-empty target (the answer's tokens)")
+
     @property
     def target_position(self) -> int:
         """The last prompt position, where the first target token is predicted."""

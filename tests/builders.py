@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,29 @@ def tiny_gpt2_bridge(tokenizer: Any, *, n_layers: int = 3, seed: int = 0) -> Any
     return _freeze(TransformerBridge.boot_transformers("tiny-gpt2", hf_model=hf, tokenizer=tokenizer))
 
 
+def tiny_gemma3_bridge(tokenizer: Any, *, n_layers: int = 2, seed: int = 0) -> Any:
+    """A tiny transformers ``Gemma3ForCausalLM`` in a bridge: its RMSNorms scale by ``1 + w``.
+
+    The norm weights start at zero in transformers (gain 1); they are drawn at random so that the offset shows.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["Gemma3ForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    hf = _widened(Gemma3ForCausalLM(cfg))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.normal_(0.0, 0.5)
+    return _freeze(TransformerBridge.boot_transformers("tiny-gemma3", hf_model=hf, tokenizer=tokenizer))
+
+
 def tiny_native_bridge(tokenizer: Any, *, gated: bool = True, norm: str = "RMS", rotary: bool = True,
                        n_layers: int = 3, seed: int = 0) -> Any:
     """TL's own native model in a bridge: gated/plain MLP, RMSNorm/LayerNorm, rotary/learned positions."""
@@ -119,8 +143,9 @@ def tiny_native_bridge(tokenizer: Any, *, gated: bool = True, norm: str = "RMS",
     return _freeze(TransformerBridge.boot_native(cfg, tokenizer=tokenizer))
 
 
-def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int = 3, seed: int = 0) -> Any:
-    """A TL 3.x ``HookedTransformer`` (needs TL < 4)."""
+def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int = 3, seed: int = 0,
+                            cls: type | None = None) -> Any:
+    """A TL 3.x ``HookedTransformer``, or the subclass ``cls`` of it (needs TL < 4)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     kw: dict[str, Any] = dict(
@@ -131,7 +156,10 @@ def tiny_hooked_transformer(tokenizer: Any, *, gated: bool = True, n_layers: int
     )
     if gated:
         kw["n_key_value_heads"] = 2
-    return _freeze(HookedTransformer(HookedTransformerConfig(**kw), tokenizer=tokenizer))
+    with warnings.catch_warnings():
+        # TL 3.9 deprecates the class itself; building it is the point here (the TL 3.x support we test).
+        warnings.filterwarnings("ignore", r"Hooked\w* is deprecated", DeprecationWarning)
+        return _freeze((cls or HookedTransformer)(HookedTransformerConfig(**kw), tokenizer=tokenizer))
 
 
 def build_tiny(kind: str, tokenizer: Any) -> Any:

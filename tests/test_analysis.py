@@ -213,3 +213,22 @@ def test_project_neurons_on_a_tiny_model_matches_the_matrix_product(tiny_gated):
     raw = A.project_neurons(tiny_gated, neurons[:1], k=4, through_norm=False)[0]
     expected = (W_out(tiny_gated, 2)[7] @ W_U(tiny_gated)).topk(4).values.tolist()
     np.testing.assert_allclose(raw.logits, expected, rtol=1e-5)
+
+
+def test_projections_go_through_gemmas_own_final_norm(tiny_tokenizer):
+    """Gemma's RMSNorm scales by 1 + w: the projection must equal the model's own final norm, not w alone."""
+    from builders import tiny_gemma3_bridge
+    from qrnca_lens.models import W_U, W_out
+
+    model = tiny_gemma3_bridge(tiny_tokenizer)
+    neurons = [(0, 5), (1, 30)]
+    ps = A.project_neurons(model, neurons, k=4)
+    for (layer, n), p in zip(neurons, ps):
+        row = W_out(model, layer)[n].detach().float()
+        big = row * 1e3  # eps of the norm is negligible at this scale
+        with torch.no_grad():
+            normed = model.ln_final(big[None, None])[0, 0].float()
+        direction = normed * big.pow(2).mean().sqrt() / 1e3  # undo the norm's positive 1/rms: row ⊙ gain
+        top = (direction @ W_U(model).detach().float()).topk(4)
+        np.testing.assert_allclose(p.logits, top.values.tolist(), rtol=1e-4)
+        assert p.tokens == tuple(model.tokenizer.decode([int(t)]) for t in top.indices)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from builders import has_hooked_transformer, tiny_hooked_transformer
 from qrnca_lens.attribution import IGConfig, alphas, attribute_prompt, attribute_prompts, fast_backend, reference_ig
 from qrnca_lens.data import load_data
 from qrnca_lens.errors import ModelError, QrncaError
@@ -198,6 +199,24 @@ def test_backends(tiny_model):
         assert kind == "sequence"
     else:
         assert kind is None
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="needs TL 3.x (HookedTransformer)")
+def test_a_hooked_transformer_subclass_takes_the_fast_path(tiny_tokenizer, facts):
+    """SAELens' HookedSAETransformer and the like are HookedTransformers: same fast path, same scores."""
+    from transformer_lens import HookedTransformer
+
+    class MyHT(HookedTransformer):
+        pass
+
+    model = tiny_hooked_transformer(tiny_tokenizer, gated=True, cls=MyHT)
+    assert fast_backend(model) == "batch"
+    prompt = _prompt(facts, tiny_tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reference fallback warns; the fast path must not be skipped
+        fast = attribute_prompt(model, prompt, IGConfig(steps=4))
+    ref = attribute_prompt(model, prompt, IGConfig(steps=4, method="reference"))
+    assert torch.allclose(fast, ref, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_native_bridge_falls_back_with_a_warning(tiny_tokenizer, facts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -122,3 +123,78 @@ def test_example_03_runs():
     assert "hooks left: 0" in out.stdout
     rel = float(out.stdout.split("max rel diff")[1].split()[0])
     assert rel <= 1e-4
+
+
+def _error_line(capsys) -> str:
+    """The CLI's stderr on failure: exactly one line, "qrnca-lens CMD: error: ...", no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error:" in err and "Traceback" not in err, err
+    return err
+
+
+def _never_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model: these checks must come first."""
+    import qrnca_lens.models as models
+
+    def load(*a, **kw):
+        raise AssertionError("the model was loaded before the bad argument was reported")
+
+    monkeypatch.setattr(models, "load_model", load)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "mlama", "csv", "json"])
+def test_a_data_file_that_is_not_utf8_is_named(monkeypatch, capsys, tmp_path, fmt):
+    _never_load(monkeypatch)
+    name, text = {
+        "jsonl": ("q.jsonl", '{"id": "a", "group": "g", "question": "Caf\u00e9?", "answer": "x"}\n'),
+        "mlama": ("m.jsonl", '{"subject": "Caf\u00e9", "relation": "r", "object": "o", "template": "[X] [Y]"}\n'),
+        "csv": ("q_test.csv", "Caf\u00e9?,1,2,3,4,A\n"),
+        "json": ("a.json", '{"x": {"sentences": ["Caf\u00e9"], "obj_label": ["A"]}}'),
+    }[fmt]
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))  # é as the single byte 0xe9
+    assert cli.main(["accuracy", "--data", str(path)]) == 2
+    assert re.search(rf"{re.escape(name)}: not UTF-8 text \(byte 0xe9.*save the file as UTF-8", _error_line(capsys))
+
+
+def test_a_directory_given_as_data_is_named(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    (tmp_path / "x.jsonl").mkdir()
+    assert cli.main(["accuracy", "--data", str(tmp_path / "x.jsonl")]) == 2
+    assert "x.jsonl: is a directory, not a data file" in _error_line(capsys)
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    (tmp_path / "f").write_text("")
+    for out, message in ((tmp_path / "f", "is a file, not a directory"),
+                         (tmp_path / "f" / "run", "f is a file, so the directory cannot be created")):
+        assert cli.main(["locate", "--data", "builtin:facts", "--out", str(out)]) == 2
+        assert message in _error_line(capsys)
+
+
+def test_an_unwritable_out_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    # The tests run as root, which may write anywhere: os.access stands in for a read-only directory.
+    import os
+
+    _never_load(monkeypatch)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real(p, mode, **kw))
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path} is not writable" in _error_line(capsys)
+
+
+def test_a_model_directory_that_is_not_a_checkpoint_is_named(monkeypatch, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert cli.main(["accuracy", "--data", "builtin:facts", "--model", str(tmp_path)]) == 2
+    assert "is not a transformers checkpoint (no config.json)" in _error_line(capsys)
+
+
+def test_a_broken_checkpoint_is_named(tmp_path):
+    """config.json present but no weights: transformers' error becomes a ModelError naming the directory."""
+    from qrnca_lens.errors import ModelError
+    from qrnca_lens.models import load_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match=rf"{re.escape(str(tmp_path))} does not load as a transformers"):
+        load_model(str(tmp_path))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from qrnca_lens.errors import ModelError
 from qrnca_lens.hooks import active_hook_count, capture, hooked
 from qrnca_lens.interventions import boost, row_factors, scale_rows, suppress
 from qrnca_lens.models import mlp_hook_name
@@ -55,3 +57,61 @@ def test_untouched_rows_stay_clean(tiny_model):
             mixed = tiny_model(toks)
     assert torch.equal(mixed[0], clean[0])
     assert not torch.equal(mixed[1], clean[1])
+
+
+def _padded(model):
+    """Two rows as TL's ``to_tokens`` gives them: the short one right-padded with the tokenizer's pad token."""
+    pad = model.tokenizer.pad_token_id
+    return torch.tensor([[3, 9, 27, 81, 4], [5, 6, 7, pad, pad]])
+
+
+def test_a_padded_batch_is_intervened_at_each_rows_last_real_token(tiny_model):
+    toks = _padded(tiny_model)
+    neurons = [(1, 2), (1, 7)]
+    clean = _acts(tiny_model, toks, 1)
+    mask = (toks != tiny_model.tokenizer.pad_token_id).long()
+    for where in (dict(tokens=toks), dict(attention_mask=mask), dict(positions=[4, 2]),
+                  dict(positions=torch.tensor([4, 2]))):
+        got = _acts(tiny_model, toks, 1, boost(tiny_model, neurons, **where))
+        expect = clean.clone()
+        expect[0, 4, [2, 7]] *= 2
+        expect[1, 2, [2, 7]] *= 2  # the short row's last real token, not the pad at -1
+        assert torch.allclose(got, expect), where
+
+
+def test_a_prompt_names_its_own_target_position(tiny_model):
+    from qrnca_lens.proxies import Prompt
+
+    toks = torch.tensor([[3, 9, 27, 81, 4]])
+    prompt = Prompt("q", "g", 0, "x", (3, 9, 27), (5,))  # a prompt whose target sits at position 2
+    clean = _acts(tiny_model, toks, 1)
+    got = _acts(tiny_model, toks, 1, suppress(tiny_model, [(1, 3)], positions=prompt))
+    expect = clean.clone()
+    expect[0, 2, 3] = 0.0
+    assert torch.allclose(got, expect)
+
+
+def test_a_batch_without_positions_is_refused_rather_than_hit_a_pad(tiny_model):
+    count = active_hook_count(tiny_model)
+    with pytest.raises(ModelError, match="may be right-padded"):
+        _acts(tiny_model, _padded(tiny_model), 1, boost(tiny_model, [(1, 2)]))
+    with pytest.raises(ModelError, match="3 positions for a batch of 2"):
+        _acts(tiny_model, _padded(tiny_model), 1, boost(tiny_model, [(1, 2)], positions=[1, 2, 3]))
+    with pytest.raises(ModelError, match="only one of"):
+        with boost(tiny_model, [(1, 2)], positions=[1, 2], tokens=_padded(tiny_model)):
+            pass
+    assert active_hook_count(tiny_model) == count
+
+
+def test_out_of_range_neurons_are_refused_before_the_forward_naming_the_range(tiny_model):
+    count = active_hook_count(tiny_model)
+    width, n_layers = tiny_model.cfg.d_mlp, tiny_model.cfg.n_layers
+    with pytest.raises(ModelError, match=rf"valid neurons are 0..{width - 1}"):
+        with suppress(tiny_model, [(1, 2), (1, width)]):
+            pytest.fail("the block ran with an out-of-range neuron")
+    with pytest.raises(ModelError, match=rf"valid layers are 0..{n_layers - 1}"):
+        with boost(tiny_model, [(n_layers, 0)]):
+            pytest.fail("the block ran with an out-of-range layer")
+    with pytest.raises(ModelError, match="valid neurons"):
+        row_factors(tiny_model, [([(0, -1)], 0.0)])
+    assert active_hook_count(tiny_model) == count

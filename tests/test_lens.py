@@ -592,13 +592,13 @@ def test_hooks_are_removed_after_every_call(tiny_model, tiny_tokenizer, facts, m
 
 def test_bad_prompts_and_arguments_are_refused(tiny_gated, tiny_tokenizer, facts):
     good = _prompts(facts, tiny_tokenizer, n=1)[0]
-    empty = Prompt("q", "g", 0, "", (), (5,))
-    no_target = Prompt("q", "g", 0, "x", (5, 6), ())
-    too_long = Prompt("q", "g", 0, "x", (5,) * (tiny_gated.cfg.n_ctx + 1), (5,))
-    outside = Prompt("q", "g", 0, "x", (5, 10**6), (5,))
-    for bad, msg in ((empty, "no tokens"), (no_target, "no target"), (too_long, "context"), (outside, "vocabulary")):
+    cases = (  # (text, tokens, target); the first two are refused when the Prompt is built
+        (("", (), (5,)), "no tokens"), (("x", (5, 6), ()), "no target"),
+        (("x", (5,) * (tiny_gated.cfg.n_ctx + 1), (5,)), "context"), (("x", (5, 10**6), (5,)), "vocabulary"),
+    )
+    for (text, tokens, target), msg in cases:
         with pytest.raises(QrncaError, match=msg):
-            neuron_scores(tiny_gated, [bad])
+            neuron_scores(tiny_gated, [Prompt("q", "g", 0, text, tokens, target)])
     with pytest.raises(QrncaError, match="no prompts"):
         neuron_scores(tiny_gated, [])
     with pytest.raises(QrncaError, match="out of range"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -36,6 +37,22 @@ def test_bootstrap_is_seeded_and_brackets_a_constant_ratio():
     a = bootstrap_ci([1.0, 5.0, 2.0, 9.0], [1.0, 1.0, 2.0, 3.0], n_boot=300, seed=3)
     b = bootstrap_ci([1.0, 5.0, 2.0, 9.0], [1.0, 1.0, 2.0, 3.0], n_boot=300, seed=3)
     assert a == b and a[0] <= pcr([1.0, 5.0, 2.0, 9.0], [1.0, 1.0, 2.0, 3.0]) <= a[1]
+
+
+def test_bootstrap_reports_the_resamples_it_drops():
+    """A resample drawing only query 0 (unrelated change 0) has an infinite PCR: counted, warned, not hidden."""
+    rel, unr = [5.0, 3.0], [0.0, 2.0]
+    draws = np.random.default_rng(7).integers(0, 2, size=(400, 2))  # the queries each resample draws
+    only_first = int((draws == 0).all(axis=1).sum())
+    assert 0 < only_first < 400
+    with pytest.warns(RuntimeWarning, match=f"{only_first} of 400 resamples gave a non-finite statistic"):
+        ci = bootstrap_ci(rel, unr, n_boot=400, seed=7)
+    assert ci.dropped == only_first and ci.n_boot == 400
+    lo, hi = ci  # still a (lo, hi) pair for every caller
+    assert np.isfinite(lo) and np.isfinite(hi) and f"{only_first} of 400" in repr(ci)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped, nothing said
+        assert bootstrap_ci([4.0, 8.0], [2.0, 4.0], n_boot=50).dropped == 0
 
 
 def test_editing_rates_by_hand():

@@ -94,3 +94,67 @@ def test_gemma3_loads_from_the_assembled_chunks():
 
 def test_embedded_registry_names():
     assert set(EMBEDDED_MODELS) == {"smollm2", "gemma3-270m"}
+
+
+_RACE = r"""
+import json, os, shutil, sys, time, types
+from pathlib import Path
+import qrnca_lens.models as models
+
+work = Path(sys.argv[1])
+log = work / "log"
+
+
+def note(event):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} {event}\n")
+
+
+def slow_build(spec, cache):
+    # the real build's shape, without the GGUF: fill a temp dir slowly, then rmtree + rename over the cache
+    note("build")
+    tmp = cache.parent / f".tmp-{os.getpid()}"
+    tmp.mkdir()
+    time.sleep(1.5)
+    (tmp / "qrnca_source.json").write_text(json.dumps(
+        {"gguf": str(work / "fake.gguf"), "size": 4, "model": spec.name, "gguf_sha256": "0" * 64}))
+    if cache.exists():
+        shutil.rmtree(cache)
+    os.replace(tmp, cache)
+
+
+models.EMBEDDED_MODELS["fake"] = models.EmbeddedModel("fake", "fake/fake", "fake", lambda c: work / "fake.gguf",
+                                                      ("LlamaForCausalLM",), "a fake for the cache lock")
+models._build_cache = slow_build
+models._finish = lambda model, tok, compat: model
+import transformers
+from transformer_lens.model_bridge import TransformerBridge
+transformers.AutoTokenizer.from_pretrained = lambda path, **kw: note("read") or sorted(os.listdir(path))
+transformers.AutoModelForCausalLM.from_pretrained = lambda path, **kw: types.SimpleNamespace(eval=lambda: None)
+TransformerBridge.boot_transformers = staticmethod(lambda name, **kw: types.SimpleNamespace(tok=kw["tokenizer"]))
+note("ready")
+while not (work / "go").exists():  # both processes reach the cache check together
+    time.sleep(0.01)
+print(json.dumps(models.load_model("fake").tok))
+"""
+
+
+def test_two_first_loads_build_the_model_cache_once(tmp_path):
+    """Two processes (or Ray actors) loading a model for the first time: one builds, the other waits."""
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF")
+    env = {**os.environ, "QRNCA_LENS_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    log = tmp_path / "log"
+    import time
+
+    deadline = time.monotonic() + 120
+    while (not log.exists() or log.read_text().count("ready") < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").write_text("")
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    events = [line.split()[1] for line in log.read_text().splitlines()]
+    assert events.count("build") == 1, events
+    # each process read a complete cache
+    assert all(out.strip().splitlines()[-1] == '["qrnca_source.json"]' for out, _ in outs), outs

@@ -10,7 +10,7 @@ import pytest
 
 from qrnca_lens.data import Query, groups_of, load_data
 from qrnca_lens.errors import ProxyError
-from qrnca_lens.proxies import TEMPLATES, ProxyConfig, Template, build_all_prompts, build_prompts, encode
+from qrnca_lens.proxies import TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, encode
 
 LETTERS = "ABCD"
 
@@ -644,3 +644,12 @@ def test_examples_never_offer_the_querys_answer(facts, tiny_tokenizer):
         for pr in build_prompts(q, ProxyConfig("mcqa-letter", n_shots=3), tiny_tokenizer, pool=facts):
             examples, final = pr.text.rsplit("Q", 1) if pr.template == 2 else pr.text.rsplit("\n\n", 1)
             assert q.answer not in examples, (q.id, pr.template)
+
+
+def test_a_prompt_without_tokens_or_target_is_refused_when_built():
+    """Before: the fast IG path failed deep in the model, the reference path scored every neuron 0."""
+    with pytest.raises(ProxyError, match="query 'q' has no target token"):
+        Prompt("q", "g", 0, "x", (5, 6), ())
+    with pytest.raises(ProxyError, match="query 'q' has no tokens"):
+        Prompt("q", "g", 0, "", (), (5,))
+    assert Prompt("q", "g", 0, "x", (5, 6), (7,)).target_position == 1
