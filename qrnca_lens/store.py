@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from .atomic import write_bytes_atomic, write_json_atomic
 from .errors import StoreError
 
 __all__ = ["RunStore", "FORMAT", "write_json_atomic", "query_filename"]
@@ -36,31 +35,6 @@ FORMAT = "qrnca-lens-run"
 VERSION = 1
 # Manifest keys that define the computation: a rerun with other values would mix incomparable scores.
 IDENTITY_KEYS = ("format", "version", "model", "data", "proxy", "ig", "layers", "model_shape")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=False).encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; give run files the permissions any other file would get.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def query_filename(query_id: str) -> str:
@@ -154,7 +128,7 @@ class RunStore:
 
         meta = {"qrnca": json.dumps({"query_id": query_id, **info})}
         payload = save({"scores": scores.detach().float().cpu().contiguous()}, metadata=meta)
-        _write_atomic(self.path_of(query_id), payload)
+        write_bytes_atomic(self.path_of(query_id), payload)
 
     def read_query(self, query_id: str) -> tuple[Float[Tensor, "prompt layer d_mlp"], dict[str, Any]]:
         from safetensors.torch import load_file
