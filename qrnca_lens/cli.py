@@ -238,6 +238,13 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
+    """evaluation.json, recording which selection's neurons it judged (a later reduce warns when it differs)."""
+    doc = res.to_dict()
+    doc["meta"] = {**doc.get("meta", {}), "selection": run.config.selection.to_dict()}
+    return doc
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -265,7 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if ex is not None:
             ex.shutdown()
     path = Path(args.out) / "evaluation.json"
-    write_json_atomic(path, res.to_dict())
+    write_json_atomic(path, _evaluation_doc(res, run))
     print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
     print(res.table())
@@ -335,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
     methods = tuple(m for m in args.methods.split(",") if m)
     res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
-    write_json_atomic(run_dir / "evaluation.json", res.to_dict())
+    write_json_atomic(run_dir / "evaluation.json", _evaluation_doc(res, run))
     print(res.table())
 
     print("\n== 4. The report: maps, vocabulary projections, the table, circuitsvis views (one offline file)")
