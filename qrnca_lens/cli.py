@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-model", action="store_true", help="skip projections and views")
     rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
 
-    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores")
+    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
+                                        "flags change the run's recorded selection, which evaluate and report use")
     red.add_argument("out")
     _add_selection_args(red, defaults=False)
 
