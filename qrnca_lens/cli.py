@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-model", action="store_true", help="skip projections and views")
     rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
 
-    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores")
+    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
+                                        "flags change the run's recorded selection, which evaluate and report use")
     red.add_argument("out")
     _add_selection_args(red, defaults=False)
 
@@ -240,6 +241,13 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
+    """evaluation.json, recording which selection's neurons it judged (a later reduce warns when it differs)."""
+    doc = res.to_dict()
+    doc["meta"] = {**doc.get("meta", {}), "selection": run.config.selection.to_dict()}
+    return doc
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -267,7 +275,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if ex is not None:
             ex.shutdown()
     path = Path(args.out) / "evaluation.json"
-    write_json_atomic(path, res.to_dict())
+    write_json_atomic(path, _evaluation_doc(res, run))
     print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
     print(res.table())
@@ -337,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
     methods = tuple(m for m in args.methods.split(",") if m)
     res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
-    write_json_atomic(run_dir / "evaluation.json", res.to_dict())
+    write_json_atomic(run_dir / "evaluation.json", _evaluation_doc(res, run))
     print(res.table())
 
     print("\n== 4. The report: maps, vocabulary projections, the table, circuitsvis views (one offline file)")

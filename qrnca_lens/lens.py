@@ -62,9 +62,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -74,6 +72,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .atomic import write_json_atomic
 from .versions import library_versions, model_identity
 from .data import Query
 from .errors import ModelError, QrncaError
@@ -1302,9 +1301,7 @@ def lens_locate(
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, doc, indent=2)
 
 
 def cmd_lens(args: argparse.Namespace) -> int:

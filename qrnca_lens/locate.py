@@ -16,8 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -127,6 +131,7 @@ class LocateResult:
         """The same run with other t/u/v (needs the scores: in memory, or in ``out``)."""
         scores = {q: scores_of(self, q) for q in self.groups}
         clusters = {q: query_cluster(scores[q], selection.t, selection.cluster_mode) for q in self.groups}
+        _warn_if_degenerate(len(clusters), selection)
         return replace(self, config=replace(self.config, selection=selection), clusters=clusters,
                        selection=select(clusters, selection), scores=scores)
 
@@ -135,7 +140,7 @@ class LocateResult:
         if not self.scores:
             raise QrncaError("this result holds no scores to save; it already lives in its run directory")
         store = RunStore.open(out, _manifest(self.model, self.data, self.config, self.layers, self.groups,
-                                             self.info_shape()))
+                                             self.info_shape(), None))
         for q, s in self.scores.items():
             store.write_query(q, s, self.info[q])
         store.write_neurons(self.neurons_json())
@@ -184,12 +189,43 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
-              shape: list[int], identity: dict[str, Any]) -> dict[str, Any]:
+              shape: list[int], identity: dict[str, Any] | None) -> dict[str, Any]:
     d = cfg.to_dict()
     # versions and model_identity say what the run was made with; each query file also records its own.
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
             "versions": library_versions(), "model_identity": identity}
+
+
+def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
+    """Why a collection of ``n`` queries gives every query 0 QR neurons under ``selection``, or None if it need not.
+
+    Exact, from the definitions in ``selection``: a neuron in a query's own cluster has count >= 1, so
+    (ICA) ica = ln(N / (count + 1)) > 0 needs N >= 3, and (commons) count > u * N makes every clustered
+    neuron common, hence removed, while u * N < 1.
+    """
+    reasons, need = [], 1
+    if selection.use_ica and n < 3:
+        reasons.append(f"ica = ln(N / (count + 1)) is > 0 only when count < N - 1, and every neuron of a query's "
+                       f"cluster has count >= 1, so ICA needs N >= 3 (here every naica <= 0)")
+        need = 3
+    u = Fraction(repr(float(selection.u)))
+    if selection.remove_common and n * u < 1:
+        min_n = math.ceil(1 / u)
+        reasons.append(f"a neuron is common (and removed) when count > u * N = {selection.u} * {n}, which every "
+                       f"neuron of a cluster is while N < 1/u = {min_n}")
+        need = max(need, min_n)
+    if not reasons:
+        return None
+    return (f"QRNCA needs a larger collection: with N = {n} quer{'y' if n == 1 else 'ies'} every query gets 0 QR "
+            f"neurons: {'; and '.join(reasons)}. Locate at least {need} queries together, or select without ICA / without "
+            f"removing common neurons (--no-ica --keep-common; SelectionConfig(use_ica=False, remove_common=False))")
+
+
+def _warn_if_degenerate(n: int, selection: SelectionConfig) -> None:
+    why = degenerate_selection(n, selection)
+    if why:
+        warnings.warn(why, stacklevel=3)
 
 
 def _check_queries(queries: Sequence[Query]) -> None:
@@ -220,9 +256,6 @@ def locate(
     per-query attribution runs (default: this process, on ``model``; see ``executors``).
     """
     _check_queries(queries)
-    if len(queries) == 1 and cfg.selection.use_ica:
-        warnings.warn("ICA needs a collection: with one query every ica is ln(1/2) < 0, so no neuron is kept. "
-                      "Locate several queries together, or use SelectionConfig(use_ica=False)", stacklevel=2)
     name = name or model_name(model)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
@@ -233,7 +266,22 @@ def locate(
     identity = model_identity(model)
     store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity)) \
         if out else None
-    done = store.done() if store else set()
+    # One process per shard: a second one on the same shard is refused; other shards run alongside.
+    with store.shard_lock(*shard) if store else nullcontext():
+        return _attribute_and_reduce(model, queries, prompts, cfg, store, shard=shard, progress=progress,
+                                     executor=executor, name=name, data=data)
+
+
+def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[str, Any], cfg: LocateConfig,
+                          store: RunStore | None, *, shard: tuple[int, int], progress: bool, executor: Any, name: str,
+                          data: str | None) -> LocateResult | None:
+    """locate once the run is open and this shard held: attribute what is missing, then reduce."""
+    out = store.root if store else None
+    layers = list(cfg.layers or ())
+    groups = {q.id: q.group for q in queries}
+    done, corrupt = store.scan() if store else (set(), [])
+    for e in corrupt:  # a damaged file (truncated, overwritten) is a query still to do
+        warnings.warn(f"{e.path} is corrupt ({e.reason}): recomputing that query", stacklevel=3)
     unknown = done - set(groups)
     if unknown:
         raise StoreError(f"{out} holds queries that are not part of this run: {sorted(unknown)[:5]}")
@@ -254,23 +302,34 @@ def locate(
         else:
             scores[qid], info[qid] = s, qi
     if store:
-        if store.done() != set(groups):
-            left = len(set(groups) - store.done())
+        # The manifest's set, not ours: another process may have extended the run meanwhile.
+        left = len(set(RunStore.load(store.root).manifest["queries"]) - store.done())
+        if left:
             print(f"[qrnca-lens] {left} queries of this run are still to do (other shards); "
                   f"neurons.json is written when the last one finishes, or run `qrnca-lens reduce {out}`")
             return None
         return reduce(out, cfg.selection)
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
+    _warn_if_degenerate(len(clusters), cfg.selection)
     return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores)
 
 
 def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
-    """The collection-level step from a run directory alone: clusters, ICA, commons, top v -> ``neurons.json``."""
+    """The collection-level step from a run directory alone: clusters, ICA, commons, top v -> ``neurons.json``.
+
+    ``selection=None`` is the run's recorded selection: the one of the latest reduce that wrote. With
+    ``write=True`` the selection used is recorded in the manifest, then ``neurons.json`` is written, so
+    ``evaluate``, the report and a later ``reduce(out)`` all see this one selection.
+    """
     store = RunStore.load(out)
     man = store.manifest
     cfg = LocateConfig.from_dict({**man, "selection": (selection.to_dict() if selection else man["selection"])})
     groups: dict[str, str] = man["queries"]
-    missing = set(groups) - store.done()
+    done, corrupt = store.scan()
+    if corrupt:
+        raise StoreError(f"{corrupt[0]}" + (f" ({len(corrupt) - 1} more query files are corrupt too)"
+                                            if len(corrupt) > 1 else ""))
+    missing = set(groups) - done
     if missing:
         raise StoreError(f"{out}: {len(missing)} of {len(groups)} queries are not attributed yet "
                          f"(e.g. {sorted(missing)[:3]}); finish the run (rerun locate) before reducing")
@@ -279,11 +338,30 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
         s, qi = store.read_query(q)
         scores[q], info[q] = s, qi
         clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
+    _warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
                        select(clusters, cfg.selection), scores={}, out=Path(out))
     if write:
+        # Record first: if killed in between, a plain `reduce(out)` rewrites neurons.json to match the record.
+        store.record_selection(cfg.selection.to_dict())
         store.write_neurons(res.neurons_json())
+        _warn_if_stale_evaluation(store.root, cfg.selection)
     return res
+
+
+def _warn_if_stale_evaluation(root: Path, selection: SelectionConfig) -> None:
+    """evaluation.json judges the neurons of one selection; after a reduce with another, it judges other neurons."""
+    path = root / "evaluation.json"
+    if not path.exists():
+        return
+    try:
+        used = json.loads(path.read_text()).get("meta", {}).get("selection")
+    except (OSError, ValueError, AttributeError):
+        used = None
+    if used != selection.to_dict():
+        warnings.warn(f"{path} evaluated the neurons of another selection ({used or 'not recorded'}), not of this "
+                      f"reduce ({selection.to_dict()}); rerun `qrnca-lens evaluate {root}` before reading it or the "
+                      "report", stacklevel=3)
 
 
 def scores_of(result: LocateResult, query_id: str) -> Float[Tensor, "prompt layer d_mlp"]:

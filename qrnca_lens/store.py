@@ -1,12 +1,16 @@
 """The run directory: a manifest, one file per finished query, and the reduce's ``neurons.json``. No model code.
 
-    DIR/manifest.json              what the run is (model, data, proxy, IG settings): reruns must match it
+    DIR/manifest.json              what the run is (model, data, proxy, IG settings, query set) and the
+                                   selection of the latest reduce, which every later stage uses
     DIR/queries/<id>.safetensors   one query's IG scores [prompt, layer, d_mlp] + metadata, written atomically
     DIR/neurons.json               the collection-level selection (rewritten by every reduce)
 
-A query file appears in one ``os.replace``, so a run killed at any instant leaves finished queries whole and
-no partial file under a final name: a rerun skips what is done and redoes the rest. Shards of one run write
-disjoint query files into the same directory, so they never clash.
+Every file appears in one ``os.replace`` (``atomic``), so a run killed at any instant leaves finished queries
+whole and no partial file under a final name: a rerun skips what is done and redoes the rest, including a
+query file that was damaged afterwards (it is reported and recomputed). A rerun must match the stored
+identity; it may add queries (the run is extended), never drop or regroup them. Shards of one run write
+disjoint query files into the same directory, so they never clash; a second process on the same shard is
+refused (one lock file per shard).
 
 Example:
     >>> store = RunStore.open("runs/x", manifest)        # doctest: +SKIP
@@ -18,9 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from .atomic import write_bytes_atomic, write_json_atomic
 from .errors import StoreError
 
 __all__ = ["RunStore", "FORMAT", "write_json_atomic", "query_filename"]
@@ -36,31 +40,79 @@ FORMAT = "qrnca-lens-run"
 VERSION = 1
 # Manifest keys that define the computation: a rerun with other values would mix incomparable scores.
 IDENTITY_KEYS = ("format", "version", "model", "data", "proxy", "ig", "layers", "model_shape")
+# Recorded, but not identity: they change memory and speed, never a score, so a run that ran out of memory
+# resumes with a smaller max_batch_rows. (Threads and the executor are not in the manifest at all.)
+NOT_IDENTITY = {"ig": ("max_batch_rows",)}
+MANIFEST_LOCK = ".manifest.lock"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=False).encode())
+class _Corrupt(StoreError):
+    """A query file that cannot be read (truncated, overwritten): locate recomputes it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path} is corrupt ({reason}); rerun locate to recompute that query (or delete it)")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _is_ours(p: Path) -> bool:
+    # Lock files, and the empty queries/ of a run killed before its manifest landed.
+    return p.name.startswith(".") or (p.name == "queries" and p.is_dir() and not any(p.iterdir()))
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextmanager
+def _flock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed), released on exit or when the process dies.
+
+    Without fcntl (Windows) this does not lock: concurrent processes on one run directory are then the user's care.
+    """
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; give run files the permissions any other file would get.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _identity(manifest: dict[str, Any], key: str) -> Any:
+    value = manifest.get(key)
+    drop = NOT_IDENTITY.get(key, ())
+    return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) and drop else value
+
+
+def _check_identity(root: Path, existing: dict[str, Any], asked: dict[str, Any]) -> None:
+    diff = {k: (_identity(existing, k), _identity(asked, k)) for k in IDENTITY_KEYS
+            if _identity(existing, k) != _identity(asked, k)}
+    if diff:
+        lines = "; ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+        raise StoreError(f"{root} holds a different run ({lines}); use another --out directory, or delete {root} "
+                         "to start over")
+
+
+def _check_query_set(root: Path, stored: dict[str, str], asked: dict[str, str]) -> None:
+    """A rerun may add queries, never drop or regroup them: the run's N (and so every ICA) is its whole set.
+
+    A strict subset is refused too: reducing over the stored set would ignore the asked one, reducing over the
+    subset would silently rewrite this run's neurons with another N. A subset is a new run (another --out).
+    """
+    regrouped = [q for q in asked if q in stored and stored[q] != asked[q]]
+    missing = [q for q in stored if q not in asked]
+    problems = []
+    if regrouped:
+        q = regrouped[0]
+        problems.append(f"{len(regrouped)} quer{'y changes' if len(regrouped) == 1 else 'ies change'} group "
+                        f"(e.g. {q!r}: stored {stored[q]!r}, asked {asked[q]!r})")
+    if missing:
+        problems.append(f"{len(missing)} of its {len(stored)} queries are not in the asked set of {len(asked)} "
+                        f"(e.g. {missing[:3]})")
+    if problems:
+        raise StoreError(f"{root} holds a run over another query set: {'; '.join(problems)}. A rerun may only add "
+                         f"queries: ask for all {len(stored)} stored ones (the same data, a --limit at least as "
+                         f"large), or use another --out directory for this set")
 
 
 def query_filename(query_id: str) -> str:
@@ -82,26 +134,55 @@ class RunStore:
 
     @classmethod
     def open(cls, root: str | Path, manifest: dict[str, Any]) -> "RunStore":
+        """Create the run, or resume it: same identity, and a query set that equals or extends the stored one."""
         root = Path(root)
         manifest = {"format": FORMAT, "version": VERSION, **manifest}
         path = root / "manifest.json"
-        if path.exists():
-            existing = cls._read_manifest(path)
-            diff = {k: (existing.get(k), manifest.get(k)) for k in IDENTITY_KEYS if existing.get(k) != manifest.get(k)}
-            if diff:
-                lines = "; ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                raise StoreError(
-                    f"{root} holds a different run ({lines}); use another --out directory, or delete {root} to start over"
-                )
-            return cls(root, existing)
-        if root.exists() and any(p.name != "manifest.json" for p in root.iterdir()):
+        if not path.exists() and root.exists() and any(not _is_ours(p) for p in root.iterdir()):
             raise StoreError(
                 f"{root} exists and is not a qrnca-lens run (no manifest.json); choose an empty or new --out directory"
             )
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "queries").mkdir(exist_ok=True)
-        write_json_atomic(path, manifest)
-        return cls(root, manifest)
+        (root / "queries").mkdir(parents=True, exist_ok=True)
+        with _flock(root / MANIFEST_LOCK):  # read-check-extend in one step: two extending processes cannot interleave
+            if not path.exists():
+                write_json_atomic(path, manifest)
+                return cls(root, manifest)
+            existing = cls._read_manifest(path)
+            _check_identity(root, existing, manifest)
+            stored, asked = existing.get("queries") or {}, manifest.get("queries") or {}
+            _check_query_set(root, stored, asked)
+            if set(asked) != set(stored):
+                # A larger set extends the run: the new ids are attributed, the reduce runs over all of them.
+                existing = {**existing, "queries": dict(asked)}
+                write_json_atomic(path, existing)
+            return cls(root, existing)
+
+    def record_selection(self, selection: dict[str, Any]) -> None:
+        """Make ``selection`` the run's selection: every later stage (evaluate, report, ``reduce(DIR)``) uses it."""
+        path = self.root / "manifest.json"
+        with _flock(self.root / MANIFEST_LOCK):
+            current = self._read_manifest(path)
+            if current.get("selection") != selection:
+                current = {**current, "selection": selection}
+                write_json_atomic(path, current)
+        self.manifest = current
+
+    @contextmanager
+    def shard_lock(self, i: int, n: int) -> Iterator[None]:
+        """Hold shard i/n of this run for one process; a second process asking for it gets a clear refusal.
+
+        Per shard, not per directory: the shards of one run write disjoint files and run side by side.
+        """
+        lock = self.root / f".locate-shard-{i}-of-{n}.lock"
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(_flock(lock, blocking=False))
+            except BlockingIOError:
+                raise StoreError(
+                f"another qrnca-lens locate is already attributing {'this run' if n == 1 else f'shard {i}/{n}'} into "
+                    f"{self.root} (it holds {lock.name}); wait for it to finish, or give each process its own "
+                    "--shard I/N") from None
+            yield
 
     @classmethod
     def load(cls, root: str | Path) -> "RunStore":
@@ -129,12 +210,18 @@ class RunStore:
         return self.queries_dir / query_filename(query_id)
 
     def done(self) -> set[str]:
-        """Ids of the queries whose file is present (temporary files of interrupted writes are ignored)."""
-        out = set()
-        for p in self.queries_dir.glob("*.safetensors"):
-            meta = self._header(p)
-            out.add(meta["query_id"])
-        return out
+        """Ids of the queries whose file is present and readable (temporary and corrupt files are left out)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[set[str], list[StoreError]]:
+        """``(ids of readable query files, one error per unreadable file)``; a file of another query raises."""
+        out, corrupt = set(), []
+        for p in sorted(self.queries_dir.glob("*.safetensors")):
+            try:
+                out.add(self._header(p)["query_id"])
+            except _Corrupt as e:
+                corrupt.append(e)
+        return out, corrupt
 
     def _header(self, path: Path) -> dict[str, Any]:
         from safetensors import safe_open
@@ -144,7 +231,7 @@ class RunStore:
                 meta = f.metadata() or {}
             info = json.loads(meta["qrnca"])
         except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
-            raise StoreError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and rerun to recompute that query") from None
+            raise _Corrupt(path, f"{type(e).__name__}: {e}") from None
         if path.name != query_filename(info.get("query_id", "")):
             raise StoreError(f"{path} does not belong to this run (it holds query {info.get('query_id')!r}); delete it")
         return info
@@ -154,7 +241,7 @@ class RunStore:
 
         meta = {"qrnca": json.dumps({"query_id": query_id, **info})}
         payload = save({"scores": scores.detach().float().cpu().contiguous()}, metadata=meta)
-        _write_atomic(self.path_of(query_id), payload)
+        write_bytes_atomic(self.path_of(query_id), payload)
 
     def read_query(self, query_id: str) -> tuple[Float[Tensor, "prompt layer d_mlp"], dict[str, Any]]:
         from safetensors.torch import load_file
@@ -166,7 +253,7 @@ class RunStore:
         try:
             scores = load_file(str(path))["scores"]
         except Exception as e:  # noqa: BLE001
-            raise StoreError(f"{path} is corrupt ({e}); delete it and rerun to recompute that query") from None
+            raise _Corrupt(path, f"{type(e).__name__}: {e}") from None
         shape = self.manifest.get("model_shape")
         if shape and tuple(scores.shape[1:]) != (len(self.manifest["layers"]), shape[1]):
             raise StoreError(f"{path}: scores of shape {tuple(scores.shape)} do not fit this run's model")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import qrnca_lens.executors as executors_mod
 from qrnca_lens.attribution import IGConfig
 from qrnca_lens.data import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError, StoreError
-from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, reduce
+from qrnca_lens.locate import LocateConfig, LocateResult, degenerate_selection, locate, parse_shard, reduce
 from qrnca_lens.proxies import ProxyConfig
-from qrnca_lens.selection import SelectionConfig
+from qrnca_lens.selection import SelectionConfig, query_cluster, select
 from qrnca_lens.store import query_filename
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
@@ -136,7 +139,7 @@ def test_bad_inputs(tiny_gated, pool):
         with pytest.raises(QrncaError, match="--shard"):
             parse_shard(bad)
     assert parse_shard("1/4") == (1, 4)
-    with pytest.warns(UserWarning, match="ICA needs a collection"):
+    with pytest.warns(UserWarning, match=r"needs a larger collection: with N = 1 query .*ICA needs N >= 3"):
         locate(tiny_gated, pool[:1], CFG, pool=pool, progress=False)
 
 
@@ -153,8 +156,9 @@ def _run_cli(args, **kw):
 
 
 def test_kill_9_then_rerun_gives_identical_neurons(tiny_checkpoint, tmp_path):
+    # 20 queries, not all 100: the clean run alone took over the 300 s timeout on a loaded 2-core machine.
     args = ["locate", "--model", str(tiny_checkpoint), "--data", "builtin:facts", "--proxy", "cloze",
-            "--steps", "8", "--quiet"]
+            "--steps", "8", "--quiet", "--limit", "4"]
     clean = _run_cli(args + ["--out", str(tmp_path / "clean")])
     assert clean.wait(timeout=300) == 0, clean.stderr.read()
     out = tmp_path / "killed"
@@ -165,7 +169,7 @@ def test_kill_9_then_rerun_gives_identical_neurons(tiny_checkpoint, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_before = len(list((out / "queries").glob("*.safetensors")))
-    assert 5 <= n_before < 100, "the kill did not land mid-run"
+    assert 5 <= n_before < 20, "the kill did not land mid-run"
     assert not (out / "neurons.json").exists()
     rerun = _run_cli(args + ["--out", str(out)])
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
@@ -198,3 +202,170 @@ def test_locate_one_builtin_query_on_smollm2_fast_equals_reference(smollm2):
     ref = attribute_prompts(smollm2, prompts, IGConfig(steps=8, method="reference"), layers=layers)
     assert ref.abs().max() > 0
     assert (fast[:, layers] - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+# ---------------------------------------------------------------- the run directory: never a silent subset
+
+DATA = "builtin:facts"
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_llama, pool, tmp_path_factory):
+    """A finished 5-query run (one per relation); tests copy it instead of attributing again."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    locate(tiny_llama, limit_per_group(pool, 1), CFG, pool=pool, out=out, progress=False, name="tiny", data=DATA)
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def _count_attributions(monkeypatch):
+    calls = []
+    real = executors_mod.attribute_prompts
+    monkeypatch.setattr(executors_mod, "attribute_prompts",
+                        lambda m, ps, *a, **k: calls.append(ps[0].query_id) or real(m, ps, *a, **k))
+    return calls
+
+
+def test_rerun_with_more_queries_extends_the_run(tiny_gated, queries, pool, run_copy, monkeypatch):
+    first = {q.id for q in limit_per_group(pool, 1)}
+    calls = _count_attributions(monkeypatch)
+    res = locate(tiny_gated, queries, CFG, pool=pool, out=run_copy, progress=False, name="tiny", data=DATA)
+    assert sorted(calls) == sorted(q.id for q in queries if q.id not in first)  # only the new ones
+    assert res.selection.n_clusters == len(queries)  # N of ICA is the whole set
+    assert set(_neurons(run_copy)["queries"]) == {q.id for q in queries}
+    assert set(json.loads((run_copy / "manifest.json").read_text())["queries"]) == {q.id for q in queries}
+    fresh = locate(tiny_gated, queries, CFG, pool=pool, progress=False, name="tiny")
+    assert res.neurons_json()["queries"] == fresh.neurons_json()["queries"]
+    assert reduce(run_copy, write=False).neurons_json()["queries"] == fresh.neurons_json()["queries"]
+
+
+def test_rerun_with_fewer_or_regrouped_queries_names_the_difference(tiny_gated, pool, run_copy):
+    five = limit_per_group(pool, 1)
+    with pytest.raises(StoreError, match=rf"1 of its 5 queries are not in the asked set of 4 .*'{five[0].id}'"):
+        locate(tiny_gated, five[1:], CFG, pool=pool, out=run_copy, progress=False, name="tiny", data=DATA)
+    moved = [dataclasses.replace(five[0], group=five[1].group), *five[1:]]
+    with pytest.raises(StoreError, match=rf"1 query changes group \(e.g. '{five[0].id}': stored "
+                                         rf"'{five[0].group}', asked '{five[1].group}'\)"):
+        locate(tiny_gated, moved, CFG, pool=pool, out=run_copy, progress=False, name="tiny", data=DATA)
+    assert len(json.loads((run_copy / "manifest.json").read_text())["queries"]) == 5  # untouched
+
+
+def test_every_stage_uses_the_selection_of_the_latest_reduce(run_copy, tiny_gated, monkeypatch):
+    import qrnca_lens.evaluation as evaluation_mod
+    import qrnca_lens.models as models_mod
+    from qrnca_lens import cli
+
+    (run_copy / "evaluation.json").write_text(json.dumps({"meta": {"selection": SelectionConfig().to_dict()}}))
+    with pytest.warns(UserWarning, match="evaluation.json evaluated the neurons of another selection"):
+        assert cli.main(["reduce", str(run_copy), "--v", "3"]) == 0
+    assert _neurons(run_copy)["config"]["selection"]["v"] == 3
+    again = reduce(run_copy, write=False)
+    assert again.config.selection.v == 3
+    assert again.neurons_json()["queries"] == _neurons(run_copy)["queries"]
+    with pytest.warns(UserWarning, match="evaluation.json evaluated the neurons of another selection"):
+        assert cli.main(["reduce", str(run_copy), "--t", "0.3"]) == 0  # other flags keep the recorded v
+    assert _neurons(run_copy)["config"]["selection"]["v"] == 3
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_evaluate(model, run, *a, **k):
+        seen.append(run)
+        raise Stop
+
+    monkeypatch.setattr(models_mod, "load_model", lambda name, **kw: tiny_gated)
+    monkeypatch.setattr(evaluation_mod, "evaluate", fake_evaluate)
+    with pytest.raises(Stop):
+        cli.main(["evaluate", str(run_copy), "--quiet"])
+    assert seen[0].config.selection == SelectionConfig(t=0.3, v=3)
+    assert seen[0].neurons_json()["queries"] == _neurons(run_copy)["queries"]
+
+
+def _singletons(n, shape=(2, 8)):
+    """n queries, each with one neuron of its own: the most favourable collection for ICA and commons."""
+    return {f"q{i}": query_cluster(torch.eye(shape[0] * shape[1])[i].reshape(1, *shape)) for i in range(n)}
+
+
+@pytest.mark.parametrize("u", [0.3, 0.5, 0.1, 1.0])
+@pytest.mark.parametrize("use_ica,remove_common", [(True, True), (True, False), (False, True), (False, False)])
+def test_degenerate_selection_is_exactly_when_every_query_is_empty(u, use_ica, remove_common):
+    for n in range(1, 12):
+        cfg = SelectionConfig(u=u, use_ica=use_ica, remove_common=remove_common)
+        why = degenerate_selection(n, cfg)
+        empty = select(_singletons(n), cfg).mean_qr_count() == 0
+        assert (why is not None) == empty, (n, cfg, why)
+
+
+def test_tiny_collections_warn_with_the_minimum_n(tiny_gated, pool, run_copy):
+    two = limit_per_group(pool, 1)[:2]
+    with pytest.warns(UserWarning, match=r"N = 2 queries every query gets 0 QR neurons: .*ICA needs N >= 3.*"
+                                         r"N < 1/u = 4.*Locate at least 4 queries"):
+        res = locate(tiny_gated, two, CFG, pool=pool, progress=False)
+    assert res.selection.mean_qr_count() == 0
+    three = degenerate_selection(3, SelectionConfig())  # ICA is fine, but u * N = 0.9 < 1: every neuron is common
+    assert "ICA needs" not in three and "0.3 * 3, which every neuron of a cluster is while N < 1/u = 4" in three
+    assert degenerate_selection(4, SelectionConfig()) is None
+    with pytest.warns(UserWarning, match=r"N = 5 queries .*u \* N = 0.1 \* 5.*N < 1/u = 10"):
+        res = reduce(run_copy, SelectionConfig(u=0.1))  # the reduce says it, so `qrnca-lens reduce` does too
+    assert res.selection.mean_qr_count() == 0
+
+
+def test_max_batch_rows_is_recorded_but_not_identity(tiny_gated, pool, base_run, run_copy, monkeypatch):
+    victim = limit_per_group(pool, 1)[2].id
+    (run_copy / "queries" / query_filename(victim)).unlink()
+    calls = _count_attributions(monkeypatch)
+    smaller = dataclasses.replace(CFG, ig=dataclasses.replace(CFG.ig, max_batch_rows=3))  # after an OOM
+    res = locate(tiny_gated, limit_per_group(pool, 1), smaller, pool=pool, out=run_copy, progress=False,
+                 name="tiny", data=DATA)
+    assert calls == [victim]
+    # Other batches may differ in the last float32 bits, never in which neurons are chosen.
+    for q, stored in _neurons(base_run)["queries"].items():
+        got = res.neurons_json()["queries"][q]["qr_neurons"]
+        assert [r[:2] for r in got] == [r[:2] for r in stored["qr_neurons"]]
+        assert [r[2] for r in got] == pytest.approx([r[2] for r in stored["qr_neurons"]], rel=1e-5)
+    assert json.loads((run_copy / "manifest.json").read_text())["ig"]["max_batch_rows"] == CFG.ig.max_batch_rows
+    other_steps = dataclasses.replace(CFG, ig=dataclasses.replace(CFG.ig, steps=5))
+    with pytest.raises(StoreError, match="holds a different run.*ig"):
+        locate(tiny_gated, limit_per_group(pool, 1), other_steps, pool=pool, out=run_copy, progress=False,
+               name="tiny", data=DATA)
+
+
+def test_truncated_query_file_is_named_and_recomputed(tiny_gated, pool, base_run, run_copy, monkeypatch):
+    victim = run_copy / "queries" / query_filename(limit_per_group(pool, 1)[1].id)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    calls = _count_attributions(monkeypatch)
+    with pytest.warns(UserWarning, match=rf"{victim.name} is corrupt .*recomputing that query"):
+        res = locate(tiny_gated, limit_per_group(pool, 1), CFG, pool=pool, out=run_copy, progress=False,
+                     name="tiny", data=DATA)
+    assert calls == [limit_per_group(pool, 1)[1].id]
+    assert res.neurons_json()["queries"] == _neurons(base_run)["queries"]
+
+
+def test_a_second_process_on_the_same_shard_is_refused(tiny_gated, pool, run_copy):
+    hold = ("import sys; from qrnca_lens.store import RunStore\n"
+            "with RunStore.load(sys.argv[1]).shard_lock(0, 1):\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's qrnca_lens
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_copy)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=r"another qrnca-lens locate is already attributing this run into .*"
+                                             r"wait for it to finish"):
+            locate(tiny_gated, limit_per_group(pool, 1), CFG, pool=pool, out=run_copy, progress=False,
+                   name="tiny", data=DATA)
+        # Shards hold their own locks: shard 1/2 runs while shard 0/1 is held.
+        assert locate(tiny_gated, limit_per_group(pool, 1), CFG, pool=pool, out=run_copy, shard=(1, 2),
+                      progress=False, name="tiny", data=DATA) is not None
+    finally:
+        holder.communicate("", timeout=30)
+    assert locate(tiny_gated, limit_per_group(pool, 1), CFG, pool=pool, out=run_copy, progress=False,
+                  name="tiny", data=DATA) is not None  # released with the process

@@ -21,15 +21,14 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import analysis as A
+from ..atomic import write_text_atomic
 from ..errors import QrncaError
 
 __all__ = ["load_run", "report_html", "write_report", "cmd_report"]
@@ -569,15 +568,7 @@ def write_report(
     text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     # Written atomically, so a browser never opens half a report.
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_text_atomic(path, text)
 
 
 def cmd_report(args: Any) -> int:

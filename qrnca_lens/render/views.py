@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from ..atomic import write_text_atomic
 from ..errors import QrncaError
 
 __all__ = [
@@ -103,8 +104,7 @@ class View:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(self.html(), encoding="utf-8")
-        return path
+        return write_text_atomic(path, self.html())
 
 
 def from_rendered(rendered: Any, title: str = "") -> View:
