@@ -1,7 +1,7 @@
 """The ``qrnca-lens`` command line. Thin: it parses, calls the Python API, prints.
 
-    qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--json]
-    qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--shard I/N]
+    qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--pool SPEC] [--json]
+    qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--pool SPEC] [--shard I/N]
                       [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
     qrnca-lens evaluate DIR [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
@@ -32,6 +32,9 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a path (.jsonl, .csv, .json) or builtin:domains / builtin:facts")
     p.add_argument("--proxy", default="mcqa-letter", choices=["mcqa-letter", "mcqa-text", "cloze"])
     p.add_argument("--limit", type=int, default=None, help="keep the first N queries of every group")
+    p.add_argument("--pool", default=None,
+                   help="take in-context examples and distractors from this set instead of --data (same syntax: "
+                        "a path or builtin:NAME); for a small --data file")
     p.add_argument("--templates", type=int, default=3, help="|Q|: prompts (templates) per query")
     p.add_argument("--shots", type=int, default=None, help="in-context examples per prompt (default: per proxy)")
     p.add_argument("--seed", type=int, default=0)
@@ -46,6 +49,15 @@ def _proxy_config(args: argparse.Namespace) -> Any:
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
     return ProxyConfig(args.proxy, n_prompts=args.templates, n_shots=args.shots, seed=args.seed,
                        prepend_bos=bos, chat_template=args.chat)
+
+
+def _queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The queries (--data, --limit per group) and where their examples and distractors come from."""
+    from .data import limit_per_group, load_data
+
+    data = load_data(args.data)
+    pool = load_data(args.pool) if args.pool else data
+    return limit_per_group(data, args.limit), pool
 
 
 def _add_selection_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -181,13 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
     from . import models
-    from .data import limit_per_group, load_data
     from .scoring import accuracy
 
     cfg = _proxy_config(args)
-    pool = load_data(args.data)
+    queries, pool = _queries_and_pool(args)
     model = models.load_model(args.model, verbose=not args.json)
-    res = accuracy(model, limit_per_group(pool, args.limit), cfg, pool=pool, progress=not args.json)
+    res = accuracy(model, queries, cfg, pool=pool, progress=not args.json)
     print(res)
     if args.json:
         print(json.dumps({"accuracy": res.accuracy, "mean_target_prob": res.mean_target_prob, "n": res.n,
@@ -201,7 +212,6 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
     from . import models
     from .attribution import IGConfig
-    from .data import limit_per_group, load_data
     from .locate import LocateConfig, locate, parse_shard
 
     shard = parse_shard(args.shard)
@@ -211,13 +221,12 @@ def cmd_locate(args: argparse.Namespace) -> int:
                     max_batch_rows=args.max_batch_rows),
         selection=_selection_config(args),
     )
-    pool = load_data(args.data)
-    queries = limit_per_group(pool, args.limit)
+    queries, pool = _queries_and_pool(args)
     model = models.load_model(args.model, verbose=not args.quiet)
     ex = _executor(args, args.model)
     try:
         res = locate(model, queries, cfg, pool=pool, out=args.out, shard=shard, progress=not args.quiet,
-                     name=args.model, data=args.data, executor=ex)
+                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data)
     finally:
         if ex is not None:
             ex.shutdown()
@@ -252,25 +261,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import models
-    from .data import load_data
     from .evaluation import EvalConfig, evaluate
     from .locate import reduce
     from .store import write_json_atomic
 
     run = reduce(args.out, write=False)
-    if run.data is None:
-        from .errors import StoreError
-
-        raise StoreError(f"{args.out} does not record its data spec; rerun locate through the CLI or pass data")
-    pool = load_data(run.data)
-    queries = [q for q in pool if q.id in run.groups]
+    # The run's stored prompts and queries, not its data file: editing or deleting that file after
+    # locate changes nothing here.
+    queries = run.stored_queries()
     model = models.load_model(run.model, verbose=not args.quiet)
     cfg = EvalConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
                      every_position=args.every_position, n_boot=args.bootstrap, batch_size=args.batch_size)
     t0 = time.perf_counter()
     ex = _executor(args, run.model)
     try:
-        res = evaluate(model, run, queries, pool, cfg, progress=not args.quiet, executor=ex)
+        res = evaluate(model, run, queries, cfg=cfg, progress=not args.quiet, executor=ex)
     finally:
         if ex is not None:
             ex.shutdown()

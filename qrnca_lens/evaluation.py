@@ -25,7 +25,7 @@ For each method and query (neurons cut to QRNCA's count for that query):
 Every number is computed per group and overall. Interventions run batched, one neuron set per row.
 
 Example:
-    >>> res = evaluate(model, run, queries, pool, EvalConfig())   # doctest: +SKIP
+    >>> res = evaluate(model, run, cfg=EvalConfig())   # the run's stored prompts  # doctest: +SKIP
     >>> print(res.table())                                        # doctest: +SKIP
 """
 
@@ -48,7 +48,7 @@ from .locate import LocateResult
 from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import mlp_hook_name, model_device, tokenizer_of
-from .proxies import Prompt, build_all_prompts
+from .proxies import Prompt, tokenizer_identity
 from .scoring import ItemScore, _pad_id, pad_batch, score_items
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
@@ -178,7 +178,7 @@ def _query_changes(before: dict[tuple[str, int], float], after: Sequence[float],
 def evaluate(
     model: Any,
     run: LocateResult,
-    queries: Sequence[Query],
+    queries: Sequence[Query | str] | None = None,
     pool: Sequence[Query] | None = None,
     cfg: EvalConfig = EvalConfig(),
     *,
@@ -187,17 +187,25 @@ def evaluate(
 ) -> EvaluationResult:
     """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
 
-    ``executor`` decides where the batched scoring runs (default: this process; see ``executors``).
+    Every stage reads the prompts the run stored when it attributed each query (``run.stored_prompts``),
+    never rebuilt ones, so the data file may change or vanish after ``locate`` without changing the
+    verdict. ``queries`` (queries or ids) picks which of the run's queries to judge (default: all); their
+    stored form is used. ``pool`` is ignored (examples and distractors are those the run drew); it stays
+    so that older calls keep working. ``executor`` decides where the batched scoring runs (default: this
+    process; see ``executors``).
     """
     from .executors import SerialExecutor
 
     ex = executor if executor is not None else SerialExecutor(model)
-    queries = [q for q in queries if q.id in run.selection.qr]
-    if not queries:
+    asked = list(run.groups) if queries is None else [q if isinstance(q, str) else q.id for q in queries]
+    ids = [q for q in asked if q in run.selection.qr]
+    if not ids:
         raise QrncaError("none of the queries belongs to this run")
+    queries = run.stored_queries(ids)
+    prompts = run.stored_prompts(ids)
+    _check_tokenizer(run, ids, model)
     controls = control_queries(queries, cfg.seed)
     proxy = run.config.proxy
-    prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
     ctx = LocatorContext(model, queries, prompts, run, cfg.seed)
     sets = neuron_sets(cfg.methods, ctx)
     by_id = {q.id: q for q in queries}
@@ -274,8 +282,21 @@ def evaluate(
     if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):
         result.free_form = _free_form(model, queries, prompts, sets, run, cfg)
     if cfg.neuron_prediction:
-        result.neuron_prediction = _neuron_prediction(model, queries, prompts, run, cfg, list(pool or queries))
+        result.neuron_prediction = _neuron_prediction(model, queries, prompts, run, cfg)
     return result
+
+
+def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
+    """Stored token ids mean something only under the tokenizer that made them."""
+    stored = {(run.info[q].get("tokenizer") or {}).get("vocab_sha256") for q in ids} - {None}
+    if not stored:
+        return
+    mine = tokenizer_identity(tokenizer_of(model))
+    if stored != {mine["vocab_sha256"]}:
+        raise QrncaError(
+            f"the run's prompts were tokenized by another tokenizer than this model's ({mine['name_or_path']!r}, "
+            f"{mine['vocab_size']} tokens); evaluate with the model the run was made with ({run.model!r})"
+        )
 
 
 # ---------------------------------------------------------------- free-form check
@@ -332,7 +353,7 @@ def _from_run(run: LocateResult) -> dict[str, list[tuple[int, int, float]]]:
 
 
 def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
-                       run: LocateResult, cfg: EvalConfig, pool: Sequence[Query]) -> dict[str, Any]:
+                       run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
     """Our reconstruction (see the module docstring): group neurons from even queries, predict odd ones."""
     device = model_device(model)
     per_group: dict[str, Any] = {}
@@ -353,7 +374,7 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
         hits: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
         for q in test:
             p = prompts[q.id][0]
-            cands = [tuple(o) for o in p.options] if p.options else _cloze_candidates(p, q, pool, run, model)
+            cands = [tuple(o) for o in p.options] if p.options else _cloze_candidates(p)
             correct = p.correct if p.options else 0
             seqs = [list(p.tokens) + list(c) for c in cands]
             store: dict[str, torch.Tensor] = {}
@@ -381,12 +402,12 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
     }
 
 
-def _cloze_candidates(p: Prompt, q: Query, pool: Sequence[Query], run: LocateResult, model: Any) -> list[tuple[int, ...]]:
-    """The answer's tokens first, then the tokens of the distractors the MCQA proxies would draw for it."""
-    from .proxies import _continuation, _options_for
-
-    group = [o for o in pool if o.group == q.group]
-    options = _options_for(q, group, run.config.proxy)  # answer first, then seeded distractors
-    tok = tokenizer_of(model)
-    bos = bool(p.meta.get("prepend_bos"))
-    return [tuple(p.target)] + [_continuation(tok, list(p.tokens), p.text, " " + o, bos) for o in options[1:]]
+def _cloze_candidates(p: Prompt) -> list[tuple[int, ...]]:
+    """The answer's tokens first, then the distractors the prompt stored (drawn when the run was made)."""
+    if p.distractors is None:
+        raise QrncaError(
+            f"query {p.query_id!r}: its group had too few other answers to draw distractors from when the run "
+            "was made, so neuron-based prediction has no candidates; use EvalConfig(neuron_prediction=False), "
+            "or locate with a larger pool (--pool PATH)"
+        )
+    return [tuple(p.target)] + [tuple(d) for d in p.distractors]

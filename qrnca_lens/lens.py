@@ -1308,8 +1308,9 @@ def cmd_lens(args: argparse.Namespace) -> int:
     """``qrnca-lens lens``: write OUT/neurons.json (and OUT/lens.json with ``--compare``).
 
     Reads ``args.model, .data, .proxy, .out, .top_k, .limit, .shots, .templates, .seed, .bos ("auto"/"yes"/"no"),
-    .chat``, and optionally ``.quiet``, ``.lens_mode`` ("topk", default, or "exact"), ``.compare`` (also run the
-    paper's comparison), ``.compare_prompts`` (its first N prompts; all by default) and ``.compare_k`` (10).
+    .chat``, and optionally ``.pool`` (examples and distractors from this data spec), ``.quiet``, ``.lens_mode``
+    ("topk", default, or "exact"), ``.compare`` (also run the paper's comparison), ``.compare_prompts`` (its first
+    N prompts; all by default) and ``.compare_k`` (10).
     """
     from . import models
     from .data import limit_per_group, load_data
@@ -1319,8 +1320,9 @@ def cmd_lens(args: argparse.Namespace) -> int:
     proxy = ProxyConfig(args.proxy, n_prompts=args.templates, n_shots=args.shots, seed=args.seed,
                         prepend_bos=bos, chat_template=bool(getattr(args, "chat", False)))
     quiet = bool(getattr(args, "quiet", False))
-    pool = load_data(args.data)
-    queries = limit_per_group(pool, args.limit)
+    data = load_data(args.data)
+    queries = limit_per_group(data, args.limit)
+    pool = load_data(args.pool) if getattr(args, "pool", None) else data  # --pool: examples from elsewhere
     model = models.load_model(args.model, verbose=not quiet)
     cfg = LensConfig(mode=getattr(args, "lens_mode", "topk") or "topk")
     doc = lens_locate(model, queries, proxy, pool=pool, top_k=args.top_k, progress=not quiet, cfg=cfg)

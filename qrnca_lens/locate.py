@@ -20,10 +20,10 @@ import json
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from jaxtyping import Float
@@ -34,12 +34,12 @@ from .executors import SerialExecutor
 from .data import Query
 from .errors import QrncaError, StoreError
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
-from .proxies import ProxyConfig, build_all_prompts
+from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
 from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
 from .store import RunStore
 from .versions import library_versions, model_identity
 
-__all__ = ["LocateConfig", "LocateResult", "locate", "reduce", "parse_shard"]
+__all__ = ["LocateConfig", "LocateResult", "locate", "reduce", "parse_shard", "prompts_from_info", "query_from_info"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,18 @@ class LocateResult:
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
+
+    def stored_prompts(self, query_ids: Iterable[str] | None = None) -> dict[str, list[Prompt]]:
+        """The very prompts each query was attributed on, as the run stored them (all queries by default)."""
+        where = str(self.out) if self.out is not None else "this run"
+        return {q: prompts_from_info(self.info.get(q, {}), q, where)
+                for q in (self.groups if query_ids is None else query_ids)}
+
+    def stored_queries(self, query_ids: Iterable[str] | None = None) -> list[Query]:
+        """The queries as they were when attributed (the data file may have changed since)."""
+        where = str(self.out) if self.out is not None else "this run"
+        return [query_from_info(self.info.get(q, {}), q, where)
+                for q in (self.groups if query_ids is None else query_ids)]
 
     def qr_neurons(self, query_id: str) -> list[tuple[int, int, float]]:
         idx, val = self.selection.qr[query_id]
@@ -189,12 +201,46 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
-              shape: list[int], identity: dict[str, Any] | None) -> dict[str, Any]:
+              shape: list[int], identity: dict[str, Any] | None, pool: str | None = None) -> dict[str, Any]:
     d = cfg.to_dict()
     # versions and model_identity say what the run was made with; each query file also records its own.
+    # pool: where in-context examples and distractors came from (each query file stores the prompts made).
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
-            "versions": library_versions(), "model_identity": identity}
+            "versions": library_versions(), "model_identity": identity, "pool": pool}
+
+
+# ---------------------------------------------------------------- the prompts a run stores
+# Each query's file records its prompts (ids, targets, options, template, examples), the query as it was,
+# the proxy config and the tokenizer that made them, in the same atomic write as its scores: a finished
+# query always has exactly the prompts its scores were computed on, and later stages (evaluate, report,
+# the lens inside evaluate) read them instead of rebuilding from a data file that may have changed.
+
+_NO_PROMPTS = ("{where}: query {qid!r} has no stored prompts: the run was made before qrnca-lens stored the "
+               "prompts it attributed, and rebuilding them could silently differ (other pool, edited data); "
+               "rerun locate into a new directory (`qrnca-lens locate ... --out NEW_DIR`)")
+
+
+def _prompt_record(query: Query, prompts: Sequence[Prompt], proxy: ProxyConfig, tokenizer: dict[str, Any]) -> dict[str, Any]:
+    q = json.loads(json.dumps(asdict(query), default=str))  # a loader's odd meta value must not break the write
+    return {"query": q, "prompts": [p.to_dict() for p in prompts], "proxy": proxy.to_dict(), "tokenizer": tokenizer}
+
+
+def prompts_from_info(info: dict[str, Any], query_id: str, where: str = "this run") -> list[Prompt]:
+    """A query's stored prompts from its file's metadata; a clear error for runs that predate storing them."""
+    if not info.get("prompts"):
+        raise StoreError(_NO_PROMPTS.format(where=where, qid=query_id))
+    return [Prompt.from_dict(p) for p in info["prompts"]]
+
+
+def query_from_info(info: dict[str, Any], query_id: str, where: str = "this run") -> Query:
+    if not info.get("query"):
+        raise StoreError(_NO_PROMPTS.format(where=where, qid=query_id))
+    d = dict(info["query"])
+    for key in ("options", "prompts", "prompt_letters"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return Query(**d)
 
 
 def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
@@ -248,9 +294,12 @@ def locate(
     name: str | None = None,
     data: str | None = None,
     executor: Any = None,
+    pool_spec: str | None = None,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
+    ``pool`` supplies in-context examples and distractors (default: ``queries``); ``pool_spec`` names it in
+    the manifest. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``).
     Returns None when ``out`` is given and other shards still have queries to do (the last shard to finish
     writes ``neurons.json``; ``reduce(out)`` can also be run by hand). ``executor`` decides where the
     per-query attribution runs (default: this process, on ``model``; see ``executors``).
@@ -262,18 +311,23 @@ def locate(
     proxy = replace(cfg.proxy, prepend_bos=bos)  # recorded resolved, so a rerun on another model cannot drift
     cfg = replace(cfg, proxy=proxy, layers=tuple(layers))
     prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
+    tok_id = tokenizer_identity(tokenizer_of(model))
+    by_id = {q.id: q for q in queries}
     groups = {q.id: q.group for q in queries}
     identity = model_identity(model)
-    store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity)) \
-        if out else None
+    store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity,
+                                         pool_spec)) if out else None
+    # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
+    records = {q.id: _prompt_record(by_id[q.id], prompts[q.id], proxy, tok_id) for q in queries}
     # One process per shard: a second one on the same shard is refused; other shards run alongside.
     with store.shard_lock(*shard) if store else nullcontext():
-        return _attribute_and_reduce(model, queries, prompts, cfg, store, shard=shard, progress=progress,
+        return _attribute_and_reduce(model, queries, prompts, records, cfg, store, shard=shard, progress=progress,
                                      executor=executor, name=name, data=data)
 
 
-def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[str, Any], cfg: LocateConfig,
-                          store: RunStore | None, *, shard: tuple[int, int], progress: bool, executor: Any, name: str,
+def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[str, Any],
+                          records: dict[str, dict[str, Any]], cfg: LocateConfig, store: RunStore | None, *,
+                          shard: tuple[int, int], progress: bool, executor: Any, name: str,
                           data: str | None) -> LocateResult | None:
     """locate once the run is open and this shard held: attribute what is missing, then reduce."""
     out = store.root if store else None
@@ -296,7 +350,7 @@ def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[st
 
         results = tqdm(results, total=len(mine), desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query")
     for qid, s, qi in results:
-        qi = {**qi, "versions": library_versions()}
+        qi = {**qi, "versions": library_versions(), **records[qid]}
         if store:
             store.write_query(qid, s, qi)  # as each query arrives: nothing finished is lost
         else:

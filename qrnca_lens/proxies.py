@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ __all__ = [
     "build_prompts",
     "build_all_prompts",
     "encode",
+    "tokenizer_identity",
 ]
 
 PROXIES = ("mcqa-letter", "mcqa-text", "cloze")
@@ -174,6 +177,10 @@ class Prompt:
     correct: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     index: int = 0  # position among the query's prompts
+    examples: tuple[str, ...] = ()  # ids of the in-context examples, in prompt order
+    # Cloze only: the continuation tokens of the distractors an MCQA proxy would draw from the same pool
+    # (neuron-based prediction ranks them against the target); None when the group has too few answers.
+    distractors: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         # Caught here, not downstream: an empty target fails deep inside the model on the fast IG path and
@@ -190,6 +197,24 @@ class Prompt:
         """The last prompt position, where the first target token is predicted."""
         return len(self.tokens) - 1
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what a run stores, so later stages read the very prompts that were attributed."""
+        d = asdict(self)
+        for key in ("tokens", "target", "examples"):
+            d[key] = list(d[key])
+        for key in ("options", "distractors"):
+            d[key] = None if d[key] is None else [list(o) for o in d[key]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Prompt":
+        d = dict(d)
+        for key in ("tokens", "target", "examples"):
+            d[key] = tuple(d.get(key) or ())
+        for key in ("options", "distractors"):
+            d[key] = None if d.get(key) is None else tuple(tuple(o) for o in d[key])
+        return cls(**d)
+
 
 # ---------------------------------------------------------------- tokenisation
 
@@ -201,6 +226,14 @@ def encode(tokenizer: Any, text: str, *, prepend_bos: bool) -> list[int]:
             raise ProxyError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """Which tokenizer made a prompt's ids: its name, size and a SHA-256 of its vocabulary (token -> id)."""
+    vocab = tokenizer.get_vocab()
+    text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""), "vocab_size": len(vocab),
+            "vocab_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _continuation(tokenizer: Any, prompt_ids: list[int], text: str, continuation: str, bos: bool) -> tuple[int, ...]:
@@ -269,7 +302,8 @@ def _options_for(q: Query, pool_group: Sequence[Query], cfg: ProxyConfig, avoid:
     if len(candidates) < need:
         raise ProxyError(
             f"group {q.group!r} has only {len(candidates)} answers other than {q.answer!r}, not enough for "
-            f"{need} distractors; add queries to the group, lower n_options, or give the query its own options"
+            f"{need} distractors; add queries to the group, take distractors from a larger set (--pool PATH, "
+            "pool= in Python), lower n_options, or give the query its own options"
         )
     distractors = _rng(cfg.seed, q.id, "distractors").sample(sorted(candidates), need)
     return [q.answer] + distractors
@@ -313,7 +347,8 @@ def _examples(q: Query, group: Sequence[Query], k: int, cfg: ProxyConfig, j: int
     if len(allowed) < k:
         raise ProxyError(
             f"query {q.id!r}: group {q.group!r} has {len(allowed)} usable in-context examples, fewer than "
-            f"n_shots={k}; lower n_shots or add queries to the group"
+            f"n_shots={k}; take examples from a larger set (--pool PATH, pool= in Python), add queries to the "
+            "group, or lower n_shots"
         )
     return _rng(cfg.seed, q.id, j, "examples").sample(allowed, k)
 
@@ -346,7 +381,8 @@ def build_prompts(
         if cfg.kind != "cloze":
             options, correct = _shuffled(_options_for(query, group, cfg), query.answer, rng)
         parts = [t.instruction]
-        for ex in _examples(query, group, cfg.shots, cfg, j):
+        examples = _examples(query, group, cfg.shots, cfg, j)
+        for ex in examples:
             ex_opts, ex_correct = (None, None)
             if cfg.kind != "cloze":
                 ex_opts, ex_correct = _shuffled(_options_for(ex, group, cfg, avoid=query.answer), ex.answer,
@@ -373,9 +409,25 @@ def build_prompts(
         else:
             opt_tokens = None
             target = _continuation(tokenizer, ids, body, sep + query.answer, bos)
+        distractors = _cloze_distractors(query, group, cfg, tokenizer, ids, body, sep, bos) if cfg.kind == "cloze" else None
         out.append(Prompt(query.id, query.group, j % len(templates), body, tuple(ids), target, opt_tokens, correct,
-                          meta={"options": options, "prepend_bos": bos}, index=j))
+                          meta={"options": options, "prepend_bos": bos}, index=j,
+                          examples=tuple(ex.id for ex in examples), distractors=distractors))
     return out
+
+
+def _cloze_distractors(query: Query, group: Sequence[Query], cfg: ProxyConfig, tokenizer: Any, ids: list[int],
+                       body: str, sep: str, bos: bool) -> tuple[tuple[int, ...], ...] | None:
+    """The tokens of the distractors an MCQA proxy would draw for a cloze query, or None if there are too few.
+
+    Drawn here, from the pool the prompt was built with, so a run stores them and neuron-based prediction
+    never re-draws them from another pool.
+    """
+    try:
+        others = [o for o in _options_for(query, group, cfg) if o != query.answer]
+        return tuple(_continuation(tokenizer, ids, body, sep + o, bos) for o in others)
+    except ProxyError:
+        return None  # only neuron-based prediction needs them; it says so when they are missing
 
 
 def _letter_tokens(tokenizer: Any, ids: list[int], body: str, cfg: ProxyConfig, i: int, sep: str, bos: bool) -> tuple[int, ...]:

@@ -259,6 +259,13 @@ class RunStore:
             raise StoreError(f"{path}: scores of shape {tuple(scores.shape)} do not fit this run's model")
         return scores, info
 
+    def read_info(self, query_id: str) -> dict[str, Any]:
+        """A query's metadata (its stored prompts among it) without loading its scores."""
+        path = self.path_of(query_id)
+        if not path.exists():
+            raise StoreError(f"{self.root}: query {query_id!r} has not been attributed yet; rerun locate")
+        return self._header(path)
+
     def iter_queries(self) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
         for qid in sorted(self.done()):
             scores, info = self.read_query(qid)

@@ -198,3 +198,70 @@ def test_a_broken_checkpoint_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match=rf"{re.escape(str(tmp_path))} does not load as a transformers"):
         load_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- a run keeps the prompts it attributed
+
+
+def _facts_jsonl(path, groups=("capital", "language"), n=5, ids=None, answers=None):
+    from qrnca_lens.data import limit_per_group, load_data
+
+    rows = [q for q in limit_per_group(load_data("builtin:facts"), n) if q.group in groups]
+    with open(path, "w") as f:
+        for q in rows:
+            f.write(json.dumps({"id": (ids or {}).get(q.id, q.id), "group": q.group, "question": q.question,
+                                "answer": (answers or {}).get(q.id, q.answer)}) + "\n")
+    return str(path)
+
+
+def _evaluate_json(run, capsys):
+    assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    return json.loads((run / "evaluation.json").read_text())
+
+
+def test_evaluate_judges_the_stored_prompts_whatever_happens_to_the_data_file(cli_model, capsys, tmp_path):
+    data, run = tmp_path / "facts.jsonl", tmp_path / "run"
+    _facts_jsonl(data)
+    assert cli.main(["locate", "--data", str(data), "--proxy", "cloze", "--limit", "2", "--templates", "2",
+                     "--shots", "2", "--steps", "4", "--out", str(run), "--quiet"]) == 0
+    before = _evaluate_json(run, capsys)
+    assert before["neuron_prediction"]["n"] > 0  # the cloze distractors come from the run too
+    # Edit the file: other answers for attributed queries and for pool members, pool members gone.
+    with open(data) as f:
+        rows = [json.loads(line) for line in f]
+    rows = [r for r in rows if not r["id"].endswith("-05")]
+    for r in rows:
+        r["answer"] = r["answer"][::-1]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _evaluate_json(run, capsys) == before
+    data.unlink()
+    assert _evaluate_json(run, capsys) == before
+
+
+def test_pool_supplies_examples_for_a_small_file(cli_model, capsys, tmp_path):
+    ids = {f"capital-0{i}": f"mine-capital-{i}" for i in range(1, 4)} | {f"language-0{i}": f"mine-lang-{i}" for i in range(1, 4)}
+    data = _facts_jsonl(tmp_path / "small.jsonl", n=3, ids=ids)
+    # 3 facts per group: 2 usable examples, fewer than the cloze default of 4; the error names --pool.
+    assert cli.main(["accuracy", "--data", data, "--proxy", "cloze", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than n_shots=4" in err and "--pool" in err
+    assert cli.main(["accuracy", "--data", data, "--pool", "builtin:facts", "--proxy", "cloze", "--json"]) == 0
+    assert _last_json(capsys)["n_queries"] == 6
+    lens = ["lens", "--data", data, "--proxy", "cloze", "--templates", "1", "--out", str(tmp_path / "lens"), "--quiet"]
+    assert cli.main(lens) == 2 and "--pool" in capsys.readouterr().err
+    assert cli.main(lens + ["--pool", "builtin:facts"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert cli.main(["locate", "--data", data, "--pool", "builtin:facts", "--proxy", "cloze", "--templates", "2",
+                     "--steps", "4", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["pool"] == "builtin:facts" and manifest["data"] == data
+    from qrnca_lens.locate import reduce
+
+    prompts = reduce(run, write=False).stored_prompts()
+    assert set(prompts) == set(ids.values())
+    for ps in prompts.values():
+        for p in ps:  # the examples are the pool's facts, not the file's own
+            assert len(p.examples) == 4 and all(e.split("-")[0] in ("capital", "language") for e in p.examples)

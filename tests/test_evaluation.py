@@ -156,3 +156,50 @@ def test_same_count_per_query_and_custom_locators(setup, pool):
         LOCATORS.pop("test-first")
     with pytest.raises(QrncaError, match="unknown method"):
         neuron_sets(["nope"], ctx)
+
+
+def test_evaluate_judges_the_prompts_the_run_stored(setup, pool, monkeypatch):
+    """No pool given: every stage still sees the prompts locate attributed (drawn from the pool), not a rebuild."""
+    from dataclasses import replace
+
+    import qrnca_lens.lens as lens_mod
+    from qrnca_lens.executors import SerialExecutor
+
+    model, tok, queries, run = setup
+    attributed = build_all_prompts(queries, run.config.proxy, tok, pool=pool)
+    scored = []
+
+    class Recording(SerialExecutor):
+        def score_items(self, items, **kw):
+            scored.extend(p for p, _ in items)
+            return super().score_items(items, **kw)
+
+    lens_saw = {}
+
+    def fake_lens(model, qs, proxy, *, prompts=None, **kw):
+        lens_saw.update(prompts)
+        return {"queries": {q.id: {"qr_neurons": [[0, 0, 1.0]]} for q in qs}}
+
+    monkeypatch.setattr(lens_mod, "lens_locate", fake_lens)
+    cfg = EvalConfig(methods=("qrnca", "logprob"), n_boot=20, free_form=False)
+    res = evaluate(model, run, queries, cfg=cfg, progress=False, executor=Recording(model))
+    assert set(scored) == {p for ps in attributed.values() for p in ps}
+    assert lens_saw == attributed
+    # A pool with other answers (as if the data file were edited) changes nothing, neuron prediction included.
+    edited = [replace(q, answer=q.answer[::-1]) for q in pool]
+    again = evaluate(model, run, [q.id for q in queries], edited, cfg, progress=False)
+    assert again.neuron_prediction == res.neuron_prediction and again.pcr == res.pcr
+    assert again.editing == res.editing and res.neuron_prediction["n"] > 0
+
+
+def test_evaluate_refuses_another_tokenizer(setup, monkeypatch):
+    import copy
+
+    import qrnca_lens.evaluation as evaluation_mod
+
+    model, tok, queries, run = setup
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<qrnca-test-extra>"])
+    monkeypatch.setattr(evaluation_mod, "tokenizer_of", lambda m: other)
+    with pytest.raises(QrncaError, match="another tokenizer.*the model the run was made with"):
+        evaluate(model, run, queries, cfg=EvalConfig(methods=("qrnca",), n_boot=20), progress=False)

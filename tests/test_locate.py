@@ -369,3 +369,39 @@ def test_a_second_process_on_the_same_shard_is_refused(tiny_gated, pool, run_cop
         holder.communicate("", timeout=30)
     assert locate(tiny_gated, limit_per_group(pool, 1), CFG, pool=pool, out=run_copy, progress=False,
                   name="tiny", data=DATA) is not None  # released with the process
+
+
+def test_each_query_stores_the_prompts_it_was_attributed_on(tiny_gated, queries, pool, tmp_path):
+    from qrnca_lens.models import tokenizer_of
+    from qrnca_lens.proxies import build_all_prompts, tokenizer_identity
+
+    disk = locate(tiny_gated, queries, CFG, pool=pool, out=tmp_path / "run", progress=False)
+    want = build_all_prompts(queries, disk.config.proxy, tokenizer_of(tiny_gated), pool=pool)
+    back = reduce(tmp_path / "run", write=False)  # read from the query files alone
+    stored = back.stored_prompts()
+    assert stored == want
+    assert all(p.meta == w.meta and p.examples and p.distractors for q in want for p, w in zip(stored[q], want[q]))
+    assert back.stored_queries() == list(queries)
+    info = back.info[queries[0].id]
+    assert ProxyConfig.from_dict(info["proxy"]) == disk.config.proxy
+    assert info["tokenizer"] == tokenizer_identity(tokenizer_of(tiny_gated))
+    mem = locate(tiny_gated, queries, CFG, pool=pool, progress=False)
+    assert mem.stored_prompts() == want and mem.stored_queries([queries[1].id]) == [queries[1]]
+
+
+def test_a_run_without_stored_prompts_names_the_fix(tiny_gated, queries, pool, tmp_path):
+    """Runs made before prompts were stored: a clear error, never a silent rebuild."""
+    from qrnca_lens.store import RunStore
+
+    out = tmp_path / "run"
+    locate(tiny_gated, queries, CFG, pool=pool, out=out, progress=False)
+    store = RunStore.load(out)
+    for q in queries:  # strip the prompt record, as an older qrnca-lens wrote the files
+        scores, info = store.read_query(q.id)
+        store.write_query(q.id, scores, {k: v for k, v in info.items()
+                                         if k not in ("prompts", "query", "proxy", "tokenizer")})
+    old = reduce(out, write=False)
+    with pytest.raises(StoreError, match=r"no stored prompts.*rerun locate into a new directory"):
+        old.stored_prompts()
+    with pytest.raises(StoreError, match=r"no stored prompts"):
+        old.stored_queries()

@@ -10,7 +10,9 @@ import pytest
 
 from qrnca_lens.data import Query, groups_of, load_data
 from qrnca_lens.errors import ProxyError
-from qrnca_lens.proxies import TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, encode
+from qrnca_lens.proxies import (
+    TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, encode, tokenizer_identity,
+)
 
 LETTERS = "ABCD"
 
@@ -653,3 +655,52 @@ def test_a_prompt_without_tokens_or_target_is_refused_when_built():
     with pytest.raises(ProxyError, match="query 'q' has no tokens"):
         Prompt("q", "g", 0, "", (), (5,))
     assert Prompt("q", "g", 0, "x", (5, 6), (7,)).target_position == 1
+
+
+# ---------------------------------------------------------------- what a run stores
+
+
+@pytest.mark.parametrize("kind", ["mcqa-letter", "mcqa-text", "cloze"])
+def test_prompt_round_trips_through_json(facts, tiny_tokenizer, kind):
+    """A run stores prompts as JSON; reading them back must give the very same prompts."""
+    prompts = build_prompts(facts[0], ProxyConfig(kind, n_shots=2), tiny_tokenizer, pool=facts)
+    for p in prompts:
+        back = Prompt.from_dict(json.loads(json.dumps(p.to_dict())))
+        assert back == p and back.meta == p.meta
+        assert isinstance(back.tokens, tuple) and isinstance(back.target, tuple)
+        assert back.options is None or all(isinstance(o, tuple) for o in back.options)
+
+
+def test_prompts_record_their_examples_and_cloze_distractors(facts, tiny_tokenizer):
+    q = facts[0]
+    by_id = {f.id: f for f in facts}
+    group_answers = {_norm(f.answer) for f in facts if f.group == q.group}
+    for p in build_prompts(q, ProxyConfig("cloze", n_shots=2), tiny_tokenizer, pool=facts):
+        assert len(p.examples) == 2
+        for e in p.examples:
+            assert by_id[e].group == q.group and _filled(by_id[e]) in p.text
+        assert p.distractors is not None and len(p.distractors) == 3  # n_options - 1
+        words = {_norm(tiny_tokenizer.decode(list(d))) for d in p.distractors}
+        assert words <= group_answers - {_norm(q.answer)} and len(words) == 3
+    # Too few answers in the group for distractors: None, not an error (only neuron prediction needs them).
+    small = [Query("a", "g", "The alpha city is", "Paris"), Query("b", "g", "The beta city is", "Rome")]
+    (p,) = build_prompts(small[0], ProxyConfig("cloze", n_shots=1, n_prompts=1), tiny_tokenizer, pool=small)
+    assert p.distractors is None and p.examples == ("b",)
+
+
+def test_too_few_examples_or_distractors_point_at_pool(tiny_tokenizer):
+    small = [Query(f"q{i}", "employer", f"Person {i} works for", f"Firm{i}") for i in range(4)]
+    with pytest.raises(ProxyError, match=r"3 usable in-context examples, fewer than n_shots=4.*--pool PATH"):
+        build_prompts(small[0], ProxyConfig("cloze", n_shots=4), tiny_tokenizer, pool=small)
+    with pytest.raises(ProxyError, match=r"not enough for 4 distractors.*--pool PATH"):
+        build_prompts(small[0], ProxyConfig("mcqa-text", n_options=5), tiny_tokenizer, pool=small)
+
+
+def test_tokenizer_identity_tells_vocabularies_apart(tiny_tokenizer):
+    import copy
+
+    a = tokenizer_identity(tiny_tokenizer)
+    assert a == tokenizer_identity(tiny_tokenizer) and a["vocab_size"] == len(tiny_tokenizer.get_vocab())
+    other = copy.deepcopy(tiny_tokenizer)  # the session fixture stays untouched
+    other.add_tokens(["<qrnca-test-extra>"])
+    assert tokenizer_identity(other)["vocab_sha256"] != a["vocab_sha256"]

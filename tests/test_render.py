@@ -211,6 +211,34 @@ def test_report_notes_prompts_it_cannot_rebuild(tmp_path, tiny_gated):
     assert "Views skipped" in html and 'class="cv-view"' not in html
 
 
+def test_report_shows_the_prompts_the_run_stored_after_the_data_is_gone(tmp_path, tiny_gated):
+    import html as html_mod
+
+    from qrnca_lens.attribution import IGConfig
+    from qrnca_lens.data import limit_per_group
+    from qrnca_lens.locate import LocateConfig, locate
+
+    facts = [q for q in limit_per_group(load_data("builtin:facts"), 4) if q.group in ("capital", "color")]
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"id": q.id, "group": q.group, "question": q.question, "answer": q.answer})
+                            + "\n" for q in facts))
+    out = tmp_path / "run"
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=2), IGConfig(steps=4))
+    run = locate(tiny_gated, load_data(data), cfg, out=out, progress=False, name="tiny", data=str(data))
+    data.unlink()
+    html = report_html(out, tiny_gated, n_queries=2)
+    assert "Views skipped" not in html and "Prompts rebuilt" not in html and 'class="cv-view"' in html
+    for q in run.groups:
+        if f'id="q-{q}"' in html:  # a shown query: its first stored prompt is printed
+            assert html_mod.escape(run.stored_prompts([q])[q][0].text) in html
+
+
+def test_report_flags_prompts_it_had_to_rebuild(tmp_path, tiny_gated):
+    """A run that stores no prompts (older qrnca-lens, hand-made): views on rebuilt prompts, clearly flagged."""
+    html = report_html(_tiny_run(tmp_path), tiny_gated, n_queries=1)
+    assert "Prompts rebuilt" in html and 'class="cv-view"' in html
+
+
 def test_cmd_report_loads_the_runs_model(tmp_path, tiny_gated, monkeypatch, capsys):
     import qrnca_lens.models as models
 

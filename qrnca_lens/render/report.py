@@ -390,8 +390,37 @@ def _pick_queries(doc: Mapping[str, Any], n: int) -> list[str]:
     return picked[:n]
 
 
+def _run_prompts(run_dir: str | Path, doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any,
+                 pool: Any) -> tuple[dict[str, Any], str, str]:
+    """``(prompts, why none, caveat)``: the shown queries' prompts as the run stored them when it attributed them.
+
+    A run made before prompts were stored (or a hand-made neurons.json) gets them rebuilt from the data,
+    with a caveat shown in the report: the views are illustrations, so a flagged rebuild beats none.
+    """
+    stored = _stored_prompts(run_dir, ids)
+    if stored:
+        return stored, "", ""
+    prompts, why = _rebuild_prompts(doc, model, ids, queries, pool)
+    caveat = ("" if why else "this run stores no prompts (made before qrnca-lens stored them), so the views show "
+              "prompts rebuilt from the data and the recorded proxy config; they differ from the attributed ones "
+              "if the data or the pool changed since")
+    return prompts, why, caveat
+
+
+def _stored_prompts(run_dir: str | Path, ids: Sequence[str]) -> dict[str, Any]:
+    """The stored prompts of the shown queries, or {} when the directory holds none (not a store, old run)."""
+    from ..locate import prompts_from_info
+    from ..store import RunStore
+
+    try:
+        store = RunStore.load(run_dir)
+        return {q: prompts_from_info(store.read_info(q), q, str(run_dir)) for q in ids}
+    except QrncaError:
+        return {}
+
+
 def _rebuild_prompts(doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any, pool: Any) -> tuple[dict[str, Any], str]:
-    """The shown queries' prompts, rebuilt exactly as locate built them (recorded proxy config, same pool)."""
+    """The shown queries' prompts, rebuilt as locate built them (recorded proxy config, the given pool)."""
     from ..data import load_data
     from ..models import default_prepend_bos, tokenizer_of
     from ..proxies import ProxyConfig, build_all_prompts
@@ -413,8 +442,8 @@ def _rebuild_prompts(doc: Mapping[str, Any], model: Any, ids: Sequence[str], que
         return {}, f"the prompts could not be rebuilt ({_esc(str(e))})"
 
 
-def _queries_section(doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any, pool: Any,
-                     projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
+def _queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any,
+                     pool: Any, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     from ..models import tokenizer_of
 
     out = [f"<h2 id=queries>Queries ({len(ids)} of {len(doc['queries'])})</h2>"]
@@ -423,10 +452,12 @@ def _queries_section(doc: Mapping[str, Any], model: Any, ids: Sequence[str], que
         out.append(_note("No model given: the circuitsvis views (activations over the prompt, top tokens, target "
                          "log-probabilities) need a forward pass and are skipped."))
     else:
-        prompts, why = _rebuild_prompts(doc, model, ids, queries, pool)
+        prompts, why, caveat = _run_prompts(run_dir, doc, model, ids, queries, pool)
         if why:
             out.append(_note(f"Views skipped: {why}."))
         else:
+            if caveat:
+                out.append(_note(f"Prompts rebuilt: {caveat}."))
             out.append('<p class="muted">Views: (1) activation (<code>hook_post</code>, the value W_out multiplies) '
                        "of each QR neuron over every token of the query's prompts; pick the neuron in the drop-down. "
                        "(2) the prompt tokens that activate each QR neuron most and least (columns in the order "
@@ -537,7 +568,7 @@ def report_html(
         _vocab(doc, model, k, projs),
         _evaluation(ev),
         _groups_section(doc, shape[0]),
-        _queries_section(doc, model, shown, queries, pool, projs),
+        _queries_section(run_dir, doc, model, shown, queries, pool, projs),
     ]
     # The circuitsvis bundle goes at the end of <head> only when a view needs it (1.3 MB).
     body = "\n".join(p for p in parts if p)
@@ -560,9 +591,10 @@ def write_report(
 ) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained, offline HTML file. Returns its path.
 
-    ``model`` (the one the run was made with) enables vocabulary projections and circuitsvis views; the
-    prompts of the shown queries are rebuilt from ``queries`` (default: ``load_data(doc["data"])``) with
-    ``pool`` (default: those queries) and the recorded proxy config, exactly as ``locate`` built them.
+    ``model`` (the one the run was made with) enables vocabulary projections and circuitsvis views, shown
+    on the prompts the run stored for each query. Only for a run that stores none (made before prompts were
+    stored) are they rebuilt, with a note saying so, from ``queries`` (default: ``load_data(doc["data"])``)
+    with ``pool`` (default: those queries) and the recorded proxy config.
     ``n_queries`` queries are shown (default: one per group, at most 6); ``k`` tokens per projection.
     """
     text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k)
