@@ -17,7 +17,9 @@ Two paths compute the same numbers:
   every layer (attention is causal). So the prefix runs once, and each (layer, step) becomes a *row*: the
   last prompt token (plus the teacher-forced answer tokens), scaled at its own layer, attending to the
   prefix's cached keys/values. Rows of all layers and steps go through one forward/backward per chunk of
-  ``max_batch_rows`` rows.
+  at most ``max_batch_rows`` rows; chunks shrink as prompts grow, so that the estimated peak of a pass
+  (attention scores grow with rows x (prefix + rows)) stays within ``memory_budget_mb``, and a query's
+  prompts split into several passes when even one row each would not fit.
     * TL 4.x ``TransformerBridge`` over a transformers model: the rows are laid out along the *sequence* of
       one batch element after the cached prefix, with a block-diagonal 4D attention mask and explicit
       position ids (every row sits at the target position). The prefix keys/values are therefore shared by
@@ -75,6 +77,10 @@ class IGConfig:
     method: str = "fast"
     max_batch_rows: int = 240
     require_gated: bool = False
+    # Peak working memory of one pass (prefix or row chunk), estimated by ``_chunk_bytes``/``_prefix_bytes``:
+    # chunks shrink (and a query's prompts split into several passes) as prompts grow. 1 GB keeps a
+    # 2,000-token prompt on SmolLM2 (30 layers, float32) under 4 GB RSS with the model loaded.
+    memory_budget_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -85,6 +91,8 @@ class IGConfig:
             raise QrncaError(f"method must be 'fast', 'reference' or 'auto', got {self.method!r}")
         if self.max_batch_rows < 1:
             raise QrncaError(f"max_batch_rows must be at least 1, got {self.max_batch_rows}")
+        if self.memory_budget_mb < 1:
+            raise QrncaError(f"memory_budget_mb must be at least 1, got {self.memory_budget_mb}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +231,88 @@ def _row_plan(layers: Sequence[int], steps: int, max_rows: int) -> list[list[tup
     rows = [(li, k) for li in range(len(layers)) for k in range(steps)]
     per_chunk = max(steps, (max_rows // steps) * steps) if max_rows >= steps else max_rows
     return [rows[i : i + per_chunk] for i in range(0, len(rows), per_chunk)]
+
+
+
+# ---------------------------------------------------------------- fast path: memory plan
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """What a pass's memory depends on: the model's shapes and activation width in bytes."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    act_bytes: int
+
+    @classmethod
+    def of(cls, model: Any) -> "_Dims":
+        c = model.cfg
+        return cls(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head, c.d_model,
+                   c.d_mlp, c.d_vocab, _act_dtype(model).itemsize)
+
+
+# Coefficients measured with torch's allocator (profiler peak) on tiny and SmolLM2-shaped Llama bridges:
+# per layer, one attention-score tensor and the prefix keys/values (the cache concatenation and the GQA
+# expansion) are kept for backward, ~4 d_mlp + 6 d_model per row token; ~3 score tensors are live at once
+# in the layer being computed; ~3-4 float32 vocabulary vectors per row token (logits, log-softmax, their
+# gradient). The estimate comes out 1.5x the measured peak, which the allocator's fragmentation eats.
+_SCORE_TRANSIENT, _ROW_PER_LAYER, _VOCAB_COPIES, _PREFIX_SCORE_COPIES = 3, (4, 6), 4, 3
+
+
+def _kv_cache_bytes(d: _Dims, n_prompts: int, C: int) -> int:
+    return d.act_bytes * n_prompts * C * d.n_layers * 2 * d.n_kv_heads * d.d_head
+
+
+def _prefix_bytes(d: _Dims, n_prompts: int, C: int) -> int:
+    """Peak of the prefix pass (no gradient, stops before the unembedding): one layer's attention scores
+    [prompts, heads, C, C] at a time, plus the cache it fills."""
+    scores = n_prompts * d.n_heads * C * C
+    return d.act_bytes * _PREFIX_SCORE_COPIES * scores + _kv_cache_bytes(d, n_prompts, C)
+
+
+def _chunk_bytes(d: _Dims, backend: str, n_prompts: int, rows: int, T: int, C: int) -> int:
+    """Peak of one row chunk's forward/backward: ``rows`` rows of ``T`` tokens for each of ``n_prompts``
+    prompts against a cached prefix of ``C`` positions (the cache itself included)."""
+    if backend == "sequence":  # rows along the sequence: every row sees the prefix and its chunk's rows
+        seqs, queries, keys = n_prompts, rows * T, C + rows * T
+    else:  # rows along the batch: TL concatenates the prefix keys/values per row
+        seqs, queries, keys = n_prompts * rows, T, C + T
+    scores = seqs * d.n_heads * queries * keys
+    kv = seqs * keys * 2 * (d.n_heads + d.n_kv_heads) * d.d_head
+    tokens = n_prompts * rows * T
+    a, b = _ROW_PER_LAYER
+    per_layer = scores + kv + tokens * (a * d.d_mlp + b * d.d_model)
+    return (d.act_bytes * (d.n_layers * per_layer + _SCORE_TRANSIENT * scores)
+            + 4 * _VOCAB_COPIES * tokens * d.d_vocab + _kv_cache_bytes(d, n_prompts, C))
+
+
+def _prompts_per_pass(d: _Dims, backend: str, n_prompts: int, C: int, T: int, budget: int) -> int:
+    """How many prompts share a pass: the most whose prefix pass and one-row chunk fit the budget (>= 1)."""
+    if backend != "sequence":
+        return 1
+    for b in range(n_prompts, 1, -1):
+        if max(_prefix_bytes(d, b, C), _chunk_bytes(d, backend, b, 1, T, C)) <= budget:
+            return b
+    return 1
+
+
+def _rows_per_chunk(d: _Dims, backend: str, n_prompts: int, C: int, T: int, max_rows: int, budget: int) -> int:
+    """Rows per prompt in a chunk: the most whose estimated peak fits the budget, at most ``max_rows`` shared
+    by the prompts of the pass, at least 1 (a budget below one row is exceeded, not refused)."""
+    lo, hi = 1, max(1, max_rows // n_prompts)
+    while lo < hi:  # the estimate grows with rows: bisect for the largest that fits
+        mid = (lo + hi + 1) // 2
+        if _chunk_bytes(d, backend, n_prompts, mid, T, C) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class _Stop(Exception):
@@ -418,12 +508,22 @@ def attribute_prompts(
         batches = list(groups.values())
     else:
         batches = [[i] for i in range(len(prompts))]
+    batches = [part for batch in batches for part in _split_for_memory(model, [prompts[i] for i in batch], batch, cfg)]
     for batch in batches:
         group = [prompts[i] for i in batch]
         scores = _fast(model, group, chosen, names, cfg, _SequenceRows if backend == "sequence" else _BatchRows)
         for i, sc in zip(batch, scores):
             out[i] = _check_finite(sc, prompts[i])
     return torch.stack([x for x in out if x is not None])
+
+
+def _split_for_memory(model: Any, group: Sequence[Prompt], idx: list[int], cfg: IGConfig) -> list[list[int]]:
+    """Split one pass's prompts so that each prefix pass and one-row chunk fits the memory budget."""
+    if len(idx) == 1:
+        return [idx]
+    C, T = max(len(p.tokens) for p in group), len(group[0].target)
+    per = _prompts_per_pass(_Dims.of(model), "sequence", len(idx), C, T, cfg.memory_budget_mb * 2**20)
+    return [idx[i : i + per] for i in range(0, len(idx), per)]
 
 
 # Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
@@ -433,15 +533,18 @@ _SELF_CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
 
 
 def _plain_logprobs(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
-    """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no hook)."""
+    """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
+    intervention; the final norm and unembedding run on the target positions only)."""
+    from .scoring import logprobs_at
+
     device = model_device(model)
     out = []
     with torch.no_grad():
         for p in prompts:
             seq = torch.tensor([list(p.tokens) + list(p.target[:-1])], device=device)
             pos = p.target_position
-            logits = model(seq, return_type="logits")[0, pos : pos + len(p.target)]
-            out.append(torch.log_softmax(logits.float(), dim=-1))
+            # Logits only at the target positions: a long prompt's full-vocabulary logits would dwarf the rest.
+            out.append(logprobs_at(model, seq, [range(pos, pos + len(p.target))])[0])
     return torch.stack(out)
 
 
@@ -480,8 +583,12 @@ def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: S
     B = len(prompts)
     fbar = torch.stack([runner.fbar[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
     grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32)
-    # The row budget is shared by the prompts that ride in the same forward pass.
-    per_prompt = max(1, cfg.max_batch_rows // B)
+    # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
+    # prompts grow; max_batch_rows, shared by the prompts of the pass, stays the upper bound.
+    kind = "sequence" if backend is _SequenceRows else "batch"
+    C = max(len(p.tokens) for p in prompts)
+    per_prompt = _rows_per_chunk(_Dims.of(model), kind, B, C, len(prompts[0].target), cfg.max_batch_rows,
+                                 cfg.memory_budget_mb * 2**20)
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with _gradients_on(model):
         for chunk in _row_plan(chosen, cfg.steps, per_prompt):

@@ -8,6 +8,11 @@ prompt's whole sequence), which is different math from QRNCA's last-position IG,
 
 The last line printed is one JSON object (``speedup``, ``fast_s``, ``reference_s``, ``reference_layers``,
 ``max_rel_diff``, ``peak_rss_mb``, ...). This is a benchmark, not a test: numbers depend on the machine.
+
+``--long-prompt-tokens N`` measures memory instead: one query of 3 prompts of N tokens (built-in facts as
+filler before a real cloze prompt), the fast path on all layers under ``--memory-budget-mb``, and the
+process's peak RSS (model included). It runs alone, since RSS is a high-water mark that the reference path
+would set.
 """
 
 from __future__ import annotations
@@ -126,10 +131,67 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
     return result
 
 
+def _long_prompts(model: Any, n_tokens: int, n_prompts: int = 3) -> list[Any]:
+    """A query's prompts of ``n_tokens`` tokens each: built-in facts as filler, then a real cloze prompt."""
+    from dataclasses import replace
+
+    from .data import load_data
+    from .models import default_prepend_bos
+    from .proxies import ProxyConfig, build_prompts
+
+    pool = load_data("builtin:facts")
+    prompts = build_prompts(pool[0], ProxyConfig("cloze", n_prompts=n_prompts, n_shots=2), model.tokenizer,
+                            pool=pool, prepend_bos=default_prepend_bos(model))
+    text = "\n".join(f"{q.question} {q.answer}." for q in pool) + "\n"
+    filler = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for i, p in enumerate(prompts):
+        need = max(0, n_tokens - len(p.tokens))
+        reps = filler * (need // max(1, len(filler)) + 2)
+        start = (i * 97) % max(1, len(filler))  # each prompt its own filler
+        out.append(replace(p, tokens=tuple(reps[start : start + need]) + tuple(p.tokens)))
+    return out
+
+
+def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_budget_mb: int | None = None,
+                          max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
+    """Peak RSS and time of the fast path on one query of 3 prompts of ``n_tokens`` tokens."""
+    from .attribution import IGConfig, _Dims, _prompts_per_pass, _rows_per_chunk, attribute_prompts
+    from .models import n_layers
+
+    cfg = IGConfig(steps=steps, max_batch_rows=max_batch_rows,
+                   **({} if memory_budget_mb is None else {"memory_budget_mb": memory_budget_mb}))
+    prompts = _long_prompts(model, n_tokens)
+    tokens = [len(p.tokens) for p in prompts]
+    d, budget = _Dims.of(model), cfg.memory_budget_mb * 2**20
+    per_pass = _prompts_per_pass(d, "sequence", len(prompts), max(tokens), 1, budget)
+    rows = _rows_per_chunk(d, "sequence", per_pass, max(tokens), 1, cfg.max_batch_rows, budget)
+    print(f"model {name}: {n_layers(model)} layers; 3 prompts of {tokens} tokens; m = {steps}; budget "
+          f"{cfg.memory_budget_mb} MB: {per_pass} prompt(s) per pass, {rows} rows per prompt per chunk")
+    rss_loaded = _rss_mb()
+    t0 = time.perf_counter()
+    attribute_prompts(model, prompts, cfg)
+    seconds = time.perf_counter() - t0
+    result = {
+        "long_prompt_tokens": tokens, "fast_s": seconds, "peak_rss_mb": _rss_mb(), "rss_loaded_mb": rss_loaded,
+        "memory_budget_mb": cfg.memory_budget_mb, "prompts_per_pass": per_pass, "rows_per_chunk": rows,
+        "steps": steps, "model": name,
+    }
+    print(f"fast path, all layers: {seconds:.1f} s; peak RSS {result['peak_rss_mb']:.0f} MB "
+          f"(model loaded: {rss_loaded:.0f} MB)")
+    return result
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import models
 
     model = models.load_model(args.model)
+    if args.long_prompt_tokens:
+        res = run_long_prompt_bench(model, args.long_prompt_tokens, steps=args.steps,
+                                    memory_budget_mb=args.memory_budget_mb, max_batch_rows=args.max_batch_rows,
+                                    name=args.model)
+        print(json.dumps(res))
+        return 0
     res = run_bench(model, steps=args.steps, reference_layers=args.reference_layers, repeats=args.repeats,
                     captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
     print(json.dumps(res))

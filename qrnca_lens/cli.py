@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="runs of the fast path (median)")
     bench.add_argument("--max-batch-rows", type=int, default=240)
     bench.add_argument("--no-captum", action="store_true")
+    bench.add_argument("--long-prompt-tokens", type=int, default=0,
+                       help="instead: peak RSS of the fast path on 3 prompts of this many tokens")
+    bench.add_argument("--memory-budget-mb", type=int, default=None, help="IGConfig.memory_budget_mb (long prompts)")
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     demo.add_argument("--model", default="smollm2")

@@ -8,6 +8,11 @@ Sequences are batched with right padding, which leaves every real position of a 
 identical sequences are run once (a letter prompt's options share one forward pass). ``score_items`` is the
 one batched scorer: each row may carry its own intervention (the evaluation's boost/suppress rows).
 
+Memory stays bounded on long prompts: a batch holds at most ``max_batch_tokens`` padded tokens (a longer
+sequence runs alone), and the forward stops before the final norm, so full-vocabulary logits are computed
+only at the few positions that are read, not at every position of every row. Sequences longer than the
+model's context (``cfg.n_ctx``) are refused with the prompt named.
+
 Example:
     >>> res = accuracy(model, load_data("builtin:facts", limit=5), ProxyConfig("cloze"))  # doctest: +SKIP
     >>> res.accuracy, res.mean_target_prob                                                 # doctest: +SKIP
@@ -27,11 +32,20 @@ from torch import Tensor
 
 from .data import Query, groups_of
 from .errors import ProxyError
+from .hooks import hooked
 from .interventions import row_factors, scale_rows
-from .models import default_prepend_bos, model_device, tokenizer_of
+from .models import default_prepend_bos, model_device, n_layers, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 
-__all__ = ["PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch"]
+__all__ = [
+    "PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch",
+    "batch_plan", "check_context", "logprobs_at", "DEFAULT_MAX_BATCH_TOKENS",
+]
+
+# Padded tokens per scoring forward. Without vocabulary logits a token costs a few residual-sized vectors,
+# but attention grows with rows x width^2: 2,048 keeps a 2,000-token prompt to one row (~0.5 GB of scores
+# on SmolLM2) while short prompts still batch by the row cap.
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -75,18 +89,99 @@ class ItemScore:
     correct: bool
 
 
+def batch_plan(lengths: Sequence[int], *, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Group sequence indices, longest first, into batches of at most ``max_rows`` rows whose padded size
+    (rows x longest length) stays within ``max_tokens``; a sequence longer than the budget runs alone."""
+    if max_rows < 1 or max_tokens < 1:
+        raise ProxyError(f"batch limits must be at least 1, got max_rows={max_rows}, max_tokens={max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def check_context(model: Any, prompts: Sequence[Prompt]) -> None:
+    """Refuse a prompt whose scored sequence (prompt + teacher-forced answer) exceeds the model's context."""
+    limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if not limit:
+        return
+    for pr in prompts:
+        n = len(pr.tokens) + max(len(c) for c in [pr.target, *(pr.options or ())]) - 1
+        if n > limit:
+            raise ProxyError(
+                f"prompt {pr.template} of query {pr.query_id!r} is {n} tokens (prompt + answer), longer than the "
+                f"model's context of {limit} tokens (cfg.n_ctx); shorten the question, use fewer in-context "
+                "examples (--shots), or a model with a longer context"
+            )
+
+
+class _StopBeforeHead(Exception):
+    """Raised from a hook to end a forward at the final residual (no vocabulary logits computed)."""
+
+
+def _final_residual_hook(model: Any) -> str:
+    """The hook that sees the residual stream entering the final norm (the unembedding for norm-free models)."""
+    if "ln_final.hook_in" in model.hook_dict:  # TL 4.x bridge
+        return "ln_final.hook_in"
+    return f"blocks.{n_layers(model) - 1}.hook_resid_post"  # HookedTransformer: ln_final has no hook_in
+
+
+def _head(model: Any, resid: Tensor) -> Tensor:
+    """Logits from final residuals: the model's own final norm and unembedding (and logit soft-cap, if any)."""
+    x = model.ln_final(resid) if getattr(model, "ln_final", None) is not None else resid
+    logits = model.unembed(x)
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    cap = getattr(hf_cfg, "final_logit_softcapping", None) if hf_cfg is not None else None
+    cap = cap or getattr(getattr(model, "cfg", None), "output_logits_soft_cap", 0.0)
+    if cap and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def logprobs_at(model: Any, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Float32 log-probabilities [len(positions[b]), vocab] of each row at its listed positions only.
+
+    The forward stops at the final residual; the final norm and unembedding then run on those positions,
+    which equals the full forward's logits there (tested) at a fraction of the memory.
+    """
+    store: dict[str, Tensor] = {}
+
+    def stop(act: Tensor, hook: Any) -> Tensor:
+        store["resid"] = act
+        raise _StopBeforeHead
+
+    with hooked(model, fwd=[(_final_residual_hook(model), stop)]):
+        try:
+            model(ids)
+        except _StopBeforeHead:
+            pass
+    resid = store["resid"]
+    out = []
+    for b, pos in enumerate(positions):
+        idx = torch.tensor(list(pos), dtype=torch.long, device=resid.device)
+        out.append(torch.log_softmax(_head(model, resid[b : b + 1, idx]).float()[0], dim=-1))
+    return out
+
+
 def score_items(
     model: Any,
     items: Sequence[tuple[Prompt, Intervention]],
     *,
     every_position: bool = False,
     batch_size: int = 8,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> list[ItemScore]:
     """Score each (prompt, intervention) pair: target log-prob, prediction, correctness; rows batched.
 
     A row's intervention acts at its own last prompt position (or at every position), on its own neurons.
     Identical rows (same tokens, same intervention object) run once: a letter prompt's options share a row.
+    A batch holds at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
     """
+    check_context(model, [pr for pr, _ in items])
     needed: dict[tuple, set[int]] = {}
     row_iv: dict[tuple, Intervention] = {}
     plans = []
@@ -99,18 +194,18 @@ def score_items(
             row_iv[key] = iv
             plan.append((key, tuple(cont)))
         plans.append(plan)
-    keys = sorted(needed, key=lambda k: -len(k[0]))  # longest first: little padding within a batch
+    keys = list(needed)
     tables: dict[tuple, dict[int, torch.Tensor]] = {}
     device, pad = model_device(model), _pad_id(model)
     with torch.no_grad():
-        for start in range(0, len(keys), batch_size):
-            batch = keys[start : start + batch_size]
+        for idx in batch_plan([len(k[0]) for k in keys], max_rows=batch_size, max_tokens=max_batch_tokens):
+            batch = [keys[i] for i in idx]
             positions = None if every_position else torch.tensor([k[2] for k in batch], device=device)
+            pos_lists = [sorted(needed[k]) for k in batch]
             with scale_rows(model, row_factors(model, [row_iv[k] for k in batch]), positions):
-                logits = model(pad_batch([k[0] for k in batch], pad, device), return_type="logits")
-            for b, k in enumerate(batch):
-                pos_list = sorted(needed[k])
-                lp = torch.log_softmax(logits[b, pos_list].float(), dim=-1).cpu()
+                lps = logprobs_at(model, pad_batch([k[0] for k in batch], pad, device), pos_lists)
+            for k, pos_list, lp in zip(batch, pos_lists, lps):
+                lp = lp.cpu()
                 tables[k] = {p: lp[i] for i, p in enumerate(pos_list)}
     out = []
     for (pr, _), plan in zip(items, plans):
@@ -126,9 +221,10 @@ def score_items(
     return out
 
 
-def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8) -> list[PromptScore]:
+def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8,
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[PromptScore]:
     """Target log-probability, prediction and correctness of every prompt (no intervention)."""
-    scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size)
+    scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     return [PromptScore(p.query_id, p.group, p.template, s.target_logprob, s.predicted, s.correct)
             for p, s in zip(prompts, scores)]
 
@@ -189,6 +285,7 @@ def accuracy(
     *,
     pool: Sequence[Query] | None = None,
     batch_size: int = 8,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     progress: bool = False,
 ) -> AccuracyResult:
     """Is the model competent on this proxy? Check before attributing: chance-level answers measure noise."""
@@ -197,6 +294,7 @@ def accuracy(
     bos = cfg.prepend_bos if cfg.prepend_bos is not None else default_prepend_bos(model)
     prompts_by_q = build_all_prompts(queries, cfg, tokenizer_of(model), prepend_bos=bos, pool=pool)
     prompts = [p for ps in prompts_by_q.values() for p in ps]
+    check_context(model, prompts)  # before any work: a too-long prompt late in the data fails now
     scores: list[PromptScore] = []
     step = max(batch_size * 4, 1)
     chunks = range(0, len(prompts), step)
@@ -205,7 +303,8 @@ def accuracy(
 
         chunks = tqdm(chunks, desc=f"scoring {cfg.kind}", unit="chunk")
     for start in chunks:
-        scores.extend(score_prompts(model, prompts[start : start + step], batch_size=batch_size))
+        scores.extend(score_prompts(model, prompts[start : start + step], batch_size=batch_size,
+                                    max_batch_tokens=max_batch_tokens))
     per_group = {g: _summary([s for s in scores if s.group == g]) for g in groups_of(list(queries))}
     total = _summary(scores)
     n_opts = {len(p.options) for p in prompts if p.options}

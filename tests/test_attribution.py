@@ -322,3 +322,106 @@ def test_self_check_passes_and_costs_one_plain_forward(tiny_gated, tiny_tokenize
     prompts = build_prompts(facts[0], ProxyConfig("mcqa-letter", n_prompts=3, n_shots=1), tiny_tokenizer, pool=facts)
     attribute_prompts(tiny_gated, prompts, IGConfig(steps=4, max_batch_rows=5))
     assert calls == [3]
+
+
+# ---------------------------------------------------------------- memory stays bounded on long prompts
+
+
+_SMOLLM2 = dict(n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_model=576, d_mlp=1536, d_vocab=49152, act_bytes=4)
+
+
+def test_row_chunks_shrink_with_the_prefix_and_fit_the_budget():
+    from qrnca_lens.attribution import _chunk_bytes, _Dims, _prefix_bytes, _prompts_per_pass, _rows_per_chunk
+
+    d, budget, cap = _Dims(**_SMOLLM2), IGConfig().memory_budget_mb * 2**20, IGConfig().max_batch_rows
+    plan = {}
+    for C in (120, 500, 1000, 2000, 4000):
+        b = _prompts_per_pass(d, "sequence", 3, C, 1, budget)
+        rows = _rows_per_chunk(d, "sequence", b, C, 1, cap, budget)
+        plan[C] = b * rows
+        assert rows * b <= cap  # max_batch_rows stays the upper bound
+        assert _chunk_bytes(d, "sequence", b, rows, 1, C) <= budget
+        assert b == 1 or _prefix_bytes(d, b, C) <= budget
+    assert plan[120] == 240  # short prompts: the old chunks, no slowdown
+    assert list(plan.values()) == sorted(plan.values(), reverse=True) and plan[4000] < plan[1000] < plan[120]
+    assert _prompts_per_pass(d, "sequence", 3, 2000, 1, budget) < 3  # a query's long prompts split into passes
+    # The budget moves the plan; the batch backend copies the prefix per row, so it gets fewer rows.
+    assert _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, 4 * budget) > _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, budget)
+    assert _rows_per_chunk(d, "batch", 1, 2000, 1, cap, budget) < _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, budget)
+    assert _rows_per_chunk(d, "sequence", 1, 10**5, 1, cap, budget) == 1  # never below one row
+
+
+def _long_prompt(n_tokens: int, seed: int = 0):
+    from qrnca_lens.proxies import Prompt
+
+    g = torch.Generator().manual_seed(seed)
+    return Prompt("long", "g", 0, "", tuple(torch.randint(3, 500, (n_tokens,), generator=g).tolist()), (7,))
+
+
+def _peak_allocated(fn) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn()``, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def test_peak_memory_of_a_long_prompt_stays_within_the_budget(tiny_gated):
+    prompt = _long_prompt(450)
+    cfg = dict(steps=200, max_batch_rows=1000)  # 600 rows: unbounded, one chunk of ~45 MB on this tiny model
+    small = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=16)))
+    large = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=10**5)))
+    assert small <= 16 * 2**20
+    assert large > 2 * small  # the budget is what bounds it
+
+
+_RSS_SCRIPT = """
+import resource, sys, tempfile, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from builders import build_tiny_tokenizer, tiny_llama_bridge
+from test_attribution import _long_prompt
+from qrnca_lens.attribution import IGConfig, attribute_prompt
+torch.set_num_threads(1)
+model = tiny_llama_bridge(build_tiny_tokenizer(Path(tempfile.mkdtemp())))
+prompt = _long_prompt(500)
+attribute_prompt(model, prompt, IGConfig(steps=2))  # warm-up: allocator, kernels, the prefix pass
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attribute_prompt(model, prompt, IGConfig(steps=400, max_batch_rows=1200, memory_budget_mb={budget}))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def _rss_growth_mb(budget_mb: int) -> float:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(tests=tests, budget=budget_mb)], env=env,
+                         capture_output=True, text=True, check=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_of_a_long_prompt_follows_the_budget():
+    """A fresh process each: RSS over the warmed-up baseline while attributing 1,200 rows on a 500-token prefix."""
+    bounded, unbounded = _rss_growth_mb(24), _rss_growth_mb(10**5)
+    assert bounded < 100  # the allocator's fragmentation on top of a 24 MB plan
+    assert unbounded > 2 * bounded + 50
+
+
+def test_long_prompt_bench_reports_the_plan_and_peak_rss(tiny_gated):
+    from qrnca_lens.bench import run_long_prompt_bench
+
+    res = run_long_prompt_bench(tiny_gated, 300, steps=4, memory_budget_mb=2, name="tiny")
+    assert res["long_prompt_tokens"] == [300, 300, 300]
+    assert res["prompts_per_pass"] < 3 and res["rows_per_chunk"] < 240 // 3  # the small budget shapes the plan
+    assert res["peak_rss_mb"] >= res["rss_loaded_mb"] > 0

@@ -70,3 +70,81 @@ def test_right_padding_is_exact(tiny_model):
         both = tiny_model(batch)
         alone = tiny_model(torch.tensor([b]))
     assert torch.allclose(both[1, : len(b)], alone[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- memory: logits only where read, token budget
+
+
+def test_logprobs_at_equals_the_full_forward(tiny_model):
+    from qrnca_lens.scoring import logprobs_at
+
+    ids = torch.randint(3, 500, (2, 23))
+    positions = [[0, 7, 22], [15]]
+    with torch.no_grad():
+        full = torch.log_softmax(tiny_model(ids, return_type="logits").float(), dim=-1)
+        got = logprobs_at(tiny_model, ids, positions)
+    for b, pos in enumerate(positions):
+        assert got[b].shape == (len(pos), full.shape[-1])
+        assert (got[b] - full[b, pos]).abs().max() <= 1e-5
+
+
+def test_scoring_unembeds_only_the_positions_it_reads(tiny_model, tiny_tokenizer):
+    """The memory bug: full-vocabulary logits at every position of every padded row. Count what the
+    unembedding sees during scoring: only the target positions of each distinct row."""
+    from qrnca_lens.hooks import hooked
+
+    queries = load_data("builtin:facts", limit=2)[:4]
+    prompts = [p for ps in build_all_prompts(queries, ProxyConfig("cloze", n_prompts=2, n_shots=2), tiny_tokenizer,
+                                             pool=load_data("builtin:facts")).values() for p in ps]
+    seen = []
+    with hooked(tiny_model, fwd=[("unembed.hook_out", lambda a, hook: seen.append(a.shape[:-1].numel()) or a)]):
+        scores = score_prompts(tiny_model, prompts, batch_size=4)
+    assert len(scores) == len(prompts)
+    assert 0 < sum(seen) <= sum(len(p.target) for p in prompts)
+
+
+def test_batch_plan_budgets_padded_tokens():
+    from qrnca_lens.scoring import batch_plan
+
+    lengths = [10, 300, 40, 250, 30, 1000, 20]
+    plan = batch_plan(lengths, max_rows=8, max_tokens=600)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:
+        width = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * width <= 600  # a sequence over the budget runs alone
+        assert lengths[b[0]] == width  # longest first: little padding
+    # 1000 over the budget alone; 300 + 250 pad to exactly 600; the short four share one forward.
+    assert plan == [[5], [1, 3], [2, 4, 6, 0]]
+    assert all(len(b) <= 2 for b in batch_plan(lengths, max_rows=2, max_tokens=10**6))  # the row cap holds
+
+
+def test_token_budget_changes_no_score(tiny_gated, tiny_tokenizer):
+    queries = load_data("builtin:facts", limit=2)[:4]
+    prompts = [p for ps in build_all_prompts(queries, ProxyConfig("mcqa-letter", n_prompts=2, n_shots=1),
+                                             tiny_tokenizer, pool=load_data("builtin:facts")).values() for p in ps]
+    wide = score_prompts(tiny_gated, prompts, batch_size=16, max_batch_tokens=10**6)
+    narrow = score_prompts(tiny_gated, prompts, batch_size=16, max_batch_tokens=1)  # one row per forward
+    for a, b in zip(wide, narrow):
+        assert a.target_logprob == pytest.approx(b.target_logprob, abs=1e-5) and a.predicted == b.predicted
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=24)).eval()
+    model = TransformerBridge.boot_transformers("tiny-short", hf_model=hf, tokenizer=tiny_tokenizer)
+    assert model.cfg.n_ctx == 24
+    queries = load_data("builtin:facts", limit=1)
+    cfg = ProxyConfig("cloze", n_prompts=1, n_shots=3)
+    prompts = [p for ps in build_all_prompts(queries, cfg, tiny_tokenizer, pool=load_data("builtin:facts")).values()
+               for p in ps]
+    long = max(prompts, key=lambda p: len(p.tokens))
+    assert len(long.tokens) > 24
+    with pytest.raises(ProxyError, match=rf"query {long.query_id!r} is {len(long.tokens) + len(long.target) - 1} "
+                                         r"tokens .* context of 24 tokens .*--shots"):
+        score_prompts(model, [long])
+    with pytest.raises(ProxyError, match="context of 24 tokens"):
+        accuracy(model, queries, cfg, pool=load_data("builtin:facts"))
