@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--alpha-schedule", choices=["riemann", "linspace"], default="riemann",
                      help="riemann: k/m, k=1..m (paper); linspace: linspace(0,1,m) (authors' code)")
     loc.add_argument("--method", choices=["fast", "reference"], default="fast")
-    loc.add_argument("--max-batch-rows", type=int, default=240, help="rows per forward/backward (memory budget)")
+    loc.add_argument("--max-batch-rows", type=int, default=240, help="at most this many rows per forward/backward")
+    loc.add_argument("--memory-budget-mb", type=int, default=None,
+                     help="estimated peak memory of one pass (default: IGConfig's); chunks shrink as prompts grow")
     _add_selection_args(loc)
     _add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
@@ -221,7 +223,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
     cfg = LocateConfig(
         proxy=_proxy_config(args),
         ig=IGConfig(steps=args.steps, alpha_schedule=args.alpha_schedule, method=args.method,
-                    max_batch_rows=args.max_batch_rows),
+                    max_batch_rows=args.max_batch_rows,
+                    **({"memory_budget_mb": args.memory_budget_mb} if args.memory_budget_mb else {})),
         selection=_selection_config(args),
     )
     queries, pool = _queries_and_pool(args)

@@ -41,8 +41,9 @@ VERSION = 1
 # Manifest keys that define the computation: a rerun with other values would mix incomparable scores.
 IDENTITY_KEYS = ("format", "version", "model", "data", "proxy", "ig", "layers", "model_shape")
 # Recorded, but not identity: they change memory and speed, never a score, so a run that ran out of memory
-# resumes with a smaller max_batch_rows. (Threads and the executor are not in the manifest at all.)
-NOT_IDENTITY = {"ig": ("max_batch_rows",)}
+# resumes with a smaller max_batch_rows or memory_budget_mb. (Threads and the executor are not in the
+# manifest at all.)
+NOT_IDENTITY = {"ig": ("max_batch_rows", "memory_budget_mb")}
 MANIFEST_LOCK = ".manifest.lock"
 
 
