@@ -392,7 +392,9 @@ torch.set_num_threads(1)
 model = tiny_llama_bridge(build_tiny_tokenizer(Path(tempfile.mkdtemp())))
 prompt = _long_prompt(500)
 attribute_prompt(model, prompt, IGConfig(steps=2))  # warm-up: allocator, kernels, the prefix pass
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# The resident set now, not the high-water mark: the warm-up's own peak must not hide the run's.
+import os
+base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
 attribute_prompt(model, prompt, IGConfig(steps=400, max_batch_rows=1200, memory_budget_mb={budget}))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
