@@ -413,6 +413,7 @@ def _rss_growth_mb(budget_mb: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh processes measuring RSS: once, in the locked full run, not in every stage
 def test_peak_rss_of_a_long_prompt_follows_the_budget():
     """A fresh process each: RSS over the warmed-up baseline while attributing 1,200 rows on a 500-token prefix."""
     bounded, unbounded = _rss_growth_mb(24), _rss_growth_mb(10**5)
