@@ -382,7 +382,7 @@ def test_peak_memory_of_a_long_prompt_stays_within_the_budget(tiny_gated):
 
 
 _RSS_SCRIPT = """
-import resource, sys, tempfile, torch
+import sys, tempfile, torch
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from builders import build_tiny_tokenizer, tiny_llama_bridge
@@ -392,11 +392,20 @@ torch.set_num_threads(1)
 model = tiny_llama_bridge(build_tiny_tokenizer(Path(tempfile.mkdtemp())))
 prompt = _long_prompt(500)
 attribute_prompt(model, prompt, IGConfig(steps=2))  # warm-up: allocator, kernels, the prefix pass
-# The resident set now, not the high-water mark: the warm-up's own peak must not hide the run's.
-import os
-base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+# Peak over the resident set at the start of the run, sampled during the run itself: ru_maxrss is a
+# process-lifetime high-water mark, so the imports' or the warm-up's own peak could pass for the run's.
+import os, threading, time
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+base, peak, done = rss(), [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+t = threading.Thread(target=sample); t.start()
 attribute_prompt(model, prompt, IGConfig(steps=400, max_batch_rows=1200, memory_budget_mb={budget}))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+done.set(); t.join()
+print(max(peak[0], rss()) - base)
 """
 
 
