@@ -24,7 +24,7 @@ from torch import Tensor
 from .errors import ModelError
 
 __all__ = [
-    "hooked", "prefix_cache_kwarg", "capture", "set_neurons", "active_hook_count", "LAST", "last_real_positions",
+    "hooked", "prefix_cache_kwarg", "skip_blocks", "capture", "set_neurons", "active_hook_count", "LAST", "last_real_positions",
     "positions_from_mask", "row_positions",
 ]
 
@@ -145,6 +145,29 @@ def prefix_cache_kwarg(model: Any) -> Iterator[str]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _identity_block(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def skip_blocks(model: Any, below: int) -> Iterator[None]:
+    """For the duration of the block, the bridge's blocks ``0..below-1`` return their input unchanged.
+
+    The row engine feeds the clean residual entering block ``below`` as ``inputs_embeds``; the blocks under
+    it would recompute what is already known (TL's bridge ``start_at_layer`` still runs them). Their hooks do
+    not fire. The instance attribute shadows the class's ``forward`` and is removed on exit, errors included.
+    """
+    blocks = list(getattr(model, "blocks", []))[: max(0, below)]
+    for block in blocks:
+        object.__setattr__(block, "forward", _identity_block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            if "forward" in vars(block):
+                object.__delattr__(block, "forward")
 
 
 # ---------------------------------------------------------------- hook functions

@@ -1,0 +1,695 @@
+"""The row engine: every model pass that intervenes at a prompt's last position runs here.
+
+An intervention at the last prompt position (scaling neurons there, or writing IG's scaled activation)
+leaves every earlier position identical to the clean run in every layer, because attention is causal. So:
+
+1. **One prefix pass** per group of prompts fills a key/value cache and records the clean values callers
+   ask for (e.g. ``hook_pre_linear`` at each last position: IG's f̄).
+2. **Rows.** A row is short: the prompt's last token plus teacher-forced continuation tokens (a target's
+   first tokens, or a candidate answer). Each row carries its own intervention (``Row.scale``: neurons and
+   factors at its first token, or IG's leaf writes) and attends to its prompt's cached prefix. Any number
+   of rows, of any prompts of the group, share one forward.
+3. **Rows start at the lowest layer they change.** Below it a row is the clean run, so it starts from the
+   clean residual (``blocks.l.hook_resid_pre`` of its tokens, recorded from the clean row once) and the
+   blocks below are not run at all.
+
+Backends (``backend_of``):
+
+- ``"packed"``, a TL 4.x ``TransformerBridge`` over a transformers model: the group's prefixes are
+  concatenated along the sequence of one cache; rows follow along the sequence, each seeing its own
+  prompt's prefix span and its own earlier tokens through a 4D mask (sliding-window layers get their own
+  mask), at explicit position ids. Blocks below a chunk's start are skipped by ``skip_blocks`` (the hook
+  door), the residual enters as ``inputs_embeds``. TL's own ``start_at_layer`` is not used: on a bridge it
+  still runs the lower blocks and discards them.
+- ``"batch"``, a TL 3.x ``HookedTransformer``: rows of one prompt and length along the batch, the prompt's
+  frozen cache broadcast to them, ``start_at_layer`` (which really skips there).
+- ``"full"``, anything else: each row is a full sequence (prompt + row), exact and slow.
+
+Exactness is checked, not assumed: per model, a clean row started at the top layer must equal the same row
+started at layer 0 (else rows always start at 0: GPT-2 adds position embeddings to ``inputs_embeds``, for
+instance), and each group's first prompt must equal a plain forward (else ``FastPathError``).
+
+Example:
+    >>> rows = [Row(0, (tok_last,)), Row(0, (tok_last,), scale=((14, (103, 7), 2.0),))]   # doctest: +SKIP
+    >>> out = run_rows(model, [prompt_tokens], rows, lambda row, lp, acts: float(lp[0, target]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import FastPathError, QrncaError
+from .hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
+from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
+
+__all__ = ["Row", "Prefix", "run_rows", "backend_of", "Dims", "chunk_bytes", "prefix_bytes", "plan_groups",
+           "rows_per_chunk", "DEFAULT_MEMORY_BUDGET_MB", "DEFAULT_MAX_PREFIX_TOKENS"]
+
+DEFAULT_MEMORY_BUDGET_MB = 1024
+# Packed rows compute (masked) attention scores against the whole group's prefix: 512 cached positions keep
+# that under ~20% of a row token's cost on SmolLM2-sized models while a group still holds several prompts.
+DEFAULT_MAX_PREFIX_TOKENS = 512
+
+Scale = tuple[tuple[int, tuple[int, ...], float], ...]  # (layer, neurons, factor), at the row's first token
+
+
+@dataclass(frozen=True)
+class Row:
+    """One short row behind a cached prompt: ``tokens[0]`` is the prompt's last token (where interventions
+    act), the rest are teacher-forced. ``scale``: (layer, neurons, factor) triples at ``tokens[0]``."""
+
+    prompt: int
+    tokens: tuple[int, ...]
+    scale: Scale = ()
+
+    @property
+    def start(self) -> int | None:
+        """The lowest layer the row changes (None: a clean row)."""
+        return min((layer for layer, idx, _ in self.scale if idx), default=None)
+
+    def clean(self) -> "Row":
+        return Row(self.prompt, self.tokens)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def backend_of(model: Any) -> str:
+    """``"packed"`` (bridge over transformers), ``"batch"`` (HookedTransformer) or ``"full"``."""
+    original = getattr(model, "original_model", None)
+    if original is not None:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover
+            return "full"
+        return "packed" if isinstance(original, PreTrainedModel) else "full"
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return "full"
+    return "batch" if isinstance(model, HookedTransformer) else "full"
+
+
+# ---------------------------------------------------------------- the memory plan
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What a pass's memory depends on: the model's shapes and activation width in bytes."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    act_bytes: int
+
+    @classmethod
+    def of(cls, model: Any) -> "Dims":
+        c = model.cfg
+        return cls(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head, c.d_model,
+                   c.d_mlp, c.d_vocab, model_dtype(model).itemsize)
+
+
+# Coefficients measured with torch's allocator (profiler peak) on tiny and SmolLM2-shaped Llama bridges:
+# per layer, one attention-score tensor and the prefix keys/values (the cache concatenation and the GQA
+# expansion) are kept for backward, ~4 d_mlp + 6 d_model per row token; ~3 score tensors are live at once
+# in the layer being computed; ~3-4 float32 vocabulary vectors per row token (logits, log-softmax, their
+# gradient). The estimate comes out 1.5x the measured peak, which the allocator's fragmentation eats.
+_SCORE_TRANSIENT, _ROW_PER_LAYER, _VOCAB_COPIES, _PREFIX_SCORE_COPIES = 3, (4, 6), 4, 3
+
+
+def _kv_bytes(d: Dims, positions: int) -> int:
+    return d.act_bytes * positions * d.n_layers * 2 * d.n_kv_heads * d.d_head
+
+
+def prefix_bytes(d: Dims, n_prompts: int, width: int) -> int:
+    """Peak of a prefix pass over ``n_prompts`` padded to ``width`` (no gradient, no vocabulary logits)."""
+    scores = n_prompts * d.n_heads * width * width
+    return d.act_bytes * _PREFIX_SCORE_COPIES * scores + _kv_bytes(d, n_prompts * width)
+
+
+def chunk_bytes(d: Dims, backend: str, cached: int, row_tokens: int, *, grad: bool, rows_per_seq: int = 1) -> int:
+    """Peak of one chunk: ``row_tokens`` row tokens against ``cached`` prefix positions (packed: one sequence
+    of all rows; batch: sequences of ``rows_per_seq`` tokens, each with a copy of the prefix)."""
+    if backend == "packed":
+        seqs, queries, keys = 1, row_tokens, cached + row_tokens
+    else:
+        seqs = max(1, row_tokens // max(1, rows_per_seq))
+        queries, keys = rows_per_seq, cached + rows_per_seq
+    scores = seqs * d.n_heads * queries * keys
+    kv = seqs * keys * 2 * (d.n_heads + d.n_kv_heads) * d.d_head
+    a, b = _ROW_PER_LAYER
+    kept = (scores + kv + row_tokens * (a * d.d_mlp + b * d.d_model)) * d.n_layers if grad else 0
+    return (d.act_bytes * (kept + _SCORE_TRANSIENT * scores + kv) + 4 * _VOCAB_COPIES * row_tokens * d.d_vocab
+            + _kv_bytes(d, cached))
+
+
+def rows_per_chunk(d: Dims, backend: str, cached: int, tokens_per_row: int, max_rows: int, budget: int, *,
+                   grad: bool) -> int:
+    """The most rows (of ``tokens_per_row`` tokens) whose chunk fits the budget: at most ``max_rows``, at least 1
+    (a budget below one row is exceeded, not refused)."""
+    lo, hi = 1, max(1, max_rows)
+    while lo < hi:  # the estimate grows with rows: bisect for the largest that fits
+        mid = (lo + hi + 1) // 2
+        if chunk_bytes(d, backend, cached, mid * tokens_per_row, grad=grad, rows_per_seq=tokens_per_row) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_groups(lengths: Sequence[int], d: Dims, backend: str, budget: int,
+                max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS) -> list[list[int]]:
+    """Consecutive prompts whose packed prefix stays within ``max_prefix_tokens`` and whose prefix pass and
+    one-row chunk fit the budget (always at least one prompt per group; other backends: one per group)."""
+    if backend != "packed":
+        return [[i] for i in range(len(lengths))]
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups:
+            g = groups[-1] + [i]
+            total, width = sum(lengths[j] for j in g), max(lengths[j] for j in g)
+            fits = total <= max_prefix_tokens and max(
+                prefix_bytes(d, len(g), width), chunk_bytes(d, backend, total, 1, grad=True)) <= budget
+            if fits:
+                groups[-1] = g
+                continue
+        groups.append([i])
+    return groups
+
+
+# ---------------------------------------------------------------- one prefix group
+
+
+class _Stop(Exception):
+    """Raised from a hook to end the prefix pass early (the cache is filled by then)."""
+
+
+def _stop(act: Tensor, hook: Any) -> Tensor:
+    raise _Stop
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    # No config: every layer keeps all its keys (a sliding-window cache layer would crop a packed prefix;
+    # the window is enforced by the rows' mask instead).
+    return DynamicCache()
+
+
+class Prefix:
+    """The cached prefixes of a group of prompts and the clean values recorded there.
+
+    ``prompts``: token lists; a row of prompt ``b`` recreates its last token, so the cache holds
+    ``tokens[:-1]``. ``record``: hook names whose clean value at each last position is kept in ``clean``
+    ([prompt, width] per name).
+    """
+
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], *, record: Sequence[str] = (),
+                 backend: str | None = None) -> None:
+        if not prompts or any(len(p) < 1 for p in prompts):
+            raise QrncaError("every prompt needs at least one token")
+        self.model, self.backend = model, backend or backend_of(model)
+        self.device, self.L = model_device(model), n_layers(model)
+        self.prompts = [list(p) for p in prompts]
+        self.P = [len(p) - 1 for p in self.prompts]  # cached positions per prompt
+        self._resid: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # clean row -> [layer, T, d_model]
+        self.clean: dict[str, Tensor] = {}
+        if self.backend == "packed":
+            self._fill_packed(record)
+        elif self.backend == "batch":
+            self._fill_batch(record)
+        else:
+            self._fill_full(record)
+
+    # ------------------------------------------------------------ prefix passes
+
+    def _fill_packed(self, record: Sequence[str]) -> None:
+        model = self.model
+        width = max(len(p) for p in self.prompts)
+        pad = self.prompts[0][0]  # any real token: pad positions are never attended
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in self.prompts], device=self.device)
+        store: dict[str, Tensor] = {}
+        cache = _new_cache()
+        stops = [("ln_final.hook_in", _stop)] if "ln_final.hook_in" in model.hook_dict else []
+        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in record] + stops), \
+                prefix_cache_kwarg(model) as keyword:
+            try:
+                model(ids, **{keyword: cache})
+            except _Stop:
+                pass
+        last = torch.tensor(self.P, device=self.device)
+        rows = torch.arange(len(self.prompts), device=self.device)
+        self.clean = {n: store[n][rows, last].detach().clone() for n in record}
+        # One sequence: prompt b's cached positions at [offset_b, offset_b + P_b).
+        self.offsets = [sum(self.P[:b]) for b in range(len(self.P))]
+        self.C = sum(self.P)
+        self.kv = [
+            tuple(torch.cat([t[b : b + 1, :, : self.P[b]] for b in range(len(self.P))], dim=2) for t in (layer.keys, layer.values))
+            for layer in cache.layers
+        ]
+        hf_cfg = model.original_model.config
+        types = getattr(hf_cfg, "layer_types", None) or []
+        self.window = getattr(hf_cfg, "sliding_window", None) if "sliding_attention" in types else None
+
+    def _fill_batch(self, record: Sequence[str]) -> None:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self._tl_cache = TransformerLensKeyValueCache
+        self.caches = []
+        for p in self.prompts:
+            cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch_size=1)
+            with torch.no_grad():
+                if len(p) > 1:
+                    self.model(torch.tensor([p[:-1]], device=self.device), past_kv_cache=cache)
+            cache.freeze()
+            self.caches.append(cache)
+        self._record_from_rows(record)
+
+    def _fill_full(self, record: Sequence[str]) -> None:
+        self._record_from_rows(record)
+
+    def _record_from_rows(self, record: Sequence[str]) -> None:
+        if not record:
+            return
+        got: dict[str, list[Tensor]] = {n: [] for n in record}
+        for b, p in enumerate(self.prompts):
+            rows = [Row(b, (p[-1],))]
+            with torch.no_grad():
+                self.forward(rows, capture_names=record, acts_out=(acts := {}))
+            for n in record:
+                got[n].append(acts[n][0])
+        self.clean = {n: torch.stack(v) for n, v in got.items()}
+
+    # ------------------------------------------------------------ rows
+
+    def forward(
+        self,
+        rows: Sequence[Row],
+        *,
+        start: int = 0,
+        writes: dict[int, tuple[Sequence[int], Tensor]] | None = None,
+        capture_names: Sequence[str] = (),
+        acts_out: dict[str, Tensor] | None = None,
+    ) -> Float[Tensor, "tokens vocab"]:
+        """Log-probabilities (float32) at every token of ``rows``, concatenated in row order.
+
+        ``start``: the layer the rows start at (every row must be clean below it). ``writes``: per layer,
+        (row indices, values [n, d_mlp]) written at those rows' first token on the MLP hook (IG's leaves).
+        ``capture_names``: hooks whose values at every row token are put in ``acts_out`` ([tokens, width]).
+        """
+        if not rows:
+            raise QrncaError("no rows to run")
+        if start > 0 and self.backend == "full":
+            start = 0
+        lengths = [len(r.tokens) for r in rows]
+        firsts = [sum(lengths[:i]) for i in range(len(rows))]
+        hooks = self._intervention_hooks(rows, firsts, writes)
+        store: dict[str, Tensor] = {}
+        hooks += [(n, capture(store, n, detach=False)) for n in capture_names]
+        if self.backend == "packed":
+            logits = self._packed(rows, start, hooks)
+            if acts_out is not None:
+                acts_out.update({n: store[n][0] for n in capture_names})
+        elif self.backend == "batch":
+            logits = self._batch(rows, start, hooks, store, acts_out, capture_names)
+        else:
+            logits = self._full(rows, hooks, store, acts_out, capture_names)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _intervention_hooks(self, rows: Sequence[Row], firsts: Sequence[int],
+                            writes: dict[int, tuple[Sequence[int], Tensor]] | None) -> list[tuple[str, Any]]:
+        """Per layer one hook: row r's first token scaled by its factors, or overwritten by its written value.
+        Positions are flat row-token indices; each backend maps them to (batch, position) in ``_where``."""
+        width = d_mlp(self.model)
+        scales: dict[int, tuple[list[int], Tensor]] = {}
+        for r, row in enumerate(rows):
+            for layer, idx, factor in row.scale:
+                if not idx:
+                    continue
+                pos, mats = scales.setdefault(layer, ([], []))
+                if not pos or pos[-1] != firsts[r]:
+                    pos.append(firsts[r])
+                    mats.append(torch.ones(width))
+                mats[-1][list(idx)] = float(factor)
+        hooks = []
+        for layer, (pos, mats) in sorted(scales.items()):
+            hooks.append((mlp_hook_name(self.model, layer), self._scale_hook(pos, torch.stack(mats))))
+        for layer, (ridx, values) in sorted((writes or {}).items()):
+            hooks.append((mlp_hook_name(self.model, layer), self._write_hook([firsts[r] for r in ridx], values)))
+        return hooks
+
+    def _scale_hook(self, flat: Sequence[int], factors: Tensor) -> Any:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            b, p, keep = self._where(flat, act)
+            out = act.clone()
+            out[b, p] = act[b, p] * factors[keep.cpu()].to(device=act.device, dtype=act.dtype)
+            return out
+
+        return hook
+
+    def _write_hook(self, flat: Sequence[int], values: Tensor) -> Any:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            b, p, keep = self._where(flat, act)
+            out = act.clone()  # the other rows stay live: rows written at lower layers flow through here
+            out[b, p] = values[keep].to(act.dtype)
+            return out
+
+        return hook
+
+    def _where(self, flat: Sequence[int], act: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat row-token indices -> (batch, position) in the current forward, and which of them it holds
+        (the batch backend runs a chunk's rows in several forwards)."""
+        idx = torch.tensor(list(flat), device=act.device, dtype=torch.long)
+        if self._layout is None:  # packed: one sequence
+            return torch.zeros_like(idx), idx, torch.ones_like(idx, dtype=torch.bool)
+        bmap, pmap = self._layout
+        b, p = bmap[idx], pmap[idx]
+        keep = b >= 0
+        return b[keep], p[keep], keep
+
+    _layout: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------ packed backend
+
+    def _mask(self, rows: Sequence[Row], window: int | None) -> Tensor:
+        """[1, 1, row tokens, cached + row tokens]: each row token sees its own prompt's cached span and its
+        own row's earlier tokens (within ``window`` positions on sliding-window layers)."""
+        dev, dtype = self.device, model_dtype(self.model)
+        key_prompt = torch.tensor([b for b, P in enumerate(self.P) for _ in range(P)], device=dev, dtype=torch.long)
+        key_pos = torch.tensor([k for P in self.P for k in range(P)], device=dev, dtype=torch.long)
+        tok_prompt = torch.tensor([r.prompt for r in rows for _ in r.tokens], device=dev)
+        tok_q = torch.tensor([self.P[r.prompt] + t for r in rows for t in range(len(r.tokens))], device=dev)
+        firsts, i = [], 0
+        for r in rows:
+            firsts += [i] * len(r.tokens)
+            i += len(r.tokens)
+        first = torch.tensor(firsts, device=dev)
+        me = torch.arange(i, device=dev)
+        prefix_ok = key_prompt[None, :] == tok_prompt[:, None]
+        own_ok = (me[None, :] >= first[:, None]) & (me[None, :] <= me[:, None])
+        if window is not None:
+            prefix_ok &= key_pos[None, :] > tok_q[:, None] - window
+            own_ok &= me[:, None] - me[None, :] < window
+        allowed = torch.cat([prefix_ok, own_ok], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+        mask.masked_fill_(~allowed, float("-inf") if dtype == torch.float32 else torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def _packed(self, rows: Sequence[Row], start: int, hooks: list[tuple[str, Any]]) -> Tensor:
+        model = self.model
+        self._layout = None
+        pos = torch.tensor([self.P[r.prompt] + t for r in rows for t in range(len(r.tokens))], device=self.device)
+        full = self._mask(rows, None)
+        mask: Any = full
+        if self.window is not None:
+            mask = {"full_attention": full, "sliding_attention": self._mask(rows, self.window)}
+        cache = _new_cache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k, v, i)
+        if start > 0:
+            inp: Tensor = torch.cat([self.resid(r)[start] for r in rows])[None].to(model_dtype(model))
+        else:
+            inp = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
+        with hooked(model, fwd=hooks), prefix_cache_kwarg(model) as keyword, skip_blocks(model, start):
+            logits = model(inp, return_type="logits", attention_mask=mask, position_ids=pos[None],
+                           **{keyword: cache})
+        return logits[0]
+
+    # ------------------------------------------------------------ HookedTransformer backend
+
+    def _batch(self, rows: Sequence[Row], start: int, hooks: list[tuple[str, Any]], store: dict[str, Tensor],
+               acts_out: dict[str, Tensor] | None, names: Sequence[str]) -> Tensor:
+        """Rows of the same prompt and length share a forward (a broadcast of that prompt's cache)."""
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, row in enumerate(rows):
+            groups.setdefault((row.prompt, len(row.tokens)), []).append(r)
+        lengths = [len(r.tokens) for r in rows]
+        firsts = [sum(lengths[:i]) for i in range(len(rows))]
+        n = sum(lengths)
+        out: list[Tensor | None] = [None] * len(rows)
+        acts: dict[str, list[Tensor | None]] = {nm: [None] * len(rows) for nm in names}
+        for (b, T), members in groups.items():
+            # The flat token index of each row token -> (batch row, position) inside this forward.
+            bmap = torch.full((n,), -1, dtype=torch.long)
+            pmap = torch.full((n,), -1, dtype=torch.long)
+            for j, r in enumerate(members):
+                bmap[firsts[r] : firsts[r] + T] = j
+                pmap[firsts[r] : firsts[r] + T] = torch.arange(T)
+            self._layout = (bmap.to(self.device), pmap.to(self.device))
+            prefix = self.caches[b]
+            k = len(members)
+            entries = [TransformerLensKeyValueCacheEntry(past_keys=e.past_keys.expand(k, -1, -1, -1),
+                                                         past_values=e.past_values.expand(k, -1, -1, -1), frozen=True)
+                       for e in prefix.entries]
+            cache = self._tl_cache(entries=entries, previous_attention_mask=prefix.previous_attention_mask.expand(k, -1),
+                                   frozen=True)
+            if start > 0:
+                inp = torch.stack([self.resid(rows[r])[start] for r in members]).to(model_dtype(self.model))
+                kw: dict[str, Any] = {"start_at_layer": start}
+            else:
+                inp = torch.tensor([list(rows[r].tokens) for r in members], device=self.device)
+                kw = {}
+            store.clear()
+            with hooked(self.model, fwd=hooks):
+                logits = self.model(inp, return_type="logits", past_kv_cache=cache, **kw)
+            for j, r in enumerate(members):
+                out[r] = logits[j]
+                for nm in names:
+                    acts[nm][r] = store[nm][j]
+        self._layout = None
+        if acts_out is not None:
+            acts_out.update({nm: torch.cat([a for a in v if a is not None]) for nm, v in acts.items()})
+        return torch.cat([o for o in out if o is not None])
+
+    # ------------------------------------------------------------ full-sequence backend
+
+    def _full(self, rows: Sequence[Row], hooks: list[tuple[str, Any]], store: dict[str, Tensor],
+              acts_out: dict[str, Tensor] | None, names: Sequence[str]) -> Tensor:
+        """Each row as a full sequence (prompt[:-1] + row tokens), right-padded, batched."""
+        seqs = [self.prompts[r.prompt][:-1] + list(r.tokens) for r in rows]
+        width = max(len(s) for s in seqs)
+        pad = seqs[0][0]
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        bmap = torch.tensor([i for i, r in enumerate(rows) for _ in r.tokens])
+        pmap = torch.tensor([self.P[r.prompt] + t for r in rows for t in range(len(r.tokens))])
+        self._layout = (bmap.to(self.device), pmap.to(self.device))
+        try:
+            with hooked(self.model, fwd=hooks):
+                logits = self.model(ids, return_type="logits")
+        finally:
+            self._layout = None
+        if acts_out is not None:
+            acts_out.update({n: store[n][bmap, pmap] for n in names})
+        return logits[bmap.to(logits.device), pmap.to(logits.device)]
+
+    # ------------------------------------------------------------ clean residuals
+
+    def resid(self, row: Row) -> Float[Tensor, "layer tokens d_model"]:
+        """The clean residual entering every block at the row's tokens (computed once per clean row)."""
+        key = (row.prompt, tuple(row.tokens))
+        if key not in self._resid:
+            self.clean_pass([row])
+        return self._resid[key]
+
+    def clean_pass(self, rows: Sequence[Row], capture_names: Sequence[str] = ()
+                   ) -> tuple[Tensor, dict[str, Tensor], dict[Row, tuple[int, int]]]:
+        """Run the distinct clean versions of ``rows`` from layer 0 and keep their residuals for later starts.
+
+        Returns the clean rows' log-probs, the captured values, and each clean row's (offset, length) in them.
+        """
+        clean = list(dict.fromkeys(r.clean() for r in rows))
+        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.L)]
+        acts: dict[str, Tensor] = {}
+        with torch.no_grad():
+            lp = self.forward(clean, capture_names=list(dict.fromkeys([*capture_names, *names])), acts_out=acts)
+        at: dict[Row, tuple[int, int]] = {}
+        i = 0
+        for r in clean:
+            T = len(r.tokens)
+            self._resid[(r.prompt, r.tokens)] = torch.stack([acts[n][i : i + T].detach() for n in names])
+            at[r] = (i, T)
+            i += T
+        return lp, acts, at
+
+
+# ---------------------------------------------------------------- self-checks
+
+_SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+# Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
+# (an empty or shifted prefix) moves log-probabilities by far more than these bounds.
+CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
+
+
+def check_tolerance(dtype: torch.dtype) -> float:
+    return CHECK_TOL.get(dtype, CHECK_TOL_LOW)
+
+
+def _max_live_diff(a: Tensor, b: Tensor) -> float:
+    """Largest |a - b| on the tokens ``b`` gives at least 1e-6 probability (the far tail's float error says
+    nothing about the cache)."""
+    live = b > -13.8
+    return float(((a - b).abs() * live).max())
+
+
+def skipping_is_exact(prefix: Prefix) -> bool:
+    """Does starting a row at a layer above 0 reproduce the row started at 0, on this model? (Once per model.)"""
+    model = prefix.model
+    if prefix.backend == "full" or prefix.L < 2:
+        return False
+    if model in _SKIP_OK:
+        return _SKIP_OK[model]
+    row = Row(0, (prefix.prompts[0][-1],))
+    try:
+        with torch.no_grad():
+            base, _, _ = prefix.clean_pass([row])
+            top = prefix.forward([row], start=prefix.L - 1)
+        ok = bool(torch.isfinite(base).all()) and _max_live_diff(top, base) <= check_tolerance(model_dtype(model))
+    except Exception:  # an architecture whose blocks cannot be skipped this way: rows start at layer 0
+        ok = False
+    _SKIP_OK[model] = ok
+    return ok
+
+
+def plain_logprobs(model: Any, prompt: Sequence[int], row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
+    """An ordinary forward of prompt[:-1] + row tokens (no cache, no intervention): log-probs at the row."""
+    from .scoring import logprobs_at
+
+    seq = list(prompt[:-1]) + list(row_tokens)
+    P = len(prompt) - 1
+    with torch.no_grad():
+        return logprobs_at(model, torch.tensor([seq], device=model_device(model)), [range(P, len(seq))])[0]
+
+
+def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
+    """A clean row must reproduce the plain forward of its prompt: else the cache contract changed."""
+    from .versions import versions_line
+
+    plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
+    if not torch.isfinite(plain).all():
+        return  # the model itself overflows; the callers' finiteness checks name that and its fix
+    diff = _max_live_diff(row_lp, plain)
+    tol = check_tolerance(model_dtype(prefix.model))
+    if not diff <= tol:
+        raise FastPathError(
+            f"the prefix-cached rows do not reproduce a plain forward: {what} differs from the clean "
+            f"prompt's log-probabilities by {diff:.3g} nats (tolerance {tol:g}). The prefix-cache contract of the "
+            f"installed libraries has changed ({versions_line()}). Use the reference paths "
+            "(IGConfig(method='reference'); engine=False for scoring) and report the versions; nothing was returned"
+        )
+
+
+# ---------------------------------------------------------------- scoring many rows
+
+
+Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
+
+
+def _chunks(rows: Sequence[int], all_rows: dict[int, Row], starts: dict[int, int], per_chunk_tokens: int) -> Iterator[list[int]]:
+    """Rows sorted by start layer (deepest first: similar depths share a chunk), cut by row tokens."""
+    order = sorted(rows, key=lambda r: (-starts[r], all_rows[r].prompt, len(all_rows[r].tokens)))
+    chunk: list[int] = []
+    size = 0
+    for r in order:
+        T = len(all_rows[r].tokens)
+        if chunk and size + T > per_chunk_tokens:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(r)
+        size += T
+    if chunk:
+        yield chunk
+
+
+def run_rows(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[Row],
+    reduce: Reduce,
+    *,
+    capture_names: Sequence[str] = (),
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
+    max_rows: int = 256,
+    max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
+    backend: str | None = None,
+    check: bool = True,
+) -> list[Any]:
+    """``reduce(row, logprobs [T, vocab], acts {name: [T, width]})`` for every row, in row order (no gradient).
+
+    Rows of each prompt group run behind one prefix pass, sorted by start layer into chunks planned by the
+    memory budget; identical rows run once; clean rows come from the clean pass that also records the
+    residuals the other rows start from.
+    """
+    if not rows:
+        return []
+    for r in rows:
+        if not 0 <= r.prompt < len(prompts):
+            raise QrncaError(f"row of prompt {r.prompt}: there are {len(prompts)} prompts")
+        if not r.tokens:
+            raise QrncaError("a row needs at least one token (the prompt's last token)")
+    backend = backend or backend_of(model)
+    d, budget = Dims.of(model), memory_budget_mb * 2**20
+    out: list[Any] = [None] * len(rows)
+    unique = list(dict.fromkeys(rows))
+    where = {row: i for i, row in enumerate(unique)}
+    by_prompt: dict[int, list[int]] = {}
+    for i, row in enumerate(unique):
+        by_prompt.setdefault(row.prompt, []).append(i)
+    used = sorted(by_prompt)
+    results: list[Any] = [None] * len(unique)
+    groups = plan_groups([len(prompts[p]) - 1 for p in used], d, backend, budget, max_prefix_tokens)
+    with torch.no_grad():
+        for g in groups:
+            members = [used[j] for j in g]
+            local = {p: k for k, p in enumerate(members)}
+            prefix = Prefix(model, [prompts[p] for p in members], backend=backend)
+            mine = [i for p in members for i in by_prompt[p]]
+            lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
+            # The clean pass: clean rows' results, and the residuals every other row starts from.
+            clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
+            clean_rows = list(clean_at)
+            if check:
+                first = clean_rows[0]
+                s, T = clean_at[first]
+                check_against_plain(prefix, first.prompt, clean_lp[s : s + T], first.tokens,
+                                    f"the clean row of prompt {members[first.prompt]}")
+            skip = skipping_is_exact(prefix)
+            starts = {}
+            todo = []
+            for i, r in lrows.items():
+                if r.start is None:
+                    s, T = clean_at[r]
+                    results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
+                else:
+                    starts[i] = r.start if skip else 0
+                    todo.append(i)
+            tokens_per_row = max((len(lrows[i].tokens) for i in todo), default=1)
+            cached = prefix.C if backend == "packed" else max(prefix.P)
+            per = rows_per_chunk(d, backend, cached, tokens_per_row, max_rows, budget, grad=False)
+            for chunk in _chunks(todo, lrows, starts, per * tokens_per_row):
+                crow = [lrows[i] for i in chunk]
+                acts = {}
+                lp = prefix.forward(crow, start=min(starts[i] for i in chunk), capture_names=capture_names,
+                                    acts_out=acts)
+                k = 0
+                for i, r in zip(chunk, crow):
+                    T = len(r.tokens)
+                    results[i] = reduce(unique[i], lp[k : k + T], {n: acts[n][k : k + T] for n in capture_names})
+                    k += T
+            del prefix
+    for j, row in enumerate(rows):
+        out[j] = results[where[row]]
+    return out
