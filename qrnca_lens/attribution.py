@@ -54,7 +54,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import QrncaError
-from .hooks import capture, hooked, prefix_cache_kwarg
+from .engine import DEFAULT_MAX_PREFIX_TOKENS, Dims, Prefix, Row, backend_of, plan_groups, rows_per_chunk, skipping_is_exact
+from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, n_layers
 from .proxies import Prompt
 
@@ -198,270 +199,13 @@ def _act_dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-# ---------------------------------------------------------------- fast path: backends
+# ---------------------------------------------------------------- fast path: rows of the engine
 
 
 def fast_backend(model: Any) -> str | None:
-    """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers), ``"batch"``
-    (HookedTransformer), or None (reference only)."""
-    original = getattr(model, "original_model", None)
-    if original is not None:
-        try:
-            from transformers import PreTrainedModel
-        except ImportError:  # pragma: no cover
-            return None
-        return "sequence" if isinstance(original, PreTrainedModel) else None
-    return "batch" if _is_hooked_transformer(model) else None
-
-
-def _is_hooked_transformer(model: Any) -> bool:
-    """True for a TL 3.x ``HookedTransformer`` and its subclasses (SAELens' ``HookedSAETransformer``...).
-
-    The import is lazy and may fail: TL 4.x has no ``HookedTransformer``.
-    """
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:
-        return False
-    return isinstance(model, HookedTransformer)
-
-
-def _row_plan(layers: Sequence[int], steps: int, max_rows: int) -> list[list[tuple[int, int]]]:
-    """(layer index, step) rows in chunks; a chunk never splits a layer's steps when it can avoid it."""
-    rows = [(li, k) for li in range(len(layers)) for k in range(steps)]
-    per_chunk = max(steps, (max_rows // steps) * steps) if max_rows >= steps else max_rows
-    return [rows[i : i + per_chunk] for i in range(0, len(rows), per_chunk)]
-
-
-
-# ---------------------------------------------------------------- fast path: memory plan
-
-
-@dataclass(frozen=True)
-class _Dims:
-    """What a pass's memory depends on: the model's shapes and activation width in bytes."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_mlp: int
-    d_vocab: int
-    act_bytes: int
-
-    @classmethod
-    def of(cls, model: Any) -> "_Dims":
-        c = model.cfg
-        return cls(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head, c.d_model,
-                   c.d_mlp, c.d_vocab, _act_dtype(model).itemsize)
-
-
-# Coefficients measured with torch's allocator (profiler peak) on tiny and SmolLM2-shaped Llama bridges:
-# per layer, one attention-score tensor and the prefix keys/values (the cache concatenation and the GQA
-# expansion) are kept for backward, ~4 d_mlp + 6 d_model per row token; ~3 score tensors are live at once
-# in the layer being computed; ~3-4 float32 vocabulary vectors per row token (logits, log-softmax, their
-# gradient). The estimate comes out 1.5x the measured peak, which the allocator's fragmentation eats.
-_SCORE_TRANSIENT, _ROW_PER_LAYER, _VOCAB_COPIES, _PREFIX_SCORE_COPIES = 3, (4, 6), 4, 3
-
-
-def _kv_cache_bytes(d: _Dims, n_prompts: int, C: int) -> int:
-    return d.act_bytes * n_prompts * C * d.n_layers * 2 * d.n_kv_heads * d.d_head
-
-
-def _prefix_bytes(d: _Dims, n_prompts: int, C: int) -> int:
-    """Peak of the prefix pass (no gradient, stops before the unembedding): one layer's attention scores
-    [prompts, heads, C, C] at a time, plus the cache it fills."""
-    scores = n_prompts * d.n_heads * C * C
-    return d.act_bytes * _PREFIX_SCORE_COPIES * scores + _kv_cache_bytes(d, n_prompts, C)
-
-
-def _chunk_bytes(d: _Dims, backend: str, n_prompts: int, rows: int, T: int, C: int) -> int:
-    """Peak of one row chunk's forward/backward: ``rows`` rows of ``T`` tokens for each of ``n_prompts``
-    prompts against a cached prefix of ``C`` positions (the cache itself included)."""
-    if backend == "sequence":  # rows along the sequence: every row sees the prefix and its chunk's rows
-        seqs, queries, keys = n_prompts, rows * T, C + rows * T
-    else:  # rows along the batch: TL concatenates the prefix keys/values per row
-        seqs, queries, keys = n_prompts * rows, T, C + T
-    scores = seqs * d.n_heads * queries * keys
-    kv = seqs * keys * 2 * (d.n_heads + d.n_kv_heads) * d.d_head
-    tokens = n_prompts * rows * T
-    a, b = _ROW_PER_LAYER
-    per_layer = scores + kv + tokens * (a * d.d_mlp + b * d.d_model)
-    return (d.act_bytes * (d.n_layers * per_layer + _SCORE_TRANSIENT * scores)
-            + 4 * _VOCAB_COPIES * tokens * d.d_vocab + _kv_cache_bytes(d, n_prompts, C))
-
-
-def _prompts_per_pass(d: _Dims, backend: str, n_prompts: int, C: int, T: int, budget: int) -> int:
-    """How many prompts share a pass: the most whose prefix pass and one-row chunk fit the budget (>= 1)."""
-    if backend != "sequence":
-        return 1
-    for b in range(n_prompts, 1, -1):
-        if max(_prefix_bytes(d, b, C), _chunk_bytes(d, backend, b, 1, T, C)) <= budget:
-            return b
-    return 1
-
-
-def _rows_per_chunk(d: _Dims, backend: str, n_prompts: int, C: int, T: int, max_rows: int, budget: int) -> int:
-    """Rows per prompt in a chunk: the most whose estimated peak fits the budget, at most ``max_rows`` shared
-    by the prompts of the pass, at least 1 (a budget below one row is exceeded, not refused)."""
-    lo, hi = 1, max(1, max_rows // n_prompts)
-    while lo < hi:  # the estimate grows with rows: bisect for the largest that fits
-        mid = (lo + hi + 1) // 2
-        if _chunk_bytes(d, backend, n_prompts, mid, T, C) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early (the KV cache is already filled by then)."""
-
-
-def _stop_hook(act: Tensor, hook: Any) -> Tensor:
-    raise _Stop
-
-
-class _SequenceRows:
-    """Bridge backend: the prompts of a query along the batch, each with its cached prefix; behind it, that
-    prompt's rows laid along the sequence under a block-diagonal mask, every row at the target position.
-
-    Prompts are right-padded to a common length; a prompt's pad positions (and its own last token, which
-    each row re-creates) are masked out of its rows' attention, so padding changes nothing.
-    """
-
-    def __init__(self, model: Any, prompts: Sequence[Prompt], names: Sequence[str]) -> None:
-        from transformers import DynamicCache
-
-        self.model, self.names = model, list(names)
-        self.device = model_device(model)
-        self.T = len(prompts[0].target)
-        self.P = torch.tensor([len(p.tokens) - 1 for p in prompts], device=self.device)
-        self.rows = torch.tensor([[p.tokens[-1], *p.target[:-1]] for p in prompts], device=self.device)
-        self.config = model.original_model.config
-        self._cache_cls = DynamicCache
-        full = [list(p.tokens) for p in prompts]
-        width = max(len(t) for t in full)
-        pad = full[0][0]  # any real token: padded positions are never attended
-        ids = torch.tensor([t + [pad] * (width - len(t)) for t in full], device=self.device)
-        self.C = width  # cached positions
-        store: dict[str, Tensor] = {}
-        cache = self._new_cache()
-        # One pass over the whole prompts fills the cache and records f̄ at each last position; it stops before
-        # the final norm, so no prefix logits (a full-vocabulary product per position) are computed.
-        stops = [("ln_final.hook_in", _stop_hook)] if "ln_final.hook_in" in model.hook_dict else []
-        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in self.names] + stops), \
-                prefix_cache_kwarg(model) as keyword:
-            try:
-                model(ids, **{keyword: cache})
-            except _Stop:
-                pass
-        last = self.P
-        self.fbar = {n: store[n][torch.arange(len(prompts)), last].detach().clone() for n in self.names}
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _new_cache(self) -> Any:
-        try:
-            return self._cache_cls(config=self.config)
-        except TypeError:  # older transformers
-            return self._cache_cls()
-
-    def _cache(self) -> Any:
-        cache = self._new_cache()
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k, v, i)
-        return cache
-
-    def _kwargs(self, n_rows: int) -> dict[str, Any]:
-        B, T, C, n = len(self.P), self.T, self.C, n_rows * self.T
-        t = torch.arange(T, device=self.device)
-        pos_ids = (self.P[:, None] + t.repeat(n_rows)[None, :])
-        mask = torch.full((B, 1, n, C + n), float("-inf"), device=self.device, dtype=_act_dtype(self.model))
-        prefix_ok = torch.arange(C, device=self.device)[None, :] < self.P[:, None]  # [B, C]
-        mask[:, 0, :, :C].masked_fill_(prefix_ok[:, None, :], 0.0)
-        rid = torch.arange(n, device=self.device) // T
-        tid = torch.arange(n, device=self.device) % T
-        own = (rid[:, None] == rid[None, :]) & (tid[None, :] <= tid[:, None])
-        mask[:, 0, :, C:].masked_fill_(own, 0.0)
-        return {"attention_mask": mask, "position_ids": pos_ids}
-
-    def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
-        """Forward the chunk's rows for every prompt, each layer's leaf [prompt, rows, d_mlp] written at its rows.
-
-        Returns log-probabilities [prompt * rows, T, vocab] (prompt-major).
-        """
-        n_rows = len(chunk)
-        seq = self.rows.repeat(1, n_rows)
-        hooks = []
-        for li, leaf in leaves.items():
-            idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device) * self.T
-            hooks.append((self.names[li], _write_rows(lambda a: (slice(None), a), idx, leaf)))
-        with hooked(self.model, fwd=hooks), prefix_cache_kwarg(self.model) as keyword:
-            logits = self.model(seq, return_type="logits", **self._kwargs(n_rows), **{keyword: self._cache()})
-        B = len(self.P)
-        return torch.log_softmax(logits.float(), dim=-1).view(B * n_rows, self.T, -1)
-
-
-class _BatchRows:
-    """HookedTransformer backend: rows along the batch, a frozen cache of broadcast prefix views."""
-
-    def __init__(self, model: Any, prompts: Sequence[Prompt], names: Sequence[str]) -> None:
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        if len(prompts) != 1:
-            raise QrncaError("the HookedTransformer backend attributes one prompt at a time")
-        prompt = prompts[0]
-        self.model, self.names = model, list(names)
-        self.device = model_device(model)
-        self.P = len(prompt.tokens) - 1
-        self.T = len(prompt.target)
-        self.row = [prompt.tokens[-1]] + list(prompt.target[:-1])
-        self._cls = TransformerLensKeyValueCache
-        self.prefix = TransformerLensKeyValueCache.init_cache(model.cfg, self.device, batch_size=1)
-        with torch.no_grad():
-            if self.P > 0:
-                model(torch.tensor([list(prompt.tokens[:-1])], device=self.device), past_kv_cache=self.prefix)
-        self.prefix.freeze()
-        clean = _clean_values(model, torch.tensor([self.row], device=self.device), self.names, 0,
-                              past_kv_cache=self._cache(1))
-        self.fbar = {n: v[None] for n, v in clean.items()}
-
-    def _cache(self, n_rows: int) -> Any:
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-        entries = [
-            TransformerLensKeyValueCacheEntry(
-                past_keys=e.past_keys.expand(n_rows, -1, -1, -1),
-                past_values=e.past_values.expand(n_rows, -1, -1, -1),
-                frozen=True,
-            )
-            for e in self.prefix.entries
-        ]
-        mask = self.prefix.previous_attention_mask.expand(n_rows, -1)
-        return self._cls(entries=entries, previous_attention_mask=mask, frozen=True)
-
-    def run(self, chunk: Sequence[tuple[int, int]], leaves: dict[int, Tensor]) -> Tensor:
-        n_rows = len(chunk)
-        seq = torch.tensor([self.row] * n_rows, device=self.device)
-        hooks = []
-        for li, leaf in leaves.items():
-            idx = torch.tensor([r for r, (lj, _) in enumerate(chunk) if lj == li], device=self.device)
-            hooks.append((self.names[li], _write_rows(lambda a: (a, 0), idx, leaf[0])))
-        with hooked(self.model, fwd=hooks):
-            logits = self.model(seq, return_type="logits", past_kv_cache=self._cache(n_rows))
-        return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _write_rows(where: Any, idx: Tensor, leaf: Tensor) -> Any:
-    """A hook writing ``leaf`` at the rows ``idx``: ``where(idx)`` gives the (batch, position) index."""
-
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        out = act.clone()  # other rows stay live: rows scaled at lower layers flow through here
-        out[where(idx)] = leaf.to(act.dtype)
-        return out
-
-    return hook
+    """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers: packed rows),
+    ``"batch"`` (HookedTransformer), or None (reference only)."""
+    return {"packed": "sequence", "batch": "batch"}.get(backend_of(model))
 
 
 # ---------------------------------------------------------------- public API
@@ -500,30 +244,21 @@ def attribute_prompts(
             for p in prompts
         ])
     out: list[Tensor | None] = [None] * len(prompts)
-    if backend == "sequence":
-        # Prompts batch together when their targets have the same length (always, for one query's letters).
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(len(p.target), []).append(i)
-        batches = list(groups.values())
-    else:
-        batches = [[i] for i in range(len(prompts))]
-    batches = [part for batch in batches for part in _split_for_memory(model, [prompts[i] for i in batch], batch, cfg)]
-    for batch in batches:
-        group = [prompts[i] for i in batch]
-        scores = _fast(model, group, chosen, names, cfg, _SequenceRows if backend == "sequence" else _BatchRows)
-        for i, sc in zip(batch, scores):
-            out[i] = _check_finite(sc, prompts[i])
+    # Prompts share a prefix pass when their targets have the same length (always, for one query's letters)
+    # and the memory plan allows; the HookedTransformer backend caches one prompt at a time.
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p.target), []).append(i)
+    d, budget = Dims.of(model), cfg.memory_budget_mb * 2**20
+    eng = "packed" if backend == "sequence" else "batch"
+    for same_t in groups.values():
+        lengths = [len(prompts[i].tokens) - 1 for i in same_t]
+        for part in plan_groups(lengths, d, eng, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
+            batch = [same_t[j] for j in part]
+            scores = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, eng)
+            for i, sc in zip(batch, scores):
+                out[i] = _check_finite(sc, prompts[i])
     return torch.stack([x for x in out if x is not None])
-
-
-def _split_for_memory(model: Any, group: Sequence[Prompt], idx: list[int], cfg: IGConfig) -> list[list[int]]:
-    """Split one pass's prompts so that each prefix pass and one-row chunk fits the memory budget."""
-    if len(idx) == 1:
-        return [idx]
-    C, T = max(len(p.tokens) for p in group), len(group[0].target)
-    per = _prompts_per_pass(_Dims.of(model), "sequence", len(idx), C, T, cfg.memory_budget_mb * 2**20)
-    return [idx[i : i + per] for i in range(0, len(idx), per)]
 
 
 # Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
@@ -575,36 +310,48 @@ def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], laye
 
 
 def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
-          backend: type) -> Float[Tensor, "prompt layer d_mlp"]:
+          backend: str) -> Float[Tensor, "prompt layer d_mlp"]:
+    """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
-    runner = backend(model, prompts, names)
+    prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend)
     plain = _plain_logprobs(model, prompts)
     full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
-    B = len(prompts)
-    fbar = torch.stack([runner.fbar[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
+    B, T = len(prompts), len(prompts[0].target)
+    fbar = torch.stack([prefix.clean[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
     grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32)
+    tokens = [(p.tokens[-1], *p.target[:-1]) for p in prompts]
+    skip = skipping_is_exact(prefix)
     # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
-    # prompts grow; max_batch_rows, shared by the prompts of the pass, stays the upper bound.
-    kind = "sequence" if backend is _SequenceRows else "batch"
-    C = max(len(p.tokens) for p in prompts)
-    per_prompt = _rows_per_chunk(_Dims.of(model), kind, B, C, len(prompts[0].target), cfg.max_batch_rows,
-                                 cfg.memory_budget_mb * 2**20)
+    # prompts grow; max_batch_rows stays the upper bound. Rows go layer by layer, deepest first, so a chunk
+    # holds rows of neighbouring layers and starts at the lowest of them.
+    cached = prefix.C if backend == "packed" else max(prefix.P)
+    per = rows_per_chunk(Dims.of(model), backend, cached, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20,
+                         grad=True)
+    plan = [(b, li, k) for li in reversed(range(len(chosen))) for k in range(cfg.steps) for b in range(B)]
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with _gradients_on(model):
-        for chunk in _row_plan(chosen, cfg.steps, per_prompt):
-            leaves: dict[int, Tensor] = {}
-            for li in sorted({li for li, _ in chunk}):
-                ks = torch.tensor([k for lj, k in chunk if lj == li], device=a.device)
-                leaves[li] = (a[None, ks, None] * fbar[:, li, None].to(a.device)).detach().requires_grad_(True)
-            logp = runner.run(chunk, leaves)  # [prompt * rows, T, vocab], prompt-major
+        for c0 in range(0, len(plan), per):
+            chunk = plan[c0 : c0 + per]
+            rows = [Row(b, tokens[b]) for b, _, _ in chunk]
+            leaves: dict[int, tuple[list[int], Tensor]] = {}
+            for li in sorted({li for _, li, _ in chunk}):
+                mine = [r for r, (_, lj, _) in enumerate(chunk) if lj == li]
+                bs = torch.tensor([chunk[r][0] for r in mine], device=a.device)
+                ks = torch.tensor([chunk[r][2] for r in mine], device=a.device)
+                leaf = (a[ks, None] * fbar[bs.cpu(), li].to(a.device)).detach().requires_grad_(True)
+                leaves[chosen[li]] = (mine, leaf)
+            start = min(chosen[li] for _, li, _ in chunk) if skip else 0
+            logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)
             with torch.no_grad():
-                by_prompt = logp.detach().view(B, len(chunk), *logp.shape[1:])
-                for r, (li, k) in enumerate(chunk):
+                for r, (b, li, k) in enumerate(chunk):
                     if k == full_step:
-                        _self_check(by_prompt[:, r], plain, prompts, chosen[li], _act_dtype(model))
-            prob = _target_prob(logp, targets.repeat_interleave(len(chunk), dim=0))
+                        _self_check(logp[r : r + 1].detach(), plain[b : b + 1], [prompts[b]], chosen[li],
+                                    _act_dtype(model))
+            idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
+            prob = _target_prob(logp, targets[idx])
             order = sorted(leaves)
-            got = torch.autograd.grad(prob.sum(), [leaves[li] for li in order])
-            for li, g in zip(order, got):
-                grads[:, li] += g.float().sum(1).cpu()
+            got = torch.autograd.grad(prob.sum(), [leaves[layer][1] for layer in order])
+            for layer, g in zip(order, got):
+                rows_b = torch.tensor([chunk[r][0] for r in leaves[layer][0]])
+                grads[:, chosen.index(layer)].index_add_(0, rows_b, g.float().cpu())
     return fbar.cpu() * grads / cfg.steps

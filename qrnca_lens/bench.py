@@ -156,16 +156,18 @@ def _long_prompts(model: Any, n_tokens: int, n_prompts: int = 3) -> list[Any]:
 def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_budget_mb: int | None = None,
                           max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     """Peak RSS and time of the fast path on one query of 3 prompts of ``n_tokens`` tokens."""
-    from .attribution import IGConfig, _Dims, _prompts_per_pass, _rows_per_chunk, attribute_prompts
+    from .attribution import IGConfig, attribute_prompts
+    from .engine import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups, rows_per_chunk
     from .models import n_layers
 
     cfg = IGConfig(steps=steps, max_batch_rows=max_batch_rows,
                    **({} if memory_budget_mb is None else {"memory_budget_mb": memory_budget_mb}))
     prompts = _long_prompts(model, n_tokens)
     tokens = [len(p.tokens) for p in prompts]
-    d, budget = _Dims.of(model), cfg.memory_budget_mb * 2**20
-    per_pass = _prompts_per_pass(d, "sequence", len(prompts), max(tokens), 1, budget)
-    rows = _rows_per_chunk(d, "sequence", per_pass, max(tokens), 1, cfg.max_batch_rows, budget)
+    d, budget = Dims.of(model), cfg.memory_budget_mb * 2**20
+    lengths = [n - 1 for n in tokens]
+    per_pass = len(plan_groups(lengths, d, "packed", budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths)))[0])
+    rows = rows_per_chunk(d, "packed", sum(lengths[:per_pass]), 1, cfg.max_batch_rows, budget, grad=True)
     print(f"model {name}: {n_layers(model)} layers; 3 prompts of {tokens} tokens; m = {steps}; budget "
           f"{cfg.memory_budget_mb} MB: {per_pass} prompt(s) per pass, {rows} rows per prompt per chunk")
     rss_loaded = _rss_mb()

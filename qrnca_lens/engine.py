@@ -448,6 +448,12 @@ class Prefix:
             for j, r in enumerate(members):
                 bmap[firsts[r] : firsts[r] + T] = j
                 pmap[firsts[r] : firsts[r] + T] = torch.arange(T)
+            if start > 0:  # first: a clean row's residuals may need a (nested) clean pass of their own
+                inp = torch.stack([self.resid(rows[r])[start] for r in members]).to(model_dtype(self.model))
+                kw: dict[str, Any] = {"start_at_layer": start}
+            else:
+                inp = torch.tensor([list(rows[r].tokens) for r in members], device=self.device)
+                kw = {}
             self._layout = (bmap.to(self.device), pmap.to(self.device))
             prefix = self.caches[b]
             k = len(members)
@@ -456,12 +462,6 @@ class Prefix:
                        for e in prefix.entries]
             cache = self._tl_cache(entries=entries, previous_attention_mask=prefix.previous_attention_mask.expand(k, -1),
                                    frozen=True)
-            if start > 0:
-                inp = torch.stack([self.resid(rows[r])[start] for r in members]).to(model_dtype(self.model))
-                kw: dict[str, Any] = {"start_at_layer": start}
-            else:
-                inp = torch.tensor([list(rows[r].tokens) for r in members], device=self.device)
-                kw = {}
             store.clear()
             with hooked(self.model, fwd=hooks):
                 logits = self.model(inp, return_type="logits", past_kv_cache=cache, **kw)

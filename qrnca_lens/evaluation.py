@@ -49,6 +49,7 @@ from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import mlp_hook_name, model_device, tokenizer_of
 from .proxies import Prompt, tokenizer_identity
+from .engine import Row, run_rows
 from .scoring import ItemScore, _pad_id, pad_batch, score_items
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
@@ -67,6 +68,8 @@ class EvalConfig:
     free_form: bool = True
     neuron_prediction: bool = True
     group_neurons: int = 50
+    # Last-position scoring through the row engine (False: full sequences, the slow oracle; same numbers).
+    engine: bool = True
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -217,19 +220,16 @@ def evaluate(
 
         return tqdm(it, desc=desc, unit="step")
 
-    # Clean scores of every prompt, once.
+    # Every scored row of the evaluation in one call: the clean prompts, then each (method, boost/suppress)'s
+    # related and unrelated rows. The engine then runs each prompt's prefix once for all of them.
     flat = [(q.id, i, p) for q in queries for i, p in enumerate(prompts[q.id])]
-    clean = ex.score_items([(p, None) for _, _, p in flat], batch_size=cfg.batch_size)
-    before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
-    correct_before = {(qid, i): s.correct for (qid, i, _), s in zip(flat, clean)}
-
-    pcr_out: dict[str, dict[str, Any]] = {}
-    edit_out: dict[str, dict[str, Any]] = {}
-    group_out: dict[str, dict[str, Any]] = {g: {"pcr": {}, "editing": {}} for g in groups_of(queries)}
+    items: list[tuple[Prompt, Any]] = [(p, None) for _, _, p in flat]
+    blocks = []
     steps = [(m, f) for m in cfg.methods for f in ("boost", "suppress")]
-    for m, kind in bar(steps, "evaluate"):
+    for m, kind in steps:
         factor = BOOST if kind == "boost" else SUPPRESS
-        items, keys, owners, related = [], [], [], []
+        keys, owners, related = [], [], []
+        start = len(items)
         for q in queries:
             iv = ([(a, b) for a, b, _ in sets[m][q.id]], factor)
             for target_q, is_rel in ((q.id, True), (controls[q.id], False)):
@@ -238,7 +238,20 @@ def evaluate(
                     keys.append((target_q, i))
                     owners.append(q.id)
                     related.append(is_rel)
-        scores = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size)
+        blocks.append((m, kind, start, keys, owners, related))
+    if progress:
+        print(f"evaluate: {len(items)} scored rows ({len(cfg.methods)} methods x boost/suppress x related/unrelated "
+              f"+ {len(flat)} clean prompts)")
+    scored = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size, engine=cfg.engine)
+    clean = scored[: len(flat)]
+    before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
+    correct_before = {(qid, i): s.correct for (qid, i, _), s in zip(flat, clean)}
+
+    pcr_out: dict[str, dict[str, Any]] = {}
+    edit_out: dict[str, dict[str, Any]] = {}
+    group_out: dict[str, dict[str, Any]] = {g: {"pcr": {}, "editing": {}} for g in groups_of(queries)}
+    for m, kind, start, keys, owners, related in bar(blocks, "evaluate"):
+        scores = scored[start : start + len(keys)]
         after = [s.target_logprob for s in scores]
         rel_idx = [i for i, r in enumerate(related) if r]
         unr_idx = [i for i, r in enumerate(related) if not r]
@@ -355,7 +368,6 @@ def _from_run(run: LocateResult) -> dict[str, list[tuple[int, int, float]]]:
 def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
                        run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
     """Our reconstruction (see the module docstring): group neurons from even queries, predict odd ones."""
-    device = model_device(model)
     per_group: dict[str, Any] = {}
     totals: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
     for g, members in groups_of(queries).items():
@@ -372,22 +384,28 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
             by_layer.setdefault(layer, []).append(n)
         names = {layer: mlp_hook_name(model, layer) for layer in by_layer}
         hits: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
-        for q in test:
-            p = prompts[q.id][0]
-            cands = [tuple(o) for o in p.options] if p.options else _cloze_candidates(p)
+        # Each candidate answer is a row behind its prompt: the group neurons' activation at the candidate's
+        # last token and the model's own log-probability of the candidate, from one engine call per group.
+        firsts = [prompts[q.id][0] for q in test]
+        cands = [[tuple(o) for o in p.options] if p.options else _cloze_candidates(p) for p in firsts]
+        rows = [Row(b, (p.tokens[-1], *c)) for b, (p, cs) in enumerate(zip(firsts, cands)) for c in cs]
+        hook_names = list(names.values())
+
+        def read(row: Row, lp: torch.Tensor, acts: dict[str, torch.Tensor]) -> tuple[float, float]:
+            c = row.tokens[1:]
+            act = sum(float(acts[names[layer]][-1, idx].float().sum()) for layer, idx in by_layer.items())
+            own = float(sum(lp[t, tok] for t, tok in enumerate(c)))
+            return act, own
+
+        got = run_rows(model, [list(p.tokens) for p in firsts], rows, read, capture_names=hook_names,
+                       backend=None if cfg.engine else "full")
+        k = 0
+        for p, cs in zip(firsts, cands):
+            vals = got[k : k + len(cs)]
+            k += len(cs)
             correct = p.correct if p.options else 0
-            seqs = [list(p.tokens) + list(c) for c in cands]
-            store: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in names.values()]):
-                logits = model(pad_batch(seqs, _pad_id(model), device), return_type="logits")
-            ends = [len(s) - 1 for s in seqs]
-            act = torch.zeros(len(cands))
-            for layer, idx in by_layer.items():
-                a = store[names[layer]]
-                act += torch.stack([a[b, ends[b], idx].float().sum() for b in range(len(cands))]).cpu()
-            lp = torch.log_softmax(logits.float(), -1)
-            own = [float(sum(lp[b, len(p.tokens) - 1 + t, tok] for t, tok in enumerate(c))) for b, c in enumerate(cands)]
-            n_pred, m_pred = int(act.argmax()), int(np.argmax(own))
+            n_pred = int(np.argmax([v[0] for v in vals]))
+            m_pred = int(np.argmax([v[1] for v in vals]))
             hits["neuron"].append(float(n_pred == correct))
             hits["model"].append(float(m_pred == correct))
             hits["agree"].append(float(n_pred == m_pred))

@@ -52,7 +52,8 @@ def attribute_query(model: Any, prompts: Sequence[Prompt], ig: IGConfig, layers:
 class Executor(Protocol):
     def attribute(self, jobs: Sequence[Job], ig: IGConfig, layers: Sequence[int]) -> Iterator[tuple[str, Tensor, dict[str, Any]]]: ...
 
-    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8) -> list[Any]: ...
+    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
+                    engine: bool = True) -> list[Any]: ...
 
 
 class SerialExecutor:
@@ -66,10 +67,11 @@ class SerialExecutor:
             scores, info = attribute_query(self.model, prompts, ig, layers)
             yield qid, scores, info
 
-    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8) -> list[Any]:
+    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
+                    engine: bool = True) -> list[Any]:
         from .scoring import score_items
 
-        return score_items(self.model, items, every_position=every_position, batch_size=batch_size)
+        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine)
 
 
 # ---------------------------------------------------------------- Ray
@@ -106,10 +108,10 @@ class _Worker:
         scores, info = attribute_query(self.model, prompts, ig, layers)
         return qid, scores.detach().cpu(), info
 
-    def score_items(self, items: Sequence[Any], every_position: bool, batch_size: int) -> list[Any]:
+    def score_items(self, items: Sequence[Any], every_position: bool, batch_size: int, engine: bool = True) -> list[Any]:
         from .scoring import score_items
 
-        return score_items(self.model, items, every_position=every_position, batch_size=batch_size)
+        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine)
 
 
 class RayExecutor:
@@ -220,13 +222,15 @@ class RayExecutor:
         for _, result in self._run(calls, self.IN_FLIGHT):
             yield result
 
-    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8) -> list[Any]:
+    def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
+                    engine: bool = True) -> list[Any]:
         items = list(items)
         if not items:
             return []
         n = min(sum(self._alive) or 1, len(items))
         bounds = [len(items) * k // n for k in range(n + 1)]
-        calls = [(k, "score_items", (items[bounds[k]:bounds[k + 1]], every_position, batch_size)) for k in range(n)]
+        calls = [(k, "score_items", (items[bounds[k]:bounds[k + 1]], every_position, batch_size, engine))
+                 for k in range(n)]
         chunks = dict(self._run(calls, 1))
         return [x for k in range(n) for x in chunks[k]]
 

@@ -33,7 +33,8 @@ from torch import Tensor
 from .data import Query, groups_of
 from .errors import ProxyError
 from .hooks import hooked
-from .interventions import row_factors, scale_rows
+from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
+from .interventions import check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, n_layers, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 
@@ -174,14 +175,85 @@ def score_items(
     every_position: bool = False,
     batch_size: int = 8,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    engine: bool = True,
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
 ) -> list[ItemScore]:
-    """Score each (prompt, intervention) pair: target log-prob, prediction, correctness; rows batched.
+    """Score each (prompt, intervention) pair: target log-prob, prediction, correctness.
 
-    A row's intervention acts at its own last prompt position (or at every position), on its own neurons.
-    Identical rows (same tokens, same intervention object) run once: a letter prompt's options share a row.
-    A batch holds at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
+    An intervention ``(neurons, factor)`` multiplies the (layer, neuron) activations of the attributed hook
+    at the prompt's last position (``every_position``: at every position). Last-position items go through the
+    row engine (``engine``): each distinct prompt's prefix runs once, each item is a short row behind it, rows
+    start at their lowest intervened layer. ``every_position`` (or ``engine=False``) runs full sequences,
+    ``batch_size`` rows and ``max_batch_tokens`` padded tokens per forward. Both give the same numbers (tested).
     """
     check_context(model, [pr for pr, _ in items])
+    # Models without a prefix cache (TL-native bridges) gain nothing from rows: full sequences, logits only
+    # at the positions read.
+    if every_position or not engine or backend_of(model) == "full":
+        return _score_items_full(model, items, every_position=every_position, batch_size=batch_size,
+                                 max_batch_tokens=max_batch_tokens)
+    return _score_items_rows(model, items, memory_budget_mb)
+
+
+def _scale_of(model: Any, iv: Intervention) -> Scale:
+    if iv is None:
+        return ()
+    neurons, factor = iv
+    return tuple((layer, tuple(idx), float(factor)) for layer, idx in sorted(check_neurons(model, neurons).items()))
+
+
+def _score_items_rows(model: Any, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int) -> list[ItemScore]:
+    """Every item as engine rows: one row per distinct teacher-forced prefix of its target and options."""
+    prompt_ids: dict[tuple[int, ...], int] = {}
+    rows: list[Row] = []
+    reads: dict[Row, set[tuple[int, int]]] = {}
+    plans = []
+    scales: dict[int, Scale] = {}
+    for pr, iv in items:
+        b = prompt_ids.setdefault(tuple(pr.tokens), len(prompt_ids))
+        scale = scales.get(id(iv)) if iv is not None else ()
+        if scale is None:
+            scale = scales[id(iv)] = _scale_of(model, iv)
+        plan = []
+        for cont in [pr.target, *(pr.options or ())]:
+            row = Row(b, (pr.tokens[-1], *cont[:-1]), scale)
+            reads.setdefault(row, set()).update(enumerate(cont))
+            rows.append(row)
+            plan.append((row, tuple(cont)))
+        plans.append(plan)
+    prompts = [list(t) for t in prompt_ids]
+
+    def reduce(row: Row, lp: Tensor, acts: Any) -> tuple[dict[tuple[int, int], float], int]:
+        want = sorted(reads[row])
+        t = torch.tensor([w[0] for w in want], device=lp.device)
+        tok = torch.tensor([w[1] for w in want], device=lp.device)
+        return dict(zip(want, lp[t, tok].tolist())), int(lp[0].argmax())
+
+    got = dict(zip(rows, run_rows(model, prompts, rows, reduce, memory_budget_mb=memory_budget_mb)))
+    out = []
+    for (pr, _), plan in zip(items, plans):
+        vals = [sum(got[row][0][(t, tok)] for t, tok in enumerate(cont)) for row, cont in plan]
+        if pr.options:
+            pred = int(np.argmax(vals[1:]))
+            ok = pred == pr.correct
+        else:
+            pred = got[plan[0][0]][1]
+            ok = pred == pr.target[0]
+        out.append(ItemScore(vals[0], pred, bool(ok)))
+    return out
+
+
+def _score_items_full(
+    model: Any,
+    items: Sequence[tuple[Prompt, Intervention]],
+    *,
+    every_position: bool = False,
+    batch_size: int = 8,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> list[ItemScore]:
+    """Full-sequence scoring: every (prompt, intervention) pair runs its whole sequence (the oracle, and the
+    path for interventions at every position). A batch holds at most ``batch_size`` rows and
+    ``max_batch_tokens`` padded tokens; identical rows (same tokens, same intervention object) run once."""
     needed: dict[tuple, set[int]] = {}
     row_iv: dict[tuple, Intervention] = {}
     plans = []
@@ -222,9 +294,10 @@ def score_items(
 
 
 def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8,
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[PromptScore]:
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, engine: bool = True) -> list[PromptScore]:
     """Target log-probability, prediction and correctness of every prompt (no intervention)."""
-    scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                         engine=engine)
     return [PromptScore(p.query_id, p.group, p.template, s.target_logprob, s.predicted, s.correct)
             for p, s in zip(prompts, scores)]
 

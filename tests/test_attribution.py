@@ -262,51 +262,47 @@ def test_fast_equals_reference_on_smollm2(smollm2, facts):
 # ---------------------------------------------------------------- the fast path checks itself
 
 
-def _broken_sequence_cache(how: str):
-    """Break the bridge's prefix cache on purpose: ``empty`` (no layer filled: the transformers 5.24
-    failure) or ``drop`` (layer 1's keys and values zeroed)."""
-
-    def cache(self):
-        out = self._new_cache()
+def _break_prefix(prefix, how: str):
+    """Break the engine's prefix cache on purpose: ``empty`` (nothing cached: the transformers 5.24 failure,
+    every row attends to itself alone) or ``drop`` (layer 1's keys and values zeroed)."""
+    if prefix.backend == "packed":
         if how == "empty":
-            return out
-        for i, (k, v) in enumerate(self.kv):
-            if i == 1:
-                k, v = torch.zeros_like(k), torch.zeros_like(v)
-            out.update(k, v, i)
-        return out
+            prefix.P = [0] * len(prefix.P)
+            prefix.offsets, prefix.C = [0] * len(prefix.P), 0
+            prefix.kv = [(k[:, :, :0], v[:, :, :0]) for k, v in prefix.kv]
+        else:
+            prefix.kv[1] = tuple(torch.zeros_like(t) for t in prefix.kv[1])
+        return
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    return cache
+    for i, cache in enumerate(prefix.caches):
+        if how == "empty":
+            cache = TransformerLensKeyValueCache.init_cache(prefix.model.cfg, prefix.device, batch_size=1)
+            cache.freeze()
+            prefix.caches[i] = cache
+        else:
+            e = cache.entries[1]
+            cache.entries[1] = TransformerLensKeyValueCacheEntry(
+                past_keys=torch.zeros_like(e.past_keys), past_values=torch.zeros_like(e.past_values), frozen=True)
 
 
 @pytest.mark.parametrize("how", ["empty", "drop"])
 def test_self_check_fails_loudly_on_a_broken_cache(tiny_model, tiny_tokenizer, facts, monkeypatch, how):
-    from qrnca_lens import attribution as attr
+    from qrnca_lens.engine import Prefix
     from qrnca_lens.errors import FastPathError
 
     backend = fast_backend(tiny_model)
     if backend is None:
         pytest.skip("no fast path for this model kind")
     prompt = _prompt(facts, tiny_tokenizer, "cloze", shots=2)
-    if backend == "sequence":
-        monkeypatch.setattr(attr._SequenceRows, "_cache", _broken_sequence_cache(how))
-    else:
-        original = attr._BatchRows._cache
-        if how == "empty":
-            def empty(self, n_rows):
-                from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-                return TransformerLensKeyValueCache.init_cache(tiny_model.cfg, self.device, batch_size=n_rows)
-            monkeypatch.setattr(attr._BatchRows, "_cache", empty)
-        else:
-            original_fn = original
-            def drop(self, n_rows):
-                cache = original_fn(self, n_rows)
-                from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-                e = cache.entries[1]
-                cache.entries[1] = TransformerLensKeyValueCacheEntry(
-                    past_keys=torch.zeros_like(e.past_keys), past_values=torch.zeros_like(e.past_values), frozen=True)
-                return cache
-            monkeypatch.setattr(attr._BatchRows, "_cache", drop)
+    original = Prefix.__init__
+
+    def broken_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _break_prefix(self, how)
+
+    monkeypatch.setattr(Prefix, "__init__", broken_init)
     hooks = active_hook_count(tiny_model)
     with pytest.raises(FastPathError, match=r"transformers .*transformer-lens .*method='reference'"):
         attribute_prompt(tiny_model, prompt, IGConfig(steps=3))
@@ -331,24 +327,27 @@ _SMOLLM2 = dict(n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_model=576, d_
 
 
 def test_row_chunks_shrink_with_the_prefix_and_fit_the_budget():
-    from qrnca_lens.attribution import _chunk_bytes, _Dims, _prefix_bytes, _prompts_per_pass, _rows_per_chunk
+    from qrnca_lens.engine import Dims, chunk_bytes, plan_groups, prefix_bytes, rows_per_chunk
 
-    d, budget, cap = _Dims(**_SMOLLM2), IGConfig().memory_budget_mb * 2**20, IGConfig().max_batch_rows
+    d, budget, cap = Dims(**_SMOLLM2), IGConfig().memory_budget_mb * 2**20, IGConfig().max_batch_rows
     plan = {}
     for C in (120, 500, 1000, 2000, 4000):
-        b = _prompts_per_pass(d, "sequence", 3, C, 1, budget)
-        rows = _rows_per_chunk(d, "sequence", b, C, 1, cap, budget)
-        plan[C] = b * rows
-        assert rows * b <= cap  # max_batch_rows stays the upper bound
-        assert _chunk_bytes(d, "sequence", b, rows, 1, C) <= budget
-        assert b == 1 or _prefix_bytes(d, b, C) <= budget
+        groups = plan_groups([C] * 3, d, "packed", budget, max_prefix_tokens=max(512, C))
+        b = len(groups[0])
+        rows = rows_per_chunk(d, "packed", b * C, 1, cap, budget, grad=True)
+        plan[C] = rows
+        assert rows <= cap  # max_batch_rows stays the upper bound
+        assert chunk_bytes(d, "packed", b * C, rows, grad=True) <= budget
+        assert b == 1 or prefix_bytes(d, b, C) <= budget
     assert plan[120] == 240  # short prompts: the old chunks, no slowdown
     assert list(plan.values()) == sorted(plan.values(), reverse=True) and plan[4000] < plan[1000] < plan[120]
-    assert _prompts_per_pass(d, "sequence", 3, 2000, 1, budget) < 3  # a query's long prompts split into passes
+    assert len(plan_groups([2000] * 3, d, "packed", budget, max_prefix_tokens=6000)[0]) < 3  # long prompts split
     # The budget moves the plan; the batch backend copies the prefix per row, so it gets fewer rows.
-    assert _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, 4 * budget) > _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, budget)
-    assert _rows_per_chunk(d, "batch", 1, 2000, 1, cap, budget) < _rows_per_chunk(d, "sequence", 1, 2000, 1, cap, budget)
-    assert _rows_per_chunk(d, "sequence", 1, 10**5, 1, cap, budget) == 1  # never below one row
+    assert rows_per_chunk(d, "packed", 2000, 1, cap, 4 * budget, grad=True) > rows_per_chunk(d, "packed", 2000, 1, cap, budget, grad=True)
+    assert rows_per_chunk(d, "batch", 2000, 1, cap, budget, grad=True) < rows_per_chunk(d, "packed", 2000, 1, cap, budget, grad=True)
+    assert rows_per_chunk(d, "packed", 10**5, 1, cap, budget, grad=True) == 1  # never below one row
+    # Without a gradient nothing is kept per layer: scoring chunks are larger.
+    assert rows_per_chunk(d, "packed", 2000, 1, 10**4, budget, grad=False) > rows_per_chunk(d, "packed", 2000, 1, 10**4, budget, grad=True)
 
 
 def _long_prompt(n_tokens: int, seed: int = 0):

@@ -203,3 +203,43 @@ def test_evaluate_refuses_another_tokenizer(setup, monkeypatch):
     monkeypatch.setattr(evaluation_mod, "tokenizer_of", lambda m: other)
     with pytest.raises(QrncaError, match="another tokenizer.*the model the run was made with"):
         evaluate(model, run, queries, cfg=EvalConfig(methods=("qrnca",), n_boot=20), progress=False)
+
+
+def test_engine_and_full_sequence_paths_give_the_same_evaluation(setup, pool):
+    """PCR, editing and neuron-based prediction through the row engine == through full sequences."""
+    model, tok, queries, run = setup
+    kw = dict(methods=("qrnca", "kn", "random"), n_boot=50, free_form=False, neuron_prediction=True, group_neurons=10)
+    fast = evaluate(model, run, queries, cfg=EvalConfig(**kw), progress=False).to_dict()
+    slow = evaluate(model, run, queries, cfg=EvalConfig(**kw, engine=False), progress=False).to_dict()
+    assert fast["neuron_prediction"]["n"] > 0
+    fast["meta"].pop("config"), slow["meta"].pop("config")
+
+    def close(a, b, path=""):
+        if isinstance(a, dict):
+            assert set(a) == set(b), path
+            for k in a:
+                close(a[k], b[k], f"{path}.{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), path
+            for i, (x, y) in enumerate(zip(a, b)):
+                close(x, y, f"{path}[{i}]")
+        elif isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-6) or (math.isnan(a) and math.isnan(b)), path
+        else:
+            assert a == b, path
+
+    close(fast, slow)
+
+
+def test_score_items_engine_equals_full_sequences_with_options(setup, pool):
+    """Letter MCQA (options read at one row) and answer-text MCQA (one row per multi-token option)."""
+    model, tok, queries, run = setup
+    neurons = [(a, b) for a, b, _ in run.qr_neurons(queries[0].id)][:6]
+    for kind in ("mcqa-letter", "mcqa-text"):
+        prompts = build_all_prompts(queries[:3], ProxyConfig(kind, n_prompts=2, n_shots=1), tok, pool=pool)
+        items = [(p, iv) for ps in prompts.values() for p in ps for iv in (None, (neurons, 0.0), (neurons, 2.0))]
+        fast = score_items(model, items)
+        slow = score_items(model, items, engine=False)
+        for a, b in zip(fast, slow):
+            assert a.target_logprob == pytest.approx(b.target_logprob, abs=1e-5)
+            assert (a.predicted, a.correct) == (b.predicted, b.correct)

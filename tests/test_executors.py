@@ -131,7 +131,11 @@ def test_locate_and_evaluate_match_serial(executor, model, queries, pool, serial
     run = serial[0]
     want = evaluate(model, run, queries, pool, EVAL, progress=False).to_dict()
     got = evaluate(model, run, queries, pool, EVAL, progress=False, executor=executor).to_dict()
-    _close(got, want)
+    # Each actor packs its own share of the rows into engine chunks, and float32 reductions depend on a
+    # chunk's shape: log-probabilities agree to ~1e-6, not bit for bit (locate above stays bit-identical). A
+    # PCR divides by the mean change of unrelated prompts, tiny for random neurons on this tiny model, which
+    # magnifies that noise to ~1e-4 relative.
+    _close(got, want, rel=2e-3)
 
 
 def test_score_items_keeps_input_order(executor, model, queries, pool, serial):
