@@ -6,8 +6,13 @@ paths compute; the fast path is also timed on all layers. Captum's ``LayerIntegr
 hook modules is timed too, for scale only: it interpolates the activation at *every* position (the
 prompt's whole sequence), which is different math from QRNCA's last-position IG, so no score is compared.
 
+Evaluation is measured the same way: one query's scored rows as ``evaluate`` builds them (7 neuron sets x
+boost/suppress x its own and a control query's prompts, plus the clean prompts) through the row engine and
+through full-sequence scoring, on identical items (``eval_speedup``, ``eval_s``, ``max_abs_logprob_diff``).
+
 The last line printed is one JSON object (``speedup``, ``fast_s``, ``reference_s``, ``reference_layers``,
-``max_rel_diff``, ``peak_rss_mb``, ...). This is a benchmark, not a test: numbers depend on the machine.
+``max_rel_diff``, ``eval_speedup``, ``eval_s``, ``peak_rss_mb``, ...). This is a benchmark, not a test:
+numbers depend on the machine; the ratios are measured side by side in one run.
 
 ``--long-prompt-tokens N`` measures memory instead: one query of 3 prompts of N tokens (built-in facts as
 filler before a real cloze prompt), the fast path on all layers under ``--memory-budget-mb``, and the
@@ -77,6 +82,50 @@ def _captum_time(model: Any, prompts: Sequence[Any], layers: Sequence[int], step
     return time.perf_counter() - t0
 
 
+def _eval_items(model: Any, prompts: Sequence[Any], control: Sequence[Any], scores: Any, n_sets: int = 7,
+                size: int = 20) -> list[Any]:
+    """One query's evaluation rows for ``n_sets`` neuron sets of ``size``: boost and suppress, on its own
+    prompts (related) and a control query's (unrelated), plus the clean prompts, as ``evaluate`` builds them.
+
+    The sets stand in for the 7 methods: slices of the query's IG ranking (QR-like: mostly upper layers) and
+    seeded random neurons (any layer).
+    """
+    from .evaluation import BOOST, SUPPRESS
+
+    summed = scores.sum(0).flatten()
+    width = scores.shape[-1]
+    ranked = torch.argsort(summed, descending=True)
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for k in range(n_sets):
+        pick = ranked[k * size : (k + 1) * size] if k < n_sets - 2 else torch.randperm(summed.numel(), generator=g)[:size]
+        sets.append([(int(i) // width, int(i) % width) for i in pick])
+    items: list[Any] = [(p, None) for p in [*prompts, *control]]
+    for neurons in sets:
+        for factor in (BOOST, SUPPRESS):
+            items += [(p, (neurons, factor)) for p in [*prompts, *control]]
+    return items
+
+
+def run_eval_bench(model: Any, prompts: Sequence[Any], control: Sequence[Any], scores: Any,
+                   repeats: int = 3) -> dict[str, Any]:
+    """Evaluation of one query (7 neuron sets x boost/suppress x related/unrelated + clean) through the row
+    engine vs full-sequence scoring, on identical items: times, ratio, and the largest log-prob difference."""
+    from .scoring import score_items
+
+    items = _eval_items(model, prompts, control, scores)
+    score_items(model, items[:4])  # warm-up
+    engine_s, fast = _median_time(lambda: score_items(model, items), repeats)
+    full_s, slow = _median_time(lambda: score_items(model, items, engine=False), 1)
+    diff = max(abs(a.target_logprob - b.target_logprob) for a, b in zip(fast, slow))
+    same = sum((a.predicted, a.correct) == (b.predicted, b.correct) for a, b in zip(fast, slow))
+    print(f"evaluation of one query ({len(items)} scored rows: 7 neuron sets x boost/suppress x related/unrelated "
+          f"+ clean): engine {engine_s:.2f} s, full sequences {full_s:.2f} s, speed-up {full_s / engine_s:.1f}x; "
+          f"max |log-prob difference| {diff:.2e}; same predictions {same}/{len(items)}")
+    return {"eval_s": engine_s, "eval_full_s": full_s, "eval_speedup": full_s / engine_s,
+            "max_abs_logprob_diff": diff, "eval_rows": len(items), "eval_same_predictions": same == len(items)}
+
+
 def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
               captum: bool = True, max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     from .attribution import IGConfig, attribute_prompt, attribute_prompts
@@ -97,7 +146,7 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
 
     attribute_prompt(model, prompts[0], fast_cfg, layers=subset[:1])  # warm-up (allocator, kernels)
     # The same call locate makes: the query's prompts together.
-    fast_all_s, _ = _median_time(lambda: attribute_prompts(model, prompts, fast_cfg), repeats)
+    fast_all_s, all_scores = _median_time(lambda: attribute_prompts(model, prompts, fast_cfg), repeats)
     print(f"fast path, all {n_layers(model)} layers, 3 prompts: median {fast_all_s:.2f} s over {repeats} runs")
     fast_rss = _rss_mb()
     fast_sub_s, fast_sub = _median_time(lambda: attribute_prompts(model, prompts, fast_cfg, layers=subset), repeats)
@@ -109,6 +158,10 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
     if captum_s is not None:
         print(f"captum LayerIntegratedGradients, layers {subset}: {captum_s:.2f} s "
               "(interpolates every position: different math, time only)")
+    other = next(q for q in pool if q.group != pool[0].group)
+    control = build_prompts(other, ProxyConfig("mcqa-letter", n_prompts=3, n_shots=2), model.tokenizer,
+                            pool=pool, prepend_bos=default_prepend_bos(model))
+    evaluation = run_eval_bench(model, prompts, control, all_scores, repeats)
     result = {
         "speedup": ref_s / fast_sub_s,
         "fast_s": fast_all_s,
@@ -124,6 +177,7 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
         "prompt_tokens": tokens,
         "steps": steps,
         "model": name,
+        **evaluation,
     }
     print(f"speed-up on identical work: {result['speedup']:.0f}x; max |fast - reference| / max|reference| = {diff:.2e}; "
           f"peak RSS of the fast path {fast_rss:.0f} MB (whole bench, reference and captum included: "
