@@ -54,7 +54,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import QrncaError
-from .engine import DEFAULT_MAX_PREFIX_TOKENS, Dims, Prefix, Row, backend_of, plan_groups, rows_per_chunk, skipping_is_exact
+from .engine import Prefix, Row, backend_of, skipping_is_exact
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, n_layers
 from .proxies import Prompt
@@ -270,7 +271,7 @@ _SELF_CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
 def _plain_logprobs(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
     """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
     intervention; the final norm and unembedding run on the target positions only)."""
-    from .scoring import logprobs_at
+    from .readout import logprobs_at
 
     device = model_device(model)
     out = []
@@ -313,8 +314,10 @@ def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: S
           backend: str) -> Float[Tensor, "prompt layer d_mlp"]:
     """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
-    prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend)
-    plain = _plain_logprobs(model, prompts)
+    prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend,
+                    continuations=[p.target[:-1] for p in prompts])
+    # The self-check's reference: the prefix pass's own logits on a bridge, else one ordinary forward each.
+    plain = torch.stack(prefix.plain) if prefix.plain is not None else _plain_logprobs(model, prompts)
     full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
     B, T = len(prompts), len(prompts[0].target)
     fbar = torch.stack([prefix.clean[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
@@ -327,11 +330,14 @@ def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: S
     cached = prefix.C if backend == "packed" else max(prefix.P)
     per = rows_per_chunk(Dims.of(model), backend, cached, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20,
                          grad=True)
-    plan = [(b, li, k) for li in reversed(range(len(chosen))) for k in range(cfg.steps) for b in range(B)]
+    # Rows of a layer start at that layer; chunks are cut where mixing depths would cost more than a forward.
+    by_layer = [[(b, li, k) for k in range(cfg.steps) for b in range(B)] for li in range(len(chosen))]
+    starts = [(chosen[li] if skip else 0, len(by_layer[li])) for li in range(len(chosen))]
+    chunks = [[row for g, first, n in piece for row in by_layer[g][first : first + n]]
+              for piece in plan_chunks(starts, n_layers(model), per)]
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with _gradients_on(model):
-        for c0 in range(0, len(plan), per):
-            chunk = plan[c0 : c0 + per]
+        for chunk in chunks:
             rows = [Row(b, tokens[b]) for b, _, _ in chunk]
             leaves: dict[int, tuple[list[int], Tensor]] = {}
             for li in sorted({li for _, li, _ in chunk}):

@@ -6,9 +6,10 @@ paths compute; the fast path is also timed on all layers. Captum's ``LayerIntegr
 hook modules is timed too, for scale only: it interpolates the activation at *every* position (the
 prompt's whole sequence), which is different math from QRNCA's last-position IG, so no score is compared.
 
-Evaluation is measured the same way: one query's scored rows as ``evaluate`` builds them (7 neuron sets x
-boost/suppress x its own and a control query's prompts, plus the clean prompts) through the row engine and
-through full-sequence scoring, on identical items (``eval_speedup``, ``eval_s``, ``max_abs_logprob_diff``).
+Evaluation is measured the same way: four queries' scored rows as ``evaluate`` builds them (7 neuron sets x
+boost/suppress x each query's own prompts and its control's, every query the control of another, plus the
+clean prompts) through the row engine and through full-sequence scoring, on identical items
+(``eval_speedup``, ``eval_s`` per query, ``max_abs_logprob_diff``).
 
 The last line printed is one JSON object (``speedup``, ``fast_s``, ``reference_s``, ``reference_layers``,
 ``max_rel_diff``, ``eval_speedup``, ``eval_s``, ``peak_rss_mb``, ...). This is a benchmark, not a test:
@@ -82,16 +83,9 @@ def _captum_time(model: Any, prompts: Sequence[Any], layers: Sequence[int], step
     return time.perf_counter() - t0
 
 
-def _eval_items(model: Any, prompts: Sequence[Any], control: Sequence[Any], scores: Any, n_sets: int = 7,
-                size: int = 20) -> list[Any]:
-    """One query's evaluation rows for ``n_sets`` neuron sets of ``size``: boost and suppress, on its own
-    prompts (related) and a control query's (unrelated), plus the clean prompts, as ``evaluate`` builds them.
-
-    The sets stand in for the 7 methods: slices of the query's IG ranking (QR-like: mostly upper layers) and
-    seeded random neurons (any layer).
-    """
-    from .evaluation import BOOST, SUPPRESS
-
+def _neuron_sets(scores: Any, n_sets: int = 7, size: int = 20) -> list[list[tuple[int, int]]]:
+    """Stand-ins for the 7 methods' neuron sets: slices of a query's IG ranking (QR-like: mostly upper
+    layers) and seeded random neurons (any layer)."""
     summed = scores.sum(0).flatten()
     width = scores.shape[-1]
     ranked = torch.argsort(summed, descending=True)
@@ -100,30 +94,43 @@ def _eval_items(model: Any, prompts: Sequence[Any], control: Sequence[Any], scor
     for k in range(n_sets):
         pick = ranked[k * size : (k + 1) * size] if k < n_sets - 2 else torch.randperm(summed.numel(), generator=g)[:size]
         sets.append([(int(i) // width, int(i) % width) for i in pick])
-    items: list[Any] = [(p, None) for p in [*prompts, *control]]
+    return sets
+
+
+def _eval_items(queries: Sequence[Sequence[Any]], controls: Sequence[int], sets: Sequence[Any]) -> list[Any]:
+    """The scored rows ``evaluate`` builds: every query's clean prompts, then per neuron set, boost and
+    suppress, each query's own prompts (related) and its control query's (unrelated)."""
+    from .evaluation import BOOST, SUPPRESS
+
+    items: list[Any] = [(p, None) for prompts in queries for p in prompts]
     for neurons in sets:
         for factor in (BOOST, SUPPRESS):
-            items += [(p, (neurons, factor)) for p in [*prompts, *control]]
+            for q, prompts in enumerate(queries):
+                items += [(p, (neurons, factor)) for p in [*prompts, *queries[controls[q]]]]
     return items
 
 
-def run_eval_bench(model: Any, prompts: Sequence[Any], control: Sequence[Any], scores: Any,
+def run_eval_bench(model: Any, queries: Sequence[Sequence[Any]], controls: Sequence[int], scores: Any,
                    repeats: int = 3) -> dict[str, Any]:
-    """Evaluation of one query (7 neuron sets x boost/suppress x related/unrelated + clean) through the row
-    engine vs full-sequence scoring, on identical items: times, ratio, and the largest log-prob difference."""
+    """Evaluation of ``queries`` (7 neuron sets x boost/suppress x related/unrelated + clean, each query the
+    control of another, as in ``evaluate``) through the row engine vs full-sequence scoring, on identical
+    items: times, ratio, and the largest log-probability difference."""
     from .scoring import score_items
 
-    items = _eval_items(model, prompts, control, scores)
+    items = _eval_items(queries, controls, _neuron_sets(scores))
     score_items(model, items[:4])  # warm-up
     engine_s, fast = _median_time(lambda: score_items(model, items), repeats)
     full_s, slow = _median_time(lambda: score_items(model, items, engine=False), 1)
     diff = max(abs(a.target_logprob - b.target_logprob) for a, b in zip(fast, slow))
     same = sum((a.predicted, a.correct) == (b.predicted, b.correct) for a, b in zip(fast, slow))
-    print(f"evaluation of one query ({len(items)} scored rows: 7 neuron sets x boost/suppress x related/unrelated "
-          f"+ clean): engine {engine_s:.2f} s, full sequences {full_s:.2f} s, speed-up {full_s / engine_s:.1f}x; "
-          f"max |log-prob difference| {diff:.2e}; same predictions {same}/{len(items)}")
-    return {"eval_s": engine_s, "eval_full_s": full_s, "eval_speedup": full_s / engine_s,
-            "max_abs_logprob_diff": diff, "eval_rows": len(items), "eval_same_predictions": same == len(items)}
+    n = len(queries)
+    print(f"evaluation of {n} queries ({len(items)} scored rows: 7 neuron sets x boost/suppress x related/unrelated "
+          f"+ clean): engine {engine_s:.2f} s ({engine_s / n:.2f} s per query), full sequences {full_s:.1f} s, "
+          f"speed-up {full_s / engine_s:.1f}x; max |log-prob difference| {diff:.2e}; same predictions "
+          f"{same}/{len(items)}")
+    return {"eval_s": engine_s / n, "eval_engine_s": engine_s, "eval_full_s": full_s, "eval_speedup": full_s / engine_s,
+            "max_abs_logprob_diff": diff, "eval_rows": len(items), "eval_queries": n,
+            "eval_same_predictions": same == len(items)}
 
 
 def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
@@ -158,10 +165,13 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
     if captum_s is not None:
         print(f"captum LayerIntegratedGradients, layers {subset}: {captum_s:.2f} s "
               "(interpolates every position: different math, time only)")
-    other = next(q for q in pool if q.group != pool[0].group)
-    control = build_prompts(other, ProxyConfig("mcqa-letter", n_prompts=3, n_shots=2), model.tokenizer,
-                            pool=pool, prepend_bos=default_prepend_bos(model))
-    evaluation = run_eval_bench(model, prompts, control, all_scores, repeats)
+    # Two queries of each of two groups, each the control of a query of the other group (as evaluate draws).
+    a_group = [q for q in pool if q.group == pool[0].group][:2]
+    b_group = [q for q in pool if q.group != pool[0].group][:2]
+    cfg = ProxyConfig("mcqa-letter", n_prompts=3, n_shots=2)
+    eval_queries = [prompts] + [build_prompts(q, cfg, model.tokenizer, pool=pool, prepend_bos=default_prepend_bos(model))
+                                for q in [a_group[1], *b_group]]
+    evaluation = run_eval_bench(model, eval_queries, [2, 3, 0, 1], all_scores, repeats)
     result = {
         "speedup": ref_s / fast_sub_s,
         "fast_s": fast_all_s,
@@ -211,7 +221,7 @@ def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_
                           max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     """Peak RSS and time of the fast path on one query of 3 prompts of ``n_tokens`` tokens."""
     from .attribution import IGConfig, attribute_prompts
-    from .engine import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups, rows_per_chunk
+    from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups, rows_per_chunk
     from .models import n_layers
 
     cfg = IGConfig(steps=steps, max_batch_rows=max_batch_rows,

@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +48,11 @@ from torch import Tensor
 from .errors import FastPathError, QrncaError
 from .hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .readout import StopForward, final_residual_hook, head, logprobs_at
 
-__all__ = ["Row", "Prefix", "run_rows", "backend_of", "Dims", "chunk_bytes", "prefix_bytes", "plan_groups",
-           "rows_per_chunk", "DEFAULT_MEMORY_BUDGET_MB", "DEFAULT_MAX_PREFIX_TOKENS"]
-
-DEFAULT_MEMORY_BUDGET_MB = 1024
-# Packed rows compute (masked) attention scores against the whole group's prefix: 512 cached positions keep
-# that under ~20% of a row token's cost on SmolLM2-sized models while a group still holds several prompts.
-DEFAULT_MAX_PREFIX_TOKENS = 512
+__all__ = ["Row", "Prefix", "run_rows", "backend_of", "skipping_is_exact", "check_against_plain",
+           "DEFAULT_MEMORY_BUDGET_MB", "DEFAULT_MAX_PREFIX_TOKENS"]
 
 Scale = tuple[tuple[int, tuple[int, ...], float], ...]  # (layer, neurons, factor), at the row's first token
 
@@ -97,106 +94,7 @@ def backend_of(model: Any) -> str:
     return "batch" if isinstance(model, HookedTransformer) else "full"
 
 
-# ---------------------------------------------------------------- the memory plan
-
-
-@dataclass(frozen=True)
-class Dims:
-    """What a pass's memory depends on: the model's shapes and activation width in bytes."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_mlp: int
-    d_vocab: int
-    act_bytes: int
-
-    @classmethod
-    def of(cls, model: Any) -> "Dims":
-        c = model.cfg
-        return cls(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head, c.d_model,
-                   c.d_mlp, c.d_vocab, model_dtype(model).itemsize)
-
-
-# Coefficients measured with torch's allocator (profiler peak) on tiny and SmolLM2-shaped Llama bridges:
-# per layer, one attention-score tensor and the prefix keys/values (the cache concatenation and the GQA
-# expansion) are kept for backward, ~4 d_mlp + 6 d_model per row token; ~3 score tensors are live at once
-# in the layer being computed; ~3-4 float32 vocabulary vectors per row token (logits, log-softmax, their
-# gradient). The estimate comes out 1.5x the measured peak, which the allocator's fragmentation eats.
-_SCORE_TRANSIENT, _ROW_PER_LAYER, _VOCAB_COPIES, _PREFIX_SCORE_COPIES = 3, (4, 6), 4, 3
-
-
-def _kv_bytes(d: Dims, positions: int) -> int:
-    return d.act_bytes * positions * d.n_layers * 2 * d.n_kv_heads * d.d_head
-
-
-def prefix_bytes(d: Dims, n_prompts: int, width: int) -> int:
-    """Peak of a prefix pass over ``n_prompts`` padded to ``width`` (no gradient, no vocabulary logits)."""
-    scores = n_prompts * d.n_heads * width * width
-    return d.act_bytes * _PREFIX_SCORE_COPIES * scores + _kv_bytes(d, n_prompts * width)
-
-
-def chunk_bytes(d: Dims, backend: str, cached: int, row_tokens: int, *, grad: bool, rows_per_seq: int = 1) -> int:
-    """Peak of one chunk: ``row_tokens`` row tokens against ``cached`` prefix positions (packed: one sequence
-    of all rows; batch: sequences of ``rows_per_seq`` tokens, each with a copy of the prefix)."""
-    if backend == "packed":
-        seqs, queries, keys = 1, row_tokens, cached + row_tokens
-    else:
-        seqs = max(1, row_tokens // max(1, rows_per_seq))
-        queries, keys = rows_per_seq, cached + rows_per_seq
-    scores = seqs * d.n_heads * queries * keys
-    kv = seqs * keys * 2 * (d.n_heads + d.n_kv_heads) * d.d_head
-    a, b = _ROW_PER_LAYER
-    kept = (scores + kv + row_tokens * (a * d.d_mlp + b * d.d_model)) * d.n_layers if grad else 0
-    return (d.act_bytes * (kept + _SCORE_TRANSIENT * scores + kv) + 4 * _VOCAB_COPIES * row_tokens * d.d_vocab
-            + _kv_bytes(d, cached))
-
-
-def rows_per_chunk(d: Dims, backend: str, cached: int, tokens_per_row: int, max_rows: int, budget: int, *,
-                   grad: bool) -> int:
-    """The most rows (of ``tokens_per_row`` tokens) whose chunk fits the budget: at most ``max_rows``, at least 1
-    (a budget below one row is exceeded, not refused)."""
-    lo, hi = 1, max(1, max_rows)
-    while lo < hi:  # the estimate grows with rows: bisect for the largest that fits
-        mid = (lo + hi + 1) // 2
-        if chunk_bytes(d, backend, cached, mid * tokens_per_row, grad=grad, rows_per_seq=tokens_per_row) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def plan_groups(lengths: Sequence[int], d: Dims, backend: str, budget: int,
-                max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS) -> list[list[int]]:
-    """Consecutive prompts whose packed prefix stays within ``max_prefix_tokens`` and whose prefix pass and
-    one-row chunk fit the budget (always at least one prompt per group; other backends: one per group)."""
-    if backend != "packed":
-        return [[i] for i in range(len(lengths))]
-    groups: list[list[int]] = []
-    for i, n in enumerate(lengths):
-        if groups:
-            g = groups[-1] + [i]
-            total, width = sum(lengths[j] for j in g), max(lengths[j] for j in g)
-            fits = total <= max_prefix_tokens and max(
-                prefix_bytes(d, len(g), width), chunk_bytes(d, backend, total, 1, grad=True)) <= budget
-            if fits:
-                groups[-1] = g
-                continue
-        groups.append([i])
-    return groups
-
-
 # ---------------------------------------------------------------- one prefix group
-
-
-class _Stop(Exception):
-    """Raised from a hook to end the prefix pass early (the cache is filled by then)."""
-
-
-def _stop(act: Tensor, hook: Any) -> Tensor:
-    raise _Stop
 
 
 def _new_cache() -> Any:
@@ -212,11 +110,14 @@ class Prefix:
 
     ``prompts``: token lists; a row of prompt ``b`` recreates its last token, so the cache holds
     ``tokens[:-1]``. ``record``: hook names whose clean value at each last position is kept in ``clean``
-    ([prompt, width] per name).
+    ([prompt, width] per name). ``continuations``: teacher-forced tokens per prompt; on a bridge the prefix
+    pass runs them too (masked from every row) and keeps the plain forward's log-probabilities at the last
+    prompt token and each of them in ``plain`` ([1 + len, vocab] per prompt): the self-check's reference,
+    without a second forward. Elsewhere ``plain`` is None.
     """
 
     def __init__(self, model: Any, prompts: Sequence[Sequence[int]], *, record: Sequence[str] = (),
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, continuations: Sequence[Sequence[int]] | None = None) -> None:
         if not prompts or any(len(p) < 1 for p in prompts):
             raise QrncaError("every prompt needs at least one token")
         self.model, self.backend = model, backend or backend_of(model)
@@ -225,8 +126,9 @@ class Prefix:
         self.P = [len(p) - 1 for p in self.prompts]  # cached positions per prompt
         self._resid: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # clean row -> [layer, T, d_model]
         self.clean: dict[str, Tensor] = {}
+        self.plain: list[Tensor] | None = None
         if self.backend == "packed":
-            self._fill_packed(record)
+            self._fill_packed(record, continuations)
         elif self.backend == "batch":
             self._fill_batch(record)
         else:
@@ -234,20 +136,33 @@ class Prefix:
 
     # ------------------------------------------------------------ prefix passes
 
-    def _fill_packed(self, record: Sequence[str]) -> None:
+    def _fill_packed(self, record: Sequence[str], continuations: Sequence[Sequence[int]] | None) -> None:
         model = self.model
-        width = max(len(p) for p in self.prompts)
+        conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in self.prompts]
+        full = [p + c for p, c in zip(self.prompts, conts)]
+        width = max(len(f) for f in full)
         pad = self.prompts[0][0]  # any real token: pad positions are never attended
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in self.prompts], device=self.device)
+        ids = torch.tensor([f + [pad] * (width - len(f)) for f in full], device=self.device)
         store: dict[str, Tensor] = {}
         cache = _new_cache()
-        stops = [("ln_final.hook_in", _stop)] if "ln_final.hook_in" in model.hook_dict else []
-        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in record] + stops), \
+        final = final_residual_hook(model)
+
+        def stop(act: Tensor, hook: Any) -> Tensor:
+            store[final] = act
+            raise StopForward  # the cache is filled; logits are read below at the few positions needed
+
+        with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in record] + [(final, stop)]), \
                 prefix_cache_kwarg(model) as keyword:
             try:
                 model(ids, **{keyword: cache})
-            except _Stop:
+            except StopForward:
                 pass
+        if continuations is not None:
+            resid = store[final]
+            self.plain = [
+                torch.log_softmax(head(model, resid[b : b + 1, P : P + 1 + len(c)]).float()[0], dim=-1)
+                for b, (P, c) in enumerate(zip(self.P, conts))
+            ]
         last = torch.tensor(self.P, device=self.device)
         rows = torch.arange(len(self.prompts), device=self.device)
         self.clean = {n: store[n][rows, last].detach().clone() for n in record}
@@ -566,8 +481,6 @@ def skipping_is_exact(prefix: Prefix) -> bool:
 
 def plain_logprobs(model: Any, prompt: Sequence[int], row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
     """An ordinary forward of prompt[:-1] + row tokens (no cache, no intervention): log-probs at the row."""
-    from .scoring import logprobs_at
-
     seq = list(prompt[:-1]) + list(row_tokens)
     P = len(prompt) - 1
     with torch.no_grad():
@@ -575,10 +488,17 @@ def plain_logprobs(model: Any, prompt: Sequence[int], row_tokens: Sequence[int])
 
 
 def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
-    """A clean row must reproduce the plain forward of its prompt: else the cache contract changed."""
+    """A clean row must reproduce the plain forward of its prompt: else the cache contract changed.
+
+    The reference is the prefix pass's own logits when it ran the row's tokens (``Prefix.plain``), else an
+    ordinary forward of the prompt and row."""
     from .versions import versions_line
 
-    plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
+    known = prefix.plain[b] if prefix.plain is not None else None
+    if known is not None and known.shape[0] == len(row_tokens):
+        plain = known.to(row_lp.device)
+    else:
+        plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
     if not torch.isfinite(plain).all():
         return  # the model itself overflows; the callers' finiteness checks name that and its fix
     diff = _max_live_diff(row_lp, plain)
@@ -596,22 +516,6 @@ def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequ
 
 
 Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
-
-
-def _chunks(rows: Sequence[int], all_rows: dict[int, Row], starts: dict[int, int], per_chunk_tokens: int) -> Iterator[list[int]]:
-    """Rows sorted by start layer (deepest first: similar depths share a chunk), cut by row tokens."""
-    order = sorted(rows, key=lambda r: (-starts[r], all_rows[r].prompt, len(all_rows[r].tokens)))
-    chunk: list[int] = []
-    size = 0
-    for r in order:
-        T = len(all_rows[r].tokens)
-        if chunk and size + T > per_chunk_tokens:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(r)
-        size += T
-    if chunk:
-        yield chunk
 
 
 def run_rows(
@@ -655,34 +559,43 @@ def run_rows(
         for g in groups:
             members = [used[j] for j in g]
             local = {p: k for k, p in enumerate(members)}
-            prefix = Prefix(model, [prompts[p] for p in members], backend=backend)
             mine = [i for p in members for i in by_prompt[p]]
             lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
+            # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
+            firsts = {}
+            for r in lrows.values():
+                firsts.setdefault(r.prompt, r.clean())
+            prefix = Prefix(model, [prompts[p] for p in members], backend=backend,
+                            continuations=[firsts[b].tokens[1:] for b in range(len(members))])
             # The clean pass: clean rows' results, and the residuals every other row starts from.
             clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
-            clean_rows = list(clean_at)
             if check:
-                first = clean_rows[0]
-                s, T = clean_at[first]
-                check_against_plain(prefix, first.prompt, clean_lp[s : s + T], first.tokens,
-                                    f"the clean row of prompt {members[first.prompt]}")
+                for b in (range(len(members)) if prefix.plain is not None else [0]):
+                    s, T = clean_at[firsts[b]]
+                    check_against_plain(prefix, b, clean_lp[s : s + T], firsts[b].tokens,
+                                        f"the clean row of prompt {members[b]}")
             skip = skipping_is_exact(prefix)
-            starts = {}
-            todo = []
+            by_start: dict[int, list[int]] = {}
             for i, r in lrows.items():
                 if r.start is None:
-                    s, T = clean_at[r]
+                    s, T = clean_at[r.clean()]
                     results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
                 else:
-                    starts[i] = r.start if skip else 0
-                    todo.append(i)
-            tokens_per_row = max((len(lrows[i].tokens) for i in todo), default=1)
+                    by_start.setdefault(r.start if skip else 0, []).append(i)
+            if not by_start:
+                continue
+            # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
+            tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
             cached = prefix.C if backend == "packed" else max(prefix.P)
             per = rows_per_chunk(d, backend, cached, tokens_per_row, max_rows, budget, grad=False)
-            for chunk in _chunks(todo, lrows, starts, per * tokens_per_row):
+            keys = sorted(by_start)
+            for i_list in by_start.values():
+                i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
+            for piece in plan_chunks([(k, len(by_start[k])) for k in keys], prefix.L, per):
+                chunk = [i for g, first, n in piece for i in by_start[keys[g]][first : first + n]]
                 crow = [lrows[i] for i in chunk]
                 acts = {}
-                lp = prefix.forward(crow, start=min(starts[i] for i in chunk), capture_names=capture_names,
+                lp = prefix.forward(crow, start=min(keys[g] for g, _, _ in piece), capture_names=capture_names,
                                     acts_out=acts)
                 k = 0
                 for i, r in zip(chunk, crow):

@@ -34,6 +34,7 @@ from .data import Query, groups_of
 from .errors import ProxyError
 from .hooks import hooked
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
+from .readout import logprobs_at
 from .interventions import check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, n_layers, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
@@ -118,54 +119,6 @@ def check_context(model: Any, prompts: Sequence[Prompt]) -> None:
                 f"model's context of {limit} tokens (cfg.n_ctx); shorten the question, use fewer in-context "
                 "examples (--shots), or a model with a longer context"
             )
-
-
-class _StopBeforeHead(Exception):
-    """Raised from a hook to end a forward at the final residual (no vocabulary logits computed)."""
-
-
-def _final_residual_hook(model: Any) -> str:
-    """The hook that sees the residual stream entering the final norm (the unembedding for norm-free models)."""
-    if "ln_final.hook_in" in model.hook_dict:  # TL 4.x bridge
-        return "ln_final.hook_in"
-    return f"blocks.{n_layers(model) - 1}.hook_resid_post"  # HookedTransformer: ln_final has no hook_in
-
-
-def _head(model: Any, resid: Tensor) -> Tensor:
-    """Logits from final residuals: the model's own final norm and unembedding (and logit soft-cap, if any)."""
-    x = model.ln_final(resid) if getattr(model, "ln_final", None) is not None else resid
-    logits = model.unembed(x)
-    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-    cap = getattr(hf_cfg, "final_logit_softcapping", None) if hf_cfg is not None else None
-    cap = cap or getattr(getattr(model, "cfg", None), "output_logits_soft_cap", 0.0)
-    if cap and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def logprobs_at(model: Any, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
-    """Float32 log-probabilities [len(positions[b]), vocab] of each row at its listed positions only.
-
-    The forward stops at the final residual; the final norm and unembedding then run on those positions,
-    which equals the full forward's logits there (tested) at a fraction of the memory.
-    """
-    store: dict[str, Tensor] = {}
-
-    def stop(act: Tensor, hook: Any) -> Tensor:
-        store["resid"] = act
-        raise _StopBeforeHead
-
-    with hooked(model, fwd=[(_final_residual_hook(model), stop)]):
-        try:
-            model(ids)
-        except _StopBeforeHead:
-            pass
-    resid = store["resid"]
-    out = []
-    for b, pos in enumerate(positions):
-        idx = torch.tensor(list(pos), dtype=torch.long, device=resid.device)
-        out.append(torch.log_softmax(_head(model, resid[b : b + 1, idx]).float()[0], dim=-1))
-    return out
 
 
 def score_items(

@@ -309,15 +309,20 @@ def test_self_check_fails_loudly_on_a_broken_cache(tiny_model, tiny_tokenizer, f
     assert active_hook_count(tiny_model) == hooks
 
 
-def test_self_check_passes_and_costs_one_plain_forward(tiny_gated, tiny_tokenizer, facts, monkeypatch):
+def test_self_check_costs_no_extra_forward_on_a_bridge(tiny_gated, tiny_tokenizer, facts, monkeypatch):
+    """The prefix pass runs each prompt's target tokens too, so its own logits are the check's reference:
+    one forward of the prompts (the prefix pass), not a second plain one per prompt."""
     from qrnca_lens import attribution as attr
 
     calls = []
-    original = attr._plain_logprobs
-    monkeypatch.setattr(attr, "_plain_logprobs", lambda m, ps: calls.append(len(ps)) or original(m, ps))
-    prompts = build_prompts(facts[0], ProxyConfig("mcqa-letter", n_prompts=3, n_shots=1), tiny_tokenizer, pool=facts)
-    attribute_prompts(tiny_gated, prompts, IGConfig(steps=4, max_batch_rows=5))
-    assert calls == [3]
+    monkeypatch.setattr(attr, "_plain_logprobs", lambda m, ps: calls.append(len(ps)))
+    prompts = build_prompts(facts[0], ProxyConfig("cloze", n_prompts=3, n_shots=1), tiny_tokenizer, pool=facts)
+    embeds = []
+    with hooked(tiny_gated, fwd=[("hook_embed", lambda a, hook: embeds.append(tuple(a.shape[:2])) or a)]):
+        attribute_prompts(tiny_gated, prompts, IGConfig(steps=4, max_batch_rows=5))
+    assert calls == []
+    width = max(len(p.tokens) + len(p.target) - 1 for p in prompts)
+    assert sum(1 for shape in embeds if shape[1] >= width - 1) == 1  # one full-length forward: the prefix pass
 
 
 # ---------------------------------------------------------------- memory stays bounded on long prompts
@@ -327,7 +332,7 @@ _SMOLLM2 = dict(n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_model=576, d_
 
 
 def test_row_chunks_shrink_with_the_prefix_and_fit_the_budget():
-    from qrnca_lens.engine import Dims, chunk_bytes, plan_groups, prefix_bytes, rows_per_chunk
+    from qrnca_lens.plan import Dims, chunk_bytes, plan_groups, prefix_bytes, rows_per_chunk
 
     d, budget, cap = Dims(**_SMOLLM2), IGConfig().memory_budget_mb * 2**20, IGConfig().max_batch_rows
     plan = {}
@@ -373,9 +378,11 @@ def _peak_allocated(fn) -> int:
 
 def test_peak_memory_of_a_long_prompt_stays_within_the_budget(tiny_gated):
     prompt = _long_prompt(450)
-    cfg = dict(steps=200, max_batch_rows=1000)  # 600 rows: unbounded, one chunk of ~45 MB on this tiny model
-    small = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=16)))
-    large = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=10**5)))
+    # 600 rows of one layer (rows of different layers would be cut by depth anyway): unbounded, one chunk of
+    # ~45 MB on this tiny model.
+    cfg = dict(steps=600, max_batch_rows=1000)
+    small = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=16), layers=[1]))
+    large = _peak_allocated(lambda: attribute_prompt(tiny_gated, prompt, IGConfig(**cfg, memory_budget_mb=10**5), layers=[1]))
     assert small <= 16 * 2**20
     assert large > 2 * small  # the budget is what bounds it
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from builders import build_tiny, tiny_gemma3_bridge
-from qrnca_lens.engine import Prefix, Row, backend_of, plan_groups, Dims, run_rows, skipping_is_exact
+from qrnca_lens.engine import Prefix, Row, backend_of, run_rows, skipping_is_exact
+from qrnca_lens.plan import Dims, plan_groups
 from qrnca_lens.errors import FastPathError, QrncaError
 from qrnca_lens.hooks import active_hook_count
 from qrnca_lens.models import d_mlp, mlp_hook_name, n_layers
@@ -150,8 +151,8 @@ def test_a_broken_cache_fails_loudly(tiny_llama, tiny_tokenizer, monkeypatch):
     rows = [Row(0, (prompts[0][-1],))]
     orig = Prefix._fill_packed
 
-    def broken(self, record):
-        orig(self, record)
+    def broken(self, record, continuations):
+        orig(self, record, continuations)
         self.kv = [(k * 0, v * 0) for k, v in self.kv]
 
     monkeypatch.setattr(Prefix, "_fill_packed", broken)
