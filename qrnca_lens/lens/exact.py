@@ -80,7 +80,14 @@ def score_triples(
 ) -> Float[Tensor, "n"]:
     """Exact scores of neuron (layers[j], neurons[j]) on prompt rows[j] of the cache (a direct log-sum-exp each).
 
-    ``base``/``base_lse``: ``cache.base_logits()`` and its log-sum-exp, passed in so callers compute them once.
+    Args:
+        cache: ``lens_cache`` of the prompts.
+        W_out: ``scoring_weights(model, prompts)``.
+        rows, layers, neurons: one (prompt row, layer, neuron) triple per entry.
+        base, base_lse: ``cache.base_logits()`` and its log-sum-exp, passed in so callers compute them once.
+
+    Returns:
+        Scores [n], float32 on the model's device.
     """
     out = torch.empty(rows.shape[0], dtype=torch.float32, device=W_out.device)
     a = cache.coefficients
@@ -180,6 +187,16 @@ def top_bound(
     The group mean of the tangent bounds bounds the group mean of the exact scores, so neurons are rescored (on
     every prompt of the group) in decreasing order of the mean bound until the k-th best exact mean is above
     every remaining bound. All groups advance together: each round is one batched rescoring.
+
+    Args:
+        cache: ``lens_cache`` of the prompts.
+        W_out: ``scoring_weights(model, prompts)``.
+        k: neurons per group.
+        cfg: ``max_rescore`` (past it a group stops, uncertified).
+        groups: lists of prompt rows of ``cache``.
+
+    Returns:
+        One ``TopNeurons`` per group (on the CPU).
     """
     base, base_lse, ub = _first_order(cache, W_out)
     dm = W_out.shape[1]
