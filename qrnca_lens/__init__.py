@@ -50,7 +50,7 @@ _EXPORTS = {
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
     "SerialExecutor": "executors", "RayExecutor": "executors",
     # the log-probability-increase lens
-    "lens_locate": "lens",
+    "LensConfig": "lens", "lens_locate": "lens",
     # maps and the report
     "write_report": "render.report",
 }

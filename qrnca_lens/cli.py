@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handler["bench"] = cmd_bench
     if args.command == "lens":
-        from .lens import cmd_lens
+        from .lens.command import cmd_lens
 
         handler["lens"] = cmd_lens
     if args.command == "report":

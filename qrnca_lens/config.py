@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from .errors import QrncaError
@@ -87,7 +88,7 @@ class Config:
         return {**self.to_dict(), VERSION_KEY: __version__}
 
     @classmethod
-    def from_dict(cls: type[C], d: typing.Mapping[str, Any]) -> C:
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:  # not typing.Mapping: deprecated (PEP 585)
         if not isinstance(d, typing.Mapping):
             raise QrncaError(f"{cls.__name__}.from_dict needs a mapping, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]

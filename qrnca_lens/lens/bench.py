@@ -1,4 +1,4 @@
-"""Benchmark of the log-probability lens (``lens.py``) on a real model: exact mode, top-K mode, agreement.
+"""Benchmark of the log-probability lens (``qrnca_lens.lens``) on a real model: exact mode, top-K mode, agreement.
 
 Prompts: the built-in facts as cloze prompts (``ProxyConfig("cloze")``, 3 templates per query), the first
 ``n_prompts`` of them. Measured, in one process:
@@ -15,7 +15,9 @@ Prompts: the built-in facts as cloze prompts (``ProxyConfig("cloze")``, 3 templa
 - ``agreement``: the share of prompts whose top-k set equals exact mode's.
 
 The last line printed is one JSON object. This is a benchmark, not a test: numbers depend on the machine and
-its load (``load_avg`` is recorded).
+its load (``load_avg`` is recorded). From the shell::
+
+    python -m qrnca_lens.lens.bench --prompts 32 --batch-size 32 --threads 1
 
 Example:
     >>> res = run_lens_bench(load_model("smollm2"), n_prompts=12)   # doctest: +SKIP
@@ -31,10 +33,13 @@ from typing import Any
 
 import torch
 
-from .data import load_data
-from .lens import LensConfig, _layer_scores_exact, lens_cache, neuron_scores, top_neurons
-from .models import default_prepend_bos, model_name, n_layers, tokenizer_of
-from .proxies import ProxyConfig, build_all_prompts
+from ..data import load_data
+from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..proxies import ProxyConfig, build_all_prompts
+from .cache import lens_cache
+from .config import LensConfig
+from .exact import neuron_scores, top_neurons
+from .lse import layer_neuron_scores
 
 __all__ = ["run_lens_bench"]
 
@@ -97,7 +102,7 @@ def _run(model: Any, n_prompts: int, batch_size: int, k: int, direct_layers: int
         c = lens_cache(model, prompts[:1])
         base, a = c.base_logits(), c.coefficients
         t0 = time.perf_counter()
-        direct = [_layer_scores_exact(W_out[l], c.lens.U, base[:, l], a[:, l], c.targets, LensConfig(engine="direct"))[0].cpu()
+        direct = [layer_neuron_scores(W_out[l], c.lens.U, base[:, l], a[:, l], c.targets, LensConfig(engine="direct"))[0].cpu()
                   for l in layers]
         direct_layer_s = (time.perf_counter() - t0) / len(layers)
     diff = max(float((d - exact[0, l]).abs().max()) for d, l in zip(direct, layers))
@@ -130,7 +135,7 @@ def _run(model: Any, n_prompts: int, batch_size: int, k: int, direct_layers: int
 if __name__ == "__main__":  # pragma: no cover
     import argparse
 
-    from .models import load_model
+    from ..models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")

@@ -1,0 +1,262 @@
+"""One forward pass for the lens: the residual stream at each prompt's target position, and its self-check.
+
+``lens_cache`` runs a right-padded batch, keeps what the lens needs at the targets and stops before the
+unembedding; then it checks that the frozen lens reproduces the model's own log-probabilities and that the
+residual stream decomposes as the lens assumes. The guards every scorer shares live here too.
+
+Example:
+    >>> cache = lens_cache(model, prompts)                 # one batch          # doctest: +SKIP
+    >>> cache.layer_logits(0).shape                        # [batch, vocab]     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import ModelError, QrncaError
+from ..hooks import hooked
+from ..models import d_mlp, model_device, model_dtype, model_name, n_layers, post_hook_name
+from ..proxies import Prompt
+from ..readout import StopForward
+from .weights import FrozenLens, Weights, ffn_out, frozen_lens
+
+__all__ = ["LensCache", "lens_cache", "check_prompts", "padded", "batches", "scoring_weights"]
+
+
+@dataclass(frozen=True)
+class LensCache:
+    """Everything the lens needs from one forward pass, at each prompt's target position (float32)."""
+
+    lens: FrozenLens
+    targets: Int[Tensor, "batch"]
+    scale: Float[Tensor, "batch"]
+    resid_pre: Float[Tensor, "batch layer d_model"]
+    resid_mid: Float[Tensor, "batch layer d_model"]
+    attn_out: Float[Tensor, "batch layer d_model"]
+    mlp_out: Float[Tensor, "batch layer d_model"]
+    post: Float[Tensor, "batch layer d_mlp"]
+    z: Float[Tensor, "batch layer head d_head"]
+    final: Float[Tensor, "batch d_model"]
+    model_logp: Float[Tensor, "batch"]
+
+    @property
+    def size(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def coefficients(self) -> Float[Tensor, "batch layer d_mlp"]:
+        """a = m / s: the factor of each neuron's row of P_l = W_out[l] U in the logit change."""
+        return self.post / self.scale[:, None, None]
+
+    def base_logits(self) -> Float[Tensor, "batch layer vocab"]:
+        """The lens of each FFN layer's "before" vector, resid_mid[l]."""
+        return self.lens.logits(self.resid_mid, self.scale[:, None].expand(-1, self.resid_mid.shape[1]))
+
+    def layer_logits(self, layer: int) -> Float[Tensor, "batch vocab"]:
+        """The lens of FFN layer ``layer``'s "before" vector, resid_mid[layer]."""
+        return self.lens.logits(self.resid_mid[:, layer], self.scale)
+
+
+# ---------------------------------------------------------------- guards
+
+
+def check_prompts(model: Any, prompts: Sequence[Prompt]) -> None:
+    """Refuse (``QrncaError``) an empty list, or a prompt without tokens or target, too long, or out of vocabulary."""
+    if not prompts:
+        raise QrncaError("no prompts to score")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    vocab = int(model.cfg.d_vocab)
+    for p in prompts:
+        if not p.tokens:
+            raise QrncaError(f"prompt of query {p.query_id!r} has no tokens: there is no target position to score")
+        if not p.target:
+            raise QrncaError(f"prompt of query {p.query_id!r} has no target token to score")
+        if n_ctx and len(p.tokens) > int(n_ctx):
+            raise QrncaError(
+                f"prompt of query {p.query_id!r} has {len(p.tokens)} tokens, more than the model's context "
+                f"({n_ctx}); use fewer in-context examples"
+            )
+        bad = [t for t in (*p.tokens, p.target[0]) if not 0 <= int(t) < vocab]
+        if bad:
+            raise QrncaError(f"prompt of query {p.query_id!r} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:3]}")
+
+
+def _post_names(model: Any) -> list[str]:
+    d_mlp(model)
+    try:
+        return [post_hook_name(model, layer) for layer in range(n_layers(model))]
+    except ModelError as e:
+        raise ModelError(f"the log-probability lens scores FFN neurons, read at hook_post: {e} (an attention-only "
+                         "model has no FFN neurons to score)") from None
+
+
+def scoring_weights(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "layer d_mlp d_model"]:
+    """The guards every scorer shares (prompts given, FFN neurons readable); returns W_out as float32."""
+    if not prompts:
+        raise QrncaError("no prompts to score")
+    _post_names(model)
+    return ffn_out(model)
+
+
+def batches(prompts: Sequence[Prompt], size: int) -> Iterator[tuple[int, list[Prompt]]]:
+    """(start index, prompts) for consecutive batches of at most ``size`` prompts."""
+    for i in range(0, len(prompts), size):
+        yield i, list(prompts[i : i + size])
+
+
+def padded(prompts: Sequence[Prompt], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded token ids (each row padded with its own last token: never attended by a real position),
+    each prompt's target position and its first target token."""
+    width = max(len(p.tokens) for p in prompts)
+    ids = torch.tensor([list(p.tokens) + [p.tokens[-1]] * (width - len(p.tokens)) for p in prompts], device=device)
+    pos = torch.tensor([p.target_position for p in prompts], device=device)
+    targets = torch.tensor([p.target[0] for p in prompts], device=device)
+    return ids, pos, targets
+
+
+# ---------------------------------------------------------------- the forward pass
+
+
+def _hook_names(model: Any) -> list[str]:
+    L = n_layers(model)
+    names = []
+    for layer in range(L):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_attn_out",
+                  f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.attn.hook_z"]
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise ModelError(f"{model_name(model)} lacks the residual-stream hooks the lens reads: {missing[:4]}")
+    return names
+
+
+def _at_targets(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -> Any:
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        store[key] = act[rows, pos].detach().float()
+        return act
+
+    return hook
+
+
+def _stop_after(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -> Any:
+    grab = _at_targets(store, key, rows, pos)
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        grab(act, hook)
+        raise StopForward  # the final residual is captured; the unembedding over every position is not needed
+
+    return hook
+
+
+def _real_logits(model: Any, final: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The model's own final norm and unembedding on the final residual at the targets; and the norm's scale."""
+    store: dict[str, Tensor] = {}
+    hooks = []
+    if "ln_final.hook_scale" in model.hook_dict:
+        def grab(act: Tensor, hook: Any) -> Tensor:
+            store["s"] = act.detach().float().reshape(act.shape[0], -1)[:, 0]
+            return act
+        hooks.append(("ln_final.hook_scale", grab))
+    with hooked(model, fwd=hooks):
+        logits = model.unembed(model.ln_final(final[:, None].to(model_dtype(model))))
+    return logits[:, 0].float(), store.get("s")
+
+
+def lens_cache(model: Any, prompts: Sequence[Prompt], *, check_tol: float = 1e-3) -> LensCache:
+    """One forward pass over ``prompts`` (right-padded batch), stopped before the unembedding.
+
+    Checks that the frozen lens reproduces the model's own log-probabilities at the targets and that the residual
+    stream decomposes as the lens assumes (resid_mid = resid_pre + attn_out, next = resid_mid + mlp_out,
+    mlp_out = hook_post · W_out + b_out); a model that breaks either is refused with a ModelError.
+
+    Args:
+        model: a TransformerLens model.
+        prompts: the batch; each is scored at its target position, on its first target token.
+        check_tol: largest |Δ log p| allowed between the lens and the model (``LensConfig.check_tol``).
+
+    Returns:
+        The ``LensCache`` (float32, on the model's device).
+
+    Example:
+        >>> c = lens_cache(model, prompts)                                        # doctest: +SKIP
+        >>> c.model_logp                     # the model's own log p(target)      # doctest: +SKIP
+    """
+    check_prompts(model, prompts)
+    L = n_layers(model)
+    posts = _post_names(model)
+    names = _hook_names(model)
+    device = model_device(model)
+    ids, pos, targets = padded(prompts, device)
+    rows = torch.arange(len(prompts), device=device)
+    store: dict[str, Tensor] = {}
+    last = f"blocks.{L - 1}.hook_resid_post"
+    if last not in model.hook_dict:
+        raise ModelError(f"{model_name(model)} has no {last!r} hook (the final residual)")
+    hooks = [(n, _at_targets(store, n, rows, pos)) for n in names + posts]
+    hooks.append((last, _stop_after(store, last, rows, pos)))
+    with torch.no_grad():
+        with hooked(model, fwd=hooks):
+            try:
+                model(ids)
+            except StopForward:
+                pass
+        lens = frozen_lens(model)
+        final = store[last]
+        real, s = _real_logits(model, final)
+    if s is None:  # no scale hook: compute it as the norm does
+        x = lens.center(final)
+        s = (x.pow(2).mean(-1) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
+
+    def stack(fmt: str) -> Tensor:
+        return torch.stack([store[fmt.format(layer)] for layer in range(L)], dim=1)
+
+    cache = LensCache(
+        lens=lens, targets=targets, scale=s.float(),
+        resid_pre=stack("blocks.{}.hook_resid_pre"), resid_mid=stack("blocks.{}.hook_resid_mid"),
+        attn_out=stack("blocks.{}.hook_attn_out"), mlp_out=stack("blocks.{}.hook_mlp_out"),
+        post=torch.stack([store[p] for p in posts], dim=1), z=stack("blocks.{}.attn.hook_z"), final=final,
+        model_logp=torch.log_softmax(real, -1)[rows, targets],
+    )
+    _verify(model, cache, real, check_tol)
+    return cache
+
+
+# ---------------------------------------------------------------- the self-check
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / (b.norm() + 1e-6))
+
+
+def _verify(model: Any, cache: LensCache, real: Tensor, tol: float) -> None:
+    with torch.no_grad():
+        lens_lp = torch.log_softmax(cache.lens.logits(cache.final, cache.scale), -1)
+        err = float((lens_lp - torch.log_softmax(real, -1)).abs().max())
+    if not err <= tol:
+        raise ModelError(
+            f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own log-probabilities "
+            f"(max |Δ log p| = {err:.3g} > {tol}): its final norm is not w ⊙ (x - mean) / s + b (e.g. Gemma's "
+            "(1 + w) RMSNorm) or its logits are transformed after the unembedding. This model is not supported by "
+            "the log-probability lens"
+        )
+    nxt = torch.cat([cache.resid_pre[:, 1:], cache.final[:, None]], dim=1)
+    W_out = model.W_out.detach().float()
+    b_out = Weights(model).get("b_out")
+    mlp = torch.einsum("bli,lid->bld", cache.post, W_out) + (0.0 if b_out is None else b_out[None])
+    for what, got, want in (
+        ("resid_mid = resid_pre + attn_out", cache.resid_pre + cache.attn_out, cache.resid_mid),
+        ("the next residual = resid_mid + mlp_out", cache.resid_mid + cache.mlp_out, nxt),
+        ("mlp_out = hook_post · W_out + b_out", mlp, cache.mlp_out),
+    ):
+        r = _rel(got, want)
+        if not r <= 1e-3:
+            raise ModelError(
+                f"{model_name(model)}'s residual stream does not decompose as the lens assumes ({what} fails, "
+                f"relative error {r:.2g}): a post-norm on the block outputs (e.g. Gemma) or parallel blocks. The "
+                "log-probability lens supports pre-norm models whose blocks add their outputs to the residual"
+            )

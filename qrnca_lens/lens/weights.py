@@ -1,0 +1,209 @@
+"""What the lens reads from a model's weights: the frozen lens, the FFN output and key weights, head constants.
+
+Every weight is read here, as float32; the other modules see only the public functions below (a model that
+lacks a weight is refused with a ``ModelError`` naming it).
+
+Example:
+    >>> lens = frozen_lens(model)                          # lens(x) = (x / s) · U + c   # doctest: +SKIP
+    >>> keys = value_keys(model, 1, 5)                     # {"up": κ, "gate": κ} for a GLU  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import ModelError, QrncaError
+from ..models import d_mlp, is_gated, model_device, model_name, n_layers
+
+__all__ = ["FrozenLens", "Weights", "frozen_lens", "ffn_out", "value_constants", "value_keys"]
+
+
+def _param(obj: Any, name: str) -> Tensor | None:
+    """A weight of a TL model, or None when it does not exist (bridges raise for bias-free projections)."""
+    try:
+        value = getattr(obj, name)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return value if isinstance(value, Tensor) else None
+
+
+def _centers(model: Any, norm: Any) -> bool:
+    """Whether a norm module removes the mean (LayerNorm, LNPre) rather than only scaling (RMSNorm)."""
+    if "RMS" in type(norm).__name__:
+        return False
+    return str(getattr(model.cfg, "normalization_type", "") or "").startswith("LN")
+
+
+def _norm_affine(model: Any, norm: Any, d: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
+    """(w, b, centred) of a norm module: norm(x) = w ⊙ C(x) / s + b. Folded norms (LNPre) have w = 1, b = 0."""
+    w = _param(norm, "w")
+    b = _param(norm, "b")
+    w = torch.ones(d, device=device) if w is None else w.detach().float()
+    b = torch.zeros(d, device=device) if b is None else b.detach().float()
+    return w, b, _centers(model, norm)
+
+
+def _expand_heads(t: Tensor, n_heads: int) -> Tensor:
+    """Grouped-query weights [layer, kv_head, ...] -> [layer, head, ...] (TL 3 already expands them)."""
+    if t.shape[1] == n_heads:
+        return t
+    return t.repeat_interleave(n_heads // t.shape[1], dim=1)
+
+
+class Weights:
+    """The weights the lens reads, as float32 on the model's device, each read once per call.
+
+    Example:
+        >>> W_O = Weights(model).per_head("W_O")            # [layer, head, d_head, d_model]  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._cache: dict[str, Tensor | None] = {}
+
+    def get(self, name: str) -> Tensor | None:
+        """The weight ``name`` (detached float32), or None when the model has none."""
+        if name not in self._cache:
+            t = _param(self.model, name)
+            self._cache[name] = None if t is None else t.detach().float()
+        return self._cache[name]
+
+    def need(self, name: str) -> Tensor:
+        """The weight ``name``; a ``ModelError`` when the model has none."""
+        t = self.get(name)
+        if t is None:
+            raise ModelError(f"{model_name(self.model)} has no {name} weights; the lens needs them")
+        return t
+
+    def bias(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """The bias ``name``, or zeros of ``shape`` (a bias-free projection adds nothing)."""
+        t = self.get(name)
+        return torch.zeros(shape, device=model_device(self.model)) if t is None else t
+
+    def per_head(self, name: str) -> Tensor:
+        """A per-head weight [layer, head, ...], grouped-query key/value heads repeated to every query head."""
+        return _expand_heads(self.need(name), int(self.model.cfg.n_heads))
+
+
+# ---------------------------------------------------------------- the frozen lens
+
+
+@dataclass(frozen=True)
+class FrozenLens:
+    """lens(x) = (x / s) · U + c, with U = C diag(w) W_U (C: mean removal for LayerNorm) and c = b·W_U + b_U."""
+
+    U: Float[Tensor, "d_model vocab"]
+    c: Float[Tensor, "vocab"]
+    centered: bool
+
+    def logits(self, x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch vocab"]:
+        return (x / scale[..., None]) @ self.U + self.c
+
+    def center(self, v: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
+        """What the final norm sees of a vector: mean-removed for LayerNorm, unchanged for RMSNorm."""
+        return v - v.mean(-1, keepdim=True) if self.centered else v
+
+
+def frozen_lens(model: Any) -> FrozenLens:
+    """The final norm and unembedding of ``model`` as an affine map of x / s (s is supplied per prompt).
+
+    Args:
+        model: a TransformerLens model (HookedTransformer or TransformerBridge).
+
+    Returns:
+        The ``FrozenLens`` (U, c, centered), float32 on the model's device.
+
+    Example:
+        >>> lens = frozen_lens(model)                                   # doctest: +SKIP
+        >>> lens.logits(final, scale)             # [batch, vocab]      # doctest: +SKIP
+    """
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and float(cap) > 0:
+        raise ModelError(
+            f"{model_name(model)} soft-caps its logits (output_logits_soft_cap={cap}); the log-probability lens "
+            "needs logits affine in the final residual. Use a model without logit soft-capping"
+        )
+    W_U = _param(model, "W_U")
+    if W_U is None:
+        raise ModelError(f"{model_name(model)} has no W_U (unembedding); the lens projects onto the vocabulary with it")
+    W_U = W_U.detach().float()
+    d = W_U.shape[0]
+    device = W_U.device
+    w, b, centered = _norm_affine(model, model.ln_final, d, device)
+    U = w[:, None] * W_U
+    if centered:
+        U = U - U.mean(0, keepdim=True)
+    b_U = _param(model, "b_U")
+    c = b @ W_U + (b_U.detach().float() if b_U is not None else 0.0)
+    return FrozenLens(U.contiguous(), c, centered)
+
+
+# ---------------------------------------------------------------- FFN and attention weights
+
+
+def ffn_out(model: Any) -> Float[Tensor, "layer d_mlp d_model"]:
+    """W_out as float32: each FFN neuron's value vector, the row it adds to the residual stream."""
+    W_out = _param(model, "W_out")
+    if W_out is None:
+        raise ModelError(f"{model_name(model)} exposes no W_out; the lens needs the FFN output weights")
+    return W_out.detach().float()
+
+
+def value_constants(model: Any, weights: Weights) -> Float[Tensor, "layer head d_head"]:
+    """Each head's constant value share: ln1's bias through W_V plus b_V (zero once TL folded them into b_O)."""
+    H = int(model.cfg.n_heads)
+    W_V = weights.per_head("W_V")  # [L, H, d, e]
+    L, _, d, e = W_V.shape
+    const = _expand_heads(weights.bias("b_V", (L, H, e)), H).clone()
+    for layer in range(L):
+        b1 = _param(model.blocks[layer].ln1, "b")
+        if b1 is not None:
+            const[layer] += torch.einsum("d,hde->he", b1.detach().float(), W_V[layer])
+    return const
+
+
+def value_keys(model: Any, layer: int, neuron: int) -> dict[str, Float[Tensor, "d_model"]]:
+    """The input keys of FFN neuron (layer, neuron): ``{"up": κ, "gate": κ}`` for a GLU, ``{"in": κ}`` otherwise.
+
+    κ = C(w_ln2 ⊙ k), k the neuron's column of W_in (up / plain) or W_gate, w_ln2 the weight of the norm that
+    feeds the MLP and C the mean removal for LayerNorm. Then the pre-activation is <resid_mid, κ> / s_ln2 plus a
+    constant, and <x, κ> = <C x, κ> splits linearly over the residual's components.
+
+    Args:
+        model: a TransformerLens model with an MLP.
+        layer, neuron: the FFN neuron.
+
+    Returns:
+        Key name -> κ [d_model], float32.
+
+    Example:
+        >>> sorted(value_keys(model, 1, 5))                   # a GLU      # doctest: +SKIP
+        ['gate', 'up']
+    """
+    L, dm = n_layers(model), d_mlp(model)
+    if not 0 <= layer < L:
+        raise QrncaError(f"layer {layer} is out of range for a {L}-layer model")
+    if not 0 <= neuron < dm:
+        raise QrncaError(f"neuron {neuron} is out of range (d_mlp = {dm})")
+    ln2 = model.blocks[layer].ln2
+    W_in = _param(model, "W_in")
+    if W_in is None:
+        raise ModelError(f"{model_name(model)} has no W_in; query neurons need the FFN keys")
+    d = W_in.shape[1]
+    w, _, centered = _norm_affine(model, ln2, d, W_in.device)
+    cols = {"up" if is_gated(model) else "in": W_in[layer, :, neuron]}
+    if is_gated(model):
+        W_gate = _param(model, "W_gate")
+        if W_gate is None:
+            raise ModelError(f"{model_name(model)} has a gated MLP hook but no W_gate weights")
+        cols["gate"] = W_gate[layer, :, neuron]
+    out = {}
+    for name, k in cols.items():
+        kap = w * k.detach().float()
+        out[name] = kap - kap.mean() if centered else kap
+    return out
