@@ -41,10 +41,6 @@ def _hook_point(model: Any, name: str) -> Any:
     return hooks[name]
 
 
-def _handle_lists(point: Any) -> tuple[list, list]:
-    return point.fwd_hooks, point.bwd_hooks
-
-
 def active_hook_count(model: Any) -> int:
     """How many torch hooks (the ones that actually fire) sit on the model's hook points right now."""
     seen: set[int] = set()
@@ -279,9 +275,3 @@ def set_neurons(
         return out
 
     return hook
-
-
-def requires_grad_leaf(x: Tensor) -> Tensor:
-    """A fresh leaf that needs a gradient, whatever ``torch.is_grad_enabled()`` says outside."""
-    with torch.enable_grad():
-        return x.detach().requires_grad_(True)
