@@ -47,10 +47,10 @@ from .interventions import BOOST, SUPPRESS, row_factors, scale_rows
 from .locate import LocateResult
 from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
-from .models import mlp_hook_name, model_device, tokenizer_of
+from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
 from .proxies import Prompt, tokenizer_identity
 from .engine import Row, run_rows
-from .scoring import ItemScore, _pad_id, pad_batch, score_items
+from .scoring import ItemScore, score_items
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
            "DEFAULT_METHODS"]
@@ -317,7 +317,7 @@ def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
 
 def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
-    device, pad = model_device(model), _pad_id(model)
+    device, pad = model_device(model), pad_token_id(model)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]

@@ -169,8 +169,7 @@ def _forward(
     import torch
 
     from ..hooks import capture, hooked
-    from ..models import model_device
-    from ..scoring import pad_batch
+    from ..models import model_device, pad_batch
 
     if which not in ("post", "attributed"):
         raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
