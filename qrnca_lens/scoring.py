@@ -31,11 +31,10 @@ from torch import Tensor
 
 from .data import Query, groups_of
 from .errors import ProxyError
-from .hooks import hooked
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
 from .readout import logprobs_at
-from .interventions import check_neurons, row_factors, scale_rows
-from .models import default_prepend_bos, model_device, n_layers, pad_batch, pad_token_id, tokenizer_of
+from .interventions import Intervention, check_neurons, row_factors, scale_rows
+from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 
 __all__ = [
@@ -61,9 +60,6 @@ class PromptScore:
     @property
     def target_prob(self) -> float:
         return math.exp(self.target_logprob)
-
-
-Intervention = tuple[Sequence[Sequence[int]], float] | None  # (neurons, factor)
 
 
 @dataclass(frozen=True)
