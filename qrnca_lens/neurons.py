@@ -83,7 +83,18 @@ class NeuronSet(Sequence):  # type: ignore[type-arg]
             cols = NeuronSet.from_tensor(neurons)._columns()
         else:
             cols = self._parse(neurons)
-        self._layers, self._neurons, self._scores = cols
+        self._set(*cols)
+
+    def _set(self, layers: Sequence[int], neurons: Sequence[int], scores: Sequence[float]) -> None:
+        # The one place the columns are written: the public surface cannot change a set once made.
+        for name, col in (("_layers", layers), ("_neurons", neurons), ("_scores", scores)):
+            object.__setattr__(self, name, tuple(col))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a NeuronSet is immutable (cannot set {name!r}); build a new one")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return NeuronSet, (list(self),)  # rebuilt through the constructor (pickling to other processes)
 
     @staticmethod
     def _parse(rows: Iterable[Sequence[Any]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
@@ -107,7 +118,7 @@ class NeuronSet(Sequence):  # type: ignore[type-arg]
     def _of(cls, layers: Sequence[int], neurons: Sequence[int], scores: Sequence[float]) -> NeuronSet:
         """From columns already checked (a cut of a set): no second validation."""
         out = cls.__new__(cls)
-        out._layers, out._neurons, out._scores = tuple(layers), tuple(neurons), tuple(scores)
+        out._set(layers, neurons, scores)
         return out
 
     def _columns(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:

@@ -25,6 +25,8 @@ def test_conversions_round_trip():
     assert NeuronSet(t).pairs() == ns.pairs() and NeuronSet(t).scores == (1.0,) * 4
     assert NeuronSet(ns) == ns  # a NeuronSet passes through the constructor as it is
     assert pickle.loads(pickle.dumps(ns)) == ns  # executors ship items to other processes
+    with pytest.raises(AttributeError, match="immutable"):
+        ns._layers = (0,)
     empty = NeuronSet()
     assert len(empty) == 0 and not empty and empty.to_tensor().shape == (0, 2) and empty.to_list() == []
 
