@@ -400,14 +400,14 @@ def project_neurons(
 
     from .models import W_U, W_out, tokenizer_of
 
-    ns = NeuronSet(neurons)
-    if not ns:
+    wanted = NeuronSet(neurons)
+    if not wanted:
         return []
     tok = tokenizer_of(model)
     wu = W_U(model).detach().float()
     k = min(k, int(wu.shape[-1]))
     g, centres = _final_norm(model) if through_norm else (None, False)
-    by_layer = ns.by_layer()
+    by_layer = wanted.by_layer()
     found: dict[Neuron, VocabProjection] = {}
     with torch.no_grad():
         for layer, ns in by_layer.items():
@@ -428,7 +428,7 @@ def project_neurons(
                     tuple(float(x) for x in bot.values[i].tolist()),
                     through_norm=through_norm and g is not None,
                 )
-    return [found[pair] for pair in ns.pairs()]
+    return [found[pair] for pair in wanted.pairs()]
 
 
 def vocab_projection(model: Any, layer: int, neuron: int, k: int = 10, *, through_norm: bool = True) -> VocabProjection:
