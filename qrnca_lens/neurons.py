@@ -97,7 +97,7 @@ class NeuronSet(Sequence):  # type: ignore[type-arg]
         return NeuronSet, (list(self),)  # rebuilt through the constructor (pickling to other processes)
 
     @staticmethod
-    def _parse(rows: Iterable[Sequence[Any]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+    def _parse(rows: Iterable[Any]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
         if isinstance(rows, (str, bytes, dict)):
             raise QrncaError(f"neurons must be (layer, neuron[, score]) entries, got a {type(rows).__name__}")
         layers, neurons, scores = [], [], []
