@@ -44,7 +44,8 @@ _EXPORTS = {
     # locate and the run store
     "LocateConfig": "locate", "LocateResult": "locate", "locate": "locate", "reduce": "locate",
     "RunStore": "store",
-    # interventions, locators, evaluation
+    # neuron sets, interventions, locators, evaluation
+    "NeuronSet": "neurons",
     "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
     "register_locator": "locators", "LOCATORS": "locators",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",

@@ -1,8 +1,9 @@
 """Maps of a run's QR neurons (METHOD section 5): overlap, layer distributions, heatmaps, vocabulary projections.
 
 Every function but the vocabulary projections is a pure function of the ``neurons.json`` dict that
-``qrnca-lens locate`` (or any other locator) writes; none touches a model. Neurons are ``(layer, neuron)``
-pairs with the model's own layer numbers (``doc["layers"]`` lists the layers that were attributed).
+``qrnca-lens locate`` (or any other locator) writes; none touches a model. A query's QR neurons are read as
+a ``NeuronSet`` (``query_neurons``); pooled and shared neurons are ``(layer, neuron)`` pairs, with the
+model's own layer numbers (``doc["layers"]`` lists the layers that were attributed).
 
 - ``group_neurons``: each group's pooled QR neurons (the union over its queries).
 - ``overlap_matrix``: overlap rate of two groups = |A ∩ B| / |A ∪ B| of their pooled QR neurons (Jaccard).
@@ -38,6 +39,7 @@ import numpy as np
 from jaxtyping import Float
 
 from .errors import QrncaError
+from .neurons import NeuronSet, NeuronsLike
 
 __all__ = [
     "Neuron",
@@ -73,17 +75,19 @@ def _queries(doc: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
     return qs
 
 
-def query_neurons(entry: Mapping[str, Any]) -> list[tuple[int, int, float]]:
-    """A query entry's QR neurons as ``(layer, neuron, naica)``; a pair without a score weighs 1.
+def query_neurons(entry: Mapping[str, Any]) -> NeuronSet:
+    """A query entry's QR neurons, ``(layer, neuron, naica)`` best first; a pair without a score weighs 1.
 
     Other locators write the same schema, but some have no naica: ``[layer, neuron]`` rows count as 1.
+
+    Example:
+        >>> query_neurons({"qr_neurons": [[0, 3, 0.5], [1, 2]]})
+        NeuronSet([(0, 3, 0.5), (1, 2, 1.0)])
     """
-    out = []
-    for row in entry.get("qr_neurons") or []:
-        if len(row) < 2:
-            raise QrncaError(f"a QR neuron row must be [layer, neuron, naica], got {row!r}")
-        out.append((int(row[0]), int(row[1]), float(row[2]) if len(row) > 2 else 1.0))
-    return out
+    try:
+        return NeuronSet.from_list(entry.get("qr_neurons") or [])
+    except QrncaError as e:
+        raise QrncaError(f"a QR neuron row must be [layer, neuron, naica]: {e}") from None
 
 
 def groups(doc: Mapping[str, Any]) -> list[str]:
@@ -95,7 +99,7 @@ def group_neurons(doc: Mapping[str, Any]) -> dict[str, set[Neuron]]:
     """Each group's pooled QR neurons: the union of its queries' QR neurons (groups in first-seen order)."""
     out: dict[str, set[Neuron]] = {g: set() for g in groups(doc)}
     for e in _queries(doc).values():
-        out[str(e.get("group", "-"))].update((layer, n) for layer, n, _ in query_neurons(e))
+        out[str(e.get("group", "-"))].update(query_neurons(e).pairs())
     return out
 
 
@@ -366,7 +370,7 @@ def _token_str(tokenizer: Any, tid: int) -> str:
 
 def project_neurons(
     model: Any,
-    neurons: Sequence[Neuron],
+    neurons: NeuronsLike,
     k: int = 10,
     *,
     through_norm: bool = True,
@@ -379,20 +383,31 @@ def project_neurons(
     per-position 1/rms or 1/std is a positive scalar, which leaves the ranking unchanged); models whose
     norms are folded into W_U (TL's ``fold_ln``, compatibility mode) have no weight left and are projected
     as they are. Logits are those of that direction alone: W_out[l, i] (x norm weight) @ W_U, without b_U.
+
+    Args:
+        model: the TL model (weights only are read).
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor.
+        k: tokens kept at each end.
+        through_norm: go through the final norm first (see above).
+
+    Returns:
+        One ``VocabProjection`` per neuron, in the order given.
+
+    Example:
+        >>> project_neurons(model, run.qr_neurons("capital-01")[:3])[0].tokens[:5]   # doctest: +SKIP
     """
     import torch
 
     from .models import W_U, W_out, tokenizer_of
 
-    if not neurons:
+    wanted = NeuronSet(neurons)
+    if not wanted:
         return []
     tok = tokenizer_of(model)
     wu = W_U(model).detach().float()
     k = min(k, int(wu.shape[-1]))
     g, centres = _final_norm(model) if through_norm else (None, False)
-    by_layer: dict[int, list[int]] = {}
-    for layer, n in neurons:
-        by_layer.setdefault(int(layer), []).append(int(n))
+    by_layer = wanted.by_layer()
     found: dict[Neuron, VocabProjection] = {}
     with torch.no_grad():
         for layer, ns in by_layer.items():
@@ -413,7 +428,7 @@ def project_neurons(
                     tuple(float(x) for x in bot.values[i].tolist()),
                     through_norm=through_norm and g is not None,
                 )
-    return [found[(int(layer), int(n))] for layer, n in neurons]
+    return [found[pair] for pair in wanted.pairs()]
 
 
 def vocab_projection(model: Any, layer: int, neuron: int, k: int = 10, *, through_norm: bool = True) -> VocabProjection:

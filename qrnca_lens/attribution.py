@@ -57,7 +57,7 @@ from .errors import QrncaError
 from .engine import Prefix, Row, backend_of, skipping_is_exact
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .hooks import capture, hooked
-from .models import d_mlp, mlp_hook_name, model_device, n_layers
+from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
 from .proxies import Prompt
 
 __all__ = [
@@ -180,7 +180,7 @@ def reference_ig(
     fbar = _clean_values(model, seq, [name], pos)[name].float()
     a = alphas(steps, alpha_schedule).to(device)
     with _gradients_on(model):
-        x = (a[:, None] * fbar).to(_act_dtype(model)).detach().requires_grad_(True)
+        x = (a[:, None] * fbar).to(model_dtype(model)).detach().requires_grad_(True)
 
         def scale(act: Tensor, hook: Any) -> Tensor:
             out = act.clone()  # the other positions stay live in the graph
@@ -194,10 +194,6 @@ def reference_ig(
         targets = torch.tensor([list(prompt.target)], device=logp.device).expand(steps, -1)
         (grad,) = torch.autograd.grad(_target_prob(logp, targets).sum(), x)
     return _check_finite((fbar * grad.float().sum(0) / steps).cpu()[None], prompt)[0]
-
-
-def _act_dtype(model: Any) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 # ---------------------------------------------------------------- fast path: rows of the engine
@@ -352,7 +348,7 @@ def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: S
                 for r, (b, li, k) in enumerate(chunk):
                     if k == full_step:
                         _self_check(logp[r : r + 1].detach(), plain[b : b + 1], [prompts[b]], chosen[li],
-                                    _act_dtype(model))
+                                    model_dtype(model))
             idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
             prob = _target_prob(logp, targets[idx])
             order = sorted(leaves)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .errors import FastPathError, QrncaError
 from .hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
-from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
+from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .readout import StopForward, final_residual_hook, head, logprobs_at
 
@@ -140,9 +140,8 @@ class Prefix:
         model = self.model
         conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in self.prompts]
         full = [p + c for p, c in zip(self.prompts, conts)]
-        width = max(len(f) for f in full)
-        pad = self.prompts[0][0]  # any real token: pad positions are never attended
-        ids = torch.tensor([f + [pad] * (width - len(f)) for f in full], device=self.device)
+        # Any real token pads: pad positions are never attended.
+        ids = pad_batch(full, self.prompts[0][0], self.device)
         store: dict[str, Tensor] = {}
         cache = _new_cache()
         final = final_residual_hook(model)
@@ -395,9 +394,7 @@ class Prefix:
               acts_out: dict[str, Tensor] | None, names: Sequence[str]) -> Tensor:
         """Each row as a full sequence (prompt[:-1] + row tokens), right-padded, batched."""
         seqs = [self.prompts[r.prompt][:-1] + list(r.tokens) for r in rows]
-        width = max(len(s) for s in seqs)
-        pad = seqs[0][0]
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        ids = pad_batch(seqs, seqs[0][0], self.device)
         bmap = torch.tensor([i for i, r in enumerate(rows) for _ in r.tokens])
         pmap = torch.tensor([self.P[r.prompt] + t for r in rows for t in range(len(r.tokens))])
         self._layout = (bmap.to(self.device), pmap.to(self.device))

@@ -42,15 +42,15 @@ import torch
 from .versions import library_versions, model_identity
 from .data import Query, groups_of
 from .errors import QrncaError
-from .hooks import capture, hooked
-from .interventions import BOOST, SUPPRESS, row_factors, scale_rows
+from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
 from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
-from .models import mlp_hook_name, model_device, tokenizer_of
+from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
+from .neurons import NeuronSet
 from .proxies import Prompt, tokenizer_identity
 from .engine import Row, run_rows
-from .scoring import ItemScore, _pad_id, pad_batch, score_items
+from .scoring import ItemScore, score_items
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
            "DEFAULT_METHODS"]
@@ -81,11 +81,6 @@ class EvalConfig:
         d = asdict(self)
         d["methods"] = list(self.methods)
         return d
-
-
-# ---------------------------------------------------------------- batched scoring with interventions
-
-Intervention = tuple[Sequence[Sequence[int]], float] | None
 
 
 # ---------------------------------------------------------------- controls
@@ -231,7 +226,7 @@ def evaluate(
         keys, owners, related = [], [], []
         start = len(items)
         for q in queries:
-            iv = ([(a, b) for a, b, _ in sets[m][q.id]], factor)
+            iv = (sets[m][q.id], factor)  # one object per (method, kind, query): scoring runs it once per row
             for target_q, is_rel in ((q.id, True), (controls[q.id], False)):
                 for i, p in enumerate(prompts[target_q]):
                     items.append((p, iv))
@@ -317,7 +312,7 @@ def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
 
 def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
-    device, pad = model_device(model), _pad_id(model)
+    device, pad = model_device(model), pad_token_id(model)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -335,19 +330,21 @@ def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size
     return out
 
 
-def _free_form(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]], sets: dict[str, Any],
-               run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
-    from .locators import LOCATORS
-
-    rnd = sets.get("random") or LOCATORS["random"](LocatorContext(model, queries, prompts, run, cfg.seed))
+def _free_form(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
+               sets: dict[str, dict[str, NeuronSet]], run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
+    """QRNCA's and equal-size random neurons' ablation at every position: log-likelihood drop, exact match."""
+    # The two sets this check compares, taken from the evaluated methods or located here (cut alike).
+    need = [m for m in ("qrnca", "random") if m not in sets]
+    if need:
+        sets = {**sets, **neuron_sets(need, LocatorContext(model, queries, prompts, run, cfg.seed))}
     flat = [(q.id, p) for q in queries for p in prompts[q.id]]
     res: dict[str, Any] = {"intervention": "suppress (x0) at every position", "n_prompts": len(flat)}
     base = score_items(model, [(p, None) for _, p in flat], batch_size=cfg.batch_size)
     base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size)
     res["exact_match_before"] = float(np.mean([g == tuple(p.target) for g, (_, p) in zip(base_gen, flat)]))
     drops = {}
-    for name, neurons in (("qrnca", sets["qrnca"] if "qrnca" in sets else _from_run(run)), ("random", rnd)):
-        items = [(p, ([(a, b) for a, b, _ in neurons[qid]][: len(run.selection.qr[qid][0])], SUPPRESS)) for qid, p in flat]
+    for name in ("qrnca", "random"):
+        items = [(p, (sets[name][qid], SUPPRESS)) for qid, p in flat]
         after = score_items(model, items, every_position=True, batch_size=cfg.batch_size)
         gen = _greedy(model, items, cfg.batch_size)
         d = [b.target_logprob - a.target_logprob for b, a in zip(base, after)]
@@ -356,10 +353,6 @@ def _free_form(model: Any, queries: Sequence[Query], prompts: dict[str, list[Pro
                      "exact_match_after": float(np.mean([g == tuple(p.target) for g, (_, p) in zip(gen, flat)]))}
     res["drop_ratio"] = drops["qrnca"] / drops["random"] if drops["random"] != 0 else None
     return res
-
-
-def _from_run(run: LocateResult) -> dict[str, list[tuple[int, int, float]]]:
-    return {q: run.qr_neurons(q) for q in run.selection.qr}
 
 
 # ---------------------------------------------------------------- neuron-based prediction
@@ -372,16 +365,10 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
     totals: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
     for g, members in groups_of(queries).items():
         train, test = members[0::2], members[1::2]
-        pooled: dict[tuple[int, int], float] = {}
-        for q in train:
-            for layer, n, x in run.qr_neurons(q.id):
-                pooled[(layer, n)] = pooled.get((layer, n), 0.0) + x
-        group = sorted(pooled, key=lambda k: (-pooled[k], k))[: cfg.group_neurons]
+        group = _group_neurons([run.qr_neurons(q.id) for q in train], cfg.group_neurons)
         if not group or not test:
             continue
-        by_layer: dict[int, list[int]] = {}
-        for layer, n in group:
-            by_layer.setdefault(layer, []).append(n)
+        by_layer = group.by_layer()
         names = {layer: mlp_hook_name(model, layer) for layer in by_layer}
         hits: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
         # Each candidate answer is a row behind its prompt: the group neurons' activation at the candidate's
@@ -418,6 +405,16 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
         "neuron_accuracy": mean_or_none(totals["neuron"]), "model_accuracy": mean_or_none(totals["model"]),
         "agreement": mean_or_none(totals["agree"]), "n": len(totals["neuron"]), "per_group": per_group,
     }
+
+
+def _group_neurons(sets: Sequence[NeuronSet], k: int) -> NeuronSet:
+    """The ``k`` neurons with the largest summed score over ``sets`` (ties: (layer, neuron) ascending)."""
+    pooled: dict[tuple[int, int], float] = {}
+    for ns in sets:
+        for layer, n, x in ns:
+            pooled[(layer, n)] = pooled.get((layer, n), 0.0) + x
+    top = sorted(pooled, key=lambda key: (-pooled[key], key))[:k]
+    return NeuronSet([(layer, n, pooled[(layer, n)]) for layer, n in top])
 
 
 def _cloze_candidates(p: Prompt) -> list[tuple[int, ...]]:

@@ -2,8 +2,9 @@
 
 ``hooked(model, fwd=[...], bwd=[...])`` is a context manager in the style of TL's ``model.hooks()``. It
 checks every hook name before adding anything (a typo fails with the list of what exists), and on exit,
-exceptions included, it restores every touched hook point to exactly the hooks it had before: nothing
-qrnca-lens adds outlives the call.
+exceptions included, it resets each hook point it was given to the hooks that point had on entry: nothing
+qrnca-lens adds outlives the call. That reset also drops any hook the caller added to one of those points
+inside the block; hooks on other points are not touched.
 
 Example:
     >>> store = {}
@@ -39,10 +40,6 @@ def _hook_point(model: Any, name: str) -> Any:
         hint = f"; hooks with that suffix: {near}" if near else ""
         raise ModelError(f"the model has no hook {name!r}{hint}")
     return hooks[name]
-
-
-def _handle_lists(point: Any) -> tuple[list, list]:
-    return point.fwd_hooks, point.bwd_hooks
 
 
 def active_hook_count(model: Any) -> int:
@@ -87,10 +84,25 @@ def _restore(point: Any, snap: tuple[list, list, dict, dict]) -> None:
 
 @contextlib.contextmanager
 def hooked(model: Any, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
-    """Attach forward/backward hooks for the duration of the block; always leave the model as it was.
+    """Attach forward/backward hooks for the duration of the block, then reset the points they went on.
 
-    Hook names are TL names (``blocks.3.mlp.hook_pre_linear``). Works on a TL 4.x ``TransformerBridge``
-    and a TL 3.x ``HookedTransformer``.
+    On exit (exceptions included) every hook point named in ``fwd``/``bwd`` gets back exactly the hooks it
+    had on entry. So a hook the caller adds inside the block to one of those points (``model.add_hook``)
+    is removed too, even a permanent one; a hook added inside the block to any other point stays, and is
+    the caller's to remove. Hook names are TL names (``blocks.3.mlp.hook_pre_linear``). Works on a TL 4.x
+    ``TransformerBridge`` and a TL 3.x ``HookedTransformer``.
+
+    Args:
+        model: the TL model.
+        fwd: ``(hook name, hook function)`` pairs run on the forward pass.
+        bwd: the same for the backward pass.
+
+    Returns:
+        A context manager yielding ``model``.
+
+    Example:
+        >>> with hooked(model, fwd=[("blocks.0.mlp.hook_post", capture(store))]):   # doctest: +SKIP
+        ...     model(tokens)
     """
     points = {name: _hook_point(model, name) for name, _ in list(fwd) + list(bwd)}
     snaps = {id(p): (p, _snapshot(p)) for p in points.values()}
@@ -279,9 +291,3 @@ def set_neurons(
         return out
 
     return hook
-
-
-def requires_grad_leaf(x: Tensor) -> Tensor:
-    """A fresh leaf that needs a gradient, whatever ``torch.is_grad_enabled()`` says outside."""
-    with torch.enable_grad():
-        return x.detach().requires_grad_(True)

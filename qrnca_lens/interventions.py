@@ -10,47 +10,60 @@ User-facing context managers, through the one hook door, that leave nothing behi
     ...     logits = model(tokens)                          # f_i <- 0 everywhere
 
 and the batched form used by the evaluation, where every row of a batch carries its own neuron set, its own
-factor and its own intervention position (``row_factors`` + ``scale_rows``).
+factor and its own intervention position (``row_factors`` + ``scale_rows``). Neurons are a ``NeuronSet``,
+``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor; ``check_neurons`` converts and checks them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import ModelError
+from .errors import ModelError, QrncaError
 from .hooks import LAST, Position, hooked, last_real_positions, positions_from_mask, set_neurons
 from .models import d_mlp, mlp_hook_name, model_device
+from .neurons import NeuronSet, NeuronsLike
 from .proxies import Prompt
 
 __all__ = [
     "intervene", "boost", "suppress", "row_factors", "scale_rows", "check_neurons", "resolve_positions", "BOOST",
-    "SUPPRESS",
+    "SUPPRESS", "Intervention",
 ]
 
 BOOST, SUPPRESS = 2.0, 0.0
 
 Neuron = tuple[int, int]
 Where = int | Sequence[int] | Tensor | Prompt | Sequence[Prompt] | None
+# One scored row's intervention: (its neurons, the factor they are multiplied by), or None for a clean row.
+Intervention = tuple[NeuronsLike, float] | None
 
 
-def _by_layer(neurons: Iterable[Sequence[int]]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = defaultdict(list)
-    for n in neurons:
-        out[int(n[0])].append(int(n[1]))
-    return dict(out)
+def check_neurons(model: Any, neurons: NeuronsLike) -> dict[int, list[int]]:
+    """The neurons grouped by layer, or a clear error naming the valid range (before any forward pass).
 
+    This is where the public intervention functions turn what they were given into a ``NeuronSet``.
 
-def check_neurons(model: Any, neurons: Iterable[Sequence[int]]) -> dict[int, list[int]]:
-    """The neurons grouped by layer, or a clear error naming the valid range (before any forward pass)."""
+    Args:
+        model: the TL model the neurons belong to.
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries, or a ``[n, 2]`` tensor.
+
+    Returns:
+        ``{layer: [neuron, ...]}`` (``NeuronSet.by_layer``).
+
+    Example:
+        >>> check_neurons(model, [(14, 103), (20, 7), (14, 9)])   # doctest: +SKIP
+        {14: [103, 9], 20: [7]}
+    """
     n_layers, width = int(model.cfg.n_layers), d_mlp(model)
-    by_layer = _by_layer(neurons)
+    try:
+        by_layer = NeuronSet(neurons).by_layer()
+    except QrncaError as e:  # e.g. a negative index: name this model's valid range as well
+        raise ModelError(f"{e}; valid layers are 0..{n_layers - 1}, valid neurons are 0..{width - 1}") from None
     for layer, idx in by_layer.items():
         if not 0 <= layer < n_layers:
             raise ModelError(f"neuron ({layer}, {idx[0]}): layer {layer} is out of range, "
@@ -95,15 +108,29 @@ def resolve_positions(
 
 
 @contextlib.contextmanager
-def intervene(model: Any, neurons: Iterable[Sequence[int]], factor: float, *, every_position: bool = False,
+def intervene(model: Any, neurons: NeuronsLike, factor: float, *, every_position: bool = False,
               positions: Where = None,
               tokens: Int[Tensor, "batch seq"] | None = None,
               attention_mask: Int[Tensor, "batch seq"] | None = None) -> Iterator[Any]:
-    """Multiply the given (layer, neuron) activations by ``factor`` at each row's last real token (or everywhere).
+    """Multiply the given neurons' activations by ``factor`` at each row's last real token (or everywhere).
 
     Rows of a batch may be right-padded, so a batch needs ``positions=`` (ints or ``Prompt``s, one per row),
     ``tokens=`` (the batch itself; trailing pad tokens are skipped) or ``attention_mask=``; a single row acts
     at its last position. See ``resolve_positions``.
+
+    Args:
+        model: the TL model.
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor; checked against
+            the model's range before anything is hooked.
+        factor: the multiplier (``BOOST`` = 2, ``SUPPRESS`` = 0).
+        every_position: act at every position instead.
+
+    Returns:
+        A context manager yielding ``model``; the hooks leave with the block.
+
+    Example:
+        >>> with intervene(model, [(14, 103), (20, 7)], 3.0):   # doctest: +SKIP
+        ...     logits = model(tokens)
     """
     by_layer = check_neurons(model, neurons)
     if every_position:
@@ -121,24 +148,45 @@ def intervene(model: Any, neurons: Iterable[Sequence[int]], factor: float, *, ev
         yield model
 
 
-def boost(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False, positions: Where = None,
+def boost(model: Any, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
           tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
-    """f_i <- 2 f̄_i (the paper's boost), where ``intervene`` says."""
+    """f_i <- 2 f̄_i (the paper's boost): ``intervene`` with ``BOOST``, same arguments.
+
+    Example:
+        >>> with boost(model, run.qr_neurons("capital-01")):   # doctest: +SKIP
+        ...     logits = model(tokens)
+    """
     return intervene(model, neurons, BOOST, every_position=every_position, positions=positions, tokens=tokens,
                      attention_mask=attention_mask)
 
 
-def suppress(model: Any, neurons: Iterable[Sequence[int]], *, every_position: bool = False, positions: Where = None,
+def suppress(model: Any, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
              tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
-    """f_i <- 0 (the paper's suppress), where ``intervene`` says."""
+    """f_i <- 0 (the paper's suppress): ``intervene`` with ``SUPPRESS``, same arguments.
+
+    Example:
+        >>> with suppress(model, [(14, 103)], every_position=True):   # doctest: +SKIP
+        ...     logits = model(tokens)
+    """
     return intervene(model, neurons, SUPPRESS, every_position=every_position, positions=positions, tokens=tokens,
                      attention_mask=attention_mask)
 
 
 def row_factors(
-    model: Any, rows: Sequence[tuple[Iterable[Sequence[int]], float] | None]
+    model: Any, rows: Sequence[Intervention]
 ) -> dict[int, Float[Tensor, "batch d_mlp"]]:
-    """Per-layer multiplicative factors for a batch: row b scales its neurons by its factor (None: untouched)."""
+    """Per-layer multiplicative factors for a batch: row b scales its neurons by its factor (None: untouched).
+
+    Args:
+        model: the TL model.
+        rows: one ``(neurons, factor)`` or None per batch row (neurons as ``check_neurons`` takes them).
+
+    Returns:
+        ``{layer: [batch, d_mlp] factors}`` for ``scale_rows``.
+
+    Example:
+        >>> f = row_factors(model, [None, ([(0, 1)], 0.0)])   # doctest: +SKIP
+    """
     per_layer: dict[int, Tensor] = {}
     width = d_mlp(model)
     for b, row in enumerate(rows):

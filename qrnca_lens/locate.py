@@ -34,6 +34,7 @@ from .executors import SerialExecutor
 from .data import Query
 from .errors import QrncaError, StoreError
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
+from .neurons import NeuronSet
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
 from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
 from .store import RunStore
@@ -66,8 +67,8 @@ class LocateConfig:
 class LocateResult:
     """QR neurons of a collection, with what produced them. Saves/loads as a run directory.
 
-    ``qr_neurons(qid)`` lists ``(layer, neuron, naica)``, best first; ``to_dataframe()`` gives one row per QR
-    neuron; ``neurons_json()`` is the ``neurons.json`` schema.
+    ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first; ``to_dataframe()`` gives
+    one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
     """
 
     config: LocateConfig
@@ -96,9 +97,16 @@ class LocateResult:
         return [query_from_info(self.info.get(q, {}), q, where)
                 for q in (self.groups if query_ids is None else query_ids)]
 
-    def qr_neurons(self, query_id: str) -> list[tuple[int, int, float]]:
+    def qr_neurons(self, query_id: str) -> NeuronSet:
+        """A query's QR neurons, best first, with the model's layer numbers and their naica as scores.
+
+        Example:
+            >>> run.qr_neurons("capital-01")[:2]   # doctest: +SKIP
+            NeuronSet([(29, 1197, 0.84), (24, 1005, 0.61)])
+        """
         idx, val = self.selection.qr[query_id]
-        return [(self._layer(a), b, float(x)) for (a, b), x in zip(idx.tolist(), val.tolist())]
+        # The selection indexes the attributed layers; the set names the model's own layer numbers.
+        return NeuronSet([(self._layer(a), b, float(x)) for (a, b), x in zip(idx.tolist(), val.tolist())])
 
     @property
     def common_neurons(self) -> list[tuple[int, int]]:
@@ -115,7 +123,7 @@ class LocateResult:
             "layers": self.layers,
             "common_neurons": [list(x) for x in self.common_neurons],
             "queries": {
-                q: {"group": self.groups[q], "qr_neurons": [list(x) for x in self.qr_neurons(q)],
+                q: {"group": self.groups[q], "qr_neurons": self.qr_neurons(q).to_list(),
                     "target_prob": _mean(self.info[q].get("target_probs", [])),
                     "accuracy": _mean([float(c) for c in self.info[q].get("correct", [])])}
                 for q in self.selection.qr

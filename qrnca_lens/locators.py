@@ -1,9 +1,10 @@
-"""Locators: anything that maps a collection of queries to per-query neuron lists, judged by the same metrics.
+"""Locators: anything that maps a collection of queries to per-query neuron sets, judged by the same metrics.
 
 Every locator receives a ``LocatorContext`` (the model, the queries and their prompts, and the QRNCA run with
 its stored IG scores, so variants re-use them instead of re-attributing) and returns
-``{query_id: [(layer, neuron, score), ...]}`` ranked best first. ``neuron_sets`` then cuts every method to
-QRNCA's own count for that query (METHOD section 4: baselines get the same number of neurons per query).
+``{query_id: NeuronSet}`` ranked best first (a locator of your own may return ``(layer, neuron[, score])``
+lists instead: ``neuron_sets`` converts them). ``neuron_sets`` then cuts every method to QRNCA's own count
+for that query (METHOD section 4: baselines get the same number of neurons per query).
 
 Built in: ``qrnca``, ``no-ica`` (naica := na), ``with-common`` (common neurons kept), ``kn`` (Knowledge
 Neuron*, Dai et al.: per-prompt t·max clusters, neurons shared by more than a fraction ``KN_SHARE`` of the
@@ -13,14 +14,14 @@ increase lens, one registration away). Add your own with ``register_locator``.
 
 Example:
     >>> @register_locator("first-neurons")                      # doctest: +SKIP
-    ... def first(ctx): return {q.id: [(0, i, 1.0) for i in range(5)] for q in ctx.queries}
+    ... def first(ctx): return {q.id: NeuronSet([(0, i, 1.0) for i in range(5)]) for q in ctx.queries}
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,13 +31,15 @@ from .errors import QrncaError
 from .hooks import capture, hooked
 from .locate import LocateResult, scores_of
 from .models import d_mlp, mlp_hook_name, model_device
+from .neurons import NeuronSet, NeuronsLike
 from .proxies import Prompt
 from .selection import prompt_clusters
 
 __all__ = ["LocatorContext", "LOCATORS", "register_locator", "neuron_sets", "KN_SHARE"]
 
-Ranked = dict[str, list[tuple[int, int, float]]]
-LocatorFn = Callable[["LocatorContext"], Ranked]
+Ranked = dict[str, NeuronSet]  # query id -> its neurons, best first
+# A registered locator may return plain (layer, neuron[, score]) lists per query; neuron_sets converts them.
+LocatorFn = Callable[["LocatorContext"], Mapping[str, NeuronsLike]]
 LOCATORS: dict[str, LocatorFn] = {}
 KN_SHARE = 0.5  # Dai et al.'s refinement: keep neurons shared by more than this fraction of the prompts
 
@@ -90,7 +93,8 @@ def _knowledge_neurons(ctx: LocatorContext) -> Ranked:
         summed = scores.sum(0)
         idx = torch.nonzero(shared)
         order = torch.argsort(summed[shared], descending=True, stable=True)
-        out[q.id] = [(ctx.run.layers[int(idx[i, 0])], int(idx[i, 1]), float(summed[shared][i])) for i in order]
+        out[q.id] = NeuronSet([(ctx.run.layers[int(idx[i, 0])], int(idx[i, 1]), float(summed[shared][i]))
+                               for i in order])
     return out
 
 
@@ -110,7 +114,7 @@ def _activation(ctx: LocatorContext) -> Ranked:
         mean = torch.stack(acts).mean(0).flatten()
         order = torch.argsort(mean, descending=True, stable=True)[:200]
         width = mean.numel() // len(layers)
-        out[q.id] = [(layers[int(i) // width], int(i) % width, float(mean[i])) for i in order]
+        out[q.id] = NeuronSet([(layers[int(i) // width], int(i) % width, float(mean[i])) for i in order])
     return out
 
 
@@ -125,7 +129,7 @@ def _random(ctx: LocatorContext) -> Ranked:
         digest = int(hashlib.sha256(f"{ctx.seed}|random|{q.id}".encode()).hexdigest()[:15], 16)
         g = torch.Generator().manual_seed(digest)
         pick = torch.randperm(total, generator=g)[:n]
-        out[q.id] = [(ctx.run.layers[int(i) // width], int(i) % width, 0.0) for i in pick]
+        out[q.id] = NeuronSet([(ctx.run.layers[int(i) // width], int(i) % width, 0.0) for i in pick])
     return out
 
 
@@ -134,11 +138,26 @@ def _logprob(ctx: LocatorContext) -> Ranked:
     from .lens import lens_locate
 
     doc = lens_locate(ctx.model, list(ctx.queries), ctx.run.config.proxy, prompts=ctx.prompts, progress=False)
-    return {q: [(int(a), int(b), float(s)) for a, b, s in v["qr_neurons"]] for q, v in doc["queries"].items()}
+    # The lens writes neurons.json's schema; its rows become NeuronSets here, at the boundary.
+    return {q: NeuronSet.from_list(v["qr_neurons"]) for q, v in doc["queries"].items()}
 
 
 def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked]:
-    """Each method's neurons per query, cut to QRNCA's count for that query."""
+    """Each method's neurons per query, cut to QRNCA's count for that query.
+
+    Args:
+        methods: registered locator names (``LOCATORS``).
+        ctx: the model, queries, prompts and QRNCA run the locators read.
+
+    Returns:
+        ``{method: {query_id: NeuronSet}}``, each set its method's best ``n`` neurons, ``n`` the query's
+        QR neuron count.
+
+    Example:
+        >>> sets = neuron_sets(["qrnca", "random"], LocatorContext(model, queries, prompts, run))  # doctest: +SKIP
+        >>> sets["random"]["capital-01"][:2]                                                      # doctest: +SKIP
+        NeuronSet([(27, 1410, 0.0), (3, 88, 0.0)])
+    """
     unknown = [m for m in methods if m not in LOCATORS]
     if unknown:
         raise QrncaError(f"unknown method(s) {unknown}; registered locators: {sorted(LOCATORS)}")
@@ -149,5 +168,13 @@ def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked
         missing = [q.id for q in ctx.queries if q.id not in ranked]
         if missing:
             raise QrncaError(f"locator {m!r} returned no neurons for queries {missing[:3]}")
-        out[m] = {q.id: list(ranked[q.id])[: counts[q.id]] for q in ctx.queries}
+        out[m] = {q.id: _as_set(m, q.id, ranked[q.id])[: counts[q.id]] for q in ctx.queries}
     return out
+
+
+def _as_set(method: str, query_id: str, neurons: NeuronsLike) -> NeuronSet:
+    """A locator's answer for one query as a NeuronSet; a malformed one names the locator and the query."""
+    try:
+        return NeuronSet(neurons)
+    except QrncaError as e:
+        raise QrncaError(f"locator {method!r}, query {query_id!r}: {e}") from None

@@ -20,11 +20,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ModelError
@@ -44,6 +44,8 @@ __all__ = [
     "W_out",
     "W_U",
     "tokenizer_of",
+    "pad_token_id",
+    "pad_batch",
     "default_prepend_bos",
     "model_name",
     "check_model_name",
@@ -183,10 +185,10 @@ def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         stat = gguf.stat()
-        from .versions import _file_sha256
+        from .versions import file_sha256
 
         (tmp / "qrnca_source.json").write_text(json.dumps({
-            "gguf": str(gguf), "size": stat.st_size, "model": spec.name, "gguf_sha256": _file_sha256(gguf),
+            "gguf": str(gguf), "size": stat.st_size, "model": spec.name, "gguf_sha256": file_sha256(gguf),
         }))
         if cache.exists():
             shutil.rmtree(cache)
@@ -427,3 +429,41 @@ def tokenizer_of(model: Any) -> Any:
     if tok is None:
         raise ModelError(f"{model_name(model)} has no tokenizer; pass one when you build the model")
     return tok
+
+
+def pad_token_id(model: Any) -> int:
+    """The id to pad a batch with: the tokenizer's pad token, else its EOS, else 0.
+
+    Any id works for right padding (no real position attends to a later one); a real special token keeps
+    the padded batch readable.
+    """
+    tok = tokenizer_of(model)
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> Int[Tensor, "batch seq"]:
+    """Right-pad token lists into one ``[batch, longest]`` long tensor on ``device``.
+
+    Right padding leaves every real position of a causal model exact: the one padding helper of the
+    package (scoring, greedy decoding, the row engine's prefix and full-sequence passes, report views).
+
+    Args:
+        seqs: token id lists, at least one.
+        pad_id: the id written after each shorter list (``pad_token_id(model)``, or any real token).
+        device: where the batch goes.
+
+    Returns:
+        The padded batch.
+
+    Example:
+        >>> pad_batch([[5, 6, 7], [8]], 0, "cpu").tolist()
+        [[5, 6, 7], [8, 0, 0]]
+    """
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return out.to(device)

@@ -27,16 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Int
 from torch import Tensor
 
 from .data import Query, groups_of
 from .errors import ProxyError
-from .hooks import hooked
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
 from .readout import logprobs_at
-from .interventions import check_neurons, row_factors, scale_rows
-from .models import default_prepend_bos, model_device, n_layers, tokenizer_of
+from .interventions import Intervention, check_neurons, row_factors, scale_rows
+from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 
 __all__ = [
@@ -62,26 +60,6 @@ class PromptScore:
     @property
     def target_prob(self) -> float:
         return math.exp(self.target_logprob)
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Int[Tensor, "batch seq"]:
-    """Right-pad token lists into one tensor (exact for the real positions of a causal model)."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    return out.to(device)
-
-
-def _pad_id(model: Any) -> int:
-    tok = tokenizer_of(model)
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
-
-
-Intervention = tuple[Sequence[Sequence[int]], float] | None  # (neurons, factor)
 
 
 @dataclass(frozen=True)
@@ -221,7 +199,7 @@ def _score_items_full(
         plans.append(plan)
     keys = list(needed)
     tables: dict[tuple, dict[int, torch.Tensor]] = {}
-    device, pad = model_device(model), _pad_id(model)
+    device, pad = model_device(model), pad_token_id(model)
     with torch.no_grad():
         for idx in batch_plan([len(k[0]) for k in keys], max_rows=batch_size, max_tokens=max_batch_tokens):
             batch = [keys[i] for i in idx]

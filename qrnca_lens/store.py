@@ -267,11 +267,6 @@ class RunStore:
             raise StoreError(f"{self.root}: query {query_id!r} has not been attributed yet; rerun locate")
         return self._header(path)
 
-    def iter_queries(self) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
-        for qid in sorted(self.done()):
-            scores, info = self.read_query(qid)
-            yield qid, scores, info
-
     def write_neurons(self, obj: dict[str, Any]) -> Path:
         path = self.root / "neurons.json"
         write_json_atomic(path, obj)

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["library_versions", "versions_line", "model_identity"]
+__all__ = ["library_versions", "versions_line", "model_identity", "file_sha256"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens")
 
@@ -38,7 +38,8 @@ def versions_line() -> str:
     return ", ".join(f"{k} {v[k]}" for k in _PACKAGES)
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read ``chunk`` bytes at a time (a GGUF file can be gigabytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

@@ -64,6 +64,26 @@ def test_callers_own_hooks_survive(tiny_model):
     assert seen == [1]
 
 
+def test_exit_resets_the_touched_points_dropping_hooks_added_there_inside_the_block(tiny_model):
+    """What ``hooked`` promises on exit: the points it was given get back the hooks they had on entry, so a
+    hook the caller adds there inside the block goes too; a hook added inside the block elsewhere stays."""
+    touched, other = mlp_hook_name(tiny_model, 0), mlp_hook_name(tiny_model, 1)
+    count = active_hook_count(tiny_model)
+    fired = []
+    try:
+        with hooked(tiny_model, fwd=[(touched, capture({}))]):
+            tiny_model.add_hook(touched, lambda act, hook: fired.append("touched"))
+            tiny_model.add_hook(other, lambda act, hook: fired.append("other"))
+            assert active_hook_count(tiny_model) == count + 3
+        assert active_hook_count(tiny_model) == count + 1
+        with torch.no_grad():
+            tiny_model(_tokens(tiny_model))
+        assert fired == ["other"]
+    finally:
+        tiny_model.reset_hooks()  # the hook left on `other` is the caller's (this test's) to remove
+    assert active_hook_count(tiny_model) == count
+
+
 def test_capture_records_the_activation(tiny_model):
     store = {}
     name = mlp_hook_name(tiny_model, 1)

@@ -230,7 +230,7 @@ def _projections(doc: Mapping[str, Any], model: Any, shown: Sequence[str], k: in
     for g in A.groups(doc):
         want += [nn for nn, _ in A.top_group_neurons(doc, g, 3)]
     for q in shown:
-        want += [(a, b) for a, b, _ in A.query_neurons(doc["queries"][q])]
+        want += A.query_neurons(doc["queries"][q]).pairs()
     want = list(dict.fromkeys(want))
     return {(p.layer, p.neuron): p for p in A.project_neurons(model, want, k)}
 
@@ -482,7 +482,7 @@ def _queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: Any, id
             tok = tokenizer_of(model)
             answer = tok.decode(list(ps[0].target))
             out.append(f"<pre class=prompt>{_esc(ps[0].text)}<b>{_esc(answer)}</b></pre>")
-            views = query_views(model, ps, [(a, b) for a, b, _ in neurons])
+            views = query_views(model, ps, neurons)
             for key in ("activations", "topk", "target"):
                 if key in views:
                     v = views[key]

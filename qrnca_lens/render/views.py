@@ -35,6 +35,7 @@ from jaxtyping import Float
 
 from ..atomic import write_text_atomic
 from ..errors import QrncaError
+from ..neurons import NeuronSet, NeuronsLike
 
 __all__ = [
     "View",
@@ -49,8 +50,6 @@ __all__ = [
     "target_view",
     "query_views",
 ]
-
-Neuron = tuple[int, int]
 
 # The render call that circuitsvis appends after its inlined bundle.
 _CALL = re.compile(r'CircuitsVis\.render\(\s*"(?P<uuid>circuits-vis-[^"]+)",\s*CircuitsVis\.(?P<element>\w+),')
@@ -142,8 +141,14 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [str(tokenizer.decode([int(t)])) for t in ids]
 
 
-def neuron_labels(neurons: Sequence[Neuron]) -> list[str]:
-    return [f"L{layer}.N{n}" for layer, n in neurons]
+def neuron_labels(neurons: NeuronsLike) -> list[str]:
+    """``["L14.N103", ...]``: one label per neuron, in order.
+
+    Example:
+        >>> neuron_labels([(14, 103), (20, 7)])
+        ['L14.N103', 'L20.N7']
+    """
+    return [f"L{layer}.N{n}" for layer, n in NeuronSet(neurons).pairs()]
 
 
 def _act_hook(model: Any, layer: int, which: str) -> str:
@@ -159,7 +164,7 @@ def _act_hook(model: Any, layer: int, which: str) -> str:
 
 
 def _forward(
-    model: Any, token_lists: Sequence[Sequence[int]], neurons: Sequence[Neuron], which: str = "post",
+    model: Any, token_lists: Sequence[Sequence[int]], neurons: NeuronSet, which: str = "post",
 ) -> tuple[list[Float[np.ndarray, "_pos neuron"]], Any]:
     """One right-padded forward over all token lists: the neurons' activations per list, and the logits.
 
@@ -169,12 +174,11 @@ def _forward(
     import torch
 
     from ..hooks import capture, hooked
-    from ..models import model_device
-    from ..scoring import pad_batch
+    from ..models import model_device, pad_batch
 
     if which not in ("post", "attributed"):
         raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
-    layers = sorted({int(layer) for layer, _ in neurons})
+    layers = sorted(neurons.by_layer())
     names = {layer: _act_hook(model, layer, which) for layer in layers}
     store: dict[str, torch.Tensor] = {}
     batch = pad_batch(token_lists, 0, model_device(model))
@@ -182,7 +186,7 @@ def _forward(
         logits = model(batch, return_type="logits")
     out = []
     for b, ids in enumerate(token_lists):
-        cols = [store[names[int(layer)]][b, : len(ids), int(n)].float().cpu() for layer, n in neurons]
+        cols = [store[names[layer]][b, : len(ids), n].float().cpu() for layer, n in neurons.pairs()]
         acts = torch.stack(cols, dim=-1) if cols else torch.zeros(len(ids), 0)
         out.append(acts.numpy().astype(np.float32))
     return out, logits
@@ -191,7 +195,7 @@ def _forward(
 def neuron_activations(
     model: Any,
     token_lists: Sequence[Sequence[int]],
-    neurons: Sequence[Neuron],
+    neurons: NeuronsLike,
     *,
     which: str = "post",
 ) -> list[Float[np.ndarray, "_pos neuron"]]:
@@ -200,8 +204,20 @@ def neuron_activations(
     ``which="post"`` reads ``hook_post`` (the MLP's hidden value that W_out multiplies); ``"attributed"``
     reads the hook QRNCA attributes (``hook_pre_linear`` of a gated MLP, else ``hook_pre``). Hooks enter
     through ``hooks.hooked`` and leave with the call.
+
+    Args:
+        model: the TL model.
+        token_lists: token id lists (prompts), of any lengths.
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor.
+        which: ``"post"`` or ``"attributed"``.
+
+    Returns:
+        One ``[len(tokens), len(neurons)]`` float32 array per token list.
+
+    Example:
+        >>> neuron_activations(model, [p.tokens for p in prompts], run.qr_neurons(q))[0].shape  # doctest: +SKIP
     """
-    return _forward(model, token_lists, neurons, which)[0]
+    return _forward(model, token_lists, NeuronSet(neurons), which)[0]
 
 
 # ---------------------------------------------------------------- views
@@ -268,13 +284,27 @@ def target_view(
     return from_rendered(r, title)
 
 
-def query_views(model: Any, prompts: Sequence[Any], neurons: Sequence[Neuron], *, k: int = 5) -> dict[str, View]:
+def query_views(model: Any, prompts: Sequence[Any], neurons: NeuronsLike, *, k: int = 5) -> dict[str, View]:
     """The three views of one query: ``activations`` and ``topk`` over its prompts, ``target`` on its first prompt.
 
     ``prompts`` are ``proxies.Prompt`` objects (``.tokens``, ``.target``); with no QR neuron only ``target``.
     One forward pass serves all three: the first prompt runs with its answer appended (causal: its prompt
     positions are unchanged), the others as they are.
+
+    Args:
+        model: the TL model.
+        prompts: the query's prompts.
+        neurons: a ``NeuronSet`` (e.g. ``run.qr_neurons(q)``), ``(layer, neuron[, score])`` entries or a
+            ``[n, 2]`` tensor.
+        k: tokens per neuron in the top-k view.
+
+    Returns:
+        ``{"activations", "topk", "target"}`` views (only ``"target"`` without neurons).
+
+    Example:
+        >>> views = query_views(model, prompts, [(29, 1498), (24, 1005)])   # doctest: +SKIP
     """
+    neurons = NeuronSet(neurons)
     from ..models import tokenizer_of
 
     if not prompts:
