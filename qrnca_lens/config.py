@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from .errors import QrncaError
@@ -113,7 +114,7 @@ class Config:
         return {**self.to_dict(), VERSION_KEY: __version__}
 
     @classmethod
-    def checked_keys(cls, d: typing.Mapping[str, Any]) -> dict[str, Any]:
+    def checked_keys(cls, d: Mapping[str, Any]) -> dict[str, Any]:
         """``d`` without the version key, after refusing a non-mapping or keys that are not init fields.
 
         For subclasses whose ``from_dict`` rebuilds fields the base cannot (tensors, ...).
@@ -122,7 +123,7 @@ class Config:
             >>> Config.checked_keys({"qrnca_lens_version": "0.1.0"})
             {}
         """
-        if not isinstance(d, typing.Mapping):
+        if not isinstance(d, Mapping):
             raise QrncaError(f"{cls.__name__}.from_dict needs a mapping, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
         unknown = sorted(set(d) - set(names) - {VERSION_KEY})
@@ -131,7 +132,7 @@ class Config:
         return {k: v for k, v in d.items() if k != VERSION_KEY}
 
     @classmethod
-    def from_dict(cls: type[C], d: typing.Mapping[str, Any]) -> C:
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
         """The inverse of ``to_dict`` (see the module docstring); unknown keys raise ``QrncaError``."""
         hints = type_hints(cls)
         return cls(**{k: _rebuild(hints.get(k, Any), v) for k, v in cls.checked_keys(d).items()})

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from ..config import Config, type_hints
 
-__all__ = ["Option", "options", "add_options", "values", "build"]
+__all__ = ["Option", "options", "add_options", "values", "build", "comma_list"]
 
 C = TypeVar("C", bound=Config)
 TRISTATE = {"auto": None, "yes": True, "no": False}
@@ -132,9 +132,10 @@ def options(cls: type[Config], names: Sequence[str], **flags: str) -> tuple[Opti
         >>> [o.flag for o in options(ProxyConfig, ["kind", "seed"], kind="--proxy")]
         ['--proxy', '--seed']
     """
-    unknown = set(flags) - set(names)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted((set(names) - fields) | (set(flags) - set(names)))
     if unknown:
-        raise ValueError(f"flags for fields not listed: {sorted(unknown)}")
+        raise ValueError(f"{cls.__name__}: {unknown} are not fields listed for the command line")
     return tuple(Option(cls, n, flags.get(n, "--" + n.replace("_", "-"))) for n in names)
 
 

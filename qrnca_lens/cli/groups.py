@@ -48,6 +48,7 @@ def add_selection_args(p: argparse.ArgumentParser, defaults: bool = True) -> Non
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where the per-query work runs (locate, evaluate): serial, or a Ray cluster."""
     g = p.add_argument_group("scale-out", "run the per-query work on a Ray cluster (pip install 'qrnca-lens[ray]'; "
                                           "see docs/ray.md)")
     g.add_argument("--executor", choices=["serial", "ray"], default="serial", help="where the per-query work runs")
@@ -62,10 +63,12 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
 
 
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    """``ProxyConfig`` from ``--proxy --templates --shots --seed --bos --chat``."""
     return build(ProxyConfig, args, PROXY)
 
 
 def ig_config(args: argparse.Namespace) -> IGConfig:
+    """``IGConfig`` from ``--steps --alpha-schedule --method --max-batch-rows --memory-budget-mb``."""
     return build(IGConfig, args, IG)
 
 
@@ -75,6 +78,7 @@ def selection_config(args: argparse.Namespace, base: SelectionConfig | None = No
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size``."""
     return build(EvalConfig, args, EVAL)
 
 
