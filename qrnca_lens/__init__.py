@@ -17,7 +17,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+from .versions import PACKAGE_VERSION as __version__
 
 # name -> submodule that defines it
 _EXPORTS = {

@@ -45,14 +45,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .config import Config
 from .errors import QrncaError
 from .engine import Prefix, Row, backend_of, skipping_is_exact
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
@@ -70,38 +71,40 @@ __all__ = [
 ]
 
 
+AlphaSchedule = Literal["riemann", "linspace"]
+IGMethod = Literal["fast", "reference", "auto"]
+
+
 @dataclass(frozen=True)
-class IGConfig:
+class IGConfig(Config):
     """Integrated-gradients settings. ``method``: ``"fast"`` (default), ``"reference"`` or ``"auto"``."""
 
-    steps: int = 16
-    alpha_schedule: str = "riemann"
-    method: str = "fast"
-    max_batch_rows: int = 240
+    steps: int = field(default=16, metadata={"help": "m, integration steps"})
+    alpha_schedule: AlphaSchedule = field(
+        default="riemann", metadata={"help": "riemann: k/m, k=1..m (paper); linspace: linspace(0,1,m) (authors' code)"})
+    method: IGMethod = field(
+        default="fast", metadata={"help": "fast: rows behind a cached prefix (the reference path, with a warning, "
+                                          "where a model has no fast path); reference: the authors' full-sequence "
+                                          "copies; auto: fast, falling back without a warning"})
+    max_batch_rows: int = field(default=240, metadata={"help": "at most this many rows per forward/backward"})
     require_gated: bool = False
     # Peak working memory of one pass (prefix or row chunk), estimated by ``_chunk_bytes``/``_prefix_bytes``:
     # chunks shrink (and a query's prompts split into several passes) as prompts grow. 1 GB keeps a
     # 2,000-token prompt on SmolLM2 (30 layers, float32) under 4 GB RSS with the model loaded.
-    memory_budget_mb: int = 1024
+    memory_budget_mb: int = field(
+        default=1024, metadata={"help": "estimated peak memory of one pass; chunks shrink as prompts grow"})
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.steps < 1:
             raise QrncaError(f"steps (m) must be at least 1, got {self.steps}")
-        if self.alpha_schedule not in ("riemann", "linspace"):
+        if self.alpha_schedule not in get_args(AlphaSchedule):
             raise QrncaError(f"alpha_schedule must be 'riemann' (k/m) or 'linspace' (authors'), got {self.alpha_schedule!r}")
-        if self.method not in ("fast", "reference", "auto"):
+        if self.method not in get_args(IGMethod):
             raise QrncaError(f"method must be 'fast', 'reference' or 'auto', got {self.method!r}")
         if self.max_batch_rows < 1:
             raise QrncaError(f"max_batch_rows must be at least 1, got {self.max_batch_rows}")
         if self.memory_budget_mb < 1:
             raise QrncaError(f"memory_budget_mb must be at least 1, got {self.memory_budget_mb}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IGConfig":
-        return cls(**d)
 
 
 def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, "steps"]:

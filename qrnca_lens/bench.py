@@ -23,8 +23,6 @@ would set.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import resource
 import statistics
@@ -34,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cmd_bench", "run_bench"]
+__all__ = ["run_bench", "run_long_prompt_bench", "run_eval_bench"]
 
 
 def _rss_mb() -> float:
@@ -246,19 +244,3 @@ def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_
     print(f"fast path, all layers: {seconds:.1f} s; peak RSS {result['peak_rss_mb']:.0f} MB "
           f"(model loaded: {rss_loaded:.0f} MB)")
     return result
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import models
-
-    model = models.load_model(args.model)
-    if args.long_prompt_tokens:
-        res = run_long_prompt_bench(model, args.long_prompt_tokens, steps=args.steps,
-                                    memory_budget_mb=args.memory_budget_mb, max_batch_rows=args.max_batch_rows,
-                                    name=args.model)
-        print(json.dumps(res))
-        return 0
-    res = run_bench(model, steps=args.steps, reference_layers=args.reference_layers, repeats=args.repeats,
-                    captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
-    print(json.dumps(res))
-    return 0

@@ -27,16 +27,35 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from .errors import QrncaError
 
-__all__ = ["Config", "VERSION_KEY"]
+__all__ = ["Config", "VERSION_KEY", "type_hints"]
 
 VERSION_KEY = "qrnca_lens_version"
 C = TypeVar("C", bound="Config")
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of ``cls`` and its bases (``from __future__`` strings evaluated).
+
+    ``typing.get_type_hints`` answers {} for a class marked ``__no_type_check__``, as ``Config`` is.
+
+    Example:
+        >>> type_hints(Config)
+        {}
+    """
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        module_ns = dict(vars(sys.modules[klass.__module__]))
+        for name, ann in klass.__dict__.get("__annotations__", {}).items():
+            # What typing.get_type_hints does with a string annotation: evaluate it where the class lives.
+            hints[name] = eval(ann, module_ns, dict(vars(klass))) if isinstance(ann, str) else ann
+    return hints
 
 
 def _plain(value: Any) -> Any:
@@ -73,6 +92,11 @@ def _rebuild(tp: Any, value: Any) -> Any:
 class Config:
     """Base of every config and result dataclass (see the module docstring)."""
 
+    # The test suite's jaxtyping/beartype import hook type-checks dataclass ``__init__`` arguments; it would
+    # reject a bad ``Literal`` value with a generic TypeError before ``validate()`` runs, so the tests would
+    # not see the message users get. ``validate()`` is the one check, in tests and in use.
+    __no_type_check__ = True
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -80,27 +104,42 @@ class Config:
         """Raise ``QrncaError`` naming the bad field and the fix; the base accepts everything."""
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields: nested configs as dicts, tuples as lists."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def to_record(self) -> dict[str, Any]:
-        from . import __version__
+        """``to_dict()`` plus the library version, for what is written to disk."""
+        from .versions import PACKAGE_VERSION
 
-        return {**self.to_dict(), VERSION_KEY: __version__}
+        return {**self.to_dict(), VERSION_KEY: PACKAGE_VERSION}
 
     @classmethod
-    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:  # not typing.Mapping: deprecated (PEP 585)
-        if not isinstance(d, typing.Mapping):
+    def checked_keys(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """``d`` without the version key, after refusing a non-mapping or keys that are not init fields.
+
+        For subclasses whose ``from_dict`` rebuilds fields the base cannot (tensors, ...).
+
+        Example:
+            >>> Config.checked_keys({"qrnca_lens_version": "0.1.0"})
+            {}
+        """
+        if not isinstance(d, Mapping):
             raise QrncaError(f"{cls.__name__}.from_dict needs a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+        names = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
         unknown = sorted(set(d) - set(names) - {VERSION_KEY})
         if unknown:
             raise QrncaError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {names}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {k: _rebuild(hints.get(k, Any), v) for k, v in d.items() if k != VERSION_KEY}
-        return cls(**kwargs)
+        return {k: v for k, v in d.items() if k != VERSION_KEY}
+
+    @classmethod
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
+        """The inverse of ``to_dict`` (see the module docstring); unknown keys raise ``QrncaError``."""
+        hints = type_hints(cls)
+        return cls(**{k: _rebuild(hints.get(k, Any), v) for k, v in cls.checked_keys(d).items()})
 
     @classmethod
     def field_help(cls, name: str) -> str:
+        """The ``help`` metadata of field ``name`` ("" if none); the command line shows it."""
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name == name:
                 return str(f.metadata.get("help", ""))

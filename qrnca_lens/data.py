@@ -23,12 +23,13 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .config import Config
 from .errors import DataError
 
 __all__ = [
@@ -48,7 +49,7 @@ SLOT = "[Y]"
 
 
 @dataclass(frozen=True)
-class Query:
+class Query(Config):
     """One query. ``prompts``/``prompt_letters`` hold pre-built prompts (authors' format) when given."""
 
     id: str
@@ -62,7 +63,7 @@ class Query:
     prompt_letters: tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("id", "group"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise DataError(f"query {self.id!r}: field {name!r} must be a non-empty string")
@@ -89,16 +90,11 @@ class Query:
         return SLOT in self.question
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v not in (None, {})}
+        """The base's dict without unset fields (None, empty meta): a query file's record stays short.
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Query":
-        d = dict(d)
-        for k in ("options", "prompts", "prompt_letters"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        ``from_dict`` is the base's: the missing fields take their defaults.
+        """
+        return {k: v for k, v in super().to_dict().items() if v not in (None, {})}
 
 
 def groups_of(queries: Sequence[Query]) -> dict[str, list[Query]]:

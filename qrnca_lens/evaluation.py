@@ -32,13 +32,14 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .config import Config
 from .versions import library_versions, model_identity
 from .data import Query, groups_of
 from .errors import QrncaError
@@ -59,28 +60,26 @@ DEFAULT_METHODS = ("qrnca", "no-ica", "with-common", "kn", "activation", "random
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seed: int = 0
-    every_position: bool = False
-    n_boot: int = 1000
-    batch_size: int = 8
+class EvalConfig(Config):
+    """What ``evaluate`` judges and how: the locators compared, seeds, bootstrap size, batching."""
+
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS,
+                                     metadata={"help": "comma-separated locators (also: logprob)"})
+    seed: int = field(default=0, metadata={"help": "seed of the control queries, random neurons and bootstrap"})
+    every_position: bool = field(default=False, metadata={"help": "intervene at every position, not the last"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    batch_size: int = field(default=8, metadata={"help": "scored prompts (with their interventions) per batch"})
     free_form: bool = True
     neuron_prediction: bool = True
     group_neurons: int = 50
     # Last-position scoring through the row engine (False: full sequences, the slow oracle; same numbers).
     engine: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.methods:
             raise QrncaError("no methods to evaluate")
         if self.batch_size < 1 or self.n_boot < 10:
             raise QrncaError("batch_size must be >= 1 and n_boot >= 10")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["methods"] = list(self.methods)
-        return d
 
 
 # ---------------------------------------------------------------- controls
@@ -106,8 +105,11 @@ def control_queries(queries: Sequence[Query], seed: int = 0) -> dict[str, str]:
 
 
 @dataclass
-class EvaluationResult:
-    """evaluation.json as an object: ``to_dict()``, ``table()``, ``to_dataframe()``, notebook display."""
+class EvaluationResult(Config):
+    """evaluation.json as an object: ``to_dict()``, ``table()``, ``to_dataframe()``, notebook display.
+
+    ``to_dict`` / ``from_dict`` are the base's (plain dicts; unknown keys refused, the version key accepted).
+    """
 
     pcr: dict[str, dict[str, Any]]
     editing: dict[str, dict[str, Any]]
@@ -115,13 +117,6 @@ class EvaluationResult:
     free_form: dict[str, Any] = field(default_factory=dict)
     neuron_prediction: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvaluationResult":
-        return cls(**d)
 
     def table(self) -> str:
         """One row per method, in the style of the paper's Tables 4 and 6."""

@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .attribution import IGConfig
+from .config import Config
 from .executors import SerialExecutor
 from .data import Query
 from .errors import QrncaError, StoreError
@@ -44,23 +45,16 @@ __all__ = ["LocateConfig", "LocateResult", "locate", "reduce", "parse_shard", "p
 
 
 @dataclass(frozen=True)
-class LocateConfig:
-    """Everything that defines a QRNCA run: proxy (|Q|, templates, shots, seed), IG (m), selection (t, u, v)."""
+class LocateConfig(Config):
+    """Everything that defines a QRNCA run: proxy (|Q|, templates, shots, seed), IG (m), selection (t, u, v).
+
+    ``to_dict`` / ``from_dict`` are the base's: nested configs as dicts, ``layers`` as a list (or None).
+    """
 
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     ig: IGConfig = field(default_factory=IGConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     layers: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"proxy": self.proxy.to_dict(), "ig": self.ig.to_dict(), "selection": self.selection.to_dict(),
-                "layers": list(self.layers) if self.layers is not None else None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LocateConfig":
-        return cls(proxy=ProxyConfig.from_dict(d["proxy"]), ig=IGConfig.from_dict(d["ig"]),
-                   selection=SelectionConfig.from_dict(d["selection"]),
-                   layers=tuple(d["layers"]) if d.get("layers") is not None else None)
 
 
 @dataclass(eq=False)
@@ -196,15 +190,26 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"I/N"`` (0-based I) -> (I, N)."""
+    """``"I/N"`` (0-based I) -> (I, N): this process does every N-th query starting at I.
+
+    Args:
+        spec: ``"I/N"`` with 0 <= I < N, or None for the whole run.
+
+    Returns:
+        ``(I, N)``; ``(0, 1)`` for None.
+
+    Example:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
     if spec is None:
         return 0, 1
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise QrncaError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+        raise QrncaError(f"a shard must look like I/N (e.g. 0/4), got {spec!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise QrncaError(f"--shard {spec}: need 0 <= I < N")
+        raise QrncaError(f"shard {spec}: need 0 <= I < N")
     return i, n
 
 
@@ -244,11 +249,7 @@ def prompts_from_info(info: dict[str, Any], query_id: str, where: str = "this ru
 def query_from_info(info: dict[str, Any], query_id: str, where: str = "this run") -> Query:
     if not info.get("query"):
         raise StoreError(_NO_PROMPTS.format(where=where, qid=query_id))
-    d = dict(info["query"])
-    for key in ("options", "prompts", "prompt_letters"):
-        if d.get(key) is not None:
-            d[key] = tuple(d[key])
-    return Query(**d)
+    return Query.from_dict(info["query"])
 
 
 def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
@@ -385,7 +386,10 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
     """
     store = RunStore.load(out)
     man = store.manifest
-    cfg = LocateConfig.from_dict({**man, "selection": (selection.to_dict() if selection else man["selection"])})
+    # The manifest holds the config's fields among others (model, queries, versions, ...); its "layers" are
+    # the resolved ones, which the config takes.
+    cfg = LocateConfig.from_dict({"proxy": man["proxy"], "ig": man["ig"], "layers": man.get("layers"),
+                                  "selection": selection.to_dict() if selection else man["selection"]})
     groups: dict[str, str] = man["queries"]
     done, corrupt = store.scan()
     if corrupt:

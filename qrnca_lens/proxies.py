@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
+from .config import Config
 from .data import SLOT, Query, groups_of
 from .errors import ProxyError
 
@@ -43,7 +44,9 @@ __all__ = [
     "tokenizer_identity",
 ]
 
-PROXIES = ("mcqa-letter", "mcqa-text", "cloze")
+ProxyKind = Literal["mcqa-letter", "mcqa-text", "cloze"]
+LetterStyle = Literal["space", "bare"]
+PROXIES: tuple[str, ...] = get_args(ProxyKind)
 
 # k in-context examples by default, chosen from measurements on SmolLM2-135M with the built-in sets
 # (`qrnca-lens accuracy`, README): cloze top-1 0.53 zero-shot -> 0.77 with 4 facts; letter MCQA stays near
@@ -53,7 +56,7 @@ DEFAULT_SHOTS = {"mcqa-letter": 3, "mcqa-text": 0, "cloze": 4}
 
 
 @dataclass(frozen=True)
-class Template:
+class Template(Config):
     """``instruction`` + k filled-in ``item``s (each followed by its answer) + the query's ``item``.
 
     ``item`` fields: ``{question}`` and ``{options}`` (MCQA; options rendered with ``option_format`` joined
@@ -67,9 +70,6 @@ class Template:
     option_sep: str = "\n"
     example_sep: str = "\n\n"
     options_end: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 TEMPLATES: dict[str, tuple[Template, ...]] = {
@@ -104,26 +104,27 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
 
 
 @dataclass(frozen=True)
-class ProxyConfig:
+class ProxyConfig(Config):
     """How queries become prompts. ``n_shots=None`` takes ``DEFAULT_SHOTS[kind]``.
 
     ``prepend_bos=None`` follows the model (``models.default_prepend_bos``); the resolved value is recorded
     in every result.
     """
 
-    kind: str = "mcqa-letter"
-    n_prompts: int = 3
-    n_shots: int | None = None
+    kind: ProxyKind = field(default="mcqa-letter", metadata={"help": "the proxy task"})
+    n_prompts: int = field(default=3, metadata={"help": "|Q|: prompts (templates) per query"})
+    n_shots: int | None = field(default=None, metadata={"help": "in-context examples per prompt (default: per proxy)"})
     n_options: int = 4
     letters: str = "ABCDEFGHIJ"
-    letter_style: str = "space"
+    letter_style: LetterStyle = "space"
     show_options: bool = True
-    chat_template: bool = False
-    prepend_bos: bool | None = None
+    chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat template"})
+    prepend_bos: bool | None = field(
+        default=None, metadata={"help": "prepend BOS: auto follows the model's own tokenizer"})
     templates: tuple[Template, ...] | None = None
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of options order, examples and distractors"})
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.kind not in PROXIES:
             raise ProxyError(f"unknown proxy {self.kind!r}; choose one of {list(PROXIES)}")
         if self.n_prompts < 1:
@@ -132,7 +133,7 @@ class ProxyConfig:
             raise ProxyError(f"n_shots must be >= 0, got {self.n_shots}")
         if not 2 <= self.n_options <= len(self.letters):
             raise ProxyError(f"n_options must be between 2 and {len(self.letters)}, got {self.n_options}")
-        if self.letter_style not in ("space", "bare"):
+        if self.letter_style not in get_args(LetterStyle):
             raise ProxyError(f"letter_style must be 'space' or 'bare', got {self.letter_style!r}")
         if self.templates is not None and not self.templates:
             raise ProxyError("templates, when given, must hold at least one Template")
@@ -144,24 +145,12 @@ class ProxyConfig:
     def template_list(self) -> tuple[Template, ...]:
         return self.templates if self.templates is not None else TEMPLATES[self.kind]
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["templates"] = None if self.templates is None else [t.to_dict() for t in self.templates]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProxyConfig":
-        d = dict(d)
-        if d.get("templates") is not None:
-            d["templates"] = tuple(Template(**t) for t in d["templates"])
-        return cls(**d)
-
     def with_(self, **changes: Any) -> "ProxyConfig":
         return replace(self, **changes)
 
 
 @dataclass(frozen=True)
-class Prompt:
+class Prompt(Config):
     """One prompt of a query: its tokens, the target continuation and (MCQA) every option's continuation.
 
     ``options[correct]`` equals ``target``. For cloze ``options`` is None and prediction is the top-1 token.
@@ -182,7 +171,7 @@ class Prompt:
     # (neuron-based prediction ranks them against the target); None when the group has too few answers.
     distractors: tuple[tuple[int, ...], ...] | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         # Caught here, not downstream: an empty target fails deep inside the model on the fast IG path and
         # silently scores every neuron 0 on the reference path.
         if not self.tokens:
@@ -197,23 +186,8 @@ class Prompt:
         """The last prompt position, where the first target token is predicted."""
         return len(self.tokens) - 1
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: what a run stores, so later stages read the very prompts that were attributed."""
-        d = asdict(self)
-        for key in ("tokens", "target", "examples"):
-            d[key] = list(d[key])
-        for key in ("options", "distractors"):
-            d[key] = None if d[key] is None else [list(o) for o in d[key]]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Prompt":
-        d = dict(d)
-        for key in ("tokens", "target", "examples"):
-            d[key] = tuple(d.get(key) or ())
-        for key in ("options", "distractors"):
-            d[key] = None if d.get(key) is None else tuple(tuple(o) for o in d[key])
-        return cls(**d)
+    # to_dict / from_dict: the base's. What a run stores (lists for the token tuples, null for no options),
+    # so later stages read the very prompts that were attributed; tests/test_config.py pins the format.
 
 
 # ---------------------------------------------------------------- tokenisation

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import Config
 from .data import Query, groups_of
 from .errors import ProxyError
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
@@ -234,8 +235,11 @@ def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8,
 
 
 @dataclass
-class AccuracyResult:
-    """A model's competence on a proxy: accuracy over prompts and the mean target probability."""
+class AccuracyResult(Config):
+    """A model's competence on a proxy: accuracy over prompts and the mean target probability.
+
+    ``to_dict`` / ``from_dict`` are the base's (``proxy`` is the proxy config as a dict).
+    """
 
     accuracy: float
     mean_target_prob: float
@@ -245,13 +249,6 @@ class AccuracyResult:
     proxy: dict[str, Any]
     prepend_bos: bool
     per_group: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AccuracyResult":
-        return cls(**d)
 
     def __str__(self) -> str:
         chance = f" (chance {self.chance:.2f})" if self.chance is not None else ""

@@ -34,15 +34,16 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from fractions import Fraction
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .config import Config
 from .errors import QrncaError
 
 __all__ = [
@@ -61,7 +62,8 @@ __all__ = [
     "select",
 ]
 
-CLUSTER_MODES = ("union", "sum")
+ClusterMode = Literal["union", "sum"]
+CLUSTER_MODES: tuple[str, ...] = get_args(ClusterMode)
 
 
 # ---------------------------------------------------------------- settings
@@ -83,17 +85,21 @@ def _check_mode(mode: str) -> None:
 
 
 @dataclass(frozen=True)
-class SelectionConfig:
+class SelectionConfig(Config):
     """Selection settings; the defaults are the paper's (t = 0.2, u = 0.3, v = 20) and the authors' union mode."""
 
-    t: float = 0.2
-    u: float = 0.3
-    v: int = 20
-    cluster_mode: str = "union"
-    use_ica: bool = True
-    remove_common: bool = True
+    t: float = field(default=0.2, metadata={"help": "cluster threshold, x max score"})
+    u: float = field(default=0.3, metadata={"help": "common if in more than u*N clusters"})
+    v: int = field(default=20, metadata={"help": "top-v neurons per query"})
+    cluster_mode: ClusterMode = field(
+        default="union",
+        metadata={"help": "union: authors' per-prompt thresholds; sum: the paper's threshold of the summed scores"})
+    use_ica: bool = field(default=True, metadata={
+        "help": "weigh by inverse cluster attribution; False: the QRNCA-without-ICA baseline"})
+    remove_common: bool = field(default=True, metadata={
+        "help": "drop common neurons; False: keep them, as the authors' released code does"})
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_t(self.t)
         _check_u(self.u)
         # bool is an int subclass: v=True would silently mean v=1.
@@ -104,23 +110,12 @@ class SelectionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise QrncaError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SelectionConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise QrncaError(f"unknown SelectionConfig keys {unknown}; expected a subset of "
-                             f"{[f.name for f in fields(cls)]}")
-        return cls(**d)
-
 
 # ---------------------------------------------------------------- a query's cluster
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous; __eq__ below compares values
-class Cluster:
+class Cluster(Config):
     """A query's sparse cluster: (layer, neuron) rows, sorted ascending and unique, with their raw scores.
 
     ``shape`` is the (n_layers, d_mlp) of the model, so a cluster can be densified and checked against others.
@@ -136,6 +131,9 @@ class Cluster:
         object.__setattr__(self, "indices", self.indices.detach().to("cpu", torch.int64).reshape(-1, 2))
         object.__setattr__(self, "raw", self.raw.detach().to("cpu", torch.float32).reshape(-1))
         object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
+        super().__post_init__()
+
+    def validate(self) -> None:
         n_layers, d = self.shape
         if n_layers < 1 or d < 1:
             raise QrncaError(f"cluster shape must be (n_layers >= 1, d_mlp >= 1), got {self.shape}")
@@ -189,6 +187,8 @@ class Cluster:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Cluster":
+        """The inverse of ``to_dict``: tensors from the lists; unknown or missing keys raise ``QrncaError``."""
+        d = cls.checked_keys(d)
         missing = {"indices", "raw", "shape"} - set(d)
         if missing:
             raise QrncaError(f"stored cluster lacks keys {sorted(missing)}")

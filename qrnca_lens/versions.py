@@ -18,12 +18,14 @@ __all__ = ["library_versions", "versions_line", "model_identity", "file_sha256"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens")
 
+# The one place the package version is written (pyproject.toml repeats it for the build).
+PACKAGE_VERSION = "0.1.0"
+
 
 def library_versions() -> dict[str, str]:
     """Installed versions of qrnca-lens, torch, transformers, transformer-lens and Python."""
-    from . import __version__
 
-    out = {"qrnca-lens": __version__, "python": platform.python_version()}
+    out = {"qrnca-lens": PACKAGE_VERSION, "python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)

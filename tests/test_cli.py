@@ -265,3 +265,68 @@ def test_pool_supplies_examples_for_a_small_file(cli_model, capsys, tmp_path):
     for ps in prompts.values():
         for p in ps:  # the examples are the pool's facts, not the file's own
             assert len(p.examples) == 4 and all(e.split("-")[0] in ("capital", "language") for e in p.examples)
+
+
+# ---------------------------------------------------------------- options generated from the config dataclasses
+
+
+def _subparsers():
+    """command -> its parser (argparse has no public way to list them)."""
+    parser = cli.build_parser()
+    return next(a.choices for a in parser._actions if isinstance(a.choices, dict))
+
+
+def test_every_config_option_takes_the_dataclass_default():
+    """An option that mirrors a config field has the field's default (reduce: None, keeping the run's value)."""
+    seen = set()
+    for command, sub in _subparsers().items():
+        for action in sub._actions:
+            o = getattr(action, "config_option", None)
+            if o is None:
+                continue
+            seen.add((o.cls.__name__, o.name))
+            assert o.cls.field_help(o.name), f"{o.cls.__name__}.{o.name} has no help text"
+            if command == "reduce" and not o.is_flag:
+                assert action.default is None, (command, action.option_strings)
+            else:
+                assert o.parse(action.default) == o.default, (command, action.option_strings)
+    # The fields that used to be copied by hand are all generated now.
+    assert {("ProxyConfig", "kind"), ("ProxyConfig", "n_prompts"), ("ProxyConfig", "prepend_bos"),
+            ("IGConfig", "steps"), ("IGConfig", "method"), ("IGConfig", "memory_budget_mb"),
+            ("SelectionConfig", "t"), ("SelectionConfig", "use_ica"), ("EvalConfig", "methods"),
+            ("EvalConfig", "n_boot")} <= seen
+
+
+def test_the_options_build_the_dataclass_defaults():
+    from qrnca_lens.attribution import IGConfig
+    from qrnca_lens.cli.groups import eval_config, ig_config, proxy_config, selection_config
+    from qrnca_lens.evaluation import EvalConfig
+    from qrnca_lens.proxies import ProxyConfig
+    from qrnca_lens.selection import SelectionConfig
+
+    parser = cli.build_parser()
+    loc = parser.parse_args(["locate", "--data", "d", "--out", "o"])
+    assert (proxy_config(loc), ig_config(loc), selection_config(loc)) == (ProxyConfig(), IGConfig(), SelectionConfig())
+    assert eval_config(parser.parse_args(["evaluate", "o"])) == EvalConfig()
+    args = parser.parse_args(["locate", "--data", "d", "--out", "o", "--proxy", "cloze", "--templates", "2",
+                              "--bos", "no", "--chat", "--method", "auto", "--no-ica", "--cluster-mode", "sum"])
+    assert proxy_config(args) == ProxyConfig("cloze", n_prompts=2, prepend_bos=False, chat_template=True)
+    assert ig_config(args).method == "auto"
+    assert selection_config(args) == SelectionConfig(cluster_mode="sum", use_ica=False)
+    ev = parser.parse_args(["evaluate", "o", "--methods", "qrnca, random", "--bootstrap", "20"])
+    assert eval_config(ev) == EvalConfig(methods=("qrnca", "random"), n_boot=20)
+    # reduce: options left out keep the recorded selection, flags included.
+    red = parser.parse_args(["reduce", "o", "--t", "0.3"])
+    assert selection_config(red, SelectionConfig(v=3, use_ica=False)) == SelectionConfig(t=0.3, v=3, use_ica=False)
+
+
+def test_method_offers_auto():
+    method = next(a for a in _subparsers()["locate"]._actions if "--method" in a.option_strings)
+    assert method.choices == ["fast", "reference", "auto"]
+
+
+def test_a_bad_shard_names_the_option(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    for bad in ("2/2", "a/b"):
+        assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--shard", bad]) == 2
+        assert "error: --shard: " in _error_line(capsys)

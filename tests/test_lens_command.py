@@ -1,11 +1,11 @@
-"""The ``qrnca-lens lens`` handler (qrnca_lens/lens/command.py)."""
+"""The ``qrnca-lens lens`` handler (qrnca_lens/cli/lens.py)."""
 
 from __future__ import annotations
 
 import json
 
 from qrnca_lens.lens import BASELINES
-from qrnca_lens.lens import command as lens_mod
+from qrnca_lens.cli import lens as lens_mod
 
 
 def test_cmd_lens_writes_neurons_and_comparison(tiny_checkpoint, tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from qrnca_lens.errors import QrncaError
 from qrnca_lens.proxies import ProxyConfig, build_prompts
 from qrnca_lens.render import figures as F
 from qrnca_lens.render import views as V
-from qrnca_lens.render.report import cmd_report, report_html, write_report
+from qrnca_lens.cli.commands import cmd_report
+from qrnca_lens.render.report import report_html, write_report
 
 from test_analysis import DOC
 

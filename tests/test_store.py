@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from qrnca_lens.lens import command as lens
+from qrnca_lens.cli import lens
 from qrnca_lens.store import write_json_atomic
 from qrnca_lens.render.report import write_report
 

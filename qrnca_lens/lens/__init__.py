@@ -60,7 +60,7 @@ The package, in the order the data flows (each module holds what its name says):
 - ``query_neurons``: the query neurons of a value neuron.
 - ``baselines``: the paper's 7 alternative scores and the ablation comparison.
 - ``locate``: the lens as a locator (``neurons.json``).
-- ``bench``: the benchmark (``python -m qrnca_lens.lens.bench``); ``command``: the ``qrnca-lens lens`` handler.
+- ``bench``: the benchmark (``python -m qrnca_lens.lens.bench``); the ``qrnca-lens lens`` handler lives in ``qrnca_lens.cli.lens``.
 """
 
 from __future__ import annotations

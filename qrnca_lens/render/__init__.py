@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["write_report", "cmd_report"]
+__all__ = ["write_report"]
 
 
 def write_report(*args: Any, **kwargs: Any) -> Any:
@@ -20,10 +20,3 @@ def write_report(*args: Any, **kwargs: Any) -> Any:
     from .report import write_report as impl
 
     return impl(*args, **kwargs)
-
-
-def cmd_report(args: Any) -> int:
-    """See ``qrnca_lens.render.report.cmd_report``."""
-    from .report import cmd_report as impl
-
-    return impl(args)

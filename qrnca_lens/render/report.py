@@ -31,7 +31,7 @@ from .. import analysis as A
 from ..atomic import write_text_atomic
 from ..errors import QrncaError
 
-__all__ = ["load_run", "report_html", "write_report", "cmd_report"]
+__all__ = ["load_run", "report_html", "write_report"]
 
 _esc = html.escape
 
@@ -543,7 +543,7 @@ def report_html(
     k: int = 10,
 ) -> str:
     """The report as one HTML string; see ``write_report``."""
-    from .. import __version__
+    from ..versions import PACKAGE_VERSION
     from .views import bundle_js
 
     doc, ev, manifest = load_run(run_dir)
@@ -560,7 +560,7 @@ def report_html(
                    ("queries", "queries")))
     parts = [
         f"<h1>{_esc(title)}</h1>",
-        f'<p class="sub">{_esc(str(Path(run_dir).resolve()))} · generated {stamp} by qrnca-lens {__version__}</p>',
+        f'<p class="sub">{_esc(str(Path(run_dir).resolve()))} · generated {stamp} by qrnca-lens {PACKAGE_VERSION}</p>',
         _provenance(manifest, model),
         f"<nav>{nav}</nav>",
         _summary(doc, shape, shape_note),
@@ -601,22 +601,3 @@ def write_report(
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     # Written atomically, so a browser never opens half a report.
     return write_text_atomic(path, text)
-
-
-def cmd_report(args: Any) -> int:
-    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N]``: load the run's model, write the report."""
-    from ..errors import ModelError
-    from ..models import load_model
-
-    doc, _, _ = load_run(args.out)
-    name = getattr(args, "model", None) or doc.get("model")
-    model = None
-    if name and not getattr(args, "no_model", False):
-        try:
-            model = load_model(name, verbose=True)
-        except ModelError as e:
-            print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
-                  "projections and views (pass --model NAME or a checkpoint directory)")
-    path = write_report(args.out, model, n_queries=getattr(args, "queries", None))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser, no network needed)")
-    return 0

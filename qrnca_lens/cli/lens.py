@@ -1,4 +1,4 @@
-"""The ``qrnca-lens lens`` command's handler (to move into the command line; not part of the package face)."""
+"""The ``qrnca-lens lens`` command's handler: the log-probability lens's neurons (and ``--compare``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from typing import Any
 from ..atomic import write_json_atomic
 from ..models import tokenizer_of
 from ..proxies import ProxyConfig, build_all_prompts
-from .baselines import compare_methods, comparison_report
-from .config import LensConfig
-from .locate import lens_locate
+from ..lens import LensConfig, compare_methods, comparison_report, lens_locate
 
 __all__ = ["cmd_lens"]
 

@@ -1,0 +1,159 @@
+"""The ``qrnca-lens`` command line. Thin: it parses, calls the Python API, prints.
+
+    qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--pool SPEC] [--json]
+    qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--pool SPEC] [--shard I/N]
+                      [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
+    qrnca-lens evaluate DIR [--executor ray ...]
+    qrnca-lens reduce DIR [--t T] [--u U] [--v V]
+    qrnca-lens lens --model smollm2 --data builtin:facts --proxy cloze --out DIR [--top K] [--compare]
+    qrnca-lens report DIR
+    qrnca-lens bench --model smollm2
+    qrnca-lens demo
+
+The parser and ``main`` live here; ``args`` generates the options that mirror config fields from the
+dataclasses, ``groups`` holds the option groups commands share, ``commands`` and ``demo`` the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import QrncaError
+from .args import add_options
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qrnca-lens`` parser; options that mirror a config field take their default from the dataclass.
+
+    Example:
+        >>> build_parser().parse_args(["reduce", "runs/facts", "--v", "5"]).v
+        5
+    """
+    from ..evaluation import EvalConfig
+    from .groups import BENCH, EVAL, IG, add_executor_args, add_proxy_args, add_selection_args
+
+    parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    acc = sub.add_parser("accuracy", help="is the model competent on a proxy? accuracy and mean target probability")
+    add_proxy_args(acc)
+    acc.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, mean_target_prob, n")
+
+    loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons")
+    add_proxy_args(loc)
+    loc.add_argument("--out", required=True, help="the run directory (created, or resumed if it holds this run)")
+    loc.add_argument("--shard", default=None, help="I/N: do every N-th query starting at I (0-based)")
+    add_options(loc, IG)
+    add_selection_args(loc)
+    add_executor_args(loc)
+    loc.add_argument("--quiet", action="store_true")
+
+    lens = sub.add_parser("lens", help="the log-probability-increase lens as a locator (neurons.json schema)")
+    add_proxy_args(lens)
+    lens.add_argument("--out", required=True)
+    lens.add_argument("--top", dest="top_k", type=int, default=20, help="neurons kept per query")
+    lens.add_argument("--lens-mode", choices=["topk", "exact"], default="topk",
+                      help="topk: first-order bound + exact rescoring (certified); exact: every neuron")
+    lens.add_argument("--compare", action="store_true",
+                      help="also write DIR/lens.json: the paper's 7 alternative scores, top-10 ablated vs random")
+    lens.add_argument("--compare-prompts", type=int, default=30)
+    lens.add_argument("--compare-k", type=int, default=10)
+    lens.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
+    ev.add_argument("out", help="a run directory made by locate")
+    add_options(ev, EVAL)
+    add_executor_args(ev)
+    ev.add_argument("--quiet", action="store_true")
+
+    rep = sub.add_parser("report", help="write DIR/report.html: maps, projections, evaluation, circuitsvis views (offline)")
+    rep.add_argument("out", help="the run directory")
+    rep.add_argument("--model", default=None, help="model name or checkpoint dir (default: the one in neurons.json)")
+    rep.add_argument("--no-model", action="store_true", help="skip projections and views")
+    rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
+
+    red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
+                                        "flags change the run's recorded selection, which evaluate and report use")
+    red.add_argument("out")
+    add_selection_args(red, defaults=False)
+
+    bench = sub.add_parser("bench", help="fast vs reference IG on identical work; prints a JSON line last")
+    bench.add_argument("--model", default="smollm2")
+    add_options(bench, BENCH[:1])  # --steps
+    bench.add_argument("--reference-layers", type=int, default=3, help="evenly spaced layers both paths compute")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of the fast path (median)")
+    add_options(bench, BENCH[1:2])  # --max-batch-rows
+    bench.add_argument("--no-captum", action="store_true")
+    bench.add_argument("--long-prompt-tokens", type=int, default=0,
+                       help="instead: peak RSS of the fast path on 3 prompts of this many tokens")
+    add_options(bench, BENCH[2:])  # --memory-budget-mb
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
+    demo.add_argument("--model", default="smollm2")
+    demo.add_argument("--limit", type=int, default=6, help="queries per relation for locate/evaluate")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
+    # The demo also runs the lens as a locator, on top of evaluate's default methods.
+    demo.add_argument("--methods", default=",".join((*EvalConfig().methods, "logprob")),
+                      help="comma-separated locators")
+    return parser
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    """``path`` is, or can be created as, a directory we can write in; checked before any slow work."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QrncaError(f"{what} {path} is a file, not a directory; give a directory (it is created if missing)")
+    probe = p
+    while not probe.exists():  # the nearest existing ancestor decides whether the directory can be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QrncaError(f"{what} {path}: {probe} is a file, so the directory cannot be created; give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QrncaError(f"{what} {path}: {probe} is not writable; give a directory you can write to")
+
+
+def _check_args_early(args: argparse.Namespace) -> None:
+    """Bad paths fail in a second, before the data or the model is loaded, not after a long run."""
+    if getattr(args, "model", None):  # report's --model is optional
+        from ..models import check_model_name
+
+        check_model_name(args.model)
+    if args.command in ("locate", "lens", "demo"):
+        _check_writable_dir(args.out, "--out")
+    if args.command in ("evaluate", "report"):  # both write into the run directory at the end
+        _check_writable_dir(args.out, "the run directory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command.
+
+    Returns:
+        The exit code: 0, or 2 after a one-line "qrnca-lens CMD: error: ..." on stderr (no traceback).
+
+    Example:
+        >>> main(["reduce", "runs/nowhere"])   # doctest: +SKIP
+        2
+    """
+    from .commands import cmd_accuracy, cmd_bench, cmd_evaluate, cmd_locate, cmd_reduce, cmd_report
+    from .demo import cmd_demo
+
+    args = build_parser().parse_args(argv)
+    handlers = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "evaluate": cmd_evaluate,
+                "report": cmd_report, "bench": cmd_bench, "demo": cmd_demo}
+    if args.command == "lens":
+        from .lens import cmd_lens
+
+        handlers["lens"] = cmd_lens
+    handler = handlers[args.command]
+    try:
+        _check_args_early(args)
+        return handler(args)
+    except QrncaError as e:
+        print(f"qrnca-lens {args.command}: error: {e}", file=sys.stderr)
+        return 2

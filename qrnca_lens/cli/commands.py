@@ -1,0 +1,186 @@
+"""The command handlers: each takes the parsed arguments, calls the Python API, prints, returns the exit code.
+
+Heavy modules load inside the handlers, so a command pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import QrncaError
+from .groups import eval_config, executor, ig_config, proxy_config, queries_and_pool, selection_config
+
+__all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
+           "print_summary", "evaluation_doc"]
+
+
+def shard(spec: str | None) -> tuple[int, int]:
+    """``--shard I/N`` as ``(I, N)``; a bad value names the option.
+
+    Example:
+        >>> shard("1/4")
+        (1, 4)
+    """
+    from ..locate import parse_shard
+
+    try:
+        return parse_shard(spec)
+    except QrncaError as e:
+        raise QrncaError(f"--shard: {e}") from None
+
+
+def print_summary(res: Any, path: Any) -> None:
+    """One line about a run's QR neurons and the model's accuracy, then where neurons.json went."""
+    s = res.neurons_json()["summary"]
+    acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "-"
+    p = f"{s['mean_target_prob']:.3f}" if s["mean_target_prob"] is not None else "-"
+    print(f"{s['n_queries']} queries: {s['mean_qr_neurons']:.1f} QR neurons per query on average, "
+          f"{s['n_common_neurons']} common neurons; the model answered {acc} of the prompts (mean target p {p})")
+    print(f"wrote {path}")
+
+
+def evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
+    """evaluation.json, recording which selection's neurons it judged (a later reduce warns when it differs)."""
+    doc = res.to_dict()
+    doc["meta"] = {**doc.get("meta", {}), "selection": run.config.selection.to_dict()}
+    return doc
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    """``qrnca-lens accuracy``: the model's accuracy and mean target probability on a proxy."""
+    from .. import models
+    from ..scoring import accuracy
+
+    cfg = proxy_config(args)
+    queries, pool = queries_and_pool(args)
+    model = models.load_model(args.model, verbose=not args.json)
+    res = accuracy(model, queries, cfg, pool=pool, progress=not args.json)
+    print(res)
+    if args.json:
+        print(json.dumps({"accuracy": res.accuracy, "mean_target_prob": res.mean_target_prob, "n": res.n,
+                          "n_queries": res.n_queries, "chance": res.chance, "proxy": args.proxy,
+                          "data": args.data, "model": args.model}))
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    """``qrnca-lens locate``: attribute every query into ``--out`` (resumable), then select the QR neurons."""
+    from .. import models
+    from ..locate import LocateConfig, locate
+
+    where = shard(args.shard)
+    cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
+    queries, pool = queries_and_pool(args)
+    model = models.load_model(args.model, verbose=not args.quiet)
+    ex = executor(args, args.model)
+    try:
+        res = locate(model, queries, cfg, pool=pool, out=args.out, shard=where, progress=not args.quiet,
+                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data)
+    finally:
+        if ex is not None:
+            ex.shutdown()
+    if res is not None:
+        print_summary(res, Path(args.out) / "neurons.json")
+    return 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    """``qrnca-lens reduce``: reselect from the stored scores; options left out keep the recorded selection."""
+    from ..locate import reduce
+    from ..selection import SelectionConfig
+    from ..store import RunStore
+
+    t0 = time.perf_counter()
+    base = SelectionConfig.from_dict(RunStore.load(args.out).manifest["selection"])
+    res = reduce(args.out, selection_config(args, base))
+    print_summary(res, Path(args.out) / "neurons.json")
+    print(f"reduce took {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``qrnca-lens evaluate``: judge every locator's neurons on the run's stored prompts; write evaluation.json."""
+    from .. import models
+    from ..evaluation import evaluate
+    from ..locate import reduce
+    from ..store import write_json_atomic
+
+    run = reduce(args.out, write=False)
+    # The run's stored prompts and queries, not its data file: editing or deleting that file after
+    # locate changes nothing here.
+    queries = run.stored_queries()
+    model = models.load_model(run.model, verbose=not args.quiet)
+    cfg = eval_config(args)
+    t0 = time.perf_counter()
+    ex = executor(args, run.model)
+    try:
+        res = evaluate(model, run, queries, cfg=cfg, progress=not args.quiet, executor=ex)
+    finally:
+        if ex is not None:
+            ex.shutdown()
+    path = Path(args.out) / "evaluation.json"
+    write_json_atomic(path, evaluation_doc(res, run))
+    print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
+          f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
+    print(res.table())
+    ff = res.free_form
+    if ff:
+        print(f"free-form (QR neurons ablated at every position): log-likelihood drop {ff['qrnca']['loglik_drop']:.3f} "
+              f"vs random {ff['random']['loglik_drop']:.3f} (ratio {ff['drop_ratio'] or float('nan'):.1f}); greedy exact "
+              f"match {ff['exact_match_before']:.2f} -> {ff['qrnca']['exact_match_after']:.2f} (random: "
+              f"{ff['random']['exact_match_after']:.2f})")
+    npred = res.neuron_prediction
+    if npred and npred.get("n"):
+        print(f"neuron-based prediction ({npred['note']}): {npred['neuron_accuracy']:.2f} vs the model's own "
+              f"{npred['model_accuracy']:.2f} on {npred['n']} held-out queries (agreement {npred['agreement']:.2f})")
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_report(args: Any) -> int:
+    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N]``: load the run's model, write the report.
+
+    Args:
+        args: ``out`` (the run directory), and optionally ``model`` (default: the run's), ``no_model``
+            (skip projections and views), ``queries`` (how many queries get views).
+
+    Returns:
+        0; a model that cannot be loaded only drops the projections and views, with a message.
+    """
+    from ..errors import ModelError
+    from ..models import load_model
+    from ..render.report import load_run, write_report
+
+    doc, _, _ = load_run(args.out)
+    name = getattr(args, "model", None) or doc.get("model")
+    model = None
+    if name and not getattr(args, "no_model", False):
+        try:
+            model = load_model(name, verbose=True)
+        except ModelError as e:
+            print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
+                  "projections and views (pass --model NAME or a checkpoint directory)")
+    path = write_report(args.out, model, n_queries=getattr(args, "queries", None))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser, no network needed)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``qrnca-lens bench``: fast vs reference IG (or, with ``--long-prompt-tokens``, memory); a JSON line last."""
+    from .. import models
+    from ..bench import run_bench, run_long_prompt_bench
+
+    model = models.load_model(args.model)
+    if args.long_prompt_tokens:
+        res = run_long_prompt_bench(model, args.long_prompt_tokens, steps=args.steps,
+                                    memory_budget_mb=args.memory_budget_mb, max_batch_rows=args.max_batch_rows,
+                                    name=args.model)
+    else:
+        res = run_bench(model, steps=args.steps, reference_layers=args.reference_layers, repeats=args.repeats,
+                        captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
+    print(json.dumps(res))
+    return 0

@@ -1,0 +1,103 @@
+"""The option groups several commands share, and the configs, data and executor built from them.
+
+The options that mirror a config field are declared once here (``PROXY``, ``IG``, ``SELECTION``, ``EVAL``,
+``BENCH``) and generated from the dataclasses (``args.py``); the rest (paths, the model name, the executor)
+are plain argparse options.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..attribution import IGConfig
+from ..errors import QrncaError
+from ..evaluation import EvalConfig
+from ..proxies import ProxyConfig
+from ..selection import SelectionConfig
+from .args import add_options, build, options
+
+__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "add_proxy_args", "add_selection_args", "add_executor_args",
+           "proxy_config", "ig_config", "selection_config", "eval_config", "queries_and_pool", "executor"]
+
+PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
+                kind="--proxy", n_prompts="--templates", n_shots="--shots", prepend_bos="--bos",
+                chat_template="--chat")
+IG = options(IGConfig, ["steps", "alpha_schedule", "method", "max_batch_rows", "memory_budget_mb"])
+SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", "remove_common"],
+                    use_ica="--no-ica", remove_common="--keep-common")
+EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size"], n_boot="--bootstrap")
+BENCH = options(IGConfig, ["steps", "max_batch_rows", "memory_budget_mb"])
+
+
+def add_proxy_args(p: argparse.ArgumentParser) -> None:
+    """The model, the data and how queries become prompts (accuracy, locate, lens)."""
+    p.add_argument("--model", default="smollm2", help="an embedded model name (smollm2, gemma3-270m)")
+    p.add_argument("--data", required=True, help="a path (.jsonl, .csv, .json) or builtin:domains / builtin:facts")
+    add_options(p, PROXY[:1])
+    p.add_argument("--limit", type=int, default=None, help="keep the first N queries of every group")
+    p.add_argument("--pool", default=None,
+                   help="take in-context examples and distractors from this set instead of --data (same syntax: "
+                        "a path or builtin:NAME); for a small --data file")
+    add_options(p, PROXY[1:])
+
+
+def add_selection_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """t, u, v and the rest; ``defaults=False`` (reduce): an option left out keeps the run's recorded value."""
+    add_options(p, SELECTION, defaults=defaults)
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where the per-query work runs (locate, evaluate): serial, or a Ray cluster."""
+    g = p.add_argument_group("scale-out", "run the per-query work on a Ray cluster (pip install 'qrnca-lens[ray]'; "
+                                          "see docs/ray.md)")
+    g.add_argument("--executor", choices=["serial", "ray"], default="serial", help="where the per-query work runs")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster (HEAD:6379, auto); default: $RAY_ADDRESS, else the `ray start` cluster of this "
+                        "machine, else a new local one")
+    g.add_argument("--workers", type=int, default=2, help="Ray actors, each holding one model replica")
+    g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs reserved per actor (the model goes on cuda)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per actor, also the CPUs it reserves (default: this process's count, which "
+                        "keeps results bit-identical to a serial run; 1 CPU reserved)")
+
+
+def proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    """``ProxyConfig`` from ``--proxy --templates --shots --seed --bos --chat``."""
+    return build(ProxyConfig, args, PROXY)
+
+
+def ig_config(args: argparse.Namespace) -> IGConfig:
+    """``IGConfig`` from ``--steps --alpha-schedule --method --max-batch-rows --memory-budget-mb``."""
+    return build(IGConfig, args, IG)
+
+
+def selection_config(args: argparse.Namespace, base: SelectionConfig | None = None) -> SelectionConfig:
+    """The selection the options ask for, on top of ``base`` (reduce: the run's recorded one)."""
+    return build(SelectionConfig, args, SELECTION, base)
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size``."""
+    return build(EvalConfig, args, EVAL)
+
+
+def queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The queries (--data, --limit per group) and where their examples and distractors come from."""
+    from ..data import limit_per_group, load_data
+
+    data = load_data(args.data)
+    pool = load_data(args.pool) if args.pool else data
+    return limit_per_group(data, args.limit), pool
+
+
+def executor(args: argparse.Namespace, model_name: str) -> Any:
+    """None (serial, on the driver's model) or a RayExecutor; the caller shuts it down."""
+    if args.executor != "ray":
+        if args.address is not None or args.gpus_per_worker or args.threads is not None:
+            raise QrncaError("--address, --gpus-per-worker and --threads only apply with --executor ray")
+        return None
+    from ..executors import RayExecutor
+
+    return RayExecutor(model_name, address=args.address, workers=args.workers,
+                       gpus_per_worker=args.gpus_per_worker, threads=args.threads)
