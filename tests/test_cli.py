@@ -98,7 +98,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(cli_model, capsys, tmp_path):
     assert "report:" in text and (out / "facts-cloze" / "report.html").exists()
     ev = json.loads((out / "facts-cloze" / "evaluation.json").read_text())
     assert set(ev["pcr"]) == {"qrnca", "random", "logprob"}
-    assert json.loads((out / "accuracy.json").read_text())["runs"][0]["proxy"] == "cloze"
+    acc = json.loads((out / "accuracy.json").read_text())["runs"][0]
+    assert acc["proxy"] == "cloze" and acc["n_queries"] == 3 * 5  # 3 queries of each of the 5 relations
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["competence_per_group"] == 3
+    assert set(timings["seconds"]) == {"load model", "competence", "locate", "evaluate", "report", "total"}
+    assert "demo finished in" in text and "locate " in text.split("demo finished in")[1]
 
 
 def test_examples_compile():

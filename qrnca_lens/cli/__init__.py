@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2")
     demo.add_argument("--limit", type=int, default=6, help="queries per relation for locate/evaluate")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
+    demo.add_argument("--competence-per-group", type=int, default=3,
+                      help="queries per group the competence check scores (10: the full check)")
     # The demo also runs the lens as a locator, on top of evaluate's default methods.
     demo.add_argument("--methods", default=",".join((*EvalConfig().methods, "logprob")),
                       help="comma-separated locators")

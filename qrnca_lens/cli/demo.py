@@ -24,7 +24,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     Args:
         args: ``model``, ``limit`` (queries per relation), ``out`` (results and report), ``methods``
-            (comma-separated locators).
+            (comma-separated locators), ``competence_per_group`` (queries per group scored by the
+            competence check: 3 by default, 10 for the full check).
 
     Returns:
         0; everything is written under ``args.out``.
@@ -40,15 +41,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..store import write_json_atomic
 
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[name] = round(now - since, 1)
+        print(f"[{name}: {stages[name]:.0f} s]")
+        return now
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = models.load_model(args.model, verbose=True)
+    t = lap("load model", t0)
 
-    print("\n== 1. Is the model competent on each proxy? (accuracy over prompts, first 10 queries per group)")
+    per = args.competence_per_group
+    print(f"\n== 1. Is the model competent on each proxy? (accuracy over prompts, first {per} queries per group; "
+          "--competence-per-group 10 for the full check)")
     rows = []
     for data, proxy in DEMO_COMPETENCE:
         pool = load_data(data)
-        res = accuracy(model, limit_per_group(pool, 10), ProxyConfig(proxy), pool=pool, progress=True)
+        res = accuracy(model, limit_per_group(pool, per), ProxyConfig(proxy), pool=pool, progress=True)
         row = res.to_dict()
         row["proxy_config"] = row.pop("proxy")  # keep the full config; "proxy" names the proxy
         rows.append({"data": data, "proxy": proxy, **row})
@@ -57,6 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         chance = f"{r['chance']:.2f}" if r["chance"] is not None else "-"
         print(f"  {r['data']:<16} {r['proxy']:<12} accuracy {r['accuracy']:.3f}  chance {chance:<5} "
               f"mean p(target) {r['mean_target_prob']:.3f}  n {r['n']}")
+    t = lap("competence", t)
 
     print(f"\n== 2. QRNCA on builtin:facts with the cloze proxy ({args.limit} queries per relation)")
     pool = load_data("builtin:facts")
@@ -66,15 +79,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = locate(model, queries, cfg, pool=pool, out=run_dir, name=args.model, data="builtin:facts")
     assert run is not None
     print_summary(run, run_dir / "neurons.json")
+    t = lap("locate", t)
 
     print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
     methods = tuple(m for m in args.methods.split(",") if m)
     res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
     write_json_atomic(run_dir / "evaluation.json", evaluation_doc(res, run))
     print(res.table())
+    t = lap("evaluate", t)
 
     print("\n== 4. The report: maps, vocabulary projections, the table, circuitsvis views (one offline file)")
     report = write_report(run_dir, model, queries=queries, pool=pool)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    lap("report", t)
+    stages["total"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / "timings.json", {"seconds": stages, "competence_per_group": per})
+    print(f"\ndemo finished in {stages['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items() if k != 'total')})")
     print(f"report: {report.resolve()}")
     return 0
