@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -54,11 +54,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .config import Config
-from .errors import QrncaError
 from .engine import Prefix, Row, backend_of, skipping_is_exact
-from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .errors import QrncaError
 from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .proxies import Prompt
 
 __all__ = [
@@ -107,7 +107,7 @@ class IGConfig(Config):
             raise QrncaError(f"memory_budget_mb must be at least 1, got {self.memory_budget_mb}")
 
 
-def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, "steps"]:
+def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, " steps"]:
     """The scaling factors: k/m for k = 1..m (the paper's Riemann sum) or linspace(0, 1, m) (authors' code)."""
     if schedule == "linspace":
         return torch.linspace(0.0, 1.0, steps)
@@ -136,7 +136,7 @@ def _gradients_on(model: Any) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"]) -> Float[Tensor, "rows"]:
+def _target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"]) -> Float[Tensor, " rows"]:
     """P(target) per row: the product of the teacher-forced token probabilities."""
     return logp.gather(-1, targets[..., None])[..., 0].sum(-1).exp()
 
@@ -174,7 +174,7 @@ def _layers_and_names(model: Any, layers: Sequence[int] | None, require_gated: b
 def reference_ig(
     model: Any, prompt: Prompt, layer: int, *, steps: int = 16, alpha_schedule: str = "riemann",
     require_gated: bool = False,
-) -> Float[Tensor, "d_mlp"]:
+) -> Float[Tensor, " d_mlp"]:
     """IG of one layer as the authors ran it: m full-sequence copies, one forward/backward."""
     (layer,), (name,) = _layers_and_names(model, [layer], require_gated)
     device = model_device(model)

@@ -68,7 +68,7 @@ def _captum_time(model: Any, prompts: Sequence[Any], layers: Sequence[int], step
         ids = torch.tensor([list(p.tokens)])
         pos, target = p.target_position, p.target[0]
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, pos: int = pos, target: int = target) -> torch.Tensor:
             return torch.softmax(model(x)[:, pos].float(), dim=-1)[:, target]
 
         # A pad-token baseline is the usual choice; captum then interpolates every position's activation.
@@ -219,11 +219,11 @@ def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_
                           max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     """Peak RSS and time of the fast path on one query of 3 prompts of ``n_tokens`` tokens."""
     from .attribution import IGConfig, attribute_prompts
-    from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups, rows_per_chunk
     from .models import n_layers
+    from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups, rows_per_chunk
 
     cfg = IGConfig(steps=steps, max_batch_rows=max_batch_rows,
-                   **({} if memory_budget_mb is None else {"memory_budget_mb": memory_budget_mb}))
+                   memory_budget_mb=IGConfig().memory_budget_mb if memory_budget_mb is None else memory_budget_mb)
     prompts = _long_prompts(model, n_tokens)
     tokens = [len(p.tokens) for p in prompts]
     d, budget = Dims.of(model), cfg.memory_budget_mb * 2**20

@@ -125,7 +125,7 @@ class Config:
         """
         if not isinstance(d, Mapping):
             raise QrncaError(f"{cls.__name__}.from_dict needs a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
+        names: list[str] = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
         unknown = sorted(set(d) - set(names) - {VERSION_KEY})
         if unknown:
             raise QrncaError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {names}")

@@ -23,10 +23,10 @@ import csv
 import io
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .config import Config

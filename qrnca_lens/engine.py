@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,8 +199,9 @@ class Prefix:
         got: dict[str, list[Tensor]] = {n: [] for n in record}
         for b, p in enumerate(self.prompts):
             rows = [Row(b, (p[-1],))]
+            acts: dict[str, Tensor] = {}
             with torch.no_grad():
-                self.forward(rows, capture_names=record, acts_out=(acts := {}))
+                self.forward(rows, capture_names=record, acts_out=acts)
             for n in record:
                 got[n].append(acts[n][0])
         self.clean = {n: torch.stack(v) for n, v in got.items()}
@@ -212,7 +213,7 @@ class Prefix:
         rows: Sequence[Row],
         *,
         start: int = 0,
-        writes: dict[int, tuple[Sequence[int], Tensor]] | None = None,
+        writes: Mapping[int, tuple[Sequence[int], Tensor]] | None = None,
         capture_names: Sequence[str] = (),
         acts_out: dict[str, Tensor] | None = None,
     ) -> Float[Tensor, "tokens vocab"]:
@@ -242,11 +243,11 @@ class Prefix:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _intervention_hooks(self, rows: Sequence[Row], firsts: Sequence[int],
-                            writes: dict[int, tuple[Sequence[int], Tensor]] | None) -> list[tuple[str, Any]]:
+                            writes: Mapping[int, tuple[Sequence[int], Tensor]] | None) -> list[tuple[str, Any]]:
         """Per layer one hook: row r's first token scaled by its factors, or overwritten by its written value.
         Positions are flat row-token indices; each backend maps them to (batch, position) in ``_where``."""
         width = d_mlp(self.model)
-        scales: dict[int, tuple[list[int], Tensor]] = {}
+        scales: dict[int, tuple[list[int], list[Tensor]]] = {}
         for r, row in enumerate(rows):
             for layer, idx, factor in row.scale:
                 if not idx:
@@ -559,7 +560,7 @@ def run_rows(
             mine = [i for p in members for i in by_prompt[p]]
             lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
             # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
-            firsts = {}
+            firsts: dict[int, Row] = {}
             for r in lrows.values():
                 firsts.setdefault(r.prompt, r.clean())
             prefix = Prefix(model, [prompts[p] for p in members], backend=backend,

@@ -32,16 +32,16 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .config import Config
-from .versions import library_versions, model_identity
 from .data import Query, groups_of
+from .engine import Row, run_rows
 from .errors import QrncaError
 from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
@@ -50,8 +50,8 @@ from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_ch
 from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
 from .neurons import NeuronSet
 from .proxies import Prompt, tokenizer_identity
-from .engine import Row, run_rows
 from .scoring import ItemScore, score_items
+from .versions import library_versions, model_identity
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
            "DEFAULT_METHODS"]
@@ -270,7 +270,7 @@ def evaluate(
         ks = sorted(d["boost"])
         editing[m] = editing_rates([correct_before[k] for k in ks], [d["boost"][k] for k in ks],
                                    [d["suppress"][k] for k in ks])
-        for g, members in groups_of(queries).items():
+        for g in groups_of(queries):
             gk = [k for k in ks if by_id[k[0]].group == g]
             group_out[g]["editing"][m] = editing_rates([correct_before[k] for k in gk],
                                                        [d["boost"][k] for k in gk], [d["suppress"][k] for k in gk])
@@ -308,7 +308,7 @@ def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
 def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
     device, pad = model_device(model), pad_token_id(model)
-    out = []
+    out: list[tuple[int, ...]] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         seqs = [list(p.tokens) for p, _ in chunk]
@@ -373,7 +373,8 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
         rows = [Row(b, (p.tokens[-1], *c)) for b, (p, cs) in enumerate(zip(firsts, cands)) for c in cs]
         hook_names = list(names.values())
 
-        def read(row: Row, lp: torch.Tensor, acts: dict[str, torch.Tensor]) -> tuple[float, float]:
+        def read(row: Row, lp: torch.Tensor, acts: dict[str, torch.Tensor], names: dict[int, str] = names,
+                 by_layer: dict[int, list[int]] = by_layer) -> tuple[float, float]:
             c = row.tokens[1:]
             act = sum(float(acts[names[layer]][-1, idx].float().sum()) for layer, idx in by_layer.items())
             own = float(sum(lp[t, tok] for t, tok in enumerate(c)))
@@ -392,9 +393,9 @@ def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, 
             hits["model"].append(float(m_pred == correct))
             hits["agree"].append(float(n_pred == m_pred))
         if hits["neuron"]:
-            per_group[g] = {k: float(np.mean(v)) for k, v in hits.items()} | {"n": len(hits["neuron"])}
-            for k in totals:
-                totals[k].extend(hits[k])
+            per_group[g] = {key: float(np.mean(v)) for key, v in hits.items()} | {"n": len(hits["neuron"])}
+            for key in totals:
+                totals[key].extend(hits[key])
     return {
         "note": "reconstruction: group neurons pooled from even-indexed queries, tested on odd-indexed ones",
         "neuron_accuracy": mean_or_none(totals["neuron"]), "model_accuracy": mean_or_none(totals["model"]),

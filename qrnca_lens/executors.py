@@ -195,7 +195,7 @@ class RayExecutor:
         self._actors = [cls.remote(model_name, self.threads, loader, device) for _ in range(self.workers)]
         self._alive = [True] * self.workers
         try:
-            ray.get([a.ready.remote() for a in self._actors], timeout=startup_timeout)
+            ray.get([a.ready.remote() for a in self._actors], timeout=startup_timeout)  # type: ignore[attr-defined]
         except ray.exceptions.GetTimeoutError:
             res = ray.cluster_resources()
             self.shutdown()
@@ -236,7 +236,7 @@ class RayExecutor:
 
     def worker_info(self) -> list[dict[str, Any]]:
         """pid, torch threads and node of every live actor (a restarted actor shows its new pid)."""
-        return self._ray.get([a.info.remote() for a, ok in zip(self._actors, self._alive) if ok])
+        return self._ray.get([a.info.remote() for a, ok in zip(self._actors, self._alive) if ok])  # type: ignore[attr-defined]
 
     @property
     def actors(self) -> list[Any]:

@@ -205,7 +205,7 @@ Position = int | Sequence[int] | Tensor | str | None
 LAST = "last"  # each row's last position, only where that is unambiguous (one row: nothing to pad)
 
 
-def last_real_positions(tokens: Int[Tensor, "batch seq"], pad_id: int | None) -> Int[Tensor, "batch"]:
+def last_real_positions(tokens: Int[Tensor, "batch seq"], pad_id: int | None) -> Int[Tensor, " batch"]:
     """Each row's last token that is not a trailing pad (TL's ``to_tokens`` pads right with the pad token).
 
     Only trailing pads count, so left padding and a pad id inside the text are harmless. A tokenizer whose
@@ -220,7 +220,7 @@ def last_real_positions(tokens: Int[Tensor, "batch seq"], pad_id: int | None) ->
     return _last_true(real, "tokens= (every token is the pad token)")
 
 
-def positions_from_mask(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch"]:
+def positions_from_mask(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
     """Each row's last position whose attention mask is 1 (right or left padding alike)."""
     if attention_mask.ndim != 2:
         raise ModelError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
@@ -236,7 +236,7 @@ def _last_true(real: Tensor, what: str) -> Tensor:
     return (seq - 1 - real.long().flip(1).argmax(dim=1)).long()
 
 
-def row_positions(position: Position, batch: int, seq: int, device: Any) -> Int[Tensor, "batch"]:
+def row_positions(position: Position, batch: int, seq: int, device: Any) -> Int[Tensor, " batch"]:
     """Resolve a position spec to one non-negative position per row, or fail naming the fix."""
     if isinstance(position, str):
         if position != LAST:

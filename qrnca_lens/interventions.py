@@ -96,9 +96,9 @@ def resolve_positions(
     if isinstance(positions, Prompt):
         return [positions.target_position]
     if isinstance(positions, Sequence) and positions and all(isinstance(p, Prompt) for p in positions):
-        return [p.target_position for p in positions]
+        return [p.target_position for p in positions if isinstance(p, Prompt)]
     if positions is not None:
-        return positions
+        return positions  # type: ignore[return-value]  # ints, one int per row, or a tensor: all Positions
     if attention_mask is not None:
         return positions_from_mask(torch.as_tensor(attention_mask))
     if tokens is not None:
@@ -201,7 +201,7 @@ def row_factors(
 
 
 def scale_rows(
-    model: Any, factors: dict[int, Float[Tensor, "batch d_mlp"]], positions: Int[Tensor, "batch"] | None
+    model: Any, factors: dict[int, Float[Tensor, "batch d_mlp"]], positions: Int[Tensor, " batch"] | None
 ) -> Any:
     """Context: each row's activations scaled by its factors at its own position (None: every position)."""
 

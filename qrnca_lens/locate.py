@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 from jaxtyping import Float
@@ -31,9 +31,9 @@ from torch import Tensor
 
 from .attribution import IGConfig
 from .config import Config
-from .executors import SerialExecutor
 from .data import Query
 from .errors import QrncaError, StoreError
+from .executors import SerialExecutor
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
 from .neurons import NeuronSet
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
@@ -261,8 +261,8 @@ def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
     """
     reasons, need = [], 1
     if selection.use_ica and n < 3:
-        reasons.append(f"ica = ln(N / (count + 1)) is > 0 only when count < N - 1, and every neuron of a query's "
-                       f"cluster has count >= 1, so ICA needs N >= 3 (here every naica <= 0)")
+        reasons.append("ica = ln(N / (count + 1)) is > 0 only when count < N - 1, and every neuron of a query's "
+                       "cluster has count >= 1, so ICA needs N >= 3 (here every naica <= 0)")
         need = 3
     u = Fraction(repr(float(selection.u)))
     if selection.remove_common and n * u < 1:
@@ -371,7 +371,7 @@ def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[st
             print(f"[qrnca-lens] {left} queries of this run are still to do (other shards); "
                   f"neurons.json is written when the last one finishes, or run `qrnca-lens reduce {out}`")
             return None
-        return reduce(out, cfg.selection)
+        return reduce(store.root, cfg.selection)
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
     _warn_if_degenerate(len(clusters), cfg.selection)
     return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores)

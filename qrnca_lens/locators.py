@@ -20,8 +20,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch

@@ -18,9 +18,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -176,7 +176,7 @@ def _build_cache(spec: EmbeddedModel, cache: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses GGUF-quantised models; the weights are already dequantised.
-    hf.hf_quantizer = None
+    hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.config.architectures = list(spec.architectures)
@@ -258,8 +258,8 @@ def load_model(
     cache.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _offline():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         with _cache_lock(cache, exclusive=True):  # one builder; the others wait, then find it fresh
             if not _cache_is_fresh(spec, cache):
@@ -305,8 +305,8 @@ def check_model_name(name: str) -> None:
 def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibility_mode: bool) -> Any:
     """A local transformers checkpoint directory, wrapped by the bridge (offline)."""
     with _offline():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(path)

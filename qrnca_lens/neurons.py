@@ -60,7 +60,7 @@ def _score(value: Any, row: Any, i: int) -> float:
         raise QrncaError(f"neuron entry {i} {row!r}: the score {value!r} is not a number") from None
 
 
-class NeuronSet(Sequence):  # type: ignore[type-arg]
+class NeuronSet(Sequence):
     """Ranked ``(layer, neuron, score)`` entries, best first; immutable (see the module docstring).
 
     Args:
@@ -74,6 +74,9 @@ class NeuronSet(Sequence):  # type: ignore[type-arg]
     """
 
     __slots__ = ("_layers", "_neurons", "_scores")
+    _layers: tuple[int, ...]
+    _neurons: tuple[int, ...]
+    _scores: tuple[float, ...]
 
     def __init__(self, neurons: NeuronsLike = ()) -> None:
         if isinstance(neurons, NeuronSet):

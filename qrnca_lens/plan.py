@@ -101,7 +101,7 @@ def plan_groups(lengths: Sequence[int], d: Dims, backend: str, budget: int,
     if backend != "packed":
         return [[i] for i in range(len(lengths))]
     groups: list[list[int]] = []
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         if groups:
             g = groups[-1] + [i]
             total, width = sum(lengths[j] for j in g), max(lengths[j] for j in g)

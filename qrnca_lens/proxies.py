@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from .config import Config
@@ -374,10 +374,12 @@ def build_prompts(
         ids = encode(tokenizer, body, prepend_bos=bos)
         if cfg.kind == "mcqa-letter":
             assert options is not None
+            assert correct is not None
             opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, sep, bos) for i in range(len(options)))
             target = opt_tokens[correct]
         elif cfg.kind == "mcqa-text":
             assert options is not None
+            assert correct is not None
             opt_tokens = tuple(_continuation(tokenizer, ids, body, sep + o, bos) for o in options)
             target = opt_tokens[correct]
         else:

@@ -21,8 +21,8 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,12 @@ from torch import Tensor
 
 from .config import Config
 from .data import Query, groups_of
-from .errors import ProxyError
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
-from .readout import logprobs_at
+from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
 from .proxies import Prompt, ProxyConfig, build_all_prompts
+from .readout import logprobs_at
 
 __all__ = [
     "PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch",

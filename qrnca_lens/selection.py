@@ -34,9 +34,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -123,7 +123,7 @@ class Cluster(Config):
     """
 
     indices: Int[Tensor, "n 2"]
-    raw: Float[Tensor, "n"]
+    raw: Float[Tensor, " n"]
     shape: tuple[int, int]
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class Cluster(Config):
 
     __hash__ = None  # type: ignore[assignment]  # mutable-looking tensors: not hashable
 
-    def na(self) -> Float[Tensor, "n"]:
+    def na(self) -> Float[Tensor, " n"]:
         """Raw scores normalised to sum to 1 (an empty cluster gives an empty tensor)."""
         if len(self) == 0:
             return torch.zeros(0)
@@ -281,7 +281,7 @@ def common_neurons(counts: Int[Tensor, "layer d_mlp"], n_clusters: int, u: float
     return torch.nonzero(counts * q.denominator > q.numerator * n_clusters)
 
 
-def naica_scores(cluster: Cluster, ica: Float[Tensor, "layer d_mlp"] | None) -> Float[Tensor, "n"]:
+def naica_scores(cluster: Cluster, ica: Float[Tensor, "layer d_mlp"] | None) -> Float[Tensor, " n"]:
     """na * ica for each neuron of the cluster; ``ica=None`` (no ICA) gives na itself."""
     na = cluster.na()
     if ica is None:
@@ -291,7 +291,7 @@ def naica_scores(cluster: Cluster, ica: Float[Tensor, "layer d_mlp"] | None) -> 
     return (na.double() * ica[cluster.indices[:, 0], cluster.indices[:, 1]].double()).float()
 
 
-def top_v(cluster: Cluster, scores: Float[Tensor, "n"], v: int) -> tuple[Int[Tensor, "k 2"], Float[Tensor, "k"]]:
+def top_v(cluster: Cluster, scores: Float[Tensor, " n"], v: int) -> tuple[Int[Tensor, "k 2"], Float[Tensor, " k"]]:
     """The (at most) v neurons of the cluster with the highest scores > 0.
 
     Sorted by descending score, ties by (layer, neuron) ascending: a stable sort over the cluster's own
@@ -308,8 +308,8 @@ def top_v(cluster: Cluster, scores: Float[Tensor, "n"], v: int) -> tuple[Int[Ten
 
 
 def drop_neurons(
-    indices: Int[Tensor, "k 2"], values: Float[Tensor, "k"], remove: Int[Tensor, "c 2"]
-) -> tuple[Int[Tensor, "m 2"], Float[Tensor, "m"]]:
+    indices: Int[Tensor, "k 2"], values: Float[Tensor, " k"], remove: Int[Tensor, "c 2"]
+) -> tuple[Int[Tensor, "m 2"], Float[Tensor, " m"]]:
     """The rows of (indices, values) whose (layer, neuron) is not in ``remove``; order is kept."""
     gone = {(int(a), int(b)) for a, b in remove.tolist()}
     keep = torch.tensor([(int(a), int(b)) not in gone for a, b in indices.tolist()], dtype=torch.bool)
@@ -327,7 +327,7 @@ class Selection:
     config: SelectionConfig
     common: Int[Tensor, "c 2"]
     # "_k": each query has its own k, so the dimension must not bind across entries of the dict.
-    qr: dict[str, tuple[Int[Tensor, "_k 2"], Float[Tensor, "_k"]]]
+    qr: dict[str, tuple[Int[Tensor, "_k 2"], Float[Tensor, " _k"]]]
     counts: Int[Tensor, "layer d_mlp"]
     n_clusters: int
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from jaxtyping import Float
@@ -34,7 +34,7 @@ from torch import Tensor
 from .atomic import write_bytes_atomic, write_json_atomic
 from .errors import StoreError
 
-__all__ = ["RunStore", "FORMAT", "write_json_atomic", "query_filename"]
+__all__ = ["RunStore", "CorruptQueryFile", "FORMAT", "write_json_atomic", "query_filename"]
 
 FORMAT = "qrnca-lens-run"
 VERSION = 1
@@ -47,7 +47,7 @@ NOT_IDENTITY = {"ig": ("max_batch_rows", "memory_budget_mb")}
 MANIFEST_LOCK = ".manifest.lock"
 
 
-class _Corrupt(StoreError):
+class CorruptQueryFile(StoreError):
     """A query file that cannot be read (truncated, overwritten): locate recomputes it."""
 
     def __init__(self, path: Path, reason: str) -> None:
@@ -214,13 +214,14 @@ class RunStore:
         """Ids of the queries whose file is present and readable (temporary and corrupt files are left out)."""
         return self.scan()[0]
 
-    def scan(self) -> tuple[set[str], list[StoreError]]:
+    def scan(self) -> tuple[set[str], list[CorruptQueryFile]]:
         """``(ids of readable query files, one error per unreadable file)``; a file of another query raises."""
-        out, corrupt = set(), []
+        out: set[str] = set()
+        corrupt: list[CorruptQueryFile] = []
         for p in sorted(self.queries_dir.glob("*.safetensors")):
             try:
                 out.add(self._header(p)["query_id"])
-            except _Corrupt as e:
+            except CorruptQueryFile as e:
                 corrupt.append(e)
         return out, corrupt
 
@@ -232,7 +233,7 @@ class RunStore:
                 meta = f.metadata() or {}
             info = json.loads(meta["qrnca"])
         except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
-            raise _Corrupt(path, f"{type(e).__name__}: {e}") from None
+            raise CorruptQueryFile(path, f"{type(e).__name__}: {e}") from None
         if path.name != query_filename(info.get("query_id", "")):
             raise StoreError(f"{path} does not belong to this run (it holds query {info.get('query_id')!r}); delete it")
         return info
@@ -254,7 +255,7 @@ class RunStore:
         try:
             scores = load_file(str(path))["scores"]
         except Exception as e:  # noqa: BLE001
-            raise _Corrupt(path, f"{type(e).__name__}: {e}") from None
+            raise CorruptQueryFile(path, f"{type(e).__name__}: {e}") from None
         shape = self.manifest.get("model_shape")
         if shape and tuple(scores.shape[1:]) != (len(self.manifest["layers"]), shape[1]):
             raise StoreError(f"{path}: scores of shape {tuple(scores.shape)} do not fit this run's model")

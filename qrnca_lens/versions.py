@@ -60,7 +60,7 @@ def model_identity(model: Any) -> dict[str, Any]:
     if embedded:
         return dict(embedded)
     cfg = getattr(model, "cfg", None)
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg)) if cfg is not None else {}
+    cfg_dict = {} if cfg is None else cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     text = json.dumps(cfg_dict, sort_keys=True, default=str)
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",

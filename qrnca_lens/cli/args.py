@@ -67,13 +67,13 @@ class Option:
 
     @property
     def field(self) -> dataclasses.Field:
-        return next(f for f in dataclasses.fields(self.cls) if f.name == self.name)
+        return next(f for f in dataclasses.fields(self.cls) if f.name == self.name)  # type: ignore[arg-type]
 
     @property
     def default(self) -> Any:
         """The dataclass's default of the field."""
         f = self.field
-        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
 
     @property
     def hint(self) -> Any:
@@ -132,7 +132,7 @@ def options(cls: type[Config], names: Sequence[str], **flags: str) -> tuple[Opti
         >>> [o.flag for o in options(ProxyConfig, ["kind", "seed"], kind="--proxy")]
         ['--proxy', '--seed']
     """
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # every Config is a dataclass
     unknown = sorted((set(names) - fields) | (set(flags) - set(names)))
     if unknown:
         raise ValueError(f"{cls.__name__}: {unknown} are not fields listed for the command line")
@@ -151,7 +151,7 @@ def add_options(parser: Any, opts: Sequence[Option], *, defaults: bool = True) -
     """
     for o in opts:
         action = parser.add_argument(o.flag, **o.argparse_kwargs(defaults))
-        action.config_option = o  # type: ignore[attr-defined]  # lets a test find every generated option
+        action.config_option = o  # lets a test find every generated option
 
 
 def values(args: argparse.Namespace, opts: Sequence[Option]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for data, proxy in DEMO_COMPETENCE:
         pool = load_data(data)
-        res = accuracy(model, limit_per_group(pool, per), ProxyConfig(proxy), pool=pool, progress=True)
+        res = accuracy(model, limit_per_group(pool, per), ProxyConfig.from_dict({"kind": proxy}), pool=pool,
+                       progress=True)
         row = res.to_dict()
         row["proxy_config"] = row.pop("proxy")  # keep the full config; "proxy" names the proxy
         rows.append({"data": data, "proxy": proxy, **row})
@@ -83,9 +84,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
     methods = tuple(m for m in args.methods.split(",") if m)
-    res = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
-    write_json_atomic(run_dir / "evaluation.json", evaluation_doc(res, run))
-    print(res.table())
+    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
+    write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
+    print(verdict.table())
     t = lap("evaluate", t)
 
     print("\n== 4. The report: maps, vocabulary projections, the table, circuitsvis views (one offline file)")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
+from ..lens import LensConfig, compare_methods, comparison_report, lens_locate
 from ..models import tokenizer_of
 from ..proxies import ProxyConfig, build_all_prompts
-from ..lens import LensConfig, compare_methods, comparison_report, lens_locate
 
 __all__ = ["cmd_lens"]
 
@@ -33,7 +33,7 @@ def cmd_lens(args: argparse.Namespace) -> int:
     bos_arg = getattr(args, "bos", "auto")
     bos = {"auto": None, "yes": True, "no": False}.get(bos_arg, bos_arg) if isinstance(bos_arg, str) else bos_arg
     proxy = ProxyConfig(args.proxy, n_prompts=args.templates, n_shots=args.shots, seed=args.seed,
-                        prepend_bos=bos, chat_template=bool(getattr(args, "chat", False)))
+                        prepend_bos=bos if bos is None or isinstance(bos, bool) else None, chat_template=bool(getattr(args, "chat", False)))
     quiet = bool(getattr(args, "quiet", False))
     data = load_data(args.data)
     queries = limit_per_group(data, args.limit)

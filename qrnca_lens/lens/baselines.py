@@ -133,7 +133,7 @@ def _ablation_hooks(model: Any, neurons: Sequence[Tensor], pos: Tensor) -> list[
             n.append(int(i))
     hooks = []
     for layer, (r, p, n) in sorted(by_layer.items()):
-        idx = tuple(torch.tensor(x, device=pos.device) for x in (r, p, n))
+        idx = (torch.tensor(r, device=pos.device), torch.tensor(p, device=pos.device), torch.tensor(n, device=pos.device))
 
         def zero(act: Tensor, hook: Any, idx: tuple[Tensor, Tensor, Tensor] = idx) -> Tensor:
             out = act.clone()
@@ -146,7 +146,7 @@ def _ablation_hooks(model: Any, neurons: Sequence[Tensor], pos: Tensor) -> list[
 
 def ablation_metrics(
     model: Any, prompts: Sequence[Prompt], neurons: Sequence[Tensor] | None = None, *, batch_size: int = 16,
-) -> dict[str, Float[Tensor, "prompt"]]:
+) -> dict[str, Float[Tensor, " prompt"]]:
     """The model's reciprocal rank, probability and log-probability of each prompt's (first) target token, with
     ``neurons[p]`` ((layer, neuron) pairs) zeroed in ``hook_post`` at prompt p's target position (none: clean).
 

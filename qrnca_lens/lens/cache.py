@@ -34,8 +34,8 @@ class LensCache:
     """Everything the lens needs from one forward pass, at each prompt's target position (float32)."""
 
     lens: FrozenLens
-    targets: Int[Tensor, "batch"]
-    scale: Float[Tensor, "batch"]
+    targets: Int[Tensor, " batch"]
+    scale: Float[Tensor, " batch"]
     resid_pre: Float[Tensor, "batch layer d_model"]
     resid_mid: Float[Tensor, "batch layer d_model"]
     attn_out: Float[Tensor, "batch layer d_model"]
@@ -43,7 +43,7 @@ class LensCache:
     post: Float[Tensor, "batch layer d_mlp"]
     z: Float[Tensor, "batch layer head d_head"]
     final: Float[Tensor, "batch d_model"]
-    model_logp: Float[Tensor, "batch"]
+    model_logp: Float[Tensor, " batch"]
 
     @property
     def size(self) -> int:

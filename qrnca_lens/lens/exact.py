@@ -75,9 +75,9 @@ def neuron_scores(
 
 
 def score_triples(
-    cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], rows: Int[Tensor, "n"], layers: Int[Tensor, "n"],
-    neurons: Int[Tensor, "n"], base: Float[Tensor, "batch layer vocab"], base_lse: Float[Tensor, "batch layer"],
-) -> Float[Tensor, "n"]:
+    cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], rows: Int[Tensor, " n"], layers: Int[Tensor, " n"],
+    neurons: Int[Tensor, " n"], base: Float[Tensor, "batch layer vocab"], base_lse: Float[Tensor, "batch layer"],
+) -> Float[Tensor, " n"]:
     """Exact scores of neuron (layers[j], neurons[j]) on prompt rows[j] of the cache (a direct log-sum-exp each).
 
     Args:
@@ -150,7 +150,7 @@ class TopNeurons:
     """
 
     neurons: Int[Tensor, "k 2"]
-    scores: Float[Tensor, "k"]
+    scores: Float[Tensor, " k"]
     certified: bool
     rescored: int
     threshold: float

@@ -84,8 +84,8 @@ class LayerScores:
     attn: Float[Tensor, "prompt layer"]
     heads: Float[Tensor, "prompt layer head"]
     attn_const: Float[Tensor, "prompt layer"]
-    embed_logp: Float[Tensor, "prompt"]
-    final_logp: Float[Tensor, "prompt"]
+    embed_logp: Float[Tensor, " prompt"]
+    final_logp: Float[Tensor, " prompt"]
 
 
 def layer_scores(model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig()) -> LayerScores:
@@ -110,7 +110,7 @@ def layer_scores(model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensCo
             L = c.resid_pre.shape[1]
             s = c.scale[:, None].expand(-1, L)
 
-            def lp(x: Tensor, scale: Tensor = s) -> Tensor:
+            def lp(x: Tensor, scale: Tensor = s, c: Any = c) -> Tensor:
                 return _lp(c.lens.logits(x, scale), c.targets)
 
             pre, mid = lp(c.resid_pre), lp(c.resid_mid)

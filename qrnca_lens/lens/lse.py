@@ -51,14 +51,14 @@ def lse_(X: Tensor) -> Tensor:
 def delta_lse(
     P: Float[Tensor, "c vocab"],
     base: Float[Tensor, "k vocab"],
-    base_lse: Float[Tensor, "k"],
+    base_lse: Float[Tensor, " k"],
     coef: Float[Tensor, "k c"],
     *,
     engine: str,
     radius: float,
     tol: float,
     weights: Float[Tensor, "k vocab"] | None = None,
-) -> tuple[Float[Tensor, "k c"], Float[Tensor, "c"]]:
+) -> tuple[Float[Tensor, "k c"], Float[Tensor, " c"]]:
     """Δ[k, i] = lse(base_k + coef[k, i] P_i) - lse(base_k) - coef[k, i] mid_i, in float64, and mid.
 
     The row's mid-range ``mid_i`` is split off so that a caller's ``coef · (P_iw - mid_i) - Δ`` loses no
@@ -107,16 +107,16 @@ def delta_lse(
                 series += term * (S @ Z.T).double()  # the n-th moment of Y under each base's softmax
         out[:] = torch.log(series)
     ks, cs = torch.nonzero(~small, as_tuple=True)  # rows outside the radius: a direct log-sum-exp each
-    for s in range(0, int(ks.numel()), BLOCK):
-        k, c = ks[s : s + BLOCK], cs[s : s + BLOCK]
-        X = torch.addcmul(base[k], coef[k, c][:, None], P[c])
-        out[k, c] = lse_(X).double() - base_lse[k].double() - coef[k, c].double() * mid64[c]
+    for first in range(0, int(ks.numel()), BLOCK):
+        rows, c = ks[first : first + BLOCK], cs[first : first + BLOCK]
+        X = torch.addcmul(base[rows], coef[rows, c][:, None], P[c])
+        out[rows, c] = lse_(X).double() - base_lse[rows].double() - coef[rows, c].double() * mid64[c]
     return out, mid
 
 
 def layer_neuron_scores(
     W_l: Float[Tensor, "d_mlp d_model"], U: Float[Tensor, "d_model vocab"], base: Float[Tensor, "k vocab"],
-    coef: Float[Tensor, "k d_mlp"], targets: Int[Tensor, "k"], cfg: LensConfig,
+    coef: Float[Tensor, "k d_mlp"], targets: Int[Tensor, " k"], cfg: LensConfig,
 ) -> Float[Tensor, "k d_mlp"]:
     """log p(w | b + a_i W_out[l, i]) - log p(w | b) for every neuron of one layer and every prompt k.
 

@@ -44,12 +44,12 @@ class QueryNeurons:
     neuron: int
     key: str
     importance: float
-    kappa: Float[Tensor, "d_model"]
+    kappa: Float[Tensor, " d_model"]
     total: float
     neurons: Float[Tensor, "layer d_mlp"]
     heads: Float[Tensor, "layer head"]
-    ffn_layers: Float[Tensor, "layer"]
-    attn_layers: Float[Tensor, "layer"]
+    ffn_layers: Float[Tensor, " layer"]
+    attn_layers: Float[Tensor, " layer"]
     embed: float
 
     def top(self, k: int = 10) -> list[list[Any]]:

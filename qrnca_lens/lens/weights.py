@@ -98,7 +98,7 @@ class FrozenLens:
     """lens(x) = (x / s) · U + c, with U = C diag(w) W_U (C: mean removal for LayerNorm) and c = b·W_U + b_U."""
 
     U: Float[Tensor, "d_model vocab"]
-    c: Float[Tensor, "vocab"]
+    c: Float[Tensor, " vocab"]
     centered: bool
 
     def logits(self, x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch vocab"]:
@@ -167,7 +167,7 @@ def value_constants(model: Any, weights: Weights) -> Float[Tensor, "layer head d
     return const
 
 
-def value_keys(model: Any, layer: int, neuron: int) -> dict[str, Float[Tensor, "d_model"]]:
+def value_keys(model: Any, layer: int, neuron: int) -> dict[str, Float[Tensor, " d_model"]]:
     """The input keys of FFN neuron (layer, neuron): ``{"up": κ, "gate": κ}`` for a GLU, ``{"in": κ}`` otherwise.
 
     κ = C(w_ln2 ⊙ k), k the neuron's column of W_in (up / plain) or W_gate, w_ln2 the weight of the norm that

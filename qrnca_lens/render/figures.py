@@ -70,7 +70,7 @@ def heatmap_figure(
 
     names = list(maps)
     rows, cols = _grid(max(len(names), 1), ncols)
-    with rc_context(_STYLE):
+    with rc_context(_STYLE):  # type: ignore[arg-type]  # matplotlib types its keys as a Literal of all rc names
         fig = new_figure(5.2 * cols, 0.6 + 2.3 * rows)
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat[len(names):]:
@@ -119,7 +119,7 @@ def layer_distribution_figure(
             total = total / total.sum()
         panels = [("all groups", total)] + panels
     rows, cols = _grid(max(len(panels), 1), ncols)
-    with rc_context(_STYLE):
+    with rc_context(_STYLE):  # type: ignore[arg-type]  # matplotlib types its keys as a Literal of all rc names
         fig = new_figure(3.6 * cols, 0.5 + 1.9 * rows)
         axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
         for ax in axes.flat[len(panels):]:
@@ -157,7 +157,7 @@ def overlap_figure(
     m = np.asarray(matrix, dtype=np.float64)
     annotate = n <= 20 if annotate is None else annotate
     side = min(11.0, 1.6 + 0.62 * n)
-    with rc_context(_STYLE):
+    with rc_context(_STYLE):  # type: ignore[arg-type]  # matplotlib types its keys as a Literal of all rc names
         fig = new_figure(side + 1.0, side)
         ax = fig.subplots()
         im = ax.imshow(np.ma.masked_invalid(m), cmap="Blues", vmin=0.0, vmax=1.0)

@@ -23,8 +23,8 @@ import json
 import math
 import re
 import unicodedata
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import analysis as A
@@ -278,14 +278,14 @@ def _evaluation(ev: Mapping[str, Any] | None) -> str:
     out = ["<h2 id=evaluation>Evaluation</h2>"]
     if "_error" in ev:
         return out[0] + _note(_esc(ev["_error"]))
-    pcr = ev.get("pcr") if isinstance(ev.get("pcr"), Mapping) else {}
-    editing = ev.get("editing") if isinstance(ev.get("editing"), Mapping) else {}
+    pcr: Mapping[str, Any] = ev["pcr"] if isinstance(ev.get("pcr"), Mapping) else {}
+    editing: Mapping[str, Any] = ev["editing"] if isinstance(ev.get("editing"), Mapping) else {}
     methods = list(dict.fromkeys([*pcr, *editing]))
     if methods:
         rows = []
         for m in methods:
-            r = pcr.get(m) if isinstance(pcr.get(m), Mapping) else {}
-            e = editing.get(m) if isinstance(editing.get(m), Mapping) else {}
+            r: Mapping[str, Any] = pcr[m] if isinstance(pcr.get(m), Mapping) else {}
+            e: Mapping[str, Any] = editing[m] if isinstance(editing.get(m), Mapping) else {}
             rows.append([
                 f"<b>{_esc(str(m))}</b>",
                 _with_ci(r.get("boost"), r.get("boost_ci")), _with_ci(r.get("suppress"), r.get("suppress_ci")),

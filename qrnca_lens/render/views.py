@@ -25,9 +25,9 @@ from __future__ import annotations
 import functools
 import html as html_lib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -109,9 +109,8 @@ class View:
 def from_rendered(rendered: Any, title: str = "") -> View:
     """A ``View`` from circuitsvis's ``RenderedHTML`` (its ``local_src``, minus the bundle it inlines)."""
     src = rendered.local_src
-    m = None
-    for m in _CALL.finditer(src):
-        pass
+    calls = list(_CALL.finditer(src))
+    m = calls[-1] if calls else None  # the last call
     end = src.rfind("</script>")
     if m is None or end < m.start():
         raise QrncaError("circuitsvis's local HTML no longer ends in CircuitsVis.render(...); this circuitsvis "
