@@ -1,43 +1,11 @@
-"""The row engine: every model pass that intervenes at a prompt's last position runs here.
+"""One prefix group of the row engine: the cached prefixes, the rows behind them, their interventions.
 
-An intervention at the last prompt position (scaling neurons there, or writing IG's scaled activation)
-leaves every earlier position identical to the clean run in every layer, because attention is causal. So:
-
-1. **One prefix pass** per group of prompts fills a key/value cache and records the clean values callers
-   ask for (e.g. ``hook_pre_linear`` at each last position: IG's f̄).
-2. **Rows.** A row is short: the prompt's last token plus teacher-forced continuation tokens (a target's
-   first tokens, or a candidate answer). Each row carries its own intervention (``Row.scale``: neurons and
-   factors at its first token, or IG's leaf writes) and attends to its prompt's cached prefix. Any number
-   of rows, of any prompts of the group, share one forward.
-3. **Rows start at the lowest layer they change.** Below it a row is the clean run, so it starts from the
-   clean residual (``blocks.l.hook_resid_pre`` of its tokens, recorded from the clean row once) and the
-   blocks below are not run at all.
-
-Backends (``backend_of``):
-
-- ``"packed"``, a TL 4.x ``TransformerBridge`` over a transformers model: the group's prefixes are
-  concatenated along the sequence of one cache; rows follow along the sequence, each seeing its own
-  prompt's prefix span and its own earlier tokens through a 4D mask (sliding-window layers get their own
-  mask), at explicit position ids. Blocks below a chunk's start are skipped by ``skip_blocks`` (the hook
-  door), the residual enters as ``inputs_embeds``. TL's own ``start_at_layer`` is not used: on a bridge it
-  still runs the lower blocks and discards them.
-- ``"batch"``, a TL 3.x ``HookedTransformer``: rows of one prompt and length along the batch, the prompt's
-  frozen cache broadcast to them, ``start_at_layer`` (which really skips there).
-- ``"full"``, anything else: each row is a full sequence (prompt + row), exact and slow.
-
-Exactness is checked, not assumed: per model, a clean row started at the top layer must equal the same row
-started at layer 0 (else rows always start at 0: GPT-2 adds position embeddings to ``inputs_embeds``, for
-instance), and each group's first prompt must equal a plain forward (else ``FastPathError``).
-
-Example:
-    >>> rows = [Row(0, (tok_last,)), Row(0, (tok_last,), scale=((14, (103, 7), 2.0),))]   # doctest: +SKIP
-    >>> out = run_rows(model, [prompt_tokens], rows, lambda row, lp, acts: float(lp[0, target]))  # doctest: +SKIP
+See ``qrnca_lens.engine`` for the idea; ``Row`` is a short row, ``Prefix`` runs rows of its prompts.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,14 +13,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import FastPathError, QrncaError
-from .hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
-from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
-from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
-from .readout import StopForward, final_residual_hook, head, logprobs_at
+from ..errors import QrncaError
+from ..hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
+from ..models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
+from ..readout import StopForward, final_residual_hook, head
 
-__all__ = ["Row", "Prefix", "run_rows", "backend_of", "skipping_is_exact", "check_against_plain",
-           "DEFAULT_MEMORY_BUDGET_MB", "DEFAULT_MAX_PREFIX_TOKENS"]
+__all__ = ["Row", "Scale", "Prefix", "backend_of"]
 
 Scale = tuple[tuple[int, tuple[int, ...], float], ...]  # (layer, neurons, factor), at the row's first token
 
@@ -436,171 +402,3 @@ class Prefix:
             at[r] = (i, T)
             i += T
         return lp, acts, at
-
-
-# ---------------------------------------------------------------- self-checks
-
-_SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-# Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
-# (an empty or shifted prefix) moves log-probabilities by far more than these bounds.
-CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
-CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
-
-
-def check_tolerance(dtype: torch.dtype) -> float:
-    return CHECK_TOL.get(dtype, CHECK_TOL_LOW)
-
-
-def _max_live_diff(a: Tensor, b: Tensor) -> float:
-    """Largest |a - b| on the tokens ``b`` gives at least 1e-6 probability (the far tail's float error says
-    nothing about the cache)."""
-    live = b > -13.8
-    return float(((a - b).abs() * live).max())
-
-
-def skipping_is_exact(prefix: Prefix) -> bool:
-    """Does starting a row at a layer above 0 reproduce the row started at 0, on this model? (Once per model.)"""
-    model = prefix.model
-    if prefix.backend == "full" or prefix.L < 2:
-        return False
-    if model in _SKIP_OK:
-        return _SKIP_OK[model]
-    row = Row(0, (prefix.prompts[0][-1],))
-    try:
-        with torch.no_grad():
-            base, _, _ = prefix.clean_pass([row])
-            top = prefix.forward([row], start=prefix.L - 1)
-        ok = bool(torch.isfinite(base).all()) and _max_live_diff(top, base) <= check_tolerance(model_dtype(model))
-    except Exception:  # an architecture whose blocks cannot be skipped this way: rows start at layer 0
-        ok = False
-    _SKIP_OK[model] = ok
-    return ok
-
-
-def plain_logprobs(model: Any, prompt: Sequence[int], row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
-    """An ordinary forward of prompt[:-1] + row tokens (no cache, no intervention): log-probs at the row."""
-    seq = list(prompt[:-1]) + list(row_tokens)
-    P = len(prompt) - 1
-    with torch.no_grad():
-        return logprobs_at(model, torch.tensor([seq], device=model_device(model)), [range(P, len(seq))])[0]
-
-
-def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
-    """A clean row must reproduce the plain forward of its prompt: else the cache contract changed.
-
-    The reference is the prefix pass's own logits when it ran the row's tokens (``Prefix.plain``), else an
-    ordinary forward of the prompt and row."""
-    from .versions import versions_line
-
-    known = prefix.plain[b] if prefix.plain is not None else None
-    if known is not None and known.shape[0] == len(row_tokens):
-        plain = known.to(row_lp.device)
-    else:
-        plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
-    if not torch.isfinite(plain).all():
-        return  # the model itself overflows; the callers' finiteness checks name that and its fix
-    diff = _max_live_diff(row_lp, plain)
-    tol = check_tolerance(model_dtype(prefix.model))
-    if not diff <= tol:
-        raise FastPathError(
-            f"the prefix-cached rows do not reproduce a plain forward: {what} differs from the clean "
-            f"prompt's log-probabilities by {diff:.3g} nats (tolerance {tol:g}). The prefix-cache contract of the "
-            f"installed libraries has changed ({versions_line()}). Use the reference paths "
-            "(IGConfig(method='reference'); engine=False for scoring) and report the versions; nothing was returned"
-        )
-
-
-# ---------------------------------------------------------------- scoring many rows
-
-
-Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
-
-
-def run_rows(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    rows: Sequence[Row],
-    reduce: Reduce,
-    *,
-    capture_names: Sequence[str] = (),
-    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
-    max_rows: int = 256,
-    max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
-    backend: str | None = None,
-    check: bool = True,
-) -> list[Any]:
-    """``reduce(row, logprobs [T, vocab], acts {name: [T, width]})`` for every row, in row order (no gradient).
-
-    Rows of each prompt group run behind one prefix pass, sorted by start layer into chunks planned by the
-    memory budget; identical rows run once; clean rows come from the clean pass that also records the
-    residuals the other rows start from.
-    """
-    if not rows:
-        return []
-    for r in rows:
-        if not 0 <= r.prompt < len(prompts):
-            raise QrncaError(f"row of prompt {r.prompt}: there are {len(prompts)} prompts")
-        if not r.tokens:
-            raise QrncaError("a row needs at least one token (the prompt's last token)")
-    backend = backend or backend_of(model)
-    d, budget = Dims.of(model), memory_budget_mb * 2**20
-    out: list[Any] = [None] * len(rows)
-    unique = list(dict.fromkeys(rows))
-    where = {row: i for i, row in enumerate(unique)}
-    by_prompt: dict[int, list[int]] = {}
-    for i, row in enumerate(unique):
-        by_prompt.setdefault(row.prompt, []).append(i)
-    used = sorted(by_prompt)
-    results: list[Any] = [None] * len(unique)
-    groups = plan_groups([len(prompts[p]) - 1 for p in used], d, backend, budget, max_prefix_tokens)
-    with torch.no_grad():
-        for g in groups:
-            members = [used[j] for j in g]
-            local = {p: k for k, p in enumerate(members)}
-            mine = [i for p in members for i in by_prompt[p]]
-            lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
-            # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
-            firsts: dict[int, Row] = {}
-            for r in lrows.values():
-                firsts.setdefault(r.prompt, r.clean())
-            prefix = Prefix(model, [prompts[p] for p in members], backend=backend,
-                            continuations=[firsts[b].tokens[1:] for b in range(len(members))])
-            # The clean pass: clean rows' results, and the residuals every other row starts from.
-            clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
-            if check:
-                for b in (range(len(members)) if prefix.plain is not None else [0]):
-                    s, T = clean_at[firsts[b]]
-                    check_against_plain(prefix, b, clean_lp[s : s + T], firsts[b].tokens,
-                                        f"the clean row of prompt {members[b]}")
-            skip = skipping_is_exact(prefix)
-            by_start: dict[int, list[int]] = {}
-            for i, r in lrows.items():
-                if r.start is None:
-                    s, T = clean_at[r.clean()]
-                    results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
-                else:
-                    by_start.setdefault(r.start if skip else 0, []).append(i)
-            if not by_start:
-                continue
-            # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
-            tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
-            cached = prefix.C if backend == "packed" else max(prefix.P)
-            per = rows_per_chunk(d, backend, cached, tokens_per_row, max_rows, budget, grad=False)
-            keys = sorted(by_start)
-            for i_list in by_start.values():
-                i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
-            for piece in plan_chunks([(k, len(by_start[k])) for k in keys], prefix.L, per):
-                chunk = [i for g, first, n in piece for i in by_start[keys[g]][first : first + n]]
-                crow = [lrows[i] for i in chunk]
-                acts = {}
-                lp = prefix.forward(crow, start=min(keys[g] for g, _, _ in piece), capture_names=capture_names,
-                                    acts_out=acts)
-                k = 0
-                for i, r in zip(chunk, crow):
-                    T = len(r.tokens)
-                    results[i] = reduce(unique[i], lp[k : k + T], {n: acts[n][k : k + T] for n in capture_names})
-                    k += T
-            del prefix
-    for j, row in enumerate(rows):
-        out[j] = results[where[row]]
-    return out

@@ -1,0 +1,109 @@
+"""``run_rows``: many rows over many prompts, grouped behind prefix passes and cut into chunks by depth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import QrncaError
+from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .checks import check_against_plain, skipping_is_exact
+from .prefix import Prefix, Row, backend_of
+
+__all__ = ["run_rows", "Reduce"]
+
+
+Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
+
+
+def run_rows(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[Row],
+    reduce: Reduce,
+    *,
+    capture_names: Sequence[str] = (),
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
+    max_rows: int = 256,
+    max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
+    backend: str | None = None,
+    check: bool = True,
+) -> list[Any]:
+    """``reduce(row, logprobs [T, vocab], acts {name: [T, width]})`` for every row, in row order (no gradient).
+
+    Rows of each prompt group run behind one prefix pass, sorted by start layer into chunks planned by the
+    memory budget; identical rows run once; clean rows come from the clean pass that also records the
+    residuals the other rows start from.
+    """
+    if not rows:
+        return []
+    for r in rows:
+        if not 0 <= r.prompt < len(prompts):
+            raise QrncaError(f"row of prompt {r.prompt}: there are {len(prompts)} prompts")
+        if not r.tokens:
+            raise QrncaError("a row needs at least one token (the prompt's last token)")
+    backend = backend or backend_of(model)
+    d, budget = Dims.of(model), memory_budget_mb * 2**20
+    out: list[Any] = [None] * len(rows)
+    unique = list(dict.fromkeys(rows))
+    where = {row: i for i, row in enumerate(unique)}
+    by_prompt: dict[int, list[int]] = {}
+    for i, row in enumerate(unique):
+        by_prompt.setdefault(row.prompt, []).append(i)
+    used = sorted(by_prompt)
+    results: list[Any] = [None] * len(unique)
+    groups = plan_groups([len(prompts[p]) - 1 for p in used], d, backend, budget, max_prefix_tokens)
+    with torch.no_grad():
+        for g in groups:
+            members = [used[j] for j in g]
+            local = {p: k for k, p in enumerate(members)}
+            mine = [i for p in members for i in by_prompt[p]]
+            lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
+            # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
+            firsts: dict[int, Row] = {}
+            for r in lrows.values():
+                firsts.setdefault(r.prompt, r.clean())
+            prefix = Prefix(model, [prompts[p] for p in members], backend=backend,
+                            continuations=[firsts[b].tokens[1:] for b in range(len(members))])
+            # The clean pass: clean rows' results, and the residuals every other row starts from.
+            clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
+            if check:
+                for b in (range(len(members)) if prefix.plain is not None else [0]):
+                    s, T = clean_at[firsts[b]]
+                    check_against_plain(prefix, b, clean_lp[s : s + T], firsts[b].tokens,
+                                        f"the clean row of prompt {members[b]}")
+            skip = skipping_is_exact(prefix)
+            by_start: dict[int, list[int]] = {}
+            for i, r in lrows.items():
+                if r.start is None:
+                    s, T = clean_at[r.clean()]
+                    results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
+                else:
+                    by_start.setdefault(r.start if skip else 0, []).append(i)
+            if not by_start:
+                continue
+            # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
+            tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
+            cached = prefix.C if backend == "packed" else max(prefix.P)
+            per = rows_per_chunk(d, backend, cached, tokens_per_row, max_rows, budget, grad=False)
+            keys = sorted(by_start)
+            for i_list in by_start.values():
+                i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
+            for piece in plan_chunks([(k, len(by_start[k])) for k in keys], prefix.L, per):
+                chunk = [i for g, first, n in piece for i in by_start[keys[g]][first : first + n]]
+                crow = [lrows[i] for i in chunk]
+                acts = {}
+                lp = prefix.forward(crow, start=min(keys[g] for g, _, _ in piece), capture_names=capture_names,
+                                    acts_out=acts)
+                k = 0
+                for i, r in zip(chunk, crow):
+                    T = len(r.tokens)
+                    results[i] = reduce(unique[i], lp[k : k + T], {n: acts[n][k : k + T] for n in capture_names})
+                    k += T
+            del prefix
+    for j, row in enumerate(rows):
+        out[j] = results[where[row]]
+    return out
