@@ -151,7 +151,8 @@ class Prefix:
             cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch_size=1)
             with torch.no_grad():
                 if len(p) > 1:
-                    self.model(torch.tensor([p[:-1]], device=self.device), past_kv_cache=cache)
+                    # return_type=None: HookedTransformer stops before the unembedding (no logits per position)
+                    self.model(torch.tensor([p[:-1]], device=self.device), past_kv_cache=cache, return_type=None)
             cache.freeze()
             self.caches.append(cache)
         self._record_from_rows(record)
