@@ -409,7 +409,8 @@ def sample():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
 t = threading.Thread(target=sample); t.start()
-attribute_prompt(model, prompt, IGConfig(steps=400, max_batch_rows=1200, memory_budget_mb={budget}))
+# One layer: rows of different layers are cut into chunks by depth whatever the budget.
+attribute_prompt(model, prompt, IGConfig(steps=1200, max_batch_rows=1200, memory_budget_mb={budget}), layers=[1])
 done.set(); t.join()
 print(max(peak[0], rss()) - base)
 """
