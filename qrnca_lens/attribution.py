@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .config import Config
 from .engine import Prefix, Row, backend_of, skipping_is_exact
+from .engine.checks import check_tolerance, plain_logprobs
 from .errors import QrncaError
 from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
@@ -261,26 +262,10 @@ def attribute_prompts(
     return torch.stack([x for x in out if x is not None])
 
 
-# Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
-# (an empty or shifted prefix) moves log-probabilities by far more than these bounds.
-_SELF_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
-_SELF_CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
-
-
 def _plain_logprobs(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
     """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
-    intervention; the final norm and unembedding run on the target positions only)."""
-    from .readout import logprobs_at
-
-    device = model_device(model)
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            seq = torch.tensor([list(p.tokens) + list(p.target[:-1])], device=device)
-            pos = p.target_position
-            # Logits only at the target positions: a long prompt's full-vocabulary logits would dwarf the rest.
-            out.append(logprobs_at(model, seq, [range(pos, pos + len(p.target))])[0])
-    return torch.stack(out)
+    intervention): the self-check's reference where the prefix pass cannot give it (HookedTransformer)."""
+    return torch.stack([plain_logprobs(model, p.tokens, (p.tokens[-1], *p.target[:-1])) for p in prompts])
 
 
 def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], layer: int, dtype: torch.dtype) -> None:
@@ -297,7 +282,7 @@ def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], laye
         return  # the model itself overflows: _check_finite names that problem and its fix
     live = plain > -13.8  # p > 1e-6
     diff = ((row_logp - plain).abs() * live).amax(dim=(-1, -2))  # [prompt]
-    tol = _SELF_CHECK_TOL.get(dtype, _SELF_CHECK_TOL_LOW)
+    tol = check_tolerance(dtype)
     worst = int(diff.argmax())
     if not torch.isfinite(diff).all() or float(diff[worst]) > tol:
         raise FastPathError(
