@@ -4,7 +4,8 @@ A ``Query`` is one question (or cloze fact) with one correct answer, in a group 
 language). Formats read by ``load_data(spec)``, where ``spec`` is a path or ``builtin:NAME``:
 
 - our JSONL: one object a line with ``id``, ``group``, ``question``, ``answer``, optional ``options`` (a
-  list that includes the answer), ``language``, ``subject``;
+  list that includes the answer), ``language``, ``relation``, ``subject`` (``language`` and ``relation`` let a run
+  be mapped by either, whatever its ``group``);
 - mLAMA-style facts (JSONL with ``subject``, ``relation``, ``object`` and a ``template`` holding ``[X]`` and
   ``[Y]``): the cloze ``question`` is the template with the subject filled in and ``[Y]`` kept;
 - MMLU CSV rows ``question,A,B,C,D,answer`` (the group is the file name without ``_test``/``_dev``/``_val``);
@@ -58,6 +59,7 @@ class Query(Config):
     answer: str
     options: tuple[str, ...] | None = None
     language: str | None = None
+    relation: str | None = None
     subject: str | None = None
     prompts: tuple[str, ...] | None = None
     prompt_letters: tuple[str, ...] | None = None
@@ -181,7 +183,7 @@ def load_jsonl(path: Path | str, *, text: str | None = None) -> list[Query]:
                 path, i,
                 id=str(row["id"]), group=str(row["group"]), question=str(row["question"]),
                 answer=str(row["answer"]), options=tuple(opts) if opts else None,
-                language=row.get("language"), subject=row.get("subject"),
+                language=row.get("language"), relation=row.get("relation"), subject=row.get("subject"),
             )
         )
     return _check_nonempty(out, path)
@@ -218,8 +220,7 @@ def load_mlama(
             _query(
                 path, i,
                 id=qid, group=str(group), question=template.replace("[X]", str(row["subject"])),
-                answer=str(row["object"]), language=lang, subject=str(row["subject"]),
-                meta={"relation": row["relation"]},
+                answer=str(row["object"]), language=lang, relation=str(row["relation"]), subject=str(row["subject"]),
             )
         )
     return _check_nonempty(out, path)
