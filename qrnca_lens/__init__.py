@@ -25,7 +25,7 @@ _EXPORTS = {
     "QrncaError": "errors", "DataError": "errors", "ModelError": "errors", "ProxyError": "errors",
     "StoreError": "errors",
     # models
-    "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "models",
+    "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "protocols",
     # data
     "Query": "data", "load_data": "data", "load_jsonl": "data", "load_mlama": "data",
     "load_mmlu_csv": "data", "load_authors_json": "data",
@@ -43,6 +43,7 @@ _EXPORTS = {
     "query_cluster": "selection",
     # locate and the run store
     "LocateConfig": "locate", "LocateResult": "locate", "locate": "locate", "reduce": "locate",
+    "Located": "located",
     "RunStore": "store",
     # neuron sets, interventions, locators, evaluation
     "NeuronSet": "neurons",
@@ -51,7 +52,7 @@ _EXPORTS = {
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
     "SerialExecutor": "executors", "RayExecutor": "executors",
     # the log-probability-increase lens
-    "LensConfig": "lens", "lens_locate": "lens",
+    "LensConfig": "lens", "LensResult": "lens", "lens_locate": "lens",
     # maps and the report
     "write_report": "render.report",
 }

@@ -40,6 +40,7 @@ from jaxtyping import Float
 
 from .errors import QrncaError
 from .neurons import NeuronSet, NeuronsLike
+from .protocols import HookedModel
 
 __all__ = [
     "Neuron",
@@ -329,7 +330,7 @@ class VocabProjection:
         return f"L{self.layer}.N{self.neuron}"
 
 
-def _final_norm(model: Any) -> tuple[Any, bool]:
+def _final_norm(model: HookedModel) -> tuple[Any, bool]:
     """The final norm's elementwise gain (None if there is none, e.g. folded into W_U), and whether it centres.
 
     The gain is what the norm multiplies by: ``w``, or ``1 + w`` for Gemma's RMSNorm (see ``_gain_offset``).
@@ -352,7 +353,7 @@ def _final_norm(model: Any) -> tuple[Any, bool]:
     return w.detach() + _gain_offset(model, ln), centres
 
 
-def _gain_offset(model: Any, ln: Any) -> float:
+def _gain_offset(model: HookedModel, ln: Any) -> float:
     """1.0 where the norm scales by ``1 + w`` (Gemma's RMSNorm, transformers' ``Gemma3RMSNorm``), else 0.0.
 
     TL's bridge says so on the norm (``uses_weight_offset``) and in its cfg (``rmsnorm_uses_offset``); a TL
@@ -369,7 +370,7 @@ def _token_str(tokenizer: Any, tid: int) -> str:
 
 
 def project_neurons(
-    model: Any,
+    model: HookedModel,
     neurons: NeuronsLike,
     k: int = 10,
     *,
@@ -431,7 +432,7 @@ def project_neurons(
     return [found[pair] for pair in wanted.pairs()]
 
 
-def vocab_projection(model: Any, layer: int, neuron: int, k: int = 10, *, through_norm: bool = True) -> VocabProjection:
+def vocab_projection(model: HookedModel, layer: int, neuron: int, k: int = 10, *, through_norm: bool = True) -> VocabProjection:
     """Top-``k`` tokens (decoded strings) and logits of W_out[layer, neuron] @ W_U; see ``project_neurons``.
 
     Example:

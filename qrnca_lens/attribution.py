@@ -60,6 +60,7 @@ from .errors import QrncaError
 from .hooks import capture, hooked
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .protocols import HookedModel
 from .proxies import Prompt
 
 __all__ = [
@@ -119,7 +120,7 @@ def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, " steps"]:
 
 
 @contextlib.contextmanager
-def _gradients_on(model: Any) -> Iterator[None]:
+def _gradients_on(model: HookedModel) -> Iterator[None]:
     """Enable autograd for inputs only: parameters are frozen here and restored on exit."""
     if torch.is_inference_mode_enabled():
         raise QrncaError(
@@ -152,7 +153,7 @@ def _check_finite(scores: Tensor, prompt: Prompt) -> Tensor:
     return scores
 
 
-def _clean_values(model: Any, seq: Tensor, names: Sequence[str], pos: int, **kw: Any) -> dict[str, Tensor]:
+def _clean_values(model: HookedModel, seq: Tensor, names: Sequence[str], pos: int, **kw: Any) -> dict[str, Tensor]:
     store: dict[str, Tensor] = {}
     with torch.no_grad(), hooked(model, fwd=[(n, capture(store, n)) for n in names]):
         model(seq, **kw)
@@ -160,7 +161,7 @@ def _clean_values(model: Any, seq: Tensor, names: Sequence[str], pos: int, **kw:
     return {n: store[n][0, pos].detach().clone() for n in names}
 
 
-def _layers_and_names(model: Any, layers: Sequence[int] | None, require_gated: bool) -> tuple[list[int], list[str]]:
+def _layers_and_names(model: HookedModel, layers: Sequence[int] | None, require_gated: bool) -> tuple[list[int], list[str]]:
     d_mlp(model)
     chosen = list(range(n_layers(model))) if layers is None else list(layers)
     for layer in chosen:
@@ -173,7 +174,7 @@ def _layers_and_names(model: Any, layers: Sequence[int] | None, require_gated: b
 
 
 def reference_ig(
-    model: Any, prompt: Prompt, layer: int, *, steps: int = 16, alpha_schedule: str = "riemann",
+    model: HookedModel, prompt: Prompt, layer: int, *, steps: int = 16, alpha_schedule: str = "riemann",
     require_gated: bool = False,
 ) -> Float[Tensor, " d_mlp"]:
     """IG of one layer as the authors ran it: m full-sequence copies, one forward/backward."""
@@ -203,7 +204,7 @@ def reference_ig(
 # ---------------------------------------------------------------- fast path: rows of the engine
 
 
-def fast_backend(model: Any) -> str | None:
+def fast_backend(model: HookedModel) -> str | None:
     """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers: packed rows),
     ``"batch"`` (HookedTransformer), or None (reference only)."""
     return {"packed": "sequence", "batch": "batch"}.get(backend_of(model))
@@ -213,7 +214,7 @@ def fast_backend(model: Any) -> str | None:
 
 
 def attribute_prompt(
-    model: Any,
+    model: HookedModel,
     prompt: Prompt,
     cfg: IGConfig = IGConfig(),
     *,
@@ -224,7 +225,7 @@ def attribute_prompt(
 
 
 def attribute_prompts(
-    model: Any, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
+    model: HookedModel, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "prompt layer d_mlp"]:
     """IG scores for each prompt (of a query), stacked. On a bridge the prompts share each forward/backward."""
     if not prompts:
@@ -262,7 +263,7 @@ def attribute_prompts(
     return torch.stack([x for x in out if x is not None])
 
 
-def _plain_logprobs(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
+def _plain_logprobs(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
     """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
     intervention): the self-check's reference where the prefix pass cannot give it (HookedTransformer)."""
     return torch.stack([plain_logprobs(model, p.tokens, (p.tokens[-1], *p.target[:-1])) for p in prompts])
@@ -294,7 +295,7 @@ def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], laye
         )
 
 
-def _fast(model: Any, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
+def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
           backend: str) -> Float[Tensor, "prompt layer d_mlp"]:
     """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))

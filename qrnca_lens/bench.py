@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .protocols import HookedModel
+
 __all__ = ["run_bench", "run_long_prompt_bench", "run_eval_bench"]
 
 
@@ -56,7 +58,7 @@ def _even_layers(n_layers: int, k: int) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
 
 
-def _captum_time(model: Any, prompts: Sequence[Any], layers: Sequence[int], steps: int) -> float | None:
+def _captum_time(model: HookedModel, prompts: Sequence[Any], layers: Sequence[int], steps: int) -> float | None:
     try:
         from captum.attr import LayerIntegratedGradients
     except ImportError:
@@ -108,7 +110,7 @@ def _eval_items(queries: Sequence[Sequence[Any]], controls: Sequence[int], sets:
     return items
 
 
-def run_eval_bench(model: Any, queries: Sequence[Sequence[Any]], controls: Sequence[int], scores: Any,
+def run_eval_bench(model: HookedModel, queries: Sequence[Sequence[Any]], controls: Sequence[int], scores: Any,
                    repeats: int = 3) -> dict[str, Any]:
     """Evaluation of ``queries`` (7 neuron sets x boost/suppress x related/unrelated + clean, each query the
     control of another, as in ``evaluate``) through the row engine vs full-sequence scoring, on identical
@@ -131,7 +133,7 @@ def run_eval_bench(model: Any, queries: Sequence[Sequence[Any]], controls: Seque
             "eval_same_predictions": same == len(items)}
 
 
-def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
+def run_bench(model: HookedModel, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
               captum: bool = True, max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     from .attribution import IGConfig, attribute_prompt, attribute_prompts
     from .data import load_data
@@ -193,7 +195,7 @@ def run_bench(model: Any, *, steps: int = 16, reference_layers: int = 3, repeats
     return result
 
 
-def _long_prompts(model: Any, n_tokens: int, n_prompts: int = 3) -> list[Any]:
+def _long_prompts(model: HookedModel, n_tokens: int, n_prompts: int = 3) -> list[Any]:
     """A query's prompts of ``n_tokens`` tokens each: built-in facts as filler, then a real cloze prompt."""
     from dataclasses import replace
 
@@ -215,7 +217,7 @@ def _long_prompts(model: Any, n_tokens: int, n_prompts: int = 3) -> list[Any]:
     return out
 
 
-def run_long_prompt_bench(model: Any, n_tokens: int, *, steps: int = 16, memory_budget_mb: int | None = None,
+def run_long_prompt_bench(model: HookedModel, n_tokens: int, *, steps: int = 16, memory_budget_mb: int | None = None,
                           max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     """Peak RSS and time of the fast path on one query of 3 prompts of ``n_tokens`` tokens."""
     from .attribution import IGConfig, attribute_prompts

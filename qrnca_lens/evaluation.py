@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,9 +49,13 @@ from .locators import LocatorContext, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
 from .neurons import NeuronSet
+from .protocols import HookedModel
 from .proxies import Prompt, tokenizer_identity
 from .scoring import ItemScore, score_items
 from .versions import library_versions, model_identity
+
+if TYPE_CHECKING:  # executors imports evaluation's neighbours; the class is only needed for the annotation
+    from .executors import Executor
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
            "DEFAULT_METHODS"]
@@ -169,14 +173,14 @@ def _query_changes(before: dict[tuple[str, int], float], after: Sequence[float],
 
 
 def evaluate(
-    model: Any,
+    model: HookedModel,
     run: LocateResult,
     queries: Sequence[Query | str] | None = None,
     pool: Sequence[Query] | None = None,
     cfg: EvalConfig = EvalConfig(),
     *,
     progress: bool = True,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
 
@@ -289,7 +293,7 @@ def evaluate(
     return result
 
 
-def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
+def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: HookedModel) -> None:
     """Stored token ids mean something only under the tokenizer that made them."""
     stored = {(run.info[q].get("tokenizer") or {}).get("vocab_sha256") for q in ids} - {None}
     if not stored:
@@ -305,7 +309,7 @@ def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: Any) -> None:
 # ---------------------------------------------------------------- free-form check
 
 
-def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
+def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
     device, pad = model_device(model), pad_token_id(model)
     out: list[tuple[int, ...]] = []
@@ -325,7 +329,7 @@ def _greedy(model: Any, items: Sequence[tuple[Prompt, Intervention]], batch_size
     return out
 
 
-def _free_form(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
+def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
                sets: dict[str, dict[str, NeuronSet]], run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
     """QRNCA's and equal-size random neurons' ablation at every position: log-likelihood drop, exact match."""
     # The two sets this check compares, taken from the evaluated methods or located here (cut alike).
@@ -353,7 +357,7 @@ def _free_form(model: Any, queries: Sequence[Query], prompts: dict[str, list[Pro
 # ---------------------------------------------------------------- neuron-based prediction
 
 
-def _neuron_prediction(model: Any, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
+def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
                        run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
     """Our reconstruction (see the module docstring): group neurons from even queries, predict odd ones."""
     per_group: dict[str, Any] = {}

@@ -20,12 +20,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from .attribution import IGConfig, attribute_prompts
 from .errors import QrncaError
+from .protocols import HookedModel
 from .proxies import Prompt
 
 __all__ = ["Executor", "SerialExecutor", "RayExecutor", "attribute_query"]
@@ -33,7 +34,7 @@ __all__ = ["Executor", "SerialExecutor", "RayExecutor", "attribute_query"]
 Job = tuple[str, Sequence[Prompt]]
 
 
-def attribute_query(model: Any, prompts: Sequence[Prompt], ig: IGConfig, layers: Sequence[int]) -> tuple[Tensor, dict[str, Any]]:
+def attribute_query(model: HookedModel, prompts: Sequence[Prompt], ig: IGConfig, layers: Sequence[int]) -> tuple[Tensor, dict[str, Any]]:
     """One query's work: IG scores of its prompts, and how the model did on them (stored with the scores)."""
     from .scoring import score_prompts
 
@@ -49,7 +50,10 @@ def attribute_query(model: Any, prompts: Sequence[Prompt], ig: IGConfig, layers:
     return scores, info
 
 
+@runtime_checkable
 class Executor(Protocol):
+    """Where per-query work runs: IG attribution of jobs, and batched scoring of (prompt, intervention) items."""
+
     def attribute(self, jobs: Sequence[Job], ig: IGConfig, layers: Sequence[int]) -> Iterator[tuple[str, Tensor, dict[str, Any]]]: ...
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
@@ -59,7 +63,7 @@ class Executor(Protocol):
 class SerialExecutor:
     """Everything in this process, on the caller's model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: HookedModel) -> None:
         self.model = model
 
     def attribute(self, jobs: Sequence[Job], ig: IGConfig, layers: Sequence[int]) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:

@@ -23,6 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .errors import ModelError
+from .protocols import HookedModel
 
 __all__ = [
     "hooked", "prefix_cache_kwarg", "skip_blocks", "capture", "set_neurons", "active_hook_count", "LAST", "last_real_positions",
@@ -33,7 +34,7 @@ HookFn = Callable[..., Any]
 HookSpec = Sequence[tuple[str, HookFn]]
 
 
-def _hook_point(model: Any, name: str) -> Any:
+def _hook_point(model: HookedModel, name: str) -> Any:
     hooks = model.hook_dict
     if name not in hooks:
         near = sorted(n for n in hooks if n.split(".")[-1] == name.split(".")[-1])[:3]
@@ -42,7 +43,7 @@ def _hook_point(model: Any, name: str) -> Any:
     return hooks[name]
 
 
-def active_hook_count(model: Any) -> int:
+def active_hook_count(model: HookedModel) -> int:
     """How many torch hooks (the ones that actually fire) sit on the model's hook points right now."""
     seen: set[int] = set()
     total = 0
@@ -83,7 +84,7 @@ def _restore(point: Any, snap: tuple[list, list, dict, dict]) -> None:
 
 
 @contextlib.contextmanager
-def hooked(model: Any, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
+def hooked(model: HookedModel, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterator[Any]:
     """Attach forward/backward hooks for the duration of the block, then reset the points they went on.
 
     On exit (exceptions included) every hook point named in ``fwd``/``bwd`` gets back exactly the hooks it
@@ -130,7 +131,7 @@ def _cache_keyword(hf_model: Any) -> str:
 
 
 @contextlib.contextmanager
-def prefix_cache_kwarg(model: Any) -> Iterator[str]:
+def prefix_cache_kwarg(model: HookedModel) -> Iterator[str]:
     """Yield the keyword that hands a prefix cache to a bridged transformers model, and make it reach TL.
 
     On transformers >= 5.24 the model takes ``cache=`` and passes ``cache=`` on to each attention module,
@@ -164,7 +165,7 @@ def _identity_block(*args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def skip_blocks(model: Any, below: int) -> Iterator[None]:
+def skip_blocks(model: HookedModel, below: int) -> Iterator[None]:
     """For the duration of the block, the bridge's blocks ``0..below-1`` return their input unchanged.
 
     The row engine feeds the clean residual entering block ``below`` as ``inputs_embeds``; the blocks under

@@ -28,6 +28,7 @@ from .errors import ModelError, QrncaError
 from .hooks import LAST, Position, hooked, last_real_positions, positions_from_mask, set_neurons
 from .models import d_mlp, mlp_hook_name, model_device
 from .neurons import NeuronSet, NeuronsLike
+from .protocols import HookedModel
 from .proxies import Prompt
 
 __all__ = [
@@ -43,7 +44,7 @@ Where = int | Sequence[int] | Tensor | Prompt | Sequence[Prompt] | None
 Intervention = tuple[NeuronsLike, float] | None
 
 
-def check_neurons(model: Any, neurons: NeuronsLike) -> dict[int, list[int]]:
+def check_neurons(model: HookedModel, neurons: NeuronsLike) -> dict[int, list[int]]:
     """The neurons grouped by layer, or a clear error naming the valid range (before any forward pass).
 
     This is where the public intervention functions turn what they were given into a ``NeuronSet``.
@@ -76,7 +77,7 @@ def check_neurons(model: Any, neurons: NeuronsLike) -> dict[int, list[int]]:
 
 
 def resolve_positions(
-    model: Any,
+    model: HookedModel,
     positions: Where = None,
     *,
     tokens: Int[Tensor, "batch seq"] | None = None,
@@ -108,7 +109,7 @@ def resolve_positions(
 
 
 @contextlib.contextmanager
-def intervene(model: Any, neurons: NeuronsLike, factor: float, *, every_position: bool = False,
+def intervene(model: HookedModel, neurons: NeuronsLike, factor: float, *, every_position: bool = False,
               positions: Where = None,
               tokens: Int[Tensor, "batch seq"] | None = None,
               attention_mask: Int[Tensor, "batch seq"] | None = None) -> Iterator[Any]:
@@ -148,7 +149,7 @@ def intervene(model: Any, neurons: NeuronsLike, factor: float, *, every_position
         yield model
 
 
-def boost(model: Any, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
+def boost(model: HookedModel, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
           tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
     """f_i <- 2 f̄_i (the paper's boost): ``intervene`` with ``BOOST``, same arguments.
 
@@ -160,7 +161,7 @@ def boost(model: Any, neurons: NeuronsLike, *, every_position: bool = False, pos
                      attention_mask=attention_mask)
 
 
-def suppress(model: Any, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
+def suppress(model: HookedModel, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
              tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
     """f_i <- 0 (the paper's suppress): ``intervene`` with ``SUPPRESS``, same arguments.
 
@@ -173,7 +174,7 @@ def suppress(model: Any, neurons: NeuronsLike, *, every_position: bool = False, 
 
 
 def row_factors(
-    model: Any, rows: Sequence[Intervention]
+    model: HookedModel, rows: Sequence[Intervention]
 ) -> dict[int, Float[Tensor, "batch d_mlp"]]:
     """Per-layer multiplicative factors for a batch: row b scales its neurons by its factor (None: untouched).
 
@@ -201,7 +202,7 @@ def row_factors(
 
 
 def scale_rows(
-    model: Any, factors: dict[int, Float[Tensor, "batch d_mlp"]], positions: Int[Tensor, " batch"] | None
+    model: HookedModel, factors: dict[int, Float[Tensor, "batch d_mlp"]], positions: Int[Tensor, " batch"] | None
 ) -> Any:
     """Context: each row's activations scaled by its factors at its own position (None: every position)."""
 

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jaxtyping import Float
 from torch import Tensor
@@ -33,9 +33,11 @@ from .attribution import IGConfig
 from .config import Config
 from .data import Query
 from .errors import QrncaError, StoreError
-from .executors import SerialExecutor
+from .executors import Executor, SerialExecutor
+from .located import Located
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
 from .neurons import NeuronSet
+from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
 from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
 from .store import RunStore
@@ -58,12 +60,15 @@ class LocateConfig(Config):
 
 
 @dataclass(eq=False)
-class LocateResult:
+class LocateResult(Located):
     """QR neurons of a collection, with what produced them. Saves/loads as a run directory.
 
-    ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first; ``to_dataframe()`` gives
-    one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
+    A ``Located``: ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first;
+    ``to_dataframe()`` gives one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
     """
+
+    method: ClassVar[str] = "QRNCA"
+    score_name: ClassVar[str] = "naica"
 
     config: LocateConfig
     model: str
@@ -78,6 +83,13 @@ class LocateResult:
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
+
+    @property
+    def query_ids(self) -> list[str]:
+        return list(self.selection.qr)
+
+    def group_of(self, query_id: str) -> str:
+        return self.groups[query_id]
 
     def stored_prompts(self, query_ids: Iterable[str] | None = None) -> dict[str, list[Prompt]]:
         """The very prompts each query was attributed on, as the run stored them (all queries by default)."""
@@ -131,16 +143,6 @@ class LocateResult:
             },
         }
 
-    def to_dataframe(self) -> Any:
-        """One row per (query, QR neuron): query_id, group, rank, layer, neuron, naica."""
-        import pandas as pd
-
-        rows = [
-            {"query_id": q, "group": self.groups[q], "rank": r, "layer": layer, "neuron": n, "naica": x}
-            for q in self.selection.qr for r, (layer, n, x) in enumerate(self.qr_neurons(q))
-        ]
-        return pd.DataFrame(rows, columns=["query_id", "group", "rank", "layer", "neuron", "naica"])
-
     def reselect(self, selection: SelectionConfig) -> "LocateResult":
         """The same run with other t/u/v (needs the scores: in memory, or in ``out``)."""
         scores = {q: scores_of(self, q) for q in self.groups}
@@ -175,10 +177,8 @@ class LocateResult:
 
     def _repr_html_(self) -> str:
         s = self.neurons_json()["summary"]
-        by_group: dict[str, list[int]] = {}
-        for q in self.selection.qr:
-            by_group.setdefault(self.groups[q], []).append(len(self.selection.qr[q][0]))
-        rows = "".join(f"<tr><td>{g}</td><td>{len(v)}</td><td>{sum(v) / len(v):.1f}</td></tr>" for g, v in by_group.items())
+        rows = "".join(f"<tr><td>{g}</td><td>{len(v)}</td><td>{sum(v) / len(v):.1f}</td></tr>"
+                       for g, v in self._group_counts().items())
         return (f"<b>QRNCA</b> on {self.model}: {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} QR neurons per "
                 f"query, {s['n_common_neurons']} common neurons; model accuracy on the prompts {s['accuracy']:.2f}, "
                 f"mean target p {s['mean_target_prob']:.3f}<table><tr><th>group</th><th>queries</th>"
@@ -292,7 +292,7 @@ def _check_queries(queries: Sequence[Query]) -> None:
 
 
 def locate(
-    model: Any,
+    model: HookedModel,
     queries: Sequence[Query],
     cfg: LocateConfig = LocateConfig(),
     *,
@@ -302,7 +302,7 @@ def locate(
     progress: bool = True,
     name: str | None = None,
     data: str | None = None,
-    executor: Any = None,
+    executor: Executor | None = None,
     pool_spec: str | None = None,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
@@ -334,9 +334,9 @@ def locate(
                                      executor=executor, name=name, data=data)
 
 
-def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[str, Any],
+def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts: dict[str, Any],
                           records: dict[str, dict[str, Any]], cfg: LocateConfig, store: RunStore | None, *,
-                          shard: tuple[int, int], progress: bool, executor: Any, name: str,
+                          shard: tuple[int, int], progress: bool, executor: Executor | None, name: str,
                           data: str | None) -> LocateResult | None:
     """locate once the run is open and this shard held: attribute what is missing, then reduce."""
     out = store.root if store else None

@@ -32,6 +32,7 @@ from .hooks import capture, hooked
 from .locate import LocateResult, scores_of
 from .models import d_mlp, mlp_hook_name, model_device
 from .neurons import NeuronSet, NeuronsLike
+from .protocols import HookedModel
 from .proxies import Prompt
 from .selection import prompt_clusters
 
@@ -46,7 +47,7 @@ KN_SHARE = 0.5  # Dai et al.'s refinement: keep neurons shared by more than this
 
 @dataclass
 class LocatorContext:
-    model: Any
+    model: HookedModel
     queries: Sequence[Query]
     prompts: dict[str, list[Prompt]]
     run: LocateResult
@@ -137,9 +138,8 @@ def _random(ctx: LocatorContext) -> Ranked:
 def _logprob(ctx: LocatorContext) -> Ranked:
     from .lens import lens_locate
 
-    doc = lens_locate(ctx.model, list(ctx.queries), ctx.run.config.proxy, prompts=ctx.prompts, progress=False)
-    # The lens writes neurons.json's schema; its rows become NeuronSets here, at the boundary.
-    return {q: NeuronSet.from_list(v["qr_neurons"]) for q, v in doc["queries"].items()}
+    return lens_locate(ctx.model, list(ctx.queries), ctx.run.config.proxy, prompts=ctx.prompts,
+                       progress=False).neuron_sets()
 
 
 def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked]:

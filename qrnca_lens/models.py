@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ModelError
+from .protocols import HookedModel
 
 __all__ = [
     "HookedModel",
@@ -50,23 +51,6 @@ __all__ = [
     "model_name",
     "check_model_name",
 ]
-
-
-@runtime_checkable
-class HookedModel(Protocol):
-    """What qrnca-lens needs of a model: TL's model surface (a bridge or a HookedTransformer).
-
-    Mirrors ``transformer_lens.model_protocol.TransformerLensModel`` (TL 4.x), which TL 3.x lacks.
-    """
-
-    @property
-    def cfg(self) -> Any: ...
-
-    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    def to_tokens(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    def hooks(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 # ---------------------------------------------------------------- embedded models
@@ -237,7 +221,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     compatibility_mode: bool = False,
     verbose: bool = False,
-) -> Any:
+) -> HookedModel:
     """Load an embedded model as a TransformerLens ``TransformerBridge``, offline.
 
     The first call dequantises the GGUF into ``cache_root()/<name>`` (about 20 s); later calls load that
@@ -323,7 +307,8 @@ def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibili
     return _finish(model, tok, compatibility_mode)
 
 
-def _finish(model: Any, tok: Any, compatibility_mode: bool) -> Any:
+def _finish(model: Any, tok: Any, compatibility_mode: bool) -> HookedModel:
+    # ``model`` is a freshly built bridge: it becomes a HookedModel (compatibility mode, frozen) here.
     if compatibility_mode:
         model.enable_compatibility_mode()
     # TL re-creates the tokenizer with add_bos_token=True; remember what the model's own tokenizer does.
@@ -340,11 +325,11 @@ def _finish(model: Any, tok: Any, compatibility_mode: bool) -> Any:
 _NATIVE_BOS_ATTR = "_qrnca_native_prepend_bos"
 
 
-def _set_native_bos(model: Any, value: bool) -> None:
+def _set_native_bos(model: HookedModel, value: bool) -> None:
     object.__setattr__(model, _NATIVE_BOS_ATTR, value)
 
 
-def default_prepend_bos(model: Any) -> bool:
+def default_prepend_bos(model: HookedModel) -> bool:
     """Whether prompts get a BOS token by default.
 
     For models from ``load_model``, what the model's own HF tokenizer does (SmolLM2: no BOS; TL's bridge
@@ -356,31 +341,31 @@ def default_prepend_bos(model: Any) -> bool:
     return bool(getattr(model.cfg, "default_prepend_bos", True))
 
 
-def model_name(model: Any) -> str:
+def model_name(model: HookedModel) -> str:
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
-def n_layers(model: Any) -> int:
+def n_layers(model: HookedModel) -> int:
     return int(model.cfg.n_layers)
 
 
-def d_mlp(model: Any) -> int:
+def d_mlp(model: HookedModel) -> int:
     value = getattr(model.cfg, "d_mlp", None)
     if not value:
         raise ModelError(f"{model_name(model)} has no MLP (cfg.d_mlp is {value!r}); QRNCA attributes FFN neurons")
     return int(value)
 
 
-def _hook_dict(model: Any) -> dict[str, Any]:
+def _hook_dict(model: HookedModel) -> dict[str, Any]:
     return model.hook_dict
 
 
-def is_gated(model: Any) -> bool:
+def is_gated(model: HookedModel) -> bool:
     """True when the MLP has a linear (up) branch hook, ``blocks.0.mlp.hook_pre_linear``."""
     return "blocks.0.mlp.hook_pre_linear" in _hook_dict(model)
 
 
-def mlp_hook_name(model: Any, layer: int, *, require_gated: bool = False) -> str:
+def mlp_hook_name(model: HookedModel, layer: int, *, require_gated: bool = False) -> str:
     """The hook QRNCA attributes and intervenes on: the linear branch of a gated MLP, else ``hook_pre``."""
     hooks = _hook_dict(model)
     gated = f"blocks.{layer}.mlp.hook_pre_linear"
@@ -400,38 +385,67 @@ def mlp_hook_name(model: Any, layer: int, *, require_gated: bool = False) -> str
     )
 
 
-def post_hook_name(model: Any, layer: int) -> str:
+def post_hook_name(model: HookedModel, layer: int) -> str:
     name = f"blocks.{layer}.mlp.hook_post"
     if name not in _hook_dict(model):
         raise ModelError(f"{model_name(model)} has no {name!r} hook")
     return name
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: HookedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def model_dtype(model: Any) -> torch.dtype:
+def model_dtype(model: HookedModel) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+# Weights and submodules are reached only through these accessors: they are not ``HookedModel`` members (see
+# protocols.py), and TL names them alike on a bridge in compatibility mode and on a HookedTransformer.
+
+
+def W_out(model: HookedModel, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     """Output weights of layer ``layer``'s MLP, neuron-major (TL convention)."""
-    return model.W_out[layer]
+    return cast(Any, model).W_out[layer]
 
 
-def W_U(model: Any) -> Float[Tensor, "d_model d_vocab"]:
-    return model.W_U
+def W_out_all(model: HookedModel) -> Float[Tensor, "layer d_mlp d_model"]:
+    """Every layer's MLP output weights, stacked (TL's ``model.W_out``; a copy on a bridge)."""
+    return cast(Any, model).W_out
 
 
-def tokenizer_of(model: Any) -> Any:
+def W_U(model: HookedModel) -> Float[Tensor, "d_model d_vocab"]:
+    return cast(Any, model).W_U
+
+
+def final_norm(model: HookedModel) -> Any:
+    """The final norm module (``ln_final``), or None for a model without one."""
+    return getattr(model, "ln_final", None)
+
+
+def unembed(model: HookedModel) -> Any:
+    """The unembedding module (``unembed``)."""
+    return cast(Any, model).unembed
+
+
+def block(model: HookedModel, layer: int) -> Any:
+    """Block ``layer`` (``blocks[layer]``): its ``ln1``, ``ln2``, ``attn``, ``mlp`` submodules."""
+    return cast(Any, model).blocks[layer]
+
+
+def hf_model(model: HookedModel) -> Any:
+    """The transformers model behind a ``TransformerBridge`` (``original_model``)."""
+    return cast(Any, model).original_model
+
+
+def tokenizer_of(model: HookedModel) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ModelError(f"{model_name(model)} has no tokenizer; pass one when you build the model")
     return tok
 
 
-def pad_token_id(model: Any) -> int:
+def pad_token_id(model: HookedModel) -> int:
     """The id to pad a batch with: the tokenizer's pad token, else its EOS, else 0.
 
     Any id works for right padding (no real position attends to a later one); a real special token keeps

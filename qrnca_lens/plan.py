@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from .models import model_dtype
+from .protocols import HookedModel
 
 __all__ = ["Dims", "prefix_bytes", "chunk_bytes", "rows_per_chunk", "plan_groups", "plan_chunks", "DEFAULT_MEMORY_BUDGET_MB",
            "DEFAULT_MAX_PREFIX_TOKENS"]
@@ -40,7 +40,7 @@ class Dims:
     act_bytes: int
 
     @classmethod
-    def of(cls, model: Any) -> "Dims":
+    def of(cls, model: HookedModel) -> "Dims":
         c = model.cfg
         return cls(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head, c.d_model,
                    c.d_mlp, c.d_vocab, model_dtype(model).itemsize)

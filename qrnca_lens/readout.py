@@ -18,7 +18,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .hooks import hooked
-from .models import n_layers
+from .models import final_norm, n_layers, unembed
+from .protocols import HookedModel
 
 __all__ = ["StopForward", "final_residual_hook", "head", "logprobs_at"]
 
@@ -28,17 +29,18 @@ class StopForward(Exception):
     once a prefix pass has filled its cache."""
 
 
-def final_residual_hook(model: Any) -> str:
+def final_residual_hook(model: HookedModel) -> str:
     """The hook that sees the residual stream entering the final norm (the unembedding for norm-free models)."""
     if "ln_final.hook_in" in model.hook_dict:  # TL 4.x bridge
         return "ln_final.hook_in"
     return f"blocks.{n_layers(model) - 1}.hook_resid_post"  # HookedTransformer: ln_final has no hook_in
 
 
-def head(model: Any, resid: Tensor) -> Tensor:
+def head(model: HookedModel, resid: Tensor) -> Tensor:
     """Logits from final residuals: the model's own final norm and unembedding (and logit soft-cap, if any)."""
-    x = model.ln_final(resid) if getattr(model, "ln_final", None) is not None else resid
-    logits = model.unembed(x)
+    norm = final_norm(model)
+    x = norm(resid) if norm is not None else resid
+    logits = unembed(model)(x)
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
     cap = getattr(hf_cfg, "final_logit_softcapping", None) if hf_cfg is not None else None
     cap = cap or getattr(getattr(model, "cfg", None), "output_logits_soft_cap", 0.0)
@@ -47,7 +49,7 @@ def head(model: Any, resid: Tensor) -> Tensor:
     return logits
 
 
-def logprobs_at(model: Any, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
+def logprobs_at(model: HookedModel, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
     """Float32 log-probabilities [len(positions[b]), vocab] of each row at its listed positions only.
 
     The forward stops at the final residual; the final norm and unembedding then run on those positions,

@@ -35,6 +35,7 @@ from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
 from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
+from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts
 from .readout import logprobs_at
 
@@ -85,7 +86,7 @@ def batch_plan(lengths: Sequence[int], *, max_rows: int, max_tokens: int) -> lis
     return batches
 
 
-def check_context(model: Any, prompts: Sequence[Prompt]) -> None:
+def check_context(model: HookedModel, prompts: Sequence[Prompt]) -> None:
     """Refuse a prompt whose scored sequence (prompt + teacher-forced answer) exceeds the model's context."""
     limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if not limit:
@@ -101,7 +102,7 @@ def check_context(model: Any, prompts: Sequence[Prompt]) -> None:
 
 
 def score_items(
-    model: Any,
+    model: HookedModel,
     items: Sequence[tuple[Prompt, Intervention]],
     *,
     every_position: bool = False,
@@ -127,14 +128,14 @@ def score_items(
     return _score_items_rows(model, items, memory_budget_mb)
 
 
-def _scale_of(model: Any, iv: Intervention) -> Scale:
+def _scale_of(model: HookedModel, iv: Intervention) -> Scale:
     if iv is None:
         return ()
     neurons, factor = iv
     return tuple((layer, tuple(idx), float(factor)) for layer, idx in sorted(check_neurons(model, neurons).items()))
 
 
-def _score_items_rows(model: Any, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int) -> list[ItemScore]:
+def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int) -> list[ItemScore]:
     """Every item as engine rows: one row per distinct teacher-forced prefix of its target and options."""
     prompt_ids: dict[tuple[int, ...], int] = {}
     rows: list[Row] = []
@@ -176,7 +177,7 @@ def _score_items_rows(model: Any, items: Sequence[tuple[Prompt, Intervention]], 
 
 
 def _score_items_full(
-    model: Any,
+    model: HookedModel,
     items: Sequence[tuple[Prompt, Intervention]],
     *,
     every_position: bool = False,
@@ -225,7 +226,7 @@ def _score_items_full(
     return out
 
 
-def score_prompts(model: Any, prompts: Sequence[Prompt], *, batch_size: int = 8,
+def score_prompts(model: HookedModel, prompts: Sequence[Prompt], *, batch_size: int = 8,
                   max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, engine: bool = True) -> list[PromptScore]:
     """Target log-probability, prediction and correctness of every prompt (no intervention)."""
     scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
@@ -280,7 +281,7 @@ def _summary(scores: Sequence[PromptScore]) -> dict[str, float]:
 
 
 def accuracy(
-    model: Any,
+    model: HookedModel,
     queries: Sequence[Query],
     cfg: ProxyConfig,
     *,

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .protocols import HookedModel
+
 __all__ = ["library_versions", "versions_line", "model_identity", "file_sha256"]
 
 _PACKAGES = ("torch", "transformers", "transformer-lens")
@@ -49,7 +51,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_identity(model: Any) -> dict[str, Any]:
+def model_identity(model: HookedModel) -> dict[str, Any]:
     """Which model a result comes from.
 
     For an embedded model (``load_model``): its name and the SHA-256 of the GGUF file it was built from.

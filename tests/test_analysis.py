@@ -146,6 +146,23 @@ class _Tok:
         return "".join(VOCAB[i] for i in ids)
 
 
+class _FakeModel(types.SimpleNamespace):
+    """Stands in for a HookedModel (the protocol's surface); only its weights are read, nothing runs."""
+
+    hook_dict: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the vocabulary projection must not run the model")
+
+    run_with_hooks = to_tokens = hooks = __call__
+
+    def parameters(self, recurse=True):
+        return iter(())
+
+    def modules(self):
+        return iter(())
+
+
 def _fake_model(norm_type="RMS", g=None, as_module=False):
     """W_U columns: a=[1,0], the=[0,1], ","=[1,1], X=[-1,0], Y=[0,-1]; W_out[1, 2] = [2, 1]."""
     w_out = torch.zeros(2, 3, 2)
@@ -159,8 +176,8 @@ def _fake_model(norm_type="RMS", g=None, as_module=False):
             ln.weight = torch.nn.Parameter(torch.tensor(g))
         else:  # a HookedTransformer exposes ln_final.w
             ln = types.SimpleNamespace(w=torch.tensor(g))
-    return types.SimpleNamespace(W_out=w_out, W_U=w_u, tokenizer=_Tok(), ln_final=ln,
-                                 cfg=types.SimpleNamespace(d_model=2, normalization_type=norm_type))
+    return _FakeModel(W_out=w_out, W_U=w_u, tokenizer=_Tok(), ln_final=ln,
+                      cfg=types.SimpleNamespace(d_model=2, normalization_type=norm_type))
 
 
 def test_vocab_projection_without_norm_by_hand():

@@ -164,6 +164,8 @@ def test_evaluate_judges_the_prompts_the_run_stored(setup, pool, monkeypatch):
 
     import qrnca_lens.lens as lens_mod
     from qrnca_lens.executors import SerialExecutor
+    from qrnca_lens.lens import LensResult
+    from qrnca_lens.neurons import NeuronSet
 
     model, tok, queries, run = setup
     attributed = build_all_prompts(queries, run.config.proxy, tok, pool=pool)
@@ -178,7 +180,9 @@ def test_evaluate_judges_the_prompts_the_run_stored(setup, pool, monkeypatch):
 
     def fake_lens(model, qs, proxy, *, prompts=None, **kw):
         lens_saw.update(prompts)
-        return {"queries": {q.id: {"qr_neurons": [[0, 0, 1.0]]} for q in qs}}
+        return LensResult(config={}, model="fake", model_identity={}, layers=[0], groups={q.id: q.group for q in qs},
+                          neurons={q.id: NeuronSet([(0, 0, 1.0)]) for q in qs}, certified={q.id: True for q in qs},
+                          target_logprob={q.id: 0.0 for q in qs})
 
     monkeypatch.setattr(lens_mod, "lens_locate", fake_lens)
     cfg = EvalConfig(methods=("qrnca", "logprob"), n_boot=20, free_form=False)

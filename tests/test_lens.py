@@ -449,13 +449,13 @@ def test_ablation_metrics_without_neurons_is_the_clean_model(tiny_model, tiny_to
 def test_lens_locate_schema_and_averaged_scores(tiny_gated, tiny_tokenizer, facts):
     queries = limit_per_group(facts, 1)[:3]
     proxy = ProxyConfig("cloze", n_prompts=2, n_shots=1)
-    doc = lens_locate(tiny_gated, queries, proxy, pool=facts, top_k=5, progress=False)
+    doc = lens_locate(tiny_gated, queries, proxy, pool=facts, top_k=5, progress=False).neurons_json()
     assert set(doc) >= {"config", "model", "common_neurons", "queries"}
     assert doc["common_neurons"] == [] and doc["config"]["proxy"]["prepend_bos"] is not None
     assert set(doc["queries"]) == {q.id for q in queries}
     json.dumps(doc)
     exact_doc = lens_locate(tiny_gated, queries, proxy, pool=facts, top_k=5, progress=False,
-                            cfg=LensConfig(mode="exact"))
+                            cfg=LensConfig(mode="exact")).neurons_json()
     bos = doc["config"]["proxy"]["prepend_bos"]
     built = build_all_prompts(queries, proxy.with_(prepend_bos=bos), tiny_tokenizer, pool=facts, prepend_bos=bos)
     for q in queries:
@@ -468,7 +468,7 @@ def test_lens_locate_schema_and_averaged_scores(tiny_gated, tiny_tokenizer, fact
         want = torch.topk(mean.flatten(), 5)
         assert torch.allclose(torch.tensor([r[2] for r in rows]), want.values, atol=1e-4)
         assert [r[:2] for r in rows] == [r[:2] for r in exact_doc["queries"][q.id]["qr_neurons"]]
-    given = lens_locate(tiny_gated, queries, proxy, top_k=5, progress=False, prompts=built)
+    given = lens_locate(tiny_gated, queries, proxy, top_k=5, progress=False, prompts=built).neurons_json()
     assert given["queries"] == doc["queries"]
     with pytest.raises(QrncaError, match="no prompts given"):
         lens_locate(tiny_gated, queries, proxy, top_k=5, progress=False, prompts={queries[0].id: built[queries[0].id]})

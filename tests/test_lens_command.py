@@ -9,9 +9,8 @@ from qrnca_lens.cli import lens as lens_mod
 
 
 def test_cmd_lens_writes_neurons_and_comparison(tiny_checkpoint, tmp_path, monkeypatch):
-    import argparse
-
     from qrnca_lens import models
+    from qrnca_lens.cli import build_parser
 
     real = models.load_model
 
@@ -19,9 +18,11 @@ def test_cmd_lens_writes_neurons_and_comparison(tiny_checkpoint, tmp_path, monke
         return real(str(tiny_checkpoint))
 
     monkeypatch.setattr(models, "load_model", fake_load)
-    args = argparse.Namespace(model="tiny", data="builtin:facts", proxy="cloze", out=str(tmp_path / "run"), top_k=4,
-                              limit=1, shots=1, templates=2, seed=0, bos="auto", chat=False, quiet=True,
-                              compare=True, compare_prompts=4, compare_k=5)
+    # Through the real parser, so the arguments are the ones generated from the config dataclasses.
+    args = build_parser().parse_args(["lens", "--model", "tiny", "--data", "builtin:facts", "--proxy", "cloze",
+                                      "--out", str(tmp_path / "run"), "--top", "4", "--limit", "1", "--shots", "1",
+                                      "--templates", "2", "--seed", "0", "--quiet", "--compare",
+                                      "--compare-prompts", "4", "--compare-k", "5"])
     assert lens_mod.cmd_lens(args) == 0
     doc = json.loads((tmp_path / "run" / "neurons.json").read_text())
     assert doc["model"] == "tiny" and doc["data"] == "builtin:facts"

@@ -65,7 +65,7 @@ def test_evaluation_lens_and_report_record_versions(tiny_gated, tmp_path):
                    EvalConfig(methods=("qrnca",), n_boot=10, free_form=False, neuron_prediction=False), progress=False)
     assert res.meta["versions"] == library_versions()
     assert res.meta["model_identity"] == model_identity(tiny_gated)
-    doc = lens_locate(tiny_gated, queries[:2], proxy, pool=pool, top_k=3, progress=False)
+    doc = lens_locate(tiny_gated, queries[:2], proxy, pool=pool, top_k=3, progress=False).neurons_json()
     assert doc["versions"] == library_versions() and doc["model_identity"] == model_identity(tiny_gated)
     html = write_report(tmp_path / "run").read_text()
     assert "measured with" in html and f"transformers {library_versions()['transformers']}" in html

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         5
     """
     from ..evaluation import EvalConfig
-    from .groups import BENCH, EVAL, IG, add_executor_args, add_proxy_args, add_selection_args
+    from .groups import BENCH, EVAL, IG, LENS, add_executor_args, add_proxy_args, add_selection_args
 
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,13 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     lens = sub.add_parser("lens", help="the log-probability-increase lens as a locator (neurons.json schema)")
     add_proxy_args(lens)
     lens.add_argument("--out", required=True)
-    lens.add_argument("--top", dest="top_k", type=int, default=20, help="neurons kept per query")
-    lens.add_argument("--lens-mode", choices=["topk", "exact"], default="topk",
-                      help="topk: first-order bound + exact rescoring (certified); exact: every neuron")
+    add_options(lens, LENS)
     lens.add_argument("--compare", action="store_true",
-                      help="also write DIR/lens.json: the paper's 7 alternative scores, top-10 ablated vs random")
-    lens.add_argument("--compare-prompts", type=int, default=30)
-    lens.add_argument("--compare-k", type=int, default=10)
+                      help="also write DIR/lens.json: the paper's 7 alternative scores, top-k ablated vs random")
     lens.add_argument("--quiet", action="store_true")
 
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")

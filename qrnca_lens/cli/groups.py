@@ -13,11 +13,12 @@ from typing import Any
 from ..attribution import IGConfig
 from ..errors import QrncaError
 from ..evaluation import EvalConfig
+from ..lens.config import LensRunConfig
 from ..proxies import ProxyConfig
 from ..selection import SelectionConfig
 from .args import add_options, build, options
 
-__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "add_proxy_args", "add_selection_args", "add_executor_args",
+__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LENS", "add_proxy_args", "add_selection_args", "add_executor_args",
            "proxy_config", "ig_config", "selection_config", "eval_config", "queries_and_pool", "executor"]
 
 PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
@@ -28,6 +29,7 @@ SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", 
                     use_ica="--no-ica", remove_common="--keep-common")
 EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size"], n_boot="--bootstrap")
 BENCH = options(IGConfig, ["steps", "max_batch_rows", "memory_budget_mb"])
+LENS = options(LensRunConfig, ["top_k", "mode", "compare_prompts", "compare_k"], top_k="--top", mode="--lens-mode")
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:

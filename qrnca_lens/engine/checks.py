@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import FastPathError
 from ..models import model_device, model_dtype
+from ..protocols import HookedModel
 from ..readout import logprobs_at
 from .prefix import Prefix, Row
 
@@ -55,7 +56,7 @@ def skipping_is_exact(prefix: Prefix) -> bool:
     return ok
 
 
-def plain_logprobs(model: Any, prompt: Sequence[int], row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
+def plain_logprobs(model: HookedModel, prompt: Sequence[int], row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
     """An ordinary forward of prompt[:-1] + row tokens (no cache, no intervention): log-probs at the row."""
     seq = list(prompt[:-1]) + list(row_tokens)
     P = len(prompt) - 1

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..errors import QrncaError
 from ..hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
-from ..models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
+from ..models import d_mlp, hf_model, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
+from ..protocols import HookedModel
 from ..readout import StopForward, final_residual_hook, head
 
 __all__ = ["Row", "Scale", "Prefix", "backend_of"]
@@ -44,7 +45,7 @@ class Row:
 # ---------------------------------------------------------------- backends
 
 
-def backend_of(model: Any) -> str:
+def backend_of(model: HookedModel) -> str:
     """``"packed"`` (bridge over transformers), ``"batch"`` (HookedTransformer) or ``"full"``."""
     original = getattr(model, "original_model", None)
     if original is not None:
@@ -82,7 +83,7 @@ class Prefix:
     without a second forward. Elsewhere ``plain`` is None.
     """
 
-    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], *, record: Sequence[str] = (),
+    def __init__(self, model: HookedModel, prompts: Sequence[Sequence[int]], *, record: Sequence[str] = (),
                  backend: str | None = None, continuations: Sequence[Sequence[int]] | None = None) -> None:
         if not prompts or any(len(p) < 1 for p in prompts):
             raise QrncaError("every prompt needs at least one token")
@@ -138,7 +139,7 @@ class Prefix:
             tuple(torch.cat([t[b : b + 1, :, : self.P[b]] for b in range(len(self.P))], dim=2) for t in (layer.keys, layer.values))
             for layer in cache.layers
         ]
-        hf_cfg = model.original_model.config
+        hf_cfg = hf_model(model).config
         types = getattr(hf_cfg, "layer_types", None) or []
         self.window = getattr(hf_cfg, "sliding_window", None) if "sliding_attention" in types else None
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import QrncaError
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
+from ..protocols import HookedModel
 from .checks import check_against_plain, skipping_is_exact
 from .prefix import Prefix, Row, backend_of
 
@@ -20,7 +21,7 @@ Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
 
 
 def run_rows(
-    model: Any,
+    model: HookedModel,
     prompts: Sequence[Sequence[int]],
     rows: Sequence[Row],
     reduce: Reduce,

@@ -69,10 +69,10 @@ from __future__ import annotations
 # submodule attribute the import system sets (the submodule stays importable as ``qrnca_lens.lens.query_neurons``).
 from .baselines import BASELINES, ablation_metrics, baseline_scores, compare_methods, comparison_report
 from .cache import LensCache, lens_cache
-from .config import ENGINES, MODES, LensConfig
+from .config import ENGINES, MODES, LensConfig, LensRunConfig
 from .exact import TopNeurons, neuron_scores, score_neurons, top_neurons
 from .heads import LayerScores, attention_source_scores, head_vectors, layer_scores
-from .locate import lens_locate
+from .locate import LensResult, lens_locate
 from .query_neurons import QueryNeurons, query_neurons
 from .weights import FrozenLens, frozen_lens, value_keys
 
@@ -81,6 +81,8 @@ __all__ = [
     "MODES",
     "BASELINES",
     "LensConfig",
+    "LensRunConfig",
+    "LensResult",
     "FrozenLens",
     "LensCache",
     "LayerScores",

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..errors import QrncaError
 from ..hooks import hooked
 from ..models import d_mlp, model_device, model_name, n_layers, post_hook_name
+from ..protocols import HookedModel
 from ..proxies import Prompt
 from ..versions import library_versions, model_identity
 from .cache import batches, check_prompts, lens_cache, padded, scoring_weights
@@ -44,7 +45,7 @@ BASELINES = (
 
 
 def baseline_scores(
-    model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig(),
+    model: HookedModel, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig(),
 ) -> dict[str, Float[Tensor, "prompt layer d_mlp"]]:
     """The paper's score and its 7 static alternatives for every FFN neuron (higher = more important).
 
@@ -122,7 +123,7 @@ def baseline_scores(
     return out
 
 
-def _ablation_hooks(model: Any, neurons: Sequence[Tensor], pos: Tensor) -> list[tuple[str, Any]]:
+def _ablation_hooks(model: HookedModel, neurons: Sequence[Tensor], pos: Tensor) -> list[tuple[str, Any]]:
     """Hooks zeroing each prompt's neurons in ``hook_post`` at its target position."""
     by_layer: dict[int, tuple[list[int], list[int], list[int]]] = {}
     for row, ns in enumerate(neurons):
@@ -145,7 +146,7 @@ def _ablation_hooks(model: Any, neurons: Sequence[Tensor], pos: Tensor) -> list[
 
 
 def ablation_metrics(
-    model: Any, prompts: Sequence[Prompt], neurons: Sequence[Tensor] | None = None, *, batch_size: int = 16,
+    model: HookedModel, prompts: Sequence[Prompt], neurons: Sequence[Tensor] | None = None, *, batch_size: int = 16,
 ) -> dict[str, Float[Tensor, " prompt"]]:
     """The model's reciprocal rank, probability and log-probability of each prompt's (first) target token, with
     ``neurons[p]`` ((layer, neuron) pairs) zeroed in ``hook_post`` at prompt p's target position (none: clean).
@@ -196,7 +197,7 @@ def _top_sets(scores: Float[Tensor, "prompt layer d_mlp"], k: int) -> list[Tenso
 
 
 def compare_methods(
-    model: Any, prompts: Sequence[Prompt], *, k: int = 10, seed: int = 0, random_repeats: int = 3,
+    model: HookedModel, prompts: Sequence[Prompt], *, k: int = 10, seed: int = 0, random_repeats: int = 3,
     cfg: LensConfig = LensConfig(),
 ) -> list[dict[str, Any]]:
     """The paper's comparison: ablate each score's top-k neurons per prompt, against random neurons.
@@ -253,7 +254,7 @@ def compare_methods(
     return rows
 
 
-def comparison_report(model: Any, rows: list[dict[str, Any]], *, seed: int = 0, name: str | None = None) -> dict[str, Any]:
+def comparison_report(model: HookedModel, rows: list[dict[str, Any]], *, seed: int = 0, name: str | None = None) -> dict[str, Any]:
     """The comparison table as a JSON-ready document (``json.dumps(comparison_report(...))``)."""
     return {
         "model": name or model_name(model),

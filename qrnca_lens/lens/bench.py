@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from ..data import load_data
-from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..models import W_out_all, default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..protocols import HookedModel
 from ..proxies import ProxyConfig, build_all_prompts
 from .cache import lens_cache
 from .config import LensConfig
@@ -44,7 +45,7 @@ from .lse import layer_neuron_scores
 __all__ = ["run_lens_bench"]
 
 
-def _prompts(model: Any, n_prompts: int) -> list[Any]:
+def _prompts(model: HookedModel, n_prompts: int) -> list[Any]:
     pool = load_data("builtin:facts")
     cfg = ProxyConfig("cloze")
     n_queries = -(-n_prompts // cfg.n_prompts)
@@ -54,7 +55,7 @@ def _prompts(model: Any, n_prompts: int) -> list[Any]:
 
 
 def run_lens_bench(
-    model: Any, n_prompts: int = 32, *, batch_size: int = 32, k: int = 10, direct_layers: int = 2,
+    model: HookedModel, n_prompts: int = 32, *, batch_size: int = 32, k: int = 10, direct_layers: int = 2,
     threads: int | None = None, verbose: bool = True,
 ) -> dict[str, Any]:
     """Time exact and top-K modes on ``n_prompts`` cloze prompts; print a summary and, last, one JSON line.
@@ -72,7 +73,7 @@ def run_lens_bench(
         torch.set_num_threads(old_threads)
 
 
-def _run(model: Any, n_prompts: int, batch_size: int, k: int, direct_layers: int, verbose: bool) -> dict[str, Any]:
+def _run(model: HookedModel, n_prompts: int, batch_size: int, k: int, direct_layers: int, verbose: bool) -> dict[str, Any]:
     prompts = _prompts(model, n_prompts)
     n = len(prompts)
     L = n_layers(model)
@@ -96,7 +97,7 @@ def _run(model: Any, n_prompts: int, batch_size: int, k: int, direct_layers: int
         f"(process CPU {exact_cpu_s:.3f} s/prompt)")
 
     # the textbook floor, on a few layers of one prompt
-    W_out = model.W_out.detach().float()
+    W_out = W_out_all(model).detach().float()
     layers = sorted({round(i * (L - 1) / max(1, direct_layers - 1)) for i in range(direct_layers)})
     with torch.no_grad():
         c = lens_cache(model, prompts[:1])

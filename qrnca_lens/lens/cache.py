@@ -21,7 +21,18 @@ from torch import Tensor
 
 from ..errors import ModelError, QrncaError
 from ..hooks import hooked
-from ..models import d_mlp, model_device, model_dtype, model_name, n_layers, post_hook_name
+from ..models import (
+    W_out_all,
+    d_mlp,
+    final_norm,
+    model_device,
+    model_dtype,
+    model_name,
+    n_layers,
+    post_hook_name,
+    unembed,
+)
+from ..protocols import HookedModel
 from ..proxies import Prompt
 from ..readout import StopForward
 from .weights import FrozenLens, Weights, ffn_out, frozen_lens
@@ -66,7 +77,7 @@ class LensCache:
 # ---------------------------------------------------------------- guards
 
 
-def check_prompts(model: Any, prompts: Sequence[Prompt]) -> None:
+def check_prompts(model: HookedModel, prompts: Sequence[Prompt]) -> None:
     """Refuse (``QrncaError``) an empty list, or a prompt without tokens or target, too long, or out of vocabulary."""
     if not prompts:
         raise QrncaError("no prompts to score")
@@ -87,7 +98,7 @@ def check_prompts(model: Any, prompts: Sequence[Prompt]) -> None:
             raise QrncaError(f"prompt of query {p.query_id!r} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:3]}")
 
 
-def _post_names(model: Any) -> list[str]:
+def _post_names(model: HookedModel) -> list[str]:
     d_mlp(model)
     try:
         return [post_hook_name(model, layer) for layer in range(n_layers(model))]
@@ -96,7 +107,7 @@ def _post_names(model: Any) -> list[str]:
                          "model has no FFN neurons to score)") from None
 
 
-def scoring_weights(model: Any, prompts: Sequence[Prompt]) -> Float[Tensor, "layer d_mlp d_model"]:
+def scoring_weights(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tensor, "layer d_mlp d_model"]:
     """The guards every scorer shares (prompts given, FFN neurons readable); returns W_out as float32."""
     if not prompts:
         raise QrncaError("no prompts to score")
@@ -123,7 +134,7 @@ def padded(prompts: Sequence[Prompt], device: torch.device) -> tuple[Tensor, Ten
 # ---------------------------------------------------------------- the forward pass
 
 
-def _hook_names(model: Any) -> list[str]:
+def _hook_names(model: HookedModel) -> list[str]:
     L = n_layers(model)
     names = []
     for layer in range(L):
@@ -153,7 +164,7 @@ def _stop_after(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -
     return hook
 
 
-def _real_logits(model: Any, final: Tensor) -> tuple[Tensor, Tensor | None]:
+def _real_logits(model: HookedModel, final: Tensor) -> tuple[Tensor, Tensor | None]:
     """The model's own final norm and unembedding on the final residual at the targets; and the norm's scale."""
     store: dict[str, Tensor] = {}
     hooks = []
@@ -163,11 +174,11 @@ def _real_logits(model: Any, final: Tensor) -> tuple[Tensor, Tensor | None]:
             return act
         hooks.append(("ln_final.hook_scale", grab))
     with hooked(model, fwd=hooks):
-        logits = model.unembed(model.ln_final(final[:, None].to(model_dtype(model))))
+        logits = unembed(model)(final_norm(model)(final[:, None].to(model_dtype(model))))
     return logits[:, 0].float(), store.get("s")
 
 
-def lens_cache(model: Any, prompts: Sequence[Prompt], *, check_tol: float = 1e-3) -> LensCache:
+def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: float = 1e-3) -> LensCache:
     """One forward pass over ``prompts`` (right-padded batch), stopped before the unembedding.
 
     Checks that the frozen lens reproduces the model's own log-probabilities at the targets and that the residual
@@ -233,7 +244,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / (b.norm() + 1e-6))
 
 
-def _verify(model: Any, cache: LensCache, real: Tensor, tol: float) -> None:
+def _verify(model: HookedModel, cache: LensCache, real: Tensor, tol: float) -> None:
     with torch.no_grad():
         lens_lp = torch.log_softmax(cache.lens.logits(cache.final, cache.scale), -1)
         err = float((lens_lp - torch.log_softmax(real, -1)).abs().max())
@@ -245,7 +256,7 @@ def _verify(model: Any, cache: LensCache, real: Tensor, tol: float) -> None:
             "the log-probability lens"
         )
     nxt = torch.cat([cache.resid_pre[:, 1:], cache.final[:, None]], dim=1)
-    W_out = model.W_out.detach().float()
+    W_out = W_out_all(model).detach().float()
     b_out = Weights(model).get("b_out")
     mlp = torch.einsum("bli,lid->bld", cache.post, W_out) + (0.0 if b_out is None else b_out[None])
     for what, got, want in (

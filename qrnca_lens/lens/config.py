@@ -7,13 +7,13 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from ..config import Config
 from ..errors import QrncaError
 
-__all__ = ["ENGINES", "MODES", "Engine", "Mode", "LensConfig"]
+__all__ = ["ENGINES", "MODES", "Engine", "Mode", "LensConfig", "LensRunConfig"]
 
 Engine = Literal["series", "direct"]
 Mode = Literal["exact", "topk"]
@@ -67,3 +67,31 @@ class LensConfig(Config):
             raise QrncaError(f"max_rescore must be at least 1, got {self.max_rescore}")
         if not self.check_tol > 0:
             raise QrncaError(f"check_tol must be positive, got {self.check_tol}")
+
+
+@dataclass(frozen=True)
+class LensRunConfig(Config):
+    """What ``qrnca-lens lens`` runs (its options are generated from these fields): ``lens_locate``'s neurons
+    per query and mode, and the optional comparison with the paper's alternative scores.
+
+    Example:
+        >>> LensRunConfig().top_k, LensRunConfig().mode
+        (20, 'topk')
+    """
+
+    __no_type_check__ = True  # see LensConfig
+
+    top_k: int = field(default=20, metadata={"help": "neurons kept per query"})
+    mode: Mode = field(default="topk", metadata={
+        "help": "topk: first-order bound + exact rescoring (certified); exact: every neuron"})
+    compare_prompts: int = field(default=30, metadata={"help": "--compare: score the first N prompts"})
+    compare_k: int = field(default=10, metadata={"help": "--compare: neurons ablated per method"})
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise QrncaError(f"top_k must be at least 1, got {self.top_k}")
+        if self.mode not in MODES:
+            raise QrncaError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.compare_prompts < 1 or self.compare_k < 1:
+            raise QrncaError(f"compare_prompts and compare_k must be at least 1, got {self.compare_prompts}, "
+                             f"{self.compare_k}")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import QrncaError
 from ..models import d_mlp, n_layers
+from ..protocols import HookedModel
 from ..proxies import Prompt
 from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
@@ -36,7 +37,7 @@ __all__ = ["TopNeurons", "neuron_scores", "score_neurons", "score_triples", "top
 
 
 def neuron_scores(
-    model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig(), *, progress: bool = False,
+    model: HookedModel, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig(), *, progress: bool = False,
 ) -> Float[Tensor, "prompt layer d_mlp"]:
     """Exact log-probability increase of every FFN neuron for each prompt (float32, on the CPU).
 
@@ -102,7 +103,7 @@ def score_triples(
 
 
 def score_neurons(
-    model: Any, prompts: Sequence[Prompt], neurons: Int[Tensor, "n 2"], cfg: LensConfig = LensConfig(),
+    model: HookedModel, prompts: Sequence[Prompt], neurons: Int[Tensor, "n 2"], cfg: LensConfig = LensConfig(),
 ) -> Float[Tensor, "prompt n"]:
     """Exact log-probability increase of the given (layer, neuron) pairs on every prompt.
 
@@ -256,7 +257,7 @@ def _kth(vals: Tensor, n_zero: int, k: int) -> float:
 
 
 def top_neurons(
-    model: Any, prompts: Sequence[Prompt], k: int = 10, cfg: LensConfig = LensConfig(mode="topk"),
+    model: HookedModel, prompts: Sequence[Prompt], k: int = 10, cfg: LensConfig = LensConfig(mode="topk"),
 ) -> list[TopNeurons]:
     """The top-k FFN neurons of each prompt by log-probability increase (``cfg.mode``: exact or topk).
 

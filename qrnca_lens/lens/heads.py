@@ -22,6 +22,7 @@ from torch import Tensor
 from ..errors import ModelError
 from ..hooks import hooked
 from ..models import model_device, model_name, n_layers
+from ..protocols import HookedModel
 from ..proxies import Prompt
 from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
@@ -37,7 +38,7 @@ def _lp(logits: Tensor, targets: Tensor) -> Tensor:
     return lp.gather(-1, idx)[..., 0]
 
 
-def head_vectors(model: Any, cache: LensCache) -> tuple[Float[Tensor, "batch layer head d_model"], Float[Tensor, "batch layer d_model"]]:
+def head_vectors(model: HookedModel, cache: LensCache) -> tuple[Float[Tensor, "batch layer head d_model"], Float[Tensor, "batch layer d_model"]]:
     """Each head's output at the target, without its constant share, and the attention layer's constant part.
 
     A head's vector is (z_h - c_h) W_O[h], with c_h = b_ln1 · W_V[h] + b_V[h] the value vector of a zero
@@ -88,7 +89,7 @@ class LayerScores:
     final_logp: Float[Tensor, " prompt"]
 
 
-def layer_scores(model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig()) -> LayerScores:
+def layer_scores(model: HookedModel, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig()) -> LayerScores:
     """FFN layer, attention layer and head scores (float32, on the CPU).
 
     Args:
@@ -127,7 +128,7 @@ def layer_scores(model: Any, prompts: Sequence[Prompt], cfg: LensConfig = LensCo
     return LayerScores(cat["ffn"], cat["attn"], cat["heads"], cat["attn_const"], cat["embed"], cat["final"])
 
 
-def attention_source_scores(model: Any, prompt: Prompt, cfg: LensConfig = LensConfig()) -> Float[Tensor, "layer head pos"]:
+def attention_source_scores(model: HookedModel, prompt: Prompt, cfg: LensConfig = LensConfig()) -> Float[Tensor, "layer head pos"]:
     """Scores of each head's per-source-position subvalues at the target: A[h, t, j] (v_j - c_h) W_O[h].
 
     ``pos`` runs over the prompt's positions 0..t (the target position t included). Summed over positions they

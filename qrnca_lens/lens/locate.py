@@ -1,22 +1,26 @@
-"""The lens as a locator: each query's top FFN neurons by log-probability increase, in the ``neurons.json`` schema.
+"""The lens as a locator: each query's top FFN neurons by log-probability increase, as a ``LensResult``.
 
 Example:
-    >>> doc = lens_locate(model, queries, ProxyConfig("cloze"), top_k=20)       # doctest: +SKIP
-    >>> doc["queries"][queries[0].id]["qr_neurons"][:2]   # [[layer, neuron, score], ...]  # doctest: +SKIP
+    >>> res = lens_locate(model, queries, ProxyConfig("cloze"), top_k=20)       # doctest: +SKIP
+    >>> res.qr_neurons(queries[0].id)[:2]                                       # doctest: +SKIP
+    NeuronSet([(27, 1410, 0.93), (3, 88, 0.51)])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..data import Query
 from ..errors import QrncaError
+from ..located import Located
 from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..neurons import NeuronSet
+from ..protocols import HookedModel
 from ..proxies import Prompt, ProxyConfig, build_all_prompts
 from ..versions import library_versions, model_identity
 from .cache import lens_cache, scoring_weights
@@ -24,11 +28,60 @@ from .config import LensConfig
 from .exact import top_bound, top_from_scores
 from .lse import layer_neuron_scores
 
-__all__ = ["lens_locate"]
+__all__ = ["lens_locate", "LensResult"]
 
 
-def _query_top(model: Any, prompts: Sequence[Prompt], top_k: int, cfg: LensConfig,
-               W_out: Tensor) -> tuple[list[list[Any]], bool, list[float]]:
+@dataclass(eq=False)
+class LensResult(Located):
+    """The lens's neurons per query (a ``Located``, like QRNCA's ``LocateResult``), with what produced them.
+
+    ``certified[q]``: the top-k is certified exact (topk mode) or exact (exact mode); ``target_logprob[q]``: the
+    model's mean log-probability of the first target token over the query's prompts. ``neurons_json()`` is the
+    ``neurons.json`` document (no common neurons: the method has no collection-level step).
+    """
+
+    method: ClassVar[str] = "logprob-increase"
+    score_name: ClassVar[str] = "logprob_increase"
+
+    config: dict[str, Any]
+    model: str
+    model_identity: dict[str, Any]
+    layers: list[int]
+    groups: dict[str, str]
+    neurons: dict[str, NeuronSet]
+    certified: dict[str, bool]
+    target_logprob: dict[str, float]
+    data: str | None = None
+    versions: dict[str, Any] = field(default_factory=library_versions)
+
+    @property
+    def query_ids(self) -> list[str]:
+        return list(self.neurons)
+
+    def group_of(self, query_id: str) -> str:
+        return self.groups[query_id]
+
+    def qr_neurons(self, query_id: str) -> NeuronSet:
+        return self.neurons[query_id]
+
+    def neurons_json(self) -> dict[str, Any]:
+        qs = {q: {"group": self.groups[q], "qr_neurons": self.neurons[q].to_list(), "certified": self.certified[q],
+                  "target_logprob": self.target_logprob[q]} for q in self.neurons}
+        return {
+            "config": self.config, "versions": self.versions, "model_identity": self.model_identity,
+            "model": self.model, "data": self.data, "layers": self.layers, "common_neurons": [], "queries": qs,
+            "summary": {"n_queries": len(qs), "mean_qr_neurons": sum(len(v) for v in self.neurons.values()) / len(qs),
+                        "n_common_neurons": 0, "all_certified": all(self.certified.values())},
+        }
+
+    def __repr__(self) -> str:
+        s = self.neurons_json()["summary"]
+        return (f"LensResult({self.model}, {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} neurons/query, "
+                f"{'all certified' if s['all_certified'] else 'some uncertified'})")
+
+
+def _query_top(model: HookedModel, prompts: Sequence[Prompt], top_k: int, cfg: LensConfig,
+               W_out: Tensor) -> tuple[NeuronSet, bool, list[float]]:
     """The top_k neurons of a query by log-prob increase averaged over its prompts (exact; certified in topk mode)."""
     L, dm = W_out.shape[0], W_out.shape[1]
     cache = lens_cache(model, prompts, check_tol=cfg.check_tol)
@@ -40,11 +93,11 @@ def _query_top(model: Any, prompts: Sequence[Prompt], top_k: int, cfg: LensConfi
         top = top_from_scores(full.mean(0), k)
     else:
         top = top_bound(cache, W_out, k, cfg, groups=[list(range(cache.size))])[0]
-    return top.to_list(), top.certified, cache.model_logp.cpu().tolist()
+    return NeuronSet(top.to_list()), top.certified, cache.model_logp.cpu().tolist()
 
 
 def lens_locate(
-    model: Any,
+    model: HookedModel,
     queries: Sequence[Query],
     proxy_cfg: ProxyConfig,
     *,
@@ -53,8 +106,8 @@ def lens_locate(
     progress: bool = True,
     cfg: LensConfig = LensConfig(mode="topk"),
     prompts: dict[str, list[Prompt]] | None = None,
-) -> dict[str, Any]:
-    """The log-prob-increase locator: each query's top_k FFN neurons, in the ``neurons.json`` schema.
+) -> LensResult:
+    """The log-prob-increase locator: each query's top_k FFN neurons, as a ``LensResult``.
 
     A neuron's score is its log-probability increase (first target token, target position) **averaged** over the
     query's prompts. In topk mode the top_k by that mean is exact and certified: the group mean of the
@@ -74,13 +127,13 @@ def lens_locate(
             otherwise they are built with ``build_all_prompts(queries, proxy_cfg, ...)``.
 
     Returns:
-        The ``neurons.json`` document: ``config``, ``versions``, ``model_identity``, ``model``, ``data`` (None),
-        ``layers``, ``common_neurons`` ([]), ``queries`` (id -> ``group, qr_neurons, certified,
-        target_logprob``) and ``summary``.
+        A ``LensResult``: ``qr_neurons(q)``, ``certified[q]``, ``target_logprob[q]``; ``neurons_json()`` is the
+        ``neurons.json`` document (``config``, ``versions``, ``model_identity``, ``model``, ``data`` (None),
+        ``layers``, ``common_neurons`` ([]), ``queries`` and ``summary``).
 
     Example:
-        >>> doc = lens_locate(model, queries, ProxyConfig("cloze"), progress=False)  # doctest: +SKIP
-        >>> doc["summary"]["all_certified"]                                          # doctest: +SKIP
+        >>> res = lens_locate(model, queries, ProxyConfig("cloze"), progress=False)  # doctest: +SKIP
+        >>> all(res.certified.values())                                              # doctest: +SKIP
         True
     """
     if top_k < 1:
@@ -104,29 +157,21 @@ def lens_locate(
         from tqdm.auto import tqdm
 
         it = tqdm(queries, desc="lens", unit="query")
-    out: dict[str, Any] = {}
+    neurons: dict[str, NeuronSet] = {}
+    certified: dict[str, bool] = {}
+    logp: dict[str, float] = {}
     with torch.no_grad():
         for q in it:
-            rows, certified, logps = _query_top(model, prompts[q.id], top_k, cfg, W_out)
-            out[q.id] = {"group": q.group, "qr_neurons": rows, "certified": certified,
-                         "target_logprob": sum(logps) / len(logps)}
-    L = n_layers(model)
-    return {
-        "config": {
-            "method": "logprob-increase",
-            "score": "log-probability increase of the first target token at the target position, averaged over "
-                     "the query's prompts",
-            "top_k": top_k,
-            "proxy": proxy.to_dict(),
-            "lens": cfg.to_dict(),
-        },
-        "versions": library_versions(),
-        "model_identity": model_identity(model),
-        "model": model_name(model),
-        "data": None,
-        "layers": list(range(L)),
-        "common_neurons": [],
-        "queries": out,
-        "summary": {"n_queries": len(out), "mean_qr_neurons": sum(len(v["qr_neurons"]) for v in out.values()) / len(out),
-                    "n_common_neurons": 0, "all_certified": all(v["certified"] for v in out.values())},
+            neurons[q.id], certified[q.id], logps = _query_top(model, prompts[q.id], top_k, cfg, W_out)
+            logp[q.id] = sum(logps) / len(logps)
+    config = {
+        "method": "logprob-increase",
+        "score": "log-probability increase of the first target token at the target position, averaged over "
+                 "the query's prompts",
+        "top_k": top_k,
+        "proxy": proxy.to_dict(),
+        "lens": cfg.to_dict(),
     }
+    return LensResult(config=config, model=model_name(model), model_identity=model_identity(model),
+                      layers=list(range(n_layers(model))), groups={q.id: q.group for q in queries},
+                      neurons=neurons, certified=certified, target_logprob=logp)

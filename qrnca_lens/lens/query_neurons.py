@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import QrncaError
+from ..protocols import HookedModel
 from ..proxies import Prompt
 from .cache import lens_cache, scoring_weights
 from .config import LensConfig
@@ -59,7 +60,7 @@ class QueryNeurons:
         return [[int(i // dm), int(i % dm), float(v)] for i, v in zip(idx.tolist(), vals.tolist())]
 
 
-def query_neurons(model: Any, prompt: Prompt, layer: int, neuron: int, cfg: LensConfig = LensConfig()) -> dict[str, QueryNeurons]:
+def query_neurons(model: HookedModel, prompt: Prompt, layer: int, neuron: int, cfg: LensConfig = LensConfig()) -> dict[str, QueryNeurons]:
     """Query neurons, heads and layers of value neuron (layer, neuron) on ``prompt``, one entry per key.
 
     Args:

@@ -18,7 +18,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import ModelError, QrncaError
-from ..models import d_mlp, is_gated, model_device, model_name, n_layers
+from ..models import block, d_mlp, final_norm, is_gated, model_device, model_name, n_layers
+from ..protocols import HookedModel
 
 __all__ = ["FrozenLens", "Weights", "frozen_lens", "ffn_out", "value_constants", "value_keys"]
 
@@ -32,14 +33,14 @@ def _param(obj: Any, name: str) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _centers(model: Any, norm: Any) -> bool:
+def _centers(model: HookedModel, norm: Any) -> bool:
     """Whether a norm module removes the mean (LayerNorm, LNPre) rather than only scaling (RMSNorm)."""
     if "RMS" in type(norm).__name__:
         return False
     return str(getattr(model.cfg, "normalization_type", "") or "").startswith("LN")
 
 
-def _norm_affine(model: Any, norm: Any, d: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
+def _norm_affine(model: HookedModel, norm: Any, d: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
     """(w, b, centred) of a norm module: norm(x) = w ⊙ C(x) / s + b. Folded norms (LNPre) have w = 1, b = 0."""
     w = _param(norm, "w")
     b = _param(norm, "b")
@@ -62,7 +63,7 @@ class Weights:
         >>> W_O = Weights(model).per_head("W_O")            # [layer, head, d_head, d_model]  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: HookedModel) -> None:
         self.model = model
         self._cache: dict[str, Tensor | None] = {}
 
@@ -109,7 +110,7 @@ class FrozenLens:
         return v - v.mean(-1, keepdim=True) if self.centered else v
 
 
-def frozen_lens(model: Any) -> FrozenLens:
+def frozen_lens(model: HookedModel) -> FrozenLens:
     """The final norm and unembedding of ``model`` as an affine map of x / s (s is supplied per prompt).
 
     Args:
@@ -134,7 +135,7 @@ def frozen_lens(model: Any) -> FrozenLens:
     W_U = W_U.detach().float()
     d = W_U.shape[0]
     device = W_U.device
-    w, b, centered = _norm_affine(model, model.ln_final, d, device)
+    w, b, centered = _norm_affine(model, final_norm(model), d, device)
     U = w[:, None] * W_U
     if centered:
         U = U - U.mean(0, keepdim=True)
@@ -146,7 +147,7 @@ def frozen_lens(model: Any) -> FrozenLens:
 # ---------------------------------------------------------------- FFN and attention weights
 
 
-def ffn_out(model: Any) -> Float[Tensor, "layer d_mlp d_model"]:
+def ffn_out(model: HookedModel) -> Float[Tensor, "layer d_mlp d_model"]:
     """W_out as float32: each FFN neuron's value vector, the row it adds to the residual stream."""
     W_out = _param(model, "W_out")
     if W_out is None:
@@ -154,20 +155,20 @@ def ffn_out(model: Any) -> Float[Tensor, "layer d_mlp d_model"]:
     return W_out.detach().float()
 
 
-def value_constants(model: Any, weights: Weights) -> Float[Tensor, "layer head d_head"]:
+def value_constants(model: HookedModel, weights: Weights) -> Float[Tensor, "layer head d_head"]:
     """Each head's constant value share: ln1's bias through W_V plus b_V (zero once TL folded them into b_O)."""
     H = int(model.cfg.n_heads)
     W_V = weights.per_head("W_V")  # [L, H, d, e]
     L, _, d, e = W_V.shape
     const = _expand_heads(weights.bias("b_V", (L, H, e)), H).clone()
     for layer in range(L):
-        b1 = _param(model.blocks[layer].ln1, "b")
+        b1 = _param(block(model, layer).ln1, "b")
         if b1 is not None:
             const[layer] += torch.einsum("d,hde->he", b1.detach().float(), W_V[layer])
     return const
 
 
-def value_keys(model: Any, layer: int, neuron: int) -> dict[str, Float[Tensor, " d_model"]]:
+def value_keys(model: HookedModel, layer: int, neuron: int) -> dict[str, Float[Tensor, " d_model"]]:
     """The input keys of FFN neuron (layer, neuron): ``{"up": κ, "gate": κ}`` for a GLU, ``{"in": κ}`` otherwise.
 
     κ = C(w_ln2 ⊙ k), k the neuron's column of W_in (up / plain) or W_gate, w_ln2 the weight of the norm that
@@ -190,7 +191,7 @@ def value_keys(model: Any, layer: int, neuron: int) -> dict[str, Float[Tensor, "
         raise QrncaError(f"layer {layer} is out of range for a {L}-layer model")
     if not 0 <= neuron < dm:
         raise QrncaError(f"neuron {neuron} is out of range (d_mlp = {dm})")
-    ln2 = model.blocks[layer].ln2
+    ln2 = block(model, layer).ln2
     W_in = _param(model, "W_in")
     if W_in is None:
         raise ModelError(f"{model_name(model)} has no W_in; query neurons need the FFN keys")

@@ -25,6 +25,7 @@ from typing import Any
 from .. import analysis as A
 from ..atomic import write_text_atomic
 from ..errors import QrncaError
+from ..protocols import HookedModel
 from .html import esc
 from .sections import (
     evaluation_section,
@@ -93,7 +94,7 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- the report
 
 
-def _provenance(manifest: Mapping[str, Any] | None, model: Any) -> str:
+def _provenance(manifest: Mapping[str, Any] | None, model: HookedModel | None) -> str:
     """What the run was measured with (from the manifest) and what drew this report."""
     from ..versions import library_versions, model_identity
 
@@ -110,7 +111,7 @@ def _provenance(manifest: Mapping[str, Any] | None, model: Any) -> str:
             + line("report drawn with", library_versions(), now_identity) + "</ul>")
 
 
-def _shape(doc: Mapping[str, Any], model: Any, manifest: Mapping[str, Any] | None) -> tuple[tuple[int, int], str]:
+def _shape(doc: Mapping[str, Any], model: HookedModel | None, manifest: Mapping[str, Any] | None) -> tuple[tuple[int, int], str]:
     from ..models import d_mlp, n_layers
 
     used = A.infer_n_layers(doc)
@@ -131,7 +132,7 @@ def _shape(doc: Mapping[str, Any], model: Any, manifest: Mapping[str, Any] | Non
 
 def report_html(
     run_dir: str | Path,
-    model: Any = None,
+    model: HookedModel | None = None,
     *,
     queries: Any = None,
     pool: Any = None,
@@ -177,7 +178,7 @@ def report_html(
 
 def write_report(
     run_dir: str | Path,
-    model: Any = None,
+    model: HookedModel | None = None,
     *,
     queries: Any = None,
     pool: Any = None,

@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import analysis as A
 from ..errors import QrncaError
+from ..protocols import HookedModel
 from .html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 
 __all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "evaluation_section", "with_ci", "pair", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
@@ -87,7 +88,7 @@ def projection_cells(p: A.VocabProjection, k: int) -> list[str]:
     return ["".join(html_tok(t) for t in p.tokens[:k]), "".join(html_tok(t) for t in p.bottom_tokens[:max(3, k // 2)])]
 
 
-def neuron_projections(doc: Mapping[str, Any], model: Any, shown: Sequence[str], k: int) -> dict[A.Neuron, A.VocabProjection]:
+def neuron_projections(doc: Mapping[str, Any], model: HookedModel, shown: Sequence[str], k: int) -> dict[A.Neuron, A.VocabProjection]:
     """Every projection the report shows, in one call (on a bridge each layer's W_out costs a stack of all
     layers, so asking once per neuron list would repeat that work)."""
     want: list[A.Neuron] = [(int(a), int(b)) for a, b in (doc.get("common_neurons") or [])[:_MAX_COMMON]]
@@ -102,7 +103,7 @@ def neuron_projections(doc: Mapping[str, Any], model: Any, shown: Sequence[str],
 _MAX_COMMON = 40
 
 
-def vocab_section(doc: Mapping[str, Any], model: Any, k: int, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
+def vocab_section(doc: Mapping[str, Any], model: HookedModel | None, k: int, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     out = ["<h2 id=vocab>Vocabulary projections</h2>"]
     common = [(int(a), int(b)) for a, b in doc.get("common_neurons") or []]
     if model is None:
@@ -254,7 +255,7 @@ def pick_queries(doc: Mapping[str, Any], n: int) -> list[str]:
     return picked[:n]
 
 
-def run_prompts(run_dir: str | Path, doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any,
+def run_prompts(run_dir: str | Path, doc: Mapping[str, Any], model: HookedModel, ids: Sequence[str], queries: Any,
                  pool: Any) -> tuple[dict[str, Any], str, str]:
     """``(prompts, why none, caveat)``: the shown queries' prompts as the run stored them when it attributed them.
 
@@ -283,7 +284,7 @@ def stored_prompts(run_dir: str | Path, ids: Sequence[str]) -> dict[str, Any]:
         return {}
 
 
-def rebuild_prompts(doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any, pool: Any) -> tuple[dict[str, Any], str]:
+def rebuild_prompts(doc: Mapping[str, Any], model: HookedModel, ids: Sequence[str], queries: Any, pool: Any) -> tuple[dict[str, Any], str]:
     """The shown queries' prompts, rebuilt as locate built them (recorded proxy config, the given pool)."""
     from ..data import load_data
     from ..models import default_prepend_bos, tokenizer_of
@@ -306,7 +307,7 @@ def rebuild_prompts(doc: Mapping[str, Any], model: Any, ids: Sequence[str], quer
         return {}, f"the prompts could not be rebuilt ({esc(str(e))})"
 
 
-def queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: Any, ids: Sequence[str], queries: Any,
+def queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: HookedModel | None, ids: Sequence[str], queries: Any,
                      pool: Any, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     from ..models import tokenizer_of
 
@@ -342,7 +343,7 @@ def queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: Any, ids
         if rows:
             out.append(html_table(["#", "neuron", "naica", "top tokens (projection)"], rows, [True, False, True, False]))
         ps = prompts.get(q)
-        if ps:
+        if ps and model is not None:  # prompts are only run with a model
             tok = tokenizer_of(model)
             answer = tok.decode(list(ps[0].target))
             out.append(f"<pre class=prompt>{esc(ps[0].text)}<b>{esc(answer)}</b></pre>")

@@ -36,6 +36,7 @@ from jaxtyping import Float
 from ..atomic import write_text_atomic
 from ..errors import QrncaError
 from ..neurons import NeuronSet, NeuronsLike
+from ..protocols import HookedModel
 
 __all__ = [
     "View",
@@ -150,7 +151,7 @@ def neuron_labels(neurons: NeuronsLike) -> list[str]:
     return [f"L{layer}.N{n}" for layer, n in NeuronSet(neurons).pairs()]
 
 
-def _act_hook(model: Any, layer: int, which: str) -> str:
+def _act_hook(model: HookedModel, layer: int, which: str) -> str:
     from ..errors import ModelError
     from ..models import mlp_hook_name, post_hook_name
 
@@ -163,7 +164,7 @@ def _act_hook(model: Any, layer: int, which: str) -> str:
 
 
 def _forward(
-    model: Any, token_lists: Sequence[Sequence[int]], neurons: NeuronSet, which: str = "post",
+    model: HookedModel, token_lists: Sequence[Sequence[int]], neurons: NeuronSet, which: str = "post",
 ) -> tuple[list[Float[np.ndarray, "_pos neuron"]], Any]:
     """One right-padded forward over all token lists: the neurons' activations per list, and the logits.
 
@@ -192,7 +193,7 @@ def _forward(
 
 
 def neuron_activations(
-    model: Any,
+    model: HookedModel,
     token_lists: Sequence[Sequence[int]],
     neurons: NeuronsLike,
     *,
@@ -261,7 +262,7 @@ def topk_view(
 
 
 def target_view(
-    model: Any, tokens: Sequence[int], target: Sequence[int], top_k: int = 5, title: str = "", logits: Any = None,
+    model: HookedModel, tokens: Sequence[int], target: Sequence[int], top_k: int = 5, title: str = "", logits: Any = None,
 ) -> View:
     """circuitsvis ``token_log_probs`` over prompt + answer: every token's log-probability given its prefix.
 
@@ -283,7 +284,7 @@ def target_view(
     return from_rendered(r, title)
 
 
-def query_views(model: Any, prompts: Sequence[Any], neurons: NeuronsLike, *, k: int = 5) -> dict[str, View]:
+def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike, *, k: int = 5) -> dict[str, View]:
     """The three views of one query: ``activations`` and ``topk`` over its prompts, ``target`` on its first prompt.
 
     ``prompts`` are ``proxies.Prompt`` objects (``.tokens``, ``.target``); with no QR neuron only ``target``.
