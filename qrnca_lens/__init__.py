@@ -49,6 +49,8 @@ _EXPORTS = {
     "NeuronSet": "neurons",
     "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
     "register_locator": "locators", "LOCATORS": "locators",
+    # first-order neuron scores (the atp / dla locators)
+    "atp_scores": "first_order", "dla_scores": "first_order",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
     "SerialExecutor": "executors", "RayExecutor": "executors",
     # the log-probability-increase lens

@@ -70,6 +70,8 @@ __all__ = [
     "attribute_prompts",
     "reference_ig",
     "fast_backend",
+    "gradients_on",
+    "target_prob",
 ]
 
 
@@ -120,8 +122,22 @@ def alphas(steps: int, schedule: str = "riemann") -> Float[Tensor, " steps"]:
 
 
 @contextlib.contextmanager
-def _gradients_on(model: HookedModel) -> Iterator[None]:
-    """Enable autograd for inputs only: parameters are frozen here and restored on exit."""
+def gradients_on(model: HookedModel) -> Iterator[None]:
+    """Enable autograd for inputs only: parameters are frozen here and restored on exit.
+
+    Works inside ``torch.no_grad()``; refuses ``torch.inference_mode()`` (which cannot be overridden) with a
+    ``QrncaError``. Shared by every gradient-based scorer (IG here, attribution patching in ``first_order``).
+
+    Args:
+        model: the model whose parameters stay gradient-free for the duration.
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> with torch.no_grad(), gradients_on(model):        # doctest: +SKIP
+        ...     grad, = torch.autograd.grad(prob, leaf)
+    """
     if torch.is_inference_mode_enabled():
         raise QrncaError(
             "gradients are disabled by torch.inference_mode(), which cannot be overridden; call the "
@@ -138,8 +154,22 @@ def _gradients_on(model: HookedModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"]) -> Float[Tensor, " rows"]:
-    """P(target) per row: the product of the teacher-forced token probabilities."""
+def target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"]) -> Float[Tensor, " rows"]:
+    """P(target) per row: the product of the teacher-forced token probabilities.
+
+    Args:
+        logp: log-probabilities at the target positions (the prompt's last position, then one per
+            teacher-forced answer token).
+        targets: the target tokens.
+
+    Returns:
+        P per row (the first token's probability for a one-token target).
+
+    Example:
+        >>> lp = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+        >>> float(target_prob(lp, torch.tensor([[0, 1]])))
+        0.375
+    """
     return logp.gather(-1, targets[..., None])[..., 0].sum(-1).exp()
 
 
@@ -184,7 +214,7 @@ def reference_ig(
     seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])], device=device)
     fbar = _clean_values(model, seq, [name], pos)[name].float()
     a = alphas(steps, alpha_schedule).to(device)
-    with _gradients_on(model):
+    with gradients_on(model):
         x = (a[:, None] * fbar).to(model_dtype(model)).detach().requires_grad_(True)
 
         def scale(act: Tensor, hook: Any) -> Tensor:
@@ -197,7 +227,7 @@ def reference_ig(
         n_t = len(prompt.target)
         logp = torch.log_softmax(logits[:, pos : pos + n_t].float(), dim=-1)
         targets = torch.tensor([list(prompt.target)], device=logp.device).expand(steps, -1)
-        (grad,) = torch.autograd.grad(_target_prob(logp, targets).sum(), x)
+        (grad,) = torch.autograd.grad(target_prob(logp, targets).sum(), x)
     return _check_finite((fbar * grad.float().sum(0) / steps).cpu()[None], prompt)[0]
 
 
@@ -321,7 +351,7 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
     chunks = [[row for g, first, n in piece for row in by_layer[g][first : first + n]]
               for piece in plan_chunks(starts, n_layers(model), per)]
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
-    with _gradients_on(model):
+    with gradients_on(model):
         for chunk in chunks:
             rows = [Row(b, tokens[b]) for b, _, _ in chunk]
             leaves: dict[int, tuple[list[int], Tensor]] = {}
@@ -339,7 +369,7 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                         _self_check(logp[r : r + 1].detach(), plain[b : b + 1], [prompts[b]], chosen[li],
                                     model_dtype(model))
             idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
-            prob = _target_prob(logp, targets[idx])
+            prob = target_prob(logp, targets[idx])
             order = sorted(leaves)
             got = torch.autograd.grad(prob.sum(), [leaves[layer][1] for layer in order])
             for layer, g in zip(order, got):
