@@ -290,3 +290,14 @@ def test_ground_truth_refuses_what_it_cannot_judge(tiny_llama, truth):
         ground_truth(tiny_llama, ["q", "r"], {"q": prompts, "r": prompts}, {"a": {"q": [(0, 1)]}})
     with pytest.raises(QrncaError, match="no prompts"):
         ground_truth(tiny_llama, ["q"], {}, {"a": {"q": [(0, 1)]}})
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from qrnca_lens import ground_truth as gt
+    from qrnca_lens import metrics
+
+    for mod in (gt, metrics):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert res.failed == 0 and res.attempted > 0
