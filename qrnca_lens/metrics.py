@@ -6,6 +6,9 @@
 - ``bootstrap_ci``: a percentile interval of a statistic of paired per-query values, resampling queries.
 - ``editing_rates``: boost success = share of wrongly answered prompts made right; suppress success = share of
   rightly answered prompts made wrong.
+- Agreement of a ranking with a ground truth (``ground_truth``): ``precision_at_k``, ``recall_at_k``,
+  ``spearman`` (on ``rankdata``, ties averaged) and ``false_negative_rate`` (the AtP* warning: truly important
+  items a score calls near zero).
 
 Example:
     >>> pcr([10.0, -20.0], [1.0, 2.0])
@@ -15,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +27,10 @@ from .errors import QrncaError
 
 __all__ = [
     "relative_change", "relative_change_log", "pcr", "bootstrap_ci", "BootstrapCI", "editing_rates", "mean_or_none",
+    "precision_at_k", "recall_at_k", "rankdata", "spearman", "false_negative_rate", "NEAR_ZERO",
 ]
+
+NEAR_ZERO = 0.01  # a score below this share of the largest |score| counts as "scored near zero"
 
 
 def relative_change(before: Sequence[float], after: Sequence[float]) -> np.ndarray:
@@ -135,3 +142,123 @@ def editing_rates(
 
 def mean_or_none(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
+
+
+# ---------------------------------------------------------------- agreement with a ground truth
+
+
+def _hits(ranked: Sequence[Any], relevant: Collection[Any], k: int) -> tuple[int, int]:
+    if k < 1:
+        raise QrncaError(f"k must be at least 1, got {k}")
+    top = list(dict.fromkeys(ranked))[:k]  # a repeated entry is one item, counted once
+    want = set(relevant)
+    return sum(x in want for x in top), len(top)
+
+
+def precision_at_k(ranked: Sequence[Any], relevant: Collection[Any], k: int) -> float | None:
+    """Share of the first ``k`` distinct items of ``ranked`` that are ``relevant``.
+
+    The denominator is what ``ranked`` offers, ``min(k, len)``: a ranking cut shorter than ``k`` (a method
+    given QRNCA's count) is judged on the items it named, not charged for ones it never named.
+
+    Args:
+        ranked: items, best first (hashable: ``(layer, neuron)`` pairs).
+        relevant: the true top items.
+        k: how many of ``ranked`` count.
+
+    Returns:
+        The share, or None when ``ranked`` is empty.
+
+    Example:
+        >>> precision_at_k(["a", "b", "c"], {"a", "c", "d"}, 2)
+        0.5
+    """
+    hits, n = _hits(ranked, relevant, k)
+    return hits / n if n else None
+
+
+def recall_at_k(ranked: Sequence[Any], relevant: Collection[Any], k: int) -> float | None:
+    """Share of the ``relevant`` items found among the first ``k`` distinct items of ``ranked``.
+
+    Example:
+        >>> recall_at_k(["a", "b", "c"], {"a", "c", "d", "e"}, 3)
+        0.5
+    """
+    hits, _ = _hits(ranked, relevant, k)
+    n = len(set(relevant))
+    return hits / n if n else None
+
+
+def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    """1-based ranks, ascending, tied values sharing the mean of their ranks (scipy's ``"average"``).
+
+    Example:
+        >>> rankdata([10.0, 20.0, 10.0, 5.0]).tolist()
+        [2.5, 4.0, 2.5, 1.0]
+    """
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise QrncaError(f"rankdata takes one flat sequence, got shape {a.shape}")
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(a.size, dtype=np.float64)
+    s = a[order]
+    i = 0
+    while i < a.size:  # each run of equal values gets the mean of the positions it spans
+        j = i
+        while j + 1 < a.size and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (``rankdata``).
+
+    Returns nan when it is undefined: fewer than two values, or either side constant (all tied).
+
+    Example:
+        >>> spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0])
+        0.5
+    """
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise QrncaError(f"spearman needs two flat sequences of one length, got shapes {a.shape} and {b.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise QrncaError("spearman needs finite values; give unranked items a finite score (e.g. 0)")
+    if a.size < 2:
+        return float("nan")
+    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (a.size + 1) / 2
+    den = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
+    return float(np.sum(ra * rb) / den) if den > 0 else float("nan")
+
+
+def false_negative_rate(scores: Mapping[Any, float], relevant: Collection[Any], *, rel: float = NEAR_ZERO) -> float | None:
+    """Share of the ``relevant`` (truly important) items a locator scored near zero: the AtP* warning.
+
+    Near zero: absent from ``scores`` (not ranked at all), or ``|score| < rel * max |score|`` with the max over
+    every score given; when every score is 0 (a locator without scores, e.g. random), all count as near zero.
+
+    Args:
+        scores: item -> the locator's score, for every item it ranked.
+        relevant: the truly important items.
+        rel: the near-zero threshold, relative to the largest |score|.
+
+    Returns:
+        The share, or None when ``relevant`` is empty.
+
+    Example:
+        >>> false_negative_rate({"a": 1.0, "b": 0.001, "c": 0.5}, ["a", "b", "d"])
+        0.6666666666666666
+    """
+    want = list(dict.fromkeys(relevant))
+    if not want:
+        return None
+    top = max((abs(float(v)) for v in scores.values()), default=0.0)
+
+    def near_zero(item: Any) -> bool:
+        if item not in scores or top == 0.0:
+            return True
+        return abs(float(scores[item])) < rel * top
+
+    return sum(near_zero(x) for x in want) / len(want)
