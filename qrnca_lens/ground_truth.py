@@ -37,6 +37,7 @@ from .interventions import check_neurons
 from .metrics import NEAR_ZERO, false_negative_rate, precision_at_k, recall_at_k, spearman
 from .models import d_mlp, n_layers
 from .neurons import NeuronSet, NeuronsLike
+from .protocols import HookedModel
 from .proxies import Prompt
 
 __all__ = ["NeuronEffects", "neuron_effects", "exhaustive_effects", "candidate_neurons", "ground_truth",
@@ -74,7 +75,7 @@ def _distinct(neurons: NeuronsLike) -> list[Pair]:
 
 
 def neuron_effects(
-    model: Any,
+    model: HookedModel,
     prompts: Sequence[Prompt],
     candidates: NeuronsLike,
     factors: Sequence[float] = (0.0, 2.0),
@@ -119,7 +120,7 @@ def neuron_effects(
 
 
 def exhaustive_effects(
-    model: Any,
+    model: HookedModel,
     prompt: Prompt,
     layers: Sequence[int] | None = None,
     factor: float = 0.0,
@@ -255,7 +256,7 @@ def _locator_metrics(ns: NeuronsLike, cands: Sequence[Pair], importance: np.ndar
 
 
 def ground_truth(
-    model: Any,
+    model: HookedModel,
     queries: Sequence[Query | str],
     prompts: Mapping[str, Sequence[Prompt]],
     sets: Mapping[str, Mapping[str, NeuronsLike]],
