@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .comparison import EvaluationResult
 from .config import Config
 from .data import Query, groups_of
 from .engine import Row, run_rows
@@ -103,60 +104,6 @@ def control_queries(queries: Sequence[Query], seed: int = 0) -> dict[str, str]:
         others = [o.id for o in queries if o.group != q.group]
         out[q.id] = random.Random(f"{seed}|control|{q.id}").choice(others)
     return out
-
-
-# ---------------------------------------------------------------- the result
-
-
-@dataclass
-class EvaluationResult(Config):
-    """evaluation.json as an object: ``to_dict()``, ``table()``, ``to_dataframe()``, notebook display.
-
-    ``to_dict`` / ``from_dict`` are the base's (plain dicts; unknown keys refused, the version key accepted).
-    """
-
-    pcr: dict[str, dict[str, Any]]
-    editing: dict[str, dict[str, Any]]
-    per_group: dict[str, dict[str, Any]]
-    free_form: dict[str, Any] = field(default_factory=dict)
-    neuron_prediction: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def table(self) -> str:
-        """One row per method, in the style of the paper's Tables 4 and 6."""
-        def f(x: Any, fmt: str = "{:.2f}") -> str:
-            return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
-
-        head = (f"{'method':<12} {'PCR boost [95% CI]':<24} {'PCR suppress [95% CI]':<24} "
-                f"{'rel/unrel boost %':<20} {'rel/unrel suppr. %':<20} {'edit boost':>10} {'edit suppr.':>11} {'neurons':>8}")
-        lines = [head, "-" * len(head)]
-        for m, r in self.pcr.items():
-            e = self.editing.get(m, {})
-            bci, sci = r.get("boost_ci", [None, None]), r.get("suppress_ci", [None, None])
-            lines.append(
-                f"{m:<12} {f(r['boost']) + ' [' + f(bci[0]) + ', ' + f(bci[1]) + ']':<24} "
-                f"{f(r['suppress']) + ' [' + f(sci[0]) + ', ' + f(sci[1]) + ']':<24} "
-                f"{f(r['boost_related_mean'], '{:+.1f}') + ' / ' + f(r['boost_unrelated_mean'], '{:+.1f}'):<20} "
-                f"{f(r['suppress_related_mean'], '{:+.1f}') + ' / ' + f(r['suppress_unrelated_mean'], '{:+.1f}'):<20} "
-                f"{f(e.get('boost'), '{:.1%}'):>10} {f(e.get('suppress'), '{:.1%}'):>11} {f(r.get('mean_neurons'), '{:.1f}'):>8}"
-            )
-        return "\n".join(lines)
-
-    def to_dataframe(self) -> Any:
-        import pandas as pd
-
-        rows = []
-        for m, r in self.pcr.items():
-            row = {"method": m, **{k: v for k, v in r.items() if not isinstance(v, list)}}
-            row.update({f"edit_{k}": v for k, v in self.editing.get(m, {}).items()})
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    def _repr_html_(self) -> str:
-        return "<pre>" + self.table() + "</pre>"
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 # ---------------------------------------------------------------- evaluate
