@@ -57,6 +57,12 @@ class HookedModel(Protocol):
     """What qrnca-lens needs of a model: TL's model surface (a bridge or a HookedTransformer).
 
     Mirrors ``transformer_lens.model_protocol.TransformerLensModel`` (TL 4.x), which TL 3.x lacks.
+
+    Example:
+        >>> isinstance(load_model("smollm2"), HookedModel)   # doctest: +SKIP
+        True
+        >>> isinstance(object(), HookedModel)
+        False
     """
 
     @property
@@ -244,6 +250,16 @@ def load_model(
     float32 checkpoint in a second or two. ``compatibility_mode=True`` also calls TL's
     ``enable_compatibility_mode()`` (folds norms, centres the unembedding: logits shift by a constant per
     row, probabilities are unchanged; it costs about 2.5 s).
+
+    Args:
+        name: an embedded model (``"smollm2"``, ``"gemma3-270m"``) or a local transformers checkpoint directory.
+        device: where to put the weights (None: TL's default device).
+        dtype: the weights' dtype.
+        compatibility_mode: call TL's ``enable_compatibility_mode()`` after loading.
+        verbose: let TL and transformers print their loading messages.
+
+    Returns:
+        The TL model (a ``HookedModel``) with its tokenizer, in eval mode, parameters frozen.
 
     Example:
         >>> model = load_model("smollm2")  # doctest: +SKIP
