@@ -81,7 +81,17 @@ IGMethod = Literal["fast", "reference", "auto"]
 
 @dataclass(frozen=True)
 class IGConfig(Config):
-    """Integrated-gradients settings. ``method``: ``"fast"`` (default), ``"reference"`` or ``"auto"``."""
+    """Integrated-gradients settings. ``method``: ``"fast"`` (default), ``"reference"`` or ``"auto"``.
+
+    Example:
+        >>> cfg = IGConfig(steps=8, alpha_schedule="linspace")
+        >>> alphas(cfg.steps, cfg.alpha_schedule)[[0, -1]].tolist()
+        [0.0, 1.0]
+        >>> IGConfig(steps=0)
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.QrncaError: steps (m) must be at least 1, got 0
+    """
 
     steps: int = field(default=16, metadata={"help": "m, integration steps"})
     alpha_schedule: AlphaSchedule = field(
@@ -207,7 +217,26 @@ def reference_ig(
     model: HookedModel, prompt: Prompt, layer: int, *, steps: int = 16, alpha_schedule: str = "riemann",
     require_gated: bool = False,
 ) -> Float[Tensor, " d_mlp"]:
-    """IG of one layer as the authors ran it: m full-sequence copies, one forward/backward."""
+    """IG of one layer as the authors ran it: m full-sequence copies, one forward/backward.
+
+    The slow oracle of the fast path; ``attribute_prompt(..., IGConfig(method="reference"))`` runs it per layer.
+
+    Args:
+        model: the TL model.
+        prompt: the prompt; its target is scored at ``prompt.target_position``.
+        layer: the MLP layer whose neurons are scaled.
+        steps: m, the integration steps.
+        alpha_schedule: ``"riemann"`` (k/m, k = 1..m) or ``"linspace"`` (linspace(0, 1, m)).
+        require_gated: refuse a plain (non-gated) MLP instead of using its ``hook_pre``.
+
+    Returns:
+        ``[d_mlp]`` float32 IG scores on the CPU.
+
+    Example:
+        >>> ig = reference_ig(model, prompt, layer=14, steps=16)   # doctest: +SKIP
+        >>> ig.shape                                                # doctest: +SKIP
+        torch.Size([1536])
+    """
     (layer,), (name,) = _layers_and_names(model, [layer], require_gated)
     device = model_device(model)
     pos = prompt.target_position
@@ -250,14 +279,44 @@ def attribute_prompt(
     *,
     layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer d_mlp"]:
-    """IG scores of every MLP neuron (rows: ``layers``, all by default) for one prompt, float32 on the CPU."""
+    """IG scores of every MLP neuron (rows: ``layers``, all by default) for one prompt, float32 on the CPU.
+
+    Args:
+        model: the TL model.
+        prompt: the prompt (from ``build_prompts``).
+        cfg: integration steps, schedule, fast or reference path, memory budget.
+        layers: the layers to attribute, in the order of the result's rows (default: all).
+
+    Returns:
+        ``[layer, d_mlp]`` float32 scores.
+
+    Example:
+        >>> scores = attribute_prompt(model, prompt, IGConfig(steps=16))   # doctest: +SKIP
+        >>> scores.shape                                                     # doctest: +SKIP
+        torch.Size([30, 1536])
+    """
     return attribute_prompts(model, [prompt], cfg, layers=layers)[0]
 
 
 def attribute_prompts(
     model: HookedModel, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "prompt layer d_mlp"]:
-    """IG scores for each prompt (of a query), stacked. On a bridge the prompts share each forward/backward."""
+    """IG scores for each prompt (of a query), stacked. On a bridge the prompts share each forward/backward.
+
+    Args:
+        model: the TL model.
+        prompts: the prompts (usually the |Q| prompts of one query).
+        cfg: integration steps, schedule, fast or reference path, memory budget.
+        layers: the layers to attribute (default: all).
+
+    Returns:
+        ``[prompt, layer, d_mlp]`` float32 scores.
+
+    Example:
+        >>> scores = attribute_prompts(model, prompts[:3], layers=[0, 14])   # doctest: +SKIP
+        >>> scores.shape                                                      # doctest: +SKIP
+        torch.Size([3, 2, 1536])
+    """
     if not prompts:
         raise QrncaError("no prompts to attribute")
     chosen, names = _layers_and_names(model, layers, cfg.require_gated)

@@ -51,7 +51,17 @@ SLOT = "[Y]"
 
 @dataclass(frozen=True)
 class Query(Config):
-    """One query. ``prompts``/``prompt_letters`` hold pre-built prompts (authors' format) when given."""
+    """One query. ``prompts``/``prompt_letters`` hold pre-built prompts (authors' format) when given.
+
+    Example:
+        >>> q = Query(id="q1", group="math", question="2 + 2 =", answer="4", options=("3", "4"))
+        >>> q.to_dict()
+        {'id': 'q1', 'group': 'math', 'question': '2 + 2 =', 'answer': '4', 'options': ['3', '4']}
+        >>> Query(id="q2", group="math", question="1 + 1 =", answer="2", options=("3", "4"))
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.DataError: query 'q2': the answer '2' is not among the options ['3', '4']
+    """
 
     id: str
     group: str
@@ -170,7 +180,19 @@ def _query(path: Path | str, line: int | None, **kw: Any) -> Query:
 
 
 def load_jsonl(path: Path | str, *, text: str | None = None) -> list[Query]:
-    """Our JSONL format (see module docstring)."""
+    """Read our JSONL format: one object a line, ``id, group, question, answer`` (see module docstring).
+
+    Args:
+        path: the file; with ``text`` it only names the source in error messages.
+        text: the file's content, if already read (the file is then not opened).
+
+    Returns:
+        The queries in file order; a ``DataError`` naming file and line for a bad record or repeated id.
+
+    Example:
+        >>> load_jsonl("mine.jsonl", text='{"id": "q1", "group": "g", "question": "2 + 2 =", "answer": "4"}')
+        [Query(id='q1', group='g', question='2 + 2 =', answer='4', ...)]
+    """
     text = _read_text(path) if text is None else text
     out = []
     for i, row in _jsonl_rows(path, text):
@@ -196,9 +218,22 @@ def load_mlama(
     group_by: str = "relation",
     text: str | None = None,
 ) -> list[Query]:
-    """mLAMA-style facts: ``subject``, ``relation``, ``object``, and a ``template`` per row (or in ``templates``).
+    """Read mLAMA-style facts: ``subject``, ``relation``, ``object``, a ``template`` per row (or in ``templates``).
 
-    ``group_by`` is ``"relation"`` or ``"language"`` (the paper's language dataset groups by language).
+    Args:
+        path: the JSONL file; with ``text`` it only names the source in error messages.
+        templates: relation -> template with ``[X]`` (subject) and ``[Y]`` (answer), for rows without one.
+        group_by: ``"relation"`` or ``"language"`` (the paper's language dataset groups by language).
+        text: the file's content, if already read.
+
+    Returns:
+        Cloze queries: ``question`` is the template with ``[X]`` filled and ``[Y]`` kept, ``answer`` the object.
+
+    Example:
+        >>> row = '{"subject": "France", "relation": "P36", "object": "Paris", "template": "[X] has capital [Y] ."}'
+        >>> q = load_mlama("facts.jsonl", text=row)[0]
+        >>> q.id, q.group, q.question, q.answer
+        ('P36-1', 'P36', 'France has capital [Y] .', 'Paris')
     """
     if group_by not in ("relation", "language"):
         raise DataError(f"group_by must be 'relation' or 'language', got {group_by!r}")
@@ -230,7 +265,21 @@ MMLU_HEADER = ["question", "A", "B", "C", "D", "answer"]
 
 
 def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | None = None) -> list[Query]:
-    """MMLU CSV rows ``question,A,B,C,D,answer`` (header optional); the answer is a letter A-D."""
+    """Read MMLU CSV rows ``question,A,B,C,D,answer`` (header optional); the answer is a letter A-D.
+
+    Args:
+        path: the CSV file; its name without ``_test``/``_dev``/``_val`` is the default group.
+        group: the group of every row instead of the file name.
+        text: the file's content, if already read.
+
+    Returns:
+        Multiple-choice queries (``options`` = the four columns), ids ``"{group}-{line}"``.
+
+    Example:
+        >>> q = load_mmlu_csv("astronomy_test.csv", text="What orbits Earth?,Moon,Sun,Mars,Venus,A")[0]
+        >>> q.id, q.answer, q.options
+        ('astronomy-1', 'Moon', ('Moon', 'Sun', 'Mars', 'Venus'))
+    """
     text = _read_text(path) if text is None else text
     stem = Path(path).stem
     for suffix in ("_test", "_dev", "_val"):
@@ -262,7 +311,21 @@ def load_mmlu_csv(path: Path | str, *, group: str | None = None, text: str | Non
 
 
 def load_authors_json(path: Path | str, *, text: str | None = None) -> list[Query]:
-    """The QRNCA authors' pre-built prompts: ``{id: {"sentences", "obj_label", "relation_name"}}``."""
+    """Read the QRNCA authors' pre-built prompts: ``{id: {"sentences", "obj_label", "relation_name"}}``.
+
+    Args:
+        path: the JSON file; with ``text`` it only names the source in error messages.
+        text: the file's content, if already read.
+
+    Returns:
+        One query per record; its ``prompts`` are the sentences as they are, ``prompt_letters`` their answers.
+
+    Example:
+        >>> doc = '{"q1": {"sentences": ["2 + 2 = ? A. 3 B. 4 Answer:"], "obj_label": "B", "relation_name": "math"}}'
+        >>> q = load_authors_json("authors.json", text=doc)[0]
+        >>> q.group, q.prompts, q.prompt_letters
+        ('math', ('2 + 2 = ? A. 3 B. 4 Answer:',), ('B',))
+    """
     text = _read_text(path) if text is None else text
     try:
         data = json.loads(text) if text.strip() else {}
@@ -311,7 +374,19 @@ def _builtin_text(name: str) -> str:
 def load_data(spec: str | Path, *, limit: int | None = None, **kwargs: Any) -> list[Query]:
     """Load queries from ``builtin:NAME`` or a path; the format follows the file (see module docstring).
 
-    ``limit`` keeps the first N queries of every group, in file order, so that small runs still span groups.
+    Args:
+        spec: ``"builtin:facts"``, ``"builtin:domains"`` or a ``.jsonl``/``.csv``/``.json`` path.
+        limit: keep the first N queries of every group, in file order, so that small runs still span
+            groups (None: all).
+        **kwargs: passed to the format's loader (``group_by=`` for mLAMA, ``group=`` for MMLU).
+
+    Returns:
+        The queries, in file order.
+
+    Example:
+        >>> qs = load_data("builtin:facts", limit=2)
+        >>> len(qs), qs[0].id, qs[2].group
+        (10, 'capital-01', 'language')
     """
     spec_s = str(spec)
     if spec_s.startswith("builtin:"):

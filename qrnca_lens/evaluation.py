@@ -66,7 +66,13 @@ DEFAULT_METHODS = ("qrnca", "no-ica", "with-common", "kn", "activation", "random
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
-    """What ``evaluate`` judges and how: the locators compared, seeds, bootstrap size, batching."""
+    """What ``evaluate`` judges and how: the locators compared, seeds, bootstrap size, batching.
+
+    Example:
+        >>> cfg = EvalConfig(methods=("qrnca", "random"), n_boot=200)
+        >>> cfg.to_dict()["methods"], cfg.every_position
+        (['qrnca', 'random'], False)
+    """
 
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS,
                                      metadata={"help": "comma-separated locators (also: logprob)"})
@@ -133,10 +139,26 @@ def evaluate(
 
     Every stage reads the prompts the run stored when it attributed each query (``run.stored_prompts``),
     never rebuilt ones, so the data file may change or vanish after ``locate`` without changing the
-    verdict. ``queries`` (queries or ids) picks which of the run's queries to judge (default: all); their
-    stored form is used. ``pool`` is ignored (examples and distractors are those the run drew); it stays
-    so that older calls keep working. ``executor`` decides where the batched scoring runs (default: this
-    process; see ``executors``).
+    verdict; ``pool`` is therefore ignored (examples and distractors are those the run drew).
+
+    Args:
+        model: the TL model the run was made with.
+        run: the ``LocateResult`` (from ``locate`` or ``LocateResult.load``).
+        queries: queries or ids of the run to judge (default: all; their stored form is used); PCR needs
+            at least two groups.
+        pool: ignored (kept so that older calls keep working).
+        cfg: locators compared, seed, bootstrap size, batching, which checks run.
+        progress: show progress bars.
+        executor: where the batched scoring runs (default: this process).
+
+    Returns:
+        An ``EvaluationResult``: PCR (boost/suppress, 95% CIs), editing rates, neuron-based prediction and
+        the free-form check per method, overall and per group.
+
+    Example:
+        >>> res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "random")))   # doctest: +SKIP
+        >>> sorted(res.pcr), sorted(res.pcr["qrnca"])[:2]                             # doctest: +SKIP
+        (['qrnca', 'random'], ['boost', 'boost_ci'])
     """
     from .executors import SerialExecutor
 

@@ -61,7 +61,12 @@ class Executor(Protocol):
 
 
 class SerialExecutor:
-    """Everything in this process, on the caller's model."""
+    """Everything in this process, on the caller's model (what ``locate``/``evaluate`` use by default).
+
+    Example:
+        >>> ex = SerialExecutor(model)                                                     # doctest: +SKIP
+        >>> run = locate(model, queries, cfg, pool=pool, out="runs/facts", executor=ex)   # doctest: +SKIP
+    """
 
     def __init__(self, model: HookedModel) -> None:
         self.model = model

@@ -192,6 +192,22 @@ def capture(store: dict[str, Tensor], key: str | None = None, *, position: int |
 
     Pass ``key`` (usually the hook name you attach it to): a bridge reports some hooks under a canonical
     alias (``blocks.0.mlp.in.hook_out`` for ``blocks.0.mlp.hook_pre_linear``), which is the fallback key.
+
+    Args:
+        store: the dict the activation is written into.
+        key: the key to write under (default: the name the hook point reports).
+        position: keep only this sequence position (``act[:, position]``); None keeps all.
+        detach: store a detached copy (False keeps the live tensor, for gradients).
+
+    Returns:
+        The hook function (for ``hooked(model, fwd=[(name, hook)])``); it returns the activation unchanged.
+
+    Example:
+        >>> store = {}
+        >>> fn = capture(store, "blocks.0.mlp.hook_post", position=-1)
+        >>> _ = fn(torch.arange(6.0).reshape(1, 3, 2), hook=None)   # as a hook point calls it: [batch, seq, d]
+        >>> store["blocks.0.mlp.hook_post"].tolist()
+        [[4.0, 5.0]]
     """
 
     def hook(act: Tensor, hook: Any) -> Tensor:
@@ -273,6 +289,21 @@ def set_neurons(
     rows may end in padding); an int, that position in every row; one int per row (list or tensor [batch]);
     None, every position. A tensor ``factor`` of shape (batch,) or (batch, n_neurons) gives each row its own
     factor.
+
+    Args:
+        neurons: ``[n]`` neuron indices within the hooked layer.
+        factor: the multiplier: a float, or a tensor of shape (batch,) or (batch, n).
+        position: where to act (see above).
+
+    Returns:
+        The hook function; it returns a scaled copy of the activation.
+
+    Example:
+        >>> fn = set_neurons(torch.tensor([1]), factor=0.0)      # suppress neuron 1 at the last position
+        >>> fn(torch.ones(1, 2, 3), hook=None).tolist()
+        [[[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]]
+        >>> with hooked(model, fwd=[("blocks.3.mlp.hook_post", fn)]):   # doctest: +SKIP
+        ...     logits = model(tokens)
     """
     idx = neurons.long()
 

@@ -125,6 +125,9 @@ def intervene(model: HookedModel, neurons: NeuronsLike, factor: float, *, every_
             the model's range before anything is hooked.
         factor: the multiplier (``BOOST`` = 2, ``SUPPRESS`` = 0).
         every_position: act at every position instead.
+        positions: one position per row (ints, or ``Prompt``s: their target position).
+        tokens: the ``[batch, seq]`` batch, to find each row's last non-pad token.
+        attention_mask: the ``[batch, seq]`` mask, to find each row's last real token.
 
     Returns:
         A context manager yielding ``model``; the hooks leave with the block.
@@ -153,6 +156,14 @@ def boost(model: HookedModel, neurons: NeuronsLike, *, every_position: bool = Fa
           tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
     """f_i <- 2 f̄_i (the paper's boost): ``intervene`` with ``BOOST``, same arguments.
 
+    Args:
+        model: the TL model.
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor.
+        every_position, positions, tokens, attention_mask: where to act, as in ``intervene``.
+
+    Returns:
+        A context manager yielding ``model``; the hooks leave with the block.
+
     Example:
         >>> with boost(model, run.qr_neurons("capital-01")):   # doctest: +SKIP
         ...     logits = model(tokens)
@@ -164,6 +175,14 @@ def boost(model: HookedModel, neurons: NeuronsLike, *, every_position: bool = Fa
 def suppress(model: HookedModel, neurons: NeuronsLike, *, every_position: bool = False, positions: Where = None,
              tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
     """f_i <- 0 (the paper's suppress): ``intervene`` with ``SUPPRESS``, same arguments.
+
+    Args:
+        model: the TL model.
+        neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor.
+        every_position, positions, tokens, attention_mask: where to act, as in ``intervene``.
+
+    Returns:
+        A context manager yielding ``model``; the hooks leave with the block.
 
     Example:
         >>> with suppress(model, [(14, 103)], every_position=True):   # doctest: +SKIP

@@ -7,6 +7,7 @@ from the stored scores and writes ``DIR/neurons.json``. ``reduce(DIR, selection)
 seconds, with other t/u/v if asked (t re-thresholds the stored scores; nothing is re-attributed).
 
 Example:
+    >>> from qrnca_lens import load_data, load_model
     >>> model = load_model("smollm2")                                        # doctest: +SKIP
     >>> pool = load_data("builtin:facts")
     >>> cfg = LocateConfig(proxy=ProxyConfig("cloze"))
@@ -51,6 +52,12 @@ class LocateConfig(Config):
     """Everything that defines a QRNCA run: proxy (|Q|, templates, shots, seed), IG (m), selection (t, u, v).
 
     ``to_dict`` / ``from_dict`` are the base's: nested configs as dicts, ``layers`` as a list (or None).
+
+    Example:
+        >>> cfg = LocateConfig(ProxyConfig("cloze"), IGConfig(steps=8), SelectionConfig(v=10), layers=(0, 1))
+        >>> d = cfg.to_dict()
+        >>> d["ig"]["steps"], d["layers"], LocateConfig.from_dict(d) == cfg
+        (8, [0, 1], True)
     """
 
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -65,6 +72,12 @@ class LocateResult(Located):
 
     A ``Located``: ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first;
     ``to_dataframe()`` gives one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
+
+    Example:
+        >>> run = LocateResult.load("runs/facts")                                  # doctest: +SKIP
+        >>> top = run.qr_neurons("capital-01").pairs()[:2]   # (layer, neuron), best first  # doctest: +SKIP
+        >>> run.reselect(SelectionConfig(v=5)).selection.mean_qr_count() <= 5      # doctest: +SKIP
+        True
     """
 
     method: ClassVar[str] = "QRNCA"
@@ -307,11 +320,31 @@ def locate(
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
-    ``pool`` supplies in-context examples and distractors (default: ``queries``); ``pool_spec`` names it in
-    the manifest. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``).
-    Returns None when ``out`` is given and other shards still have queries to do (the last shard to finish
-    writes ``neurons.json``; ``reduce(out)`` can also be run by hand). ``executor`` decides where the
-    per-query attribution runs (default: this process, on ``model``; see ``executors``).
+    Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With shards, the last
+    one to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
+
+    Args:
+        model: the TL model.
+        queries: the queries to attribute (distinct ids); together they are the collection N.
+        cfg: proxy, IG and selection settings, and the layers (default: all).
+        pool: in-context examples and distractors (default: ``queries``).
+        out: run directory: scores are stored per query and an interrupted run resumes (None: in memory).
+        shard: ``(i, n)``: this process attributes the i-th of n disjoint shares of the queries.
+        progress: show a progress bar.
+        name: the model's name in the manifest (default: from the model).
+        data: the data spec recorded in the manifest (e.g. ``"builtin:facts"``).
+        executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``).
+        pool_spec: the pool's data spec, recorded in the manifest.
+
+    Returns:
+        The ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
+        still have queries to do.
+
+    Example:
+        >>> cfg = LocateConfig(ProxyConfig("cloze"), IGConfig(steps=8))
+        >>> run = locate(model, pool[:10], cfg, pool=pool, out="runs/facts")   # doctest: +SKIP
+        >>> len(run.qr_neurons(pool[0].id)) <= cfg.selection.v               # doctest: +SKIP
+        True
     """
     _check_queries(queries)
     name = name or model_name(model)
@@ -383,6 +416,20 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
     ``selection=None`` is the run's recorded selection: the one of the latest reduce that wrote. With
     ``write=True`` the selection used is recorded in the manifest, then ``neurons.json`` is written, so
     ``evaluate``, the report and a later ``reduce(out)`` all see this one selection.
+
+    Args:
+        out: the run directory (every query attributed).
+        selection: t, u, v and switches to reselect with (t re-thresholds the stored scores); None: the
+            run's recorded selection.
+        write: record the selection and write ``neurons.json``; False only returns the result.
+
+    Returns:
+        The ``LocateResult`` under that selection.
+
+    Example:
+        >>> run = reduce("runs/facts", SelectionConfig(v=10), write=False)   # doctest: +SKIP
+        >>> run.selection.config.v                                            # doctest: +SKIP
+        10
     """
     store = RunStore.load(out)
     man = store.manifest

@@ -24,7 +24,13 @@ __all__ = ["Located"]
 
 
 class Located(abc.ABC):
-    """Per-query neurons with what produced them (see the module docstring)."""
+    """Per-query neurons with what produced them (see the module docstring).
+
+    Example:
+        >>> res = locate(model, queries, LocateConfig(), progress=False)   # doctest: +SKIP
+        >>> isinstance(res, Located), res.neuron_sets().keys() == set(res.query_ids)  # doctest: +SKIP
+        (True, True)
+    """
 
     method: ClassVar[str] = "?"
     score_name: ClassVar[str] = "score"  # the DataFrame's name for a neuron's score

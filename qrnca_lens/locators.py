@@ -104,7 +104,25 @@ def _reuses_ig(ctx: LocatorContext, name: str) -> None:
 
 
 def register_locator(name: str, fn: LocatorFn | None = None) -> Any:
-    """Register a locator under ``name`` (usable as a decorator)."""
+    """Register a locator under ``name`` (usable as a decorator); ``evaluate`` then judges it by that name.
+
+    Args:
+        name: the method name (``EvalConfig(methods=(..., name))``); an existing name is replaced.
+        fn: ``fn(ctx: LocatorContext) -> {query_id: NeuronSet or (layer, neuron[, score]) list}``, best first;
+            None returns a decorator.
+
+    Returns:
+        ``fn`` itself (or, without ``fn``, a decorator that registers and returns the function).
+
+    Example:
+        >>> @register_locator("layer0-first5")
+        ... def first_five(ctx):
+        ...     return {q.id: [(0, i) for i in range(5)] for q in ctx.queries}
+        >>> LOCATORS["layer0-first5"] is first_five
+        True
+        >>> evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "layer0-first5")))   # doctest: +SKIP
+        >>> del LOCATORS["layer0-first5"]      # this example's registration does not outlive it
+    """
 
     def add(f: LocatorFn) -> LocatorFn:
         LOCATORS[name] = f

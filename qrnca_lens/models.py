@@ -229,6 +229,16 @@ def load_model(
     ``enable_compatibility_mode()`` (folds norms, centres the unembedding: logits shift by a constant per
     row, probabilities are unchanged; it costs about 2.5 s).
 
+    Args:
+        name: an embedded model (``"smollm2"``, ``"gemma3-270m"``) or a local transformers checkpoint directory.
+        device: where to put the weights (None: TL's default device).
+        dtype: the weights' dtype.
+        compatibility_mode: call TL's ``enable_compatibility_mode()`` after loading.
+        verbose: let TL and transformers print their loading messages.
+
+    Returns:
+        The TL model (a ``HookedModel``) with its tokenizer, in eval mode, parameters frozen.
+
     Example:
         >>> model = load_model("smollm2")  # doctest: +SKIP
         >>> model.cfg.n_layers              # doctest: +SKIP

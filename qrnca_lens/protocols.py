@@ -24,7 +24,14 @@ __all__ = ["HookedModel"]
 
 @runtime_checkable
 class HookedModel(Protocol):
-    """A TransformerLens model: config, tokenizer, hook registry, hooked forward, torch parameters."""
+    """A TransformerLens model: config, tokenizer, hook registry, hooked forward, torch parameters.
+
+    Example:
+        >>> isinstance(load_model("smollm2"), HookedModel)   # doctest: +SKIP
+        True
+        >>> isinstance(object(), HookedModel)
+        False
+    """
 
     @property
     def cfg(self) -> Any: ...

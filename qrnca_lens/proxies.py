@@ -109,6 +109,13 @@ class ProxyConfig(Config):
 
     ``prepend_bos=None`` follows the model (``models.default_prepend_bos``); the resolved value is recorded
     in every result.
+
+    Example:
+        >>> cfg = ProxyConfig("cloze", n_prompts=2)
+        >>> cfg.shots, len(cfg.template_list()) >= cfg.n_prompts
+        (4, True)
+        >>> ProxyConfig.from_dict(cfg.to_dict()) == cfg
+        True
     """
 
     kind: ProxyKind = field(default="mcqa-letter", metadata={"help": "the proxy task"})
@@ -154,6 +161,11 @@ class Prompt(Config):
     """One prompt of a query: its tokens, the target continuation and (MCQA) every option's continuation.
 
     ``options[correct]`` equals ``target``. For cloze ``options`` is None and prediction is the top-1 token.
+
+    Example:
+        >>> p = Prompt(query_id="q1", group="g", template=0, text="2 + 2 =", tokens=(17, 16, 17), target=(19,))
+        >>> p.target_position
+        2
     """
 
     query_id: str
@@ -335,9 +347,25 @@ def build_prompts(
     pool: Sequence[Query] | None = None,
     prepend_bos: bool = False,
 ) -> list[Prompt]:
-    """The |Q| prompts of ``query``. ``pool`` supplies distractors and examples (defaults to the query alone).
+    """Build the |Q| prompts of ``query``: templates, shuffled options and in-context examples, seeded.
 
-    ``prepend_bos`` is the resolved BOS choice (``cfg.prepend_bos`` wins when it is set).
+    Args:
+        query: the query.
+        cfg: the proxy (kind, |Q|, shots, seed).
+        tokenizer: the model's tokenizer (``model.tokenizer``).
+        pool: where distractors and examples come from (default: the query alone); a run passes its data set.
+        prepend_bos: the resolved BOS choice (``cfg.prepend_bos`` wins when it is set).
+
+    Returns:
+        ``cfg.n_prompts`` ``Prompt``s (a query with pre-built prompts: those), with tokens, target tokens and,
+        for MCQA, every option's tokens.
+
+    Example:
+        >>> from qrnca_lens import load_data
+        >>> pool = load_data("builtin:facts")
+        >>> prompts = build_prompts(pool[0], ProxyConfig("cloze"), model.tokenizer, pool=pool)  # doctest: +SKIP
+        >>> len(prompts), prompts[0].text.endswith("The capital city of France is")          # doctest: +SKIP
+        (3, True)
     """
     bos = cfg.prepend_bos if cfg.prepend_bos is not None else prepend_bos
     if cfg.chat_template:

@@ -52,6 +52,14 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 
 @dataclass(frozen=True)
 class PromptScore:
+    """One prompt's score: the target's log-probability, the prediction and whether it is right.
+
+    Example:
+        >>> s = PromptScore("q1", "g", template=0, target_logprob=math.log(0.5), predicted=2, correct=True)
+        >>> round(s.target_prob, 6)
+        0.5
+    """
+
     query_id: str
     group: str
     template: int
@@ -228,7 +236,23 @@ def _score_items_full(
 
 def score_prompts(model: HookedModel, prompts: Sequence[Prompt], *, batch_size: int = 8,
                   max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, engine: bool = True) -> list[PromptScore]:
-    """Target log-probability, prediction and correctness of every prompt (no intervention)."""
+    """Score every prompt, without intervention: target log-probability, prediction, correctness.
+
+    Args:
+        model: the TL model.
+        prompts: the prompts (from ``build_prompts``, or a run's stored ones).
+        batch_size: rows per forward pass.
+        max_batch_tokens: cap on padded tokens per batch (a longer sequence runs alone).
+        engine: run on the row engine (shared prefixes run once); False runs full sequences.
+
+    Returns:
+        One ``PromptScore`` per prompt, in order.
+
+    Example:
+        >>> scores = score_prompts(model, prompts)          # doctest: +SKIP
+        >>> len(scores), 0 < scores[0].target_prob <= 1     # doctest: +SKIP
+        (3, True)
+    """
     scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                          engine=engine)
     return [PromptScore(p.query_id, p.group, p.template, s.target_logprob, s.predicted, s.correct)
@@ -240,6 +264,12 @@ class AccuracyResult(Config):
     """A model's competence on a proxy: accuracy over prompts and the mean target probability.
 
     ``to_dict`` / ``from_dict`` are the base's (``proxy`` is the proxy config as a dict).
+
+    Example:
+        >>> res = AccuracyResult(accuracy=0.5, mean_target_prob=0.25, n=4, n_queries=2, chance=None,
+        ...                      proxy={"kind": "cloze"}, prepend_bos=False)
+        >>> print(res)
+        cloze: accuracy 0.500, mean target probability 0.2500 over 4 prompts of 2 queries
     """
 
     accuracy: float
@@ -290,7 +320,26 @@ def accuracy(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     progress: bool = False,
 ) -> AccuracyResult:
-    """Is the model competent on this proxy? Check before attributing: chance-level answers measure noise."""
+    """Is the model competent on this proxy? Check before attributing: chance-level answers measure noise.
+
+    Args:
+        model: the TL model.
+        queries: the queries to score.
+        cfg: the proxy that builds their prompts.
+        pool: distractors and in-context examples (default: ``queries``).
+        batch_size: rows per forward pass.
+        max_batch_tokens: cap on padded tokens per batch.
+        progress: show a progress bar.
+
+    Returns:
+        An ``AccuracyResult``: accuracy over all prompts, mean target probability, chance level (MCQA), and
+        the same per group.
+
+    Example:
+        >>> res = accuracy(model, load_data("builtin:facts", limit=5), ProxyConfig("cloze"))  # doctest: +SKIP
+        >>> res.n, res.n_queries, sorted(res.per_group)[0]                                     # doctest: +SKIP
+        (75, 25, 'capital')
+    """
     if not queries:
         raise ProxyError("no queries to score (the data set is empty)")
     bos = cfg.prepend_bos if cfg.prepend_bos is not None else default_prepend_bos(model)

@@ -86,7 +86,13 @@ def _check_mode(mode: str) -> None:
 
 @dataclass(frozen=True)
 class SelectionConfig(Config):
-    """Selection settings; the defaults are the paper's (t = 0.2, u = 0.3, v = 20) and the authors' union mode."""
+    """Selection settings; the defaults are the paper's (t = 0.2, u = 0.3, v = 20) and the authors' union mode.
+
+    Example:
+        >>> cfg = SelectionConfig(v=10, use_ica=False)
+        >>> cfg.to_dict()["v"], SelectionConfig.from_dict(cfg.to_dict()) == cfg
+        (10, True)
+    """
 
     t: float = field(default=0.2, metadata={"help": "cluster threshold, x max score"})
     u: float = field(default=0.3, metadata={"help": "common if in more than u*N clusters"})
@@ -120,6 +126,11 @@ class Cluster(Config):
 
     ``shape`` is the (n_layers, d_mlp) of the model, so a cluster can be densified and checked against others.
     Indices are stored int64 and raw scores float32 whatever dtype is passed in.
+
+    Example:
+        >>> c = Cluster(torch.tensor([[0, 2], [1, 0]]), torch.tensor([3.0, 1.0]), shape=(2, 3))
+        >>> c.na().tolist(), c.dense().tolist()
+        ([0.75, 0.25], [[0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
     """
 
     indices: Int[Tensor, "n 2"]
@@ -225,7 +236,25 @@ def _to_cluster(mask: Tensor, raw_dense: Tensor) -> Cluster:
 
 
 def query_cluster(scores: Float[Tensor, "prompt layer d_mlp"], t: float = 0.2, mode: str = "union") -> Cluster:
-    """A query's cluster and raw scores from its prompts' IG scores (see the module docstring for the modes)."""
+    """A query's cluster and raw scores from its prompts' IG scores (see the module docstring for the modes).
+
+    Args:
+        scores: ``[prompt, layer, d_mlp]`` IG scores of the query's prompts.
+        t: threshold, as a fraction of the maximum score (per prompt in ``"union"`` mode).
+        mode: ``"union"`` (the authors' code) or ``"sum"`` (the paper as written).
+
+    Returns:
+        The ``Cluster``: the kept (layer, neuron) rows and their raw scores; empty if no score is positive.
+
+    Example:
+        >>> scores = torch.tensor([[[4.0, 1.0, 0.0], [0.5, 2.0, -1.0]],    # prompt 0 keeps > 0.8
+        ...                        [[0.0, 0.0, 1.0], [0.0, 0.0, 0.1]]])    # prompt 1 keeps > 0.2
+        >>> c = query_cluster(scores, t=0.2)
+        >>> c.indices.tolist(), c.raw.tolist()
+        ([[0, 0], [0, 1], [0, 2], [1, 1]], [4.0, 1.0, 1.0, 2.0])
+        >>> query_cluster(scores, t=0.2, mode="sum").indices.tolist()
+        [[0, 0], [0, 1], [0, 2], [1, 1]]
+    """
     _check_t(t)
     _check_mode(mode)
     s = _checked_scores(scores)
@@ -322,6 +351,13 @@ class Selection:
 
     ``qr[query_id] = (rows of (layer, neuron), naica)``, best first. ``common`` is filled whatever
     ``config.remove_common`` says: it is a property of the collection, useful for maps and the baseline.
+
+    Example:
+        >>> a = Cluster(torch.tensor([[0, 0], [1, 1]]), torch.tensor([3.0, 1.0]), shape=(2, 2))
+        >>> b = Cluster(torch.tensor([[1, 1]]), torch.tensor([1.0]), shape=(2, 2))
+        >>> sel = select({"a": a, "b": b, "c": b}, SelectionConfig(u=0.5))
+        >>> sel.common.tolist(), sel.qr_lists()["a"], sel.mean_qr_count()   # doctest: +ELLIPSIS
+        ([[1, 1]], [[0, 0, 0.3040...]], 0.333...)
     """
 
     config: SelectionConfig
@@ -349,6 +385,20 @@ def select(clusters: Mapping[str, Cluster], cfg: SelectionConfig = SelectionConf
     Every query counts towards N, including one whose cluster is empty. ``cfg.t`` and ``cfg.cluster_mode``
     are not used here (they were applied when the clusters were built); they are kept in ``Selection.config``
     for the record. The result keeps the mapping's query order and does not depend on it otherwise.
+
+    Args:
+        clusters: query id -> its ``Cluster`` (from ``query_cluster``); every one from the same model shape.
+        cfg: u (common-neuron fraction), v (neurons kept per query), ICA and common removal switches.
+
+    Returns:
+        The ``Selection``: common neurons, and per query its QR neurons with their naica, best first.
+
+    Example:
+        >>> a = Cluster(torch.tensor([[0, 0], [0, 1]]), torch.tensor([3.0, 1.0]), shape=(1, 2))
+        >>> b = Cluster(torch.tensor([[0, 1]]), torch.tensor([2.0]), shape=(1, 2))
+        >>> sel = select({"a": a, "b": b, "c": b}, SelectionConfig(u=0.5, v=1))
+        >>> sel.qr_lists()   # (0, 0): na 0.75 * ln(3/2); (0, 1) is common (3 of 3 clusters)   # doctest: +ELLIPSIS
+        {'a': [[0, 0, 0.3040...]], 'b': [], 'c': []}
     """
     if len(clusters) == 0:
         raise QrncaError("no clusters to select from: the collection is empty")

@@ -123,7 +123,15 @@ def query_filename(query_id: str) -> str:
 
 
 class RunStore:
-    """A run directory. ``open`` creates it, or checks that an existing one is the same run."""
+    """A run directory. ``open`` creates it, or checks that an existing one is the same run.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     store = RunStore.open(d, {"model": "smollm2", "queries": {"q1": "capital"}})
+        ...     RunStore.open(d, {"model": "smollm2", "queries": {"q1": "capital"}}).manifest["model"]
+        'smollm2'
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root

@@ -34,6 +34,15 @@ class LensConfig(Config):
     ``max_rescore``: top-K mode gives up the certificate after scoring this many neurons exactly per prompt.
     ``check_tol``: largest |Δ log p| allowed between the lens on the final residual and the model's own
     log-probabilities (larger means the model is not supported).
+
+    Example:
+        >>> cfg = LensConfig(mode="topk", chunk=128)
+        >>> LensConfig.from_dict(cfg.to_dict()) == cfg, cfg.engine
+        (True, 'series')
+        >>> LensConfig(mode="fast")
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.QrncaError: mode must be one of ['exact', 'topk'], got 'fast'
     """
 
     # The tests' jaxtyping/beartype import hook checks dataclass ``__init__`` arguments and would refuse a bad

@@ -38,6 +38,11 @@ class LensResult(Located):
     ``certified[q]``: the top-k is certified exact (topk mode) or exact (exact mode); ``target_logprob[q]``: the
     model's mean log-probability of the first target token over the query's prompts. ``neurons_json()`` is the
     ``neurons.json`` document (no common neurons: the method has no collection-level step).
+
+    Example:
+        >>> res = lens_locate(model, queries, ProxyConfig("cloze"), top_k=5, progress=False)  # doctest: +SKIP
+        >>> res.write_neurons("runs/lens")                                                    # doctest: +SKIP
+        PosixPath('runs/lens/neurons.json')
     """
 
     method: ClassVar[str] = "logprob-increase"

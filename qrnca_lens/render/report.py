@@ -193,6 +193,22 @@ def write_report(
     stored) are they rebuilt, with a note saying so, from ``queries`` (default: ``load_data(doc["data"])``)
     with ``pool`` (default: those queries) and the recorded proxy config.
     ``n_queries`` queries are shown (default: one per group, at most 6); ``k`` tokens per projection.
+
+    Args:
+        run_dir: the run directory (with ``neurons.json``; ``evaluation.json`` is shown when present).
+        model: the run's model, for projections and circuitsvis views (None: maps and tables only).
+        queries: queries to rebuild prompts from, for a run that stores none.
+        pool: distractors and examples for that rebuild (default: ``queries``).
+        n_queries: queries shown in detail (default: one per group, at most 6).
+        k: top tokens per vocabulary projection.
+        out: where to write (default: ``run_dir/report.html``).
+
+    Returns:
+        The path of the written HTML file.
+
+    Example:
+        >>> write_report("runs/facts", model)     # doctest: +SKIP
+        PosixPath('runs/facts/report.html')
     """
     text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
