@@ -70,6 +70,10 @@ def comparison_rows(res: EvaluationResult) -> list[dict[str, Any]]:
     for m in dict.fromkeys([*res.pcr, *res.editing]):
         p, cost = res.pcr.get(m, {}), res.costs.get(m, {})
         passes = _num(_get(cost, "passes"))
+        seconds = _num(_get(cost, "seconds_per_query"))
+        stored = _num(_get(cost, "stored_attribution_seconds"))
+        if stored is not None:  # an IG-based locator: its cost is the attribution locate ran, not the re-read
+            seconds, passes = stored, None
         rows.append({
             "method": m,
             "pcr_boost": _num(p.get("boost")), "boost_ci": p.get("boost_ci"),
@@ -81,7 +85,7 @@ def comparison_rows(res: EvaluationResult) -> list[dict[str, Any]]:
             "gt_spearman": _num(_get(res.ground_truth, "methods", m, "spearman")),
             "gt_false_negative_rate": _num(_get(res.ground_truth, "methods", m, "false_negative_rate")),
             "content_share": _num(_get(res.symbol_binding, "per_method", m, "content_share")),
-            "seconds_per_query": _num(_get(cost, "seconds_per_query")),
+            "seconds_per_query": seconds,
             "passes_per_prompt": passes / n_prompts if passes is not None and n_prompts else None,
             "mean_neurons": _num(p.get("mean_neurons")),
         })
@@ -141,6 +145,9 @@ class EvaluationResult(Config):
         if self.ground_truth:
             notes.append(f"GT: agreement with exact single-neuron zero-ablation on each query's candidates "
                          f"(union of the locators' top-{self.ground_truth.get('k')} + as many random)")
+        if self.costs:
+            notes.append("s/query: the locator's seconds per query on this machine (IG-based ones: the attribution "
+                         "locate stored); passes/prompt: forward or backward passes over one prompt")
         if self.symbol_binding:
             notes.append("content share: share of a boost's rise that follows the content, not the letter "
                          "(re-lettered options; 1 = content, 0 = letter)")

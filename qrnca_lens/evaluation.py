@@ -46,7 +46,7 @@ from .engine import Row, run_rows
 from .errors import QrncaError
 from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
-from .locators import LocatorContext, neuron_sets
+from .locators import LocatorContext, cut_to_qrnca, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
 from .neurons import NeuronSet
@@ -85,12 +85,21 @@ class EvalConfig(Config):
     group_neurons: int = 50
     # Last-position scoring through the row engine (False: full sequences, the slow oracle; same numbers).
     engine: bool = True
+    ground_truth: bool = field(default=False, metadata={
+        "help": "also judge every locator against exact single-neuron ablations of its top-k (slow)"})
+    ground_truth_k: int = field(default=50, metadata={"help": "ground truth: each locator's top-k candidates"})
+    ground_truth_queries: int | None = field(default=None, metadata={
+        "help": "ground truth on the first N queries of each group (default: all)"})
+    symbol_binding: bool = field(default=True, metadata={
+        "help": "letter MCQA: re-letter the options and measure whether boosts follow the letter or the content"})
 
     def validate(self) -> None:
         if not self.methods:
             raise QrncaError("no methods to evaluate")
         if self.batch_size < 1 or self.n_boot < 10:
             raise QrncaError("batch_size must be >= 1 and n_boot >= 10")
+        if self.ground_truth_k < 1 or (self.ground_truth_queries is not None and self.ground_truth_queries < 1):
+            raise QrncaError("ground_truth_k and ground_truth_queries must be at least 1")
 
 
 # ---------------------------------------------------------------- controls
@@ -173,7 +182,9 @@ def evaluate(
     controls = control_queries(queries, cfg.seed)
     proxy = run.config.proxy
     ctx = LocatorContext(model, queries, prompts, run, cfg.seed)
-    sets = neuron_sets(cfg.methods, ctx)
+    # Whole rankings once: ground truth compares each locator's top-k; every other judge gets QRNCA's count.
+    uncut = neuron_sets(cfg.methods, ctx, cut=False)
+    sets = cut_to_qrnca(uncut, run)
     by_id = {q.id: q for q in queries}
 
     def bar(it: Any, desc: str) -> Any:
@@ -255,10 +266,28 @@ def evaluate(
               "proxy": proxy.kind, "controls": controls,
               "versions": library_versions(), "model_identity": model_identity(model)},
     )
+    result.costs = {m: dict(ctx.costs.get(m, {})) for m in cfg.methods}
     if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):
         result.free_form = _free_form(model, queries, prompts, sets, run, cfg)
     if cfg.neuron_prediction:
         result.neuron_prediction = _neuron_prediction(model, queries, prompts, run, cfg)
+    if cfg.symbol_binding and proxy.kind == "mcqa-letter":
+        from .symbol_binding import symbol_binding
+
+        result.symbol_binding = symbol_binding(model, prompts, sets, seed=cfg.seed, proxy=proxy,
+                                               batch_size=cfg.batch_size, engine=cfg.engine, executor=ex).to_dict()
+    if cfg.ground_truth:
+        from .data import limit_per_group
+        from .ground_truth import ground_truth
+
+        chosen = limit_per_group(queries, cfg.ground_truth_queries)
+        if progress:
+            print(f"ground truth: {len(chosen)} queries, each locator's top-{cfg.ground_truth_k} + as many random "
+                  "neurons, zero-ablated and doubled one at a time")
+        gt = ground_truth(model, chosen, {q.id: prompts[q.id] for q in chosen},
+                          {m: {q.id: uncut[m][q.id] for q in chosen} for m in cfg.methods},
+                          k=cfg.ground_truth_k, seed=cfg.seed, layers=run.layers, progress=progress)
+        result.ground_truth = gt.to_dict()
     return result
 
 
@@ -300,8 +329,8 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
 
 def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
                sets: dict[str, dict[str, NeuronSet]], run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
-    """QRNCA's and equal-size random neurons' ablation at every position: log-likelihood drop, exact match."""
-    # The two sets this check compares, taken from the evaluated methods or located here (cut alike).
+    """Every method's neurons ablated at every position: log-likelihood drop, exact match (QRNCA vs random too)."""
+    # QRNCA and random are always compared (drop_ratio); taken from the evaluated methods or located here.
     need = [m for m in ("qrnca", "random") if m not in sets]
     if need:
         sets = {**sets, **neuron_sets(need, LocatorContext(model, queries, prompts, run, cfg.seed))}
@@ -311,7 +340,7 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
     base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size)
     res["exact_match_before"] = float(np.mean([g == tuple(p.target) for g, (_, p) in zip(base_gen, flat)]))
     drops = {}
-    for name in ("qrnca", "random"):
+    for name in sets:
         items = [(p, (sets[name][qid], SUPPRESS)) for qid, p in flat]
         after = score_items(model, items, every_position=True, batch_size=cfg.batch_size)
         gen = _greedy(model, items, cfg.batch_size)

@@ -20,7 +20,7 @@ call), ``seconds_per_query`` and ``passes`` (model passes the locator ran, each 
 one prompt counting one; None when a locator does not say). The built-ins report their passes: ``atp`` 2
 per prompt, ``dla``, ``activation`` and ``logprob`` 1 per prompt; ``qrnca``, ``no-ica``, ``with-common``,
 ``kn`` 0, since they reuse the run's stored IG, and ``random`` 0. The IG-based ones also record
-``stored_attribution_seconds``: None, because a run store keeps no timing of its attribution.
+``stored_attribution_seconds``: the IG seconds per query ``locate`` stored (None for older runs).
 
 Example:
     >>> @register_locator("first-neurons")                      # doctest: +SKIP
@@ -98,9 +98,12 @@ def report_passes(ctx: LocatorContext, name: str, passes: int | None, **extra: f
 
 
 def _reuses_ig(ctx: LocatorContext, name: str) -> None:
-    # No extra pass: the run's stored IG scores are read. Their own cost is not in the run store (it keeps
-    # no timing), hence None rather than a guess.
-    report_passes(ctx, name, 0, stored_attribution_seconds=None)
+    # No extra pass: the run's stored IG scores are read. Their own cost is the IG time locate stored per
+    # query (runs made before it was stored have none: None rather than a guess).
+    stored = [ctx.run.info.get(q.id, {}).get("attribution_seconds") for q in ctx.queries]
+    seconds = [float(x) for x in stored if isinstance(x, (int, float))]
+    known = bool(stored) and len(seconds) == len(stored)
+    report_passes(ctx, name, 0, stored_attribution_seconds=sum(seconds) / len(seconds) if known else None)
 
 
 def register_locator(name: str, fn: LocatorFn | None = None) -> Any:
@@ -238,12 +241,13 @@ def _logprob(ctx: LocatorContext) -> Ranked:
                        progress=False).neuron_sets()
 
 
-def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked]:
+def neuron_sets(methods: Sequence[str], ctx: LocatorContext, *, cut: bool = True) -> dict[str, Ranked]:
     """Each method's neurons per query, cut to QRNCA's count for that query.
 
     Args:
         methods: registered locator names (``LOCATORS``).
         ctx: the model, queries, prompts and QRNCA run the locators read.
+        cut: False keeps each locator's whole ranking (what ground truth compares beyond QRNCA's count).
 
     Returns:
         ``{method: {query_id: NeuronSet}}``, each set its method's best ``n`` neurons, ``n`` the query's
@@ -272,8 +276,24 @@ def neuron_sets(methods: Sequence[str], ctx: LocatorContext) -> dict[str, Ranked
         missing = [q.id for q in ctx.queries if q.id not in ranked]
         if missing:
             raise QrncaError(f"locator {m!r} returned no neurons for queries {missing[:3]}")
-        out[m] = {q.id: _as_set(m, q.id, ranked[q.id])[: counts[q.id]] for q in ctx.queries}
+        out[m] = {q.id: _as_set(m, q.id, ranked[q.id])[: counts[q.id] if cut else None] for q in ctx.queries}
     return out
+
+
+def cut_to_qrnca(sets: Mapping[str, Ranked], run: LocateResult) -> dict[str, Ranked]:
+    """Uncut rankings (``neuron_sets(..., cut=False)``) cut to each query's QR neuron count, as ``neuron_sets`` does.
+
+    Args:
+        sets: ``{method: {query_id: NeuronSet}}``.
+        run: the QRNCA run whose QR neuron counts set each query's cut.
+
+    Returns:
+        The same structure, every set its method's best ``n`` neurons.
+
+    Example:
+        >>> sets = cut_to_qrnca(neuron_sets(["atp"], ctx, cut=False), ctx.run)   # doctest: +SKIP
+    """
+    return {m: {q: s[: len(run.selection.qr[q][0])] for q, s in d.items()} for m, d in sets.items()}
 
 
 def _as_set(method: str, query_id: str, neurons: NeuronsLike) -> NeuronSet:

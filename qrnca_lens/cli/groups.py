@@ -27,7 +27,9 @@ PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_b
 IG = options(IGConfig, ["steps", "alpha_schedule", "method", "max_batch_rows", "memory_budget_mb"])
 SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", "remove_common"],
                     use_ica="--no-ica", remove_common="--keep-common")
-EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size"], n_boot="--bootstrap")
+EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size", "ground_truth", "ground_truth_k",
+                           "ground_truth_queries", "symbol_binding"], n_boot="--bootstrap",
+               symbol_binding="--no-symbol-binding")
 BENCH = options(IGConfig, ["steps", "max_batch_rows", "memory_budget_mb"])
 LENS = options(LensRunConfig, ["top_k", "mode", "compare_prompts", "compare_k"], top_k="--top", mode="--lens-mode")
 

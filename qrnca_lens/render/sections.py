@@ -11,7 +11,7 @@ from ..errors import QrncaError
 from ..protocols import HookedModel
 from .html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 
-__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "evaluation_section", "with_ci", "pair", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
+__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "evaluation_section", "with_ci", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
 
 
 def summary_section(doc: Mapping[str, Any], shape: tuple[int, int], shape_note: str) -> str:
@@ -143,28 +143,29 @@ def evaluation_section(ev: Mapping[str, Any] | None) -> str:
     out = ["<h2 id=evaluation>Evaluation</h2>"]
     if "_error" in ev:
         return out[0] + html_note(esc(ev["_error"]))
-    pcr: Mapping[str, Any] = ev["pcr"] if isinstance(ev.get("pcr"), Mapping) else {}
-    editing: Mapping[str, Any] = ev["editing"] if isinstance(ev.get("editing"), Mapping) else {}
-    methods = list(dict.fromkeys([*pcr, *editing]))
-    if methods:
-        rows = []
-        for m in methods:
-            r: Mapping[str, Any] = pcr[m] if isinstance(pcr.get(m), Mapping) else {}
-            e: Mapping[str, Any] = editing[m] if isinstance(editing.get(m), Mapping) else {}
-            rows.append([
-                f"<b>{esc(str(m))}</b>",
-                with_ci(r.get("boost"), r.get("boost_ci")), with_ci(r.get("suppress"), r.get("suppress_ci")),
-                pair(r.get("boost_related_mean"), r.get("boost_unrelated_mean")),
-                pair(r.get("suppress_related_mean"), r.get("suppress_unrelated_mean")),
-                html_fmt(e.get("boost"), "{:.1%}"), html_fmt(e.get("suppress"), "{:.1%}"), html_fmt(r.get("mean_neurons"), "{:.1f}"),
-            ])
-        out.append(html_table(["method", "PCR boost [95% CI]", "PCR suppress [95% CI]", "Δp% boost rel / unrel",
-                           "Δp% suppress rel / unrel", "edit boost", "edit suppress", "neurons"], rows,
-                          [False] + [True] * 7))
-        out.append('<p class="muted">PCR = mean |relative change of p(target)| on the query\'s own prompts / the same '
-                   "on an unrelated control query's prompts, after boosting (×2) or suppressing (×0) the neurons. "
-                   "Editing: share of wrong prompts made right by boosting, of right prompts made wrong by "
-                   "suppressing.</p>")
+    from ..comparison import COLUMNS, EvaluationResult, comparison_rows
+
+    known = {k: ev[k] for k in EvaluationResult.__dataclass_fields__ if isinstance(ev.get(k), Mapping)}
+    res = EvaluationResult(**{"pcr": {}, "editing": {}, "per_group": {}, **known})
+    comp = comparison_rows(res)
+    if comp:
+        shown = [c for c in COLUMNS if any(r[c[0]] is not None for r in comp)]
+        cells = []
+        for r in comp:
+            line = [f"<b>{esc(str(r['method']))}</b>"]
+            for k, _, fmt in shown:
+                ci = r.get(k.replace("pcr_", "") + "_ci") if k in ("pcr_boost", "pcr_suppress") else None
+                line.append(with_ci(r[k], ci) if k in ("pcr_boost", "pcr_suppress") else html_fmt(r[k], fmt))
+            cells.append(line)
+        out.append(html_table(["method"] + [h for _, h, _ in shown], cells, [False] + [True] * len(shown)))
+        out.append('<p class="muted">One row per locator. PCR = mean |relative change of p(target)| on the query\'s '
+                   "own prompts / the same on an unrelated control query's prompts, after boosting (×2) or "
+                   "suppressing (×0) the neurons, with 95% bootstrap intervals. Editing: share of wrong prompts made "
+                   "right by boosting, of right prompts made wrong by suppressing. Free-form drop: log-likelihood "
+                   "drop of the answer when the neurons are zeroed at every position. GT: agreement with exact "
+                   "single-neuron zero-ablation (precision / recall at k, Spearman ρ, false-negative rate). Content "
+                   "share: of a boost's rise on re-lettered options, the share that follows the content (1) rather "
+                   "than the letter (0). s/query: seconds per query on the measuring machine.</p>")
     per_group = ev.get("per_group")
     if isinstance(per_group, Mapping) and per_group:
         out.append("<h3>PCR per group</h3>")
@@ -191,12 +192,6 @@ def with_ci(x: Any, ci: Any) -> str:
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         return f"{html_fmt(x, '{:.2f}')} <span class=muted>[{html_fmt(ci[0], '{:.2f}')}, {html_fmt(ci[1], '{:.2f}')}]</span>"
     return html_fmt(x, "{:.2f}")
-
-
-def pair(a: Any, b: Any) -> str:
-    if a is None and b is None:
-        return "–"
-    return f"{html_fmt(a, '{:+.1f}')} / {html_fmt(b, '{:+.1f}')}"
 
 
 def generic(d: Mapping[str, Any]) -> str:
