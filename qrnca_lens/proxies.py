@@ -33,6 +33,7 @@ from .errors import ProxyError
 
 __all__ = [
     "PROXIES",
+    "letter_tokens",
     "DEFAULT_SHOTS",
     "Template",
     "ProxyConfig",
@@ -403,7 +404,7 @@ def build_prompts(
         if cfg.kind == "mcqa-letter":
             assert options is not None
             assert correct is not None
-            opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, sep, bos) for i in range(len(options)))
+            opt_tokens = tuple(letter_tokens(tokenizer, ids, body, cfg, i, sep, bos) for i in range(len(options)))
             target = opt_tokens[correct]
         elif cfg.kind == "mcqa-text":
             assert options is not None
@@ -434,7 +435,23 @@ def _cloze_distractors(query: Query, group: Sequence[Query], cfg: ProxyConfig, t
         return None  # only neuron-based prediction needs them; it says so when they are missing
 
 
-def _letter_tokens(tokenizer: Any, ids: list[int], body: str, cfg: ProxyConfig, i: int, sep: str, bos: bool) -> tuple[int, ...]:
+def letter_tokens(tokenizer: Any, ids: list[int], body: str, cfg: ProxyConfig, i: int, sep: str, bos: bool) -> tuple[int, ...]:
+    """The single token of option letter ``i`` as the model would emit it after ``body`` (tokens ``ids``).
+
+    Args:
+        tokenizer: the prompts' tokenizer.
+        ids, body: the prompt's tokens and text (the letter's tokenisation can depend on what precedes it).
+        cfg: the proxy config (``letters``, ``letter_style``).
+        i: the option's index.
+        sep, bos: the separator before the letter, and whether the prompt starts with BOS.
+
+    Returns:
+        A one-token tuple; a letter that is not one token raises ``ProxyError`` naming the fix.
+
+    Example:
+        >>> letter_tokens(tok, list(p.tokens), p.text, ProxyConfig("mcqa-letter"), 0, " ", True)  # doctest: +SKIP
+        (330,)
+    """
     letter = cfg.letters[i]
     if cfg.letter_style == "bare":
         tid = tokenizer.convert_tokens_to_ids(letter)
@@ -462,7 +479,7 @@ def _prebuilt_prompts(query: Query, cfg: ProxyConfig, tokenizer: Any, bos: bool)
         # A prompt that ends in a space leaves the letter as a bare piece; fold the space into the letter.
         body = text.rstrip(" ") if cfg.letter_style == "space" else text
         ids = encode(tokenizer, body, prepend_bos=bos)
-        opt_tokens = tuple(_letter_tokens(tokenizer, ids, body, cfg, i, " ", bos) for i in range(cfg.n_options))
+        opt_tokens = tuple(letter_tokens(tokenizer, ids, body, cfg, i, " ", bos) for i in range(cfg.n_options))
         correct = cfg.letters.index(letter)
         out.append(Prompt(query.id, query.group, 0, body, tuple(ids), opt_tokens[correct], opt_tokens, correct,
                           meta={"prepend_bos": bos, "prebuilt": True}, index=j))

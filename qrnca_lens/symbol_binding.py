@@ -39,7 +39,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jaxtyping import Float
@@ -50,7 +50,11 @@ from .errors import ProxyError, QrncaError
 from .interventions import BOOST
 from .models import model_dtype, tokenizer_of
 from .neurons import NeuronSet
-from .proxies import Prompt, ProxyConfig, Template, _letter_tokens, encode
+from .protocols import HookedModel
+from .proxies import Prompt, ProxyConfig, Template, encode, letter_tokens
+
+if TYPE_CHECKING:  # the executors import scoring, which this module's callers already hold
+    from .executors import Executor
 
 __all__ = ["RELETTER_KEY", "derangement", "reletter", "reletter_all", "binding_summary", "SymbolBindingResult",
            "symbol_binding"]
@@ -148,7 +152,7 @@ def reletter(prompt: Prompt, permutation: Sequence[int] | None, tokenizer: Any, 
         raise _not_letter(prompt, "its tokens are not this tokenizer's encoding of its text")
     sep = "" if proxy.chat_template else " "
     try:
-        old = tuple(_letter_tokens(tokenizer, list(prompt.tokens), prompt.text, proxy, i, sep, bos) for i in range(n))
+        old = tuple(letter_tokens(tokenizer, list(prompt.tokens), prompt.text, proxy, i, sep, bos) for i in range(n))
     except ProxyError as e:
         raise _not_letter(prompt, f"its letters are not single tokens here ({e})") from None
     if tuple(map(tuple, prompt.options)) != old:
@@ -171,7 +175,7 @@ def reletter(prompt: Prompt, permutation: Sequence[int] | None, tokenizer: Any, 
                              "permutation=None for a seeded derangement)")
     text = prompt.text[:at] + _block(t, letters, perm, contents) + prompt.text[at + len(old_block):]
     ids = encode(tokenizer, text, prepend_bos=bos)
-    opts = tuple(_letter_tokens(tokenizer, ids, text, proxy, j, sep, bos) for j in range(n))
+    opts = tuple(letter_tokens(tokenizer, ids, text, proxy, j, sep, bos) for j in range(n))
     record = {"permutation": list(perm), "letters": [letters[p] for p in perm], "original_correct": c,
               "original_letter": letters[c], "original_target": list(prompt.target), "new_letter": letters[perm[c]],
               "seed": seed if permutation is None else None}
@@ -290,7 +294,7 @@ class SymbolBindingResult(Config):
 
 
 def symbol_binding(
-    model: Any,
+    model: HookedModel,
     prompts_by_query: Mapping[str, Sequence[Prompt]],
     sets: Mapping[str, Mapping[str, NeuronSet]],
     factor: float = BOOST,
@@ -302,7 +306,7 @@ def symbol_binding(
     tol: float | None = None,
     batch_size: int = 8,
     engine: bool = True,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> SymbolBindingResult:
     """How much of each method's boost effect follows the option letter rather than the content.
 
