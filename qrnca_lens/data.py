@@ -45,7 +45,7 @@ __all__ = [
     "limit_per_group",
 ]
 
-BUILTIN = ("domains", "facts")
+BUILTIN = ("domains", "facts", "languages")
 SLOT = "[Y]"
 
 
@@ -100,6 +100,13 @@ class Query(Config):
     @property
     def has_slot(self) -> bool:
         return SLOT in self.question
+
+    @property
+    def answer_sep(self) -> str:
+        """What joins the cloze prefix and the answer: ``""`` when the ``[Y]`` slot is glued to the text before
+        it (Chinese and Japanese write no spaces: ``"法国的首都是[Y]。"``; French ``"l'[Y]"``), else ``" "``."""
+        i = self.question.find(SLOT)
+        return "" if i > 0 and not self.question[i - 1].isspace() else " "
 
     def to_dict(self) -> dict[str, Any]:
         """The base's dict without unset fields (None, empty meta): a query file's record stays short.

@@ -5,7 +5,7 @@
   gives the authors' bare ``"A"`` piece). It must be one token.
 - ``mcqa-text``: the question (options listed or not), then the correct option's text is the target.
 - ``cloze``: a fact prefix; the target is the answer's tokens. A ``[Y]`` slot marks where the answer goes
-  (mLAMA style); the prompt is the text before it.
+  (mLAMA style); the prompt is the text before it, and a slot glued to that text takes no space (zh, ja).
 
 Distractors come from the answers of other queries of the same group (seeded). Each of the |Q| prompts uses
 its own template, its own option order and its own k in-context examples (filled-in queries of the same
@@ -396,7 +396,7 @@ def build_prompts(
                 item = _render_item(t, cfg, ex, ex_opts) + _answer_text(cfg, ex, ex_opts, ex_correct, " ")
             parts.append(item + t.example_sep)
         body = "".join(parts) + _render_item(t, cfg, query, options)
-        sep = " "
+        sep = query.answer_sep if cfg.kind == "cloze" else " "
         if cfg.chat_template:
             body = tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
             sep = ""

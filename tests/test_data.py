@@ -37,7 +37,7 @@ FACT_GROUPS = ["capital", "language", "continent", "landmark_country", "color"]
 
 
 def test_builtin_names():
-    assert builtin_names() == ("domains", "facts")
+    assert builtin_names() == ("domains", "facts", "languages")
 
 
 def test_builtin_domains_shape():
@@ -70,6 +70,96 @@ def test_builtin_facts_shape():
     slot = [q for q in qs if q.has_slot]
     assert slot, "the built-in facts should include [Y]-slot cloze questions"
     assert next(q for q in qs if q.id == "capital-04").question == "The capital of Italy is [Y] ."
+
+
+LANGUAGES = ["en", "fr", "es", "de", "ru", "zh", "ja"]
+
+
+@pytest.fixture(scope="module")
+def languages():
+    return load_data("builtin:languages")
+
+
+def test_builtin_languages_shape(languages):
+    qs = languages
+    assert len(qs) == len(LANGUAGES) * len(FACT_GROUPS) * 20
+    assert len({q.id for q in qs}) == len(qs)
+    groups = groups_of(qs)
+    assert list(groups) == [f"{r}-{lang}" for lang in LANGUAGES for r in FACT_GROUPS]
+    for name, items in groups.items():
+        rel, lang = name.rsplit("-", 1)
+        assert len(items) == 20
+        # a group is one relation in one language: prompts draw examples and distractors from it
+        assert {(q.relation, q.language) for q in items} == {(rel, lang)}
+        assert [q.id for q in items] == [f"{rel}-{lang}-{n:02d}" for n in range(1, 21)]
+        assert all(q.subject and q.options is None for q in items)
+
+
+def test_builtin_languages_groups_have_enough_distinct_answers(languages):
+    for name, items in groups_of(languages).items():
+        distinct = {" ".join(q.answer.lower().split()) for q in items}
+        assert len(distinct) >= 4, (name, sorted(distinct))
+
+
+def test_builtin_languages_english_rows_are_the_facts_set(languages):
+    facts = {q.id: q for q in load_data("builtin:facts")}
+    en = [q for q in languages if q.language == "en"]
+    assert len(en) == 100
+    for q in en:
+        f = facts[q.id.replace("-en-", "-")]
+        assert (q.question, q.answer, q.subject) == (f.question, f.answer, f.subject)
+
+
+def test_builtin_languages_are_parallel(languages):
+    """Row nn is the same fact in every language: facts sharing an answer in a language share it in English
+    (a language may split one English answer, as Russian does for the sky's and blueberries' blue, but never
+    merge two), and apart from colours the answers repeat exactly where the English ones do."""
+    by = {(q.relation, q.language, q.id.rsplit("-", 1)[1]): q for q in languages}
+    for rel in FACT_GROUPS:
+        en = [by[(rel, "en", f"{n:02d}")].answer for n in range(1, 21)]
+        for lang in LANGUAGES:
+            ans = [by[(rel, lang, f"{n:02d}")].answer for n in range(1, 21)]
+            same = {(i, j) for i in range(20) for j in range(20) if ans[i] == ans[j]}
+            same_en = {(i, j) for i in range(20) for j in range(20) if en[i] == en[j]}
+            assert same <= same_en, (rel, lang)
+            if rel != "color":
+                assert same == same_en, (rel, lang)
+
+
+def test_builtin_languages_cjk_rows_glue_the_answer(languages):
+    """Chinese and Japanese write no spaces: every question has a [Y] slot right after text, so the cloze
+    proxy joins the answer without a space (Query.answer_sep)."""
+    for q in languages:
+        if q.language in ("zh", "ja"):
+            assert " " not in q.question and " " not in q.answer, q.id
+            assert q.has_slot and q.answer_sep == "", q.id
+        else:
+            assert q.answer_sep == " ", q.id
+
+
+@pytest.mark.parametrize(("question", "sep"), [
+    ("The capital of Italy is [Y] .", " "), ("The capital of Italy is", " "), ("法国的首都是[Y]。", ""),
+    ("Il parle l'[Y] .", ""), ("[Y] is the capital of Italy .", " "), ("Rome is\t[Y]", " "),
+])
+def test_query_answer_sep(question, sep):
+    assert Query("q", "g", question, "x").answer_sep == sep
+
+
+def test_builtin_languages_cloze_prompts_build_for_every_group(languages, tiny_tokenizer):
+    from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+
+    cfg = ProxyConfig("cloze")
+    prompts = build_all_prompts(languages, cfg, tiny_tokenizer)
+    assert set(prompts) == {q.id for q in languages}
+    for q in languages:
+        ps = prompts[q.id]
+        assert len(ps) == cfg.n_prompts
+        for p in ps:
+            assert len(p.examples) == cfg.shots
+            # examples come from the query's own group: one relation in one language
+            assert all(e.rsplit("-", 1)[0] == q.group for e in p.examples)
+            assert tiny_tokenizer.decode(list(p.tokens) + list(p.target)).endswith(q.answer_sep + q.answer)
+            assert p.distractors is not None and len(p.distractors) == cfg.n_options - 1
 
 
 @pytest.mark.parametrize("name", ["domains", "facts"])

@@ -398,6 +398,24 @@ def test_cloze_slot_at_start_is_an_error(tiny_tokenizer):
         build_prompts(q2, ProxyConfig("cloze", n_shots=0), tiny_tokenizer)
 
 
+def test_cloze_glued_slot_takes_no_space(tiny_tokenizer):
+    """Chinese writes no spaces: a [Y] glued to the text before it joins the answer (and its distractors)
+    without one, in the examples and in the target alike."""
+    pool = [Query("c1", "g", "法国的首都是[Y]。", "巴黎"), Query("c2", "g", "德国的首都是[Y]。", "柏林"),
+            Query("c3", "g", "日本的首都是[Y]。", "东京"), Query("c4", "g", "英国的首都是[Y]。", "伦敦")]
+    prompts = build_prompts(pool[0], ProxyConfig("cloze", n_shots=1), tiny_tokenizer, pool=pool)
+    for p in prompts:
+        (ex,) = p.examples
+        ex_q = _by_id(pool, ex)
+        filled = ex_q.question.replace("[Y]", ex_q.answer)
+        t = TEMPLATES["cloze"][p.template]
+        assert p.text == t.instruction + t.item.format(fact=filled) + t.example_sep + t.item.format(fact="法国的首都是")
+        assert p.target == tuple(_ids(tiny_tokenizer, p.text + "巴黎")[len(p.tokens):])
+        assert tiny_tokenizer.decode(list(p.target)) == "巴黎"
+        others = sorted(tiny_tokenizer.decode(list(d)) for d in p.distractors)
+        assert others == sorted(q.answer for q in pool[1:])
+
+
 # ---------------------------------------------------------------- mcqa-text
 
 

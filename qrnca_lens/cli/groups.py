@@ -37,7 +37,7 @@ LENS = options(LensRunConfig, ["top_k", "mode", "compare_prompts", "compare_k"],
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
     """The model, the data and how queries become prompts (accuracy, locate, lens)."""
     p.add_argument("--model", default="smollm2", help="an embedded model name (smollm2, gemma3-270m)")
-    p.add_argument("--data", required=True, help="a path (.jsonl, .csv, .json) or builtin:domains / builtin:facts")
+    p.add_argument("--data", required=True, help="a path (.jsonl, .csv, .json) or builtin:domains / builtin:facts / builtin:languages")
     add_options(p, PROXY[:1])
     p.add_argument("--limit", type=int, default=None, help="keep the first N queries of every group")
     p.add_argument("--pool", default=None,
