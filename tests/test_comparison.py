@@ -103,3 +103,23 @@ def test_ground_truth_options_are_validated():
 
     with pytest.raises(QrncaError, match="ground_truth_k"):
         EvalConfig(ground_truth_k=0)
+
+
+def test_evaluate_runs_the_symbol_binding_control_on_letter_runs(tiny_llama):
+    from qrnca_lens.symbol_binding import symbol_binding
+
+    pool = load_data("builtin:domains")
+    queries = limit_per_group(pool, 1)[:3]
+    proxy = ProxyConfig("mcqa-letter", n_prompts=2, n_shots=1)
+    run = locate(tiny_llama, queries, LocateConfig(proxy, IGConfig(steps=2)), pool=pool, progress=False)
+    methods = ("qrnca", "random")
+    res = evaluate(tiny_llama, run, cfg=EvalConfig(methods=methods, n_boot=20, neuron_prediction=False),
+                   progress=False)
+    prompts = run.stored_prompts()
+    sets = neuron_sets(methods, LocatorContext(tiny_llama, run.stored_queries(), prompts, run, 0))
+    direct = symbol_binding(tiny_llama, prompts, sets, seed=0, proxy=run.config.proxy)
+    assert res.symbol_binding["per_method"] == direct.to_dict()["per_method"]
+    assert set(res.symbol_binding["per_method"]) == set(methods)
+    off = evaluate(tiny_llama, run, cfg=EvalConfig(methods=methods, n_boot=20, neuron_prediction=False,
+                                                   symbol_binding=False), progress=False)
+    assert not off.symbol_binding
