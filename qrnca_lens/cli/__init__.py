@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
     demo.add_argument("--competence-per-group", type=int, default=3,
                       help="queries per group the competence check scores (10: the full check)")
-    # The demo also runs the lens as a locator, on top of evaluate's default methods.
-    demo.add_argument("--methods", default=",".join((*EvalConfig().methods, "logprob")),
+    # The demo also runs the lens and the first-order lenses as locators, on top of evaluate's default methods.
+    demo.add_argument("--methods", default=",".join((*EvalConfig().methods, "logprob", "atp", "dla")),
                       help="comma-separated locators")
+    demo.add_argument("--ground-truth-queries", type=int, default=1,
+                      help="queries per relation judged against exact single-neuron ablations (0: none)")
     return parser
 
 

@@ -25,7 +25,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Args:
         args: ``model``, ``limit`` (queries per relation), ``out`` (results and report), ``methods``
             (comma-separated locators), ``competence_per_group`` (queries per group scored by the
-            competence check: 3 by default, 10 for the full check).
+            competence check: 3 by default, 10 for the full check), ``ground_truth_queries`` (queries per
+            relation judged against exact single-neuron ablations; 0 skips it).
 
     Returns:
         0; everything is written under ``args.out``.
@@ -82,9 +83,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print_summary(run, run_dir / "neurons.json")
     t = lap("locate", t)
 
-    print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, baselines")
+    gtq = args.ground_truth_queries
+    print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, the other locators"
+          + (f", and ground truth (exact single-neuron ablations, {gtq} queries per relation)" if gtq else ""))
     methods = tuple(m for m in args.methods.split(",") if m)
-    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods))
+    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, ground_truth=gtq > 0,
+                                                             ground_truth_queries=gtq or None))
     write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
     print(verdict.table())
     t = lap("evaluate", t)
