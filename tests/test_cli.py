@@ -98,6 +98,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(cli_model, capsys, tmp_path):
     assert "report:" in text and (out / "facts-cloze" / "report.html").exists()
     ev = json.loads((out / "facts-cloze" / "evaluation.json").read_text())
     assert set(ev["pcr"]) == {"qrnca", "random", "logprob"}
+    # Ground truth on one query per relation (the demo's default), for every compared locator.
+    assert set(ev["ground_truth"]["methods"]) == {"qrnca", "random", "logprob"}
+    assert len(ev["ground_truth"]["queries"]) == 5 and "GT P@k" in text
     acc = json.loads((out / "accuracy.json").read_text())["runs"][0]
     assert acc["proxy"] == "cloze" and acc["n_queries"] == 3 * 5  # 3 queries of each of the 5 relations
     timings = json.loads((out / "timings.json").read_text())
