@@ -34,6 +34,7 @@ from .config import Config
 from .data import Query
 from .errors import QrncaError, StoreError
 from .executors import SerialExecutor
+from .grouping import GroupBy, check_group_by, regroup
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
 from .neurons import NeuronSet
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
@@ -55,6 +56,11 @@ class LocateConfig(Config):
     ig: IGConfig = field(default_factory=IGConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     layers: tuple[int, ...] | None = None
+    group_by: GroupBy = field(default="group", metadata={"help": "the query field the run is mapped by (recorded "
+                              "at creation; evaluate and report default to it)"})
+
+    def validate(self) -> None:
+        check_group_by(self.group_by)
 
 
 @dataclass(eq=False)
@@ -117,7 +123,8 @@ class LocateResult:
             "layers": self.layers,
             "common_neurons": [list(x) for x in self.common_neurons],
             "queries": {
-                q: {"group": self.groups[q], "qr_neurons": self.qr_neurons(q).to_list(),
+                q: {"group": self.groups[q], **_fields(self.info[q]),  # the report regroups by these
+                    "qr_neurons": self.qr_neurons(q).to_list(),
                     "target_prob": _mean(self.info[q].get("target_probs", [])),
                     "accuracy": _mean([float(c) for c in self.info[q].get("correct", [])])}
                 for q in self.selection.qr
@@ -189,6 +196,11 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
+def _fields(info: dict[str, Any]) -> dict[str, Any]:
+    """The stored query's language and relation, those it has."""
+    return {k: v for k, v in (info.get("query") or {}).items() if k in ("language", "relation") and v}
+
+
 def parse_shard(spec: str | None) -> tuple[int, int]:
     """``"I/N"`` (0-based I) -> (I, N): this process does every N-th query starting at I.
 
@@ -220,7 +232,7 @@ def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int]
     # pool: where in-context examples and distractors came from (each query file stores the prompts made).
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
-            "versions": library_versions(), "model_identity": identity, "pool": pool}
+            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": d["group_by"]}
 
 
 # ---------------------------------------------------------------- the prompts a run stores
@@ -314,6 +326,7 @@ def locate(
     per-query attribution runs (default: this process, on ``model``; see ``executors``).
     """
     _check_queries(queries)
+    regroup(queries, cfg.group_by)  # a query without the field fails now, not after the attribution
     name = name or model_name(model)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
@@ -389,7 +402,8 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
     # The manifest holds the config's fields among others (model, queries, versions, ...); its "layers" are
     # the resolved ones, which the config takes.
     cfg = LocateConfig.from_dict({"proxy": man["proxy"], "ig": man["ig"], "layers": man.get("layers"),
-                                  "selection": selection.to_dict() if selection else man["selection"]})
+                                  "selection": selection.to_dict() if selection else man["selection"],
+                                  "group_by": man.get("group_by", "group")})
     groups: dict[str, str] = man["queries"]
     done, corrupt = store.scan()
     if corrupt:

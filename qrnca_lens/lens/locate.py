@@ -108,7 +108,8 @@ def lens_locate(
     with torch.no_grad():
         for q in it:
             rows, certified, logps = _query_top(model, prompts[q.id], top_k, cfg, W_out)
-            out[q.id] = {"group": q.group, "qr_neurons": rows, "certified": certified,
+            fields = {k: getattr(q, k) for k in ("language", "relation") if getattr(q, k)}  # the report regroups by these
+            out[q.id] = {"group": q.group, **fields, "qr_neurons": rows, "certified": certified,
                          "target_logprob": sum(logps) / len(logps)}
     L = n_layers(model)
     return {
