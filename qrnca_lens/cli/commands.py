@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QrncaError
-from .groups import eval_config, executor, ig_config, proxy_config, queries_and_pool, selection_config
+from .groups import (
+    eval_config,
+    executor,
+    locate_config,
+    proxy_config,
+    queries_and_pool,
+    report_config,
+    selection_config,
+)
 
 __all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
            "print_summary", "evaluation_doc"]
@@ -63,17 +71,17 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"accuracy": res.accuracy, "mean_target_prob": res.mean_target_prob, "n": res.n,
                           "n_queries": res.n_queries, "chance": res.chance, "proxy": args.proxy,
-                          "data": args.data, "model": args.model}))
+                          "data": args.data, "model": args.model, "per_group": res.per_group}))
     return 0
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
     """``qrnca-lens locate``: attribute every query into ``--out`` (resumable), then select the QR neurons."""
     from .. import models
-    from ..locate import LocateConfig, locate
+    from ..locate import locate
 
     where = shard(args.shard)
-    cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
+    cfg = locate_config(args)
     queries, pool = queries_and_pool(args)
     model = models.load_model(args.model, verbose=not args.quiet)
     ex = executor(args, args.model)
@@ -142,11 +150,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: Any) -> int:
-    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N]``: load the run's model, write the report.
+    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N] [--group-by F]``: write the report.
 
     Args:
         args: ``out`` (the run directory), and optionally ``model`` (default: the run's), ``no_model``
-            (skip projections and views), ``queries`` (how many queries get views).
+            (skip projections and views), ``queries`` (how many queries get views), ``group_by`` (the query
+            field the maps group by; default: the run's).
 
     Returns:
         0; a model that cannot be loaded only drops the projections and views, with a message.
@@ -164,7 +173,8 @@ def cmd_report(args: Any) -> int:
         except ModelError as e:
             print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
                   "projections and views (pass --model NAME or a checkpoint directory)")
-    path = write_report(args.out, model, n_queries=getattr(args, "queries", None))
+    path = write_report(args.out, model, n_queries=getattr(args, "queries", None),
+                        group_by=report_config(args).group_by)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser, no network needed)")
     return 0
 
