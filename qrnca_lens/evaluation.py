@@ -24,7 +24,7 @@ For each method and query (neurons cut to QRNCA's count for that query):
 
 Every number is computed per group and overall. Interventions run batched, one neuron set per row.
 
-**Groups.** ``EvalConfig.group_by`` (default: the run's recorded ``LocateConfig.group_by``) picks the query field
+**Groups.** ``EvalConfig.group_by`` (default: the run's recorded ``LocateResult.group_by``) picks the query field
 that makes the groups: ``group``, ``language`` or ``relation`` (``grouping.regroup``). It decides the per-group
 numbers, the group neurons of neuron-based prediction, and where unrelated controls come from: grouped by
 language, a query's control is from *another language* (it may share the relation), so PCR asks whether the
@@ -219,7 +219,7 @@ def evaluate(
     ids = [q for q in asked if q in run.selection.qr]
     if not ids:
         raise QrncaError("none of the queries belongs to this run")
-    by = cfg.group_by or run.config.group_by
+    by = cfg.group_by or run.group_by
     # The one relabelling: from here on a query's group is its ``by`` field (its prompts are the stored ones).
     queries = regroup(run.stored_queries(ids), by)
     prompts = run.stored_prompts(ids)

@@ -25,10 +25,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args, overload
 
+from .config import Config
 from .data import Query
 from .errors import QrncaError
 
-__all__ = ["GroupBy", "GROUP_BY", "check_group_by", "group_key", "regroup", "group_specificity"]
+__all__ = ["GroupBy", "GROUP_BY", "GroupingConfig", "check_group_by", "group_key", "regroup", "group_specificity"]
 
 GroupBy = Literal["group", "language", "relation"]
 GROUP_BY: tuple[str, ...] = get_args(GroupBy)
@@ -42,6 +43,22 @@ def check_group_by(by: str | None, what: str = "group_by") -> None:
     """Refuse anything but ``GROUP_BY`` (or None, meaning: the run's recorded choice)."""
     if by is not None and by not in GROUP_BY:
         raise QrncaError(f"{what} must be one of {list(GROUP_BY)}, got {by!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupingConfig(Config):
+    """Which query field a run is mapped by; ``--group-by`` of ``locate`` and ``report`` is generated from it.
+
+    ``None``: the run's recorded choice (``LocateResult.group_by``, ``neurons.json``'s ``group_by``); a new
+    run records ``"group"``. ``EvalConfig.group_by`` is the same field for ``evaluate``.
+    """
+
+    group_by: GroupBy | None = dataclasses.field(default=None, metadata={
+        "help": "the query field the maps, per-group numbers and controls group by (default: the run's; a new "
+                "run: group)"})
+
+    def validate(self) -> None:
+        check_group_by(self.group_by)
 
 
 def group_key(item: Query | Mapping[str, Any], by: str) -> str | None:

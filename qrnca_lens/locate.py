@@ -34,7 +34,7 @@ from .config import Config
 from .data import Query
 from .errors import QrncaError, StoreError
 from .executors import SerialExecutor
-from .grouping import GroupBy, check_group_by, regroup
+from .grouping import check_group_by, regroup
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
 from .neurons import NeuronSet
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
@@ -56,11 +56,6 @@ class LocateConfig(Config):
     ig: IGConfig = field(default_factory=IGConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     layers: tuple[int, ...] | None = None
-    group_by: GroupBy = field(default="group", metadata={"help": "the query field the run is mapped by (recorded "
-                              "at creation; evaluate and report default to it)"})
-
-    def validate(self) -> None:
-        check_group_by(self.group_by)
 
 
 @dataclass(eq=False)
@@ -68,7 +63,8 @@ class LocateResult:
     """QR neurons of a collection, with what produced them. Saves/loads as a run directory.
 
     ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first; ``to_dataframe()`` gives
-    one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
+    one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema. ``group_by``: the query field
+    the run is mapped by (``grouping``), recorded at creation: evaluate and the report default to it.
     """
 
     config: LocateConfig
@@ -81,6 +77,7 @@ class LocateResult:
     selection: Selection
     scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
     out: Path | None = None
+    group_by: str = "group"
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
@@ -120,7 +117,7 @@ class LocateResult:
             "versions": library_versions(),
             "model": self.model,
             "data": self.data,
-            "layers": self.layers,
+            "layers": self.layers, "group_by": self.group_by,
             "common_neurons": [list(x) for x in self.common_neurons],
             "queries": {
                 q: {"group": self.groups[q], **_fields(self.info[q]),  # the report regroups by these
@@ -161,7 +158,7 @@ class LocateResult:
         if not self.scores:
             raise QrncaError("this result holds no scores to save; it already lives in its run directory")
         store = RunStore.open(out, _manifest(self.model, self.data, self.config, self.layers, self.groups,
-                                             self.info_shape(), None))
+                                             self.info_shape(), None, group_by=self.group_by))
         for q, s in self.scores.items():
             store.write_query(q, s, self.info[q])
         store.write_neurons(self.neurons_json())
@@ -196,8 +193,7 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
-def _fields(info: dict[str, Any]) -> dict[str, Any]:
-    """The stored query's language and relation, those it has."""
+def _fields(info: dict[str, Any]) -> dict[str, Any]:  # the stored query's language and relation, if it has them
     return {k: v for k, v in (info.get("query") or {}).items() if k in ("language", "relation") and v}
 
 
@@ -226,13 +222,14 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
-              shape: list[int], identity: dict[str, Any] | None, pool: str | None = None) -> dict[str, Any]:
+              shape: list[int], identity: dict[str, Any] | None, pool: str | None = None,
+              group_by: str = "group") -> dict[str, Any]:
     d = cfg.to_dict()
     # versions and model_identity say what the run was made with; each query file also records its own.
     # pool: where in-context examples and distractors came from (each query file stores the prompts made).
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
-            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": d["group_by"]}
+            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": group_by}
 
 
 # ---------------------------------------------------------------- the prompts a run stores
@@ -316,6 +313,7 @@ def locate(
     data: str | None = None,
     executor: Any = None,
     pool_spec: str | None = None,
+    group_by: str | None = None,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
@@ -323,10 +321,12 @@ def locate(
     the manifest. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``).
     Returns None when ``out`` is given and other shards still have queries to do (the last shard to finish
     writes ``neurons.json``; ``reduce(out)`` can also be run by hand). ``executor`` decides where the
-    per-query attribution runs (default: this process, on ``model``; see ``executors``).
+    per-query attribution runs (default: this process, on ``model``; see ``executors``). ``group_by``
+    (``"group"``/``"language"``/``"relation"``, default ``"group"``) is recorded as the run's mapping.
     """
     _check_queries(queries)
-    regroup(queries, cfg.group_by)  # a query without the field fails now, not after the attribution
+    check_group_by(group_by)
+    regroup(queries, by := group_by or "group")  # a query without the field fails now, not after the attribution
     name = name or model_name(model)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
@@ -338,19 +338,19 @@ def locate(
     groups = {q.id: q.group for q in queries}
     identity = model_identity(model)
     store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity,
-                                         pool_spec)) if out else None
+                                         pool_spec, by)) if out else None
     # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
     records = {q.id: _prompt_record(by_id[q.id], prompts[q.id], proxy, tok_id) for q in queries}
     # One process per shard: a second one on the same shard is refused; other shards run alongside.
     with store.shard_lock(*shard) if store else nullcontext():
         return _attribute_and_reduce(model, queries, prompts, records, cfg, store, shard=shard, progress=progress,
-                                     executor=executor, name=name, data=data)
+                                     executor=executor, name=name, data=data, group_by=by)
 
 
 def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[str, Any],
                           records: dict[str, dict[str, Any]], cfg: LocateConfig, store: RunStore | None, *,
                           shard: tuple[int, int], progress: bool, executor: Any, name: str,
-                          data: str | None) -> LocateResult | None:
+                          data: str | None, group_by: str) -> LocateResult | None:
     """locate once the run is open and this shard held: attribute what is missing, then reduce."""
     out = store.root if store else None
     layers = list(cfg.layers or ())
@@ -387,7 +387,8 @@ def _attribute_and_reduce(model: Any, queries: Sequence[Query], prompts: dict[st
         return reduce(store.root, cfg.selection)
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
     _warn_if_degenerate(len(clusters), cfg.selection)
-    return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores)
+    return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores,
+                        group_by=group_by)
 
 
 def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
@@ -402,8 +403,7 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
     # The manifest holds the config's fields among others (model, queries, versions, ...); its "layers" are
     # the resolved ones, which the config takes.
     cfg = LocateConfig.from_dict({"proxy": man["proxy"], "ig": man["ig"], "layers": man.get("layers"),
-                                  "selection": selection.to_dict() if selection else man["selection"],
-                                  "group_by": man.get("group_by", "group")})
+                                  "selection": selection.to_dict() if selection else man["selection"]})
     groups: dict[str, str] = man["queries"]
     done, corrupt = store.scan()
     if corrupt:
@@ -420,7 +420,7 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
         clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
     _warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
-                       select(clusters, cfg.selection), scores={}, out=Path(out))
+                       select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"))
     if write:
         # Record first: if killed in between, a plain `reduce(out)` rewrites neurons.json to match the record.
         store.record_selection(cfg.selection.to_dict())

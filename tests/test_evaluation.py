@@ -257,8 +257,8 @@ def lang_run(tiny_llama, pool, tmp_path_factory):
     base = limit_per_group(pool, 2)
     queries = [replace(q, language="xx" if i % 2 == 0 else "yy", relation=q.group) for i, q in enumerate(base)]
     out = tmp_path_factory.mktemp("lang") / "run"
-    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4), group_by="language")
-    run = locate(tiny_llama, queries, cfg, pool=pool, out=out, progress=False)
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4))
+    run = locate(tiny_llama, queries, cfg, pool=pool, out=out, progress=False, group_by="language")
     return tiny_llama, queries, run, out
 
 
@@ -270,8 +270,8 @@ def test_neurons_json_carries_language_relation_and_the_runs_group_by(lang_run):
     by_id = {q.id: q for q in queries}
     for qid, e in doc["queries"].items():
         assert (e["group"], e["language"], e["relation"]) == (by_id[qid].group, by_id[qid].language, by_id[qid].relation)
-    assert doc["config"]["group_by"] == "language"
-    assert reduce(out, write=False).config.group_by == "language"  # recorded in the manifest
+    assert doc["group_by"] == run.group_by == "language"
+    assert reduce(out, write=False).group_by == "language"  # recorded in the manifest
 
 
 def test_evaluate_groups_and_draws_controls_by_the_chosen_field(lang_run):
@@ -295,8 +295,8 @@ def test_evaluate_groups_and_draws_controls_by_the_chosen_field(lang_run):
 
 
 def test_group_by_on_queries_without_the_field_fails_before_any_work(tiny_llama, pool):
-    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4), group_by="language")
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4))
     with pytest.raises(QrncaError, match="cannot group by 'language'.*add a 'language' field"):
-        locate(tiny_llama, limit_per_group(pool, 1), cfg, pool=pool, progress=False)
+        locate(tiny_llama, limit_per_group(pool, 1), cfg, pool=pool, progress=False, group_by="language")
     with pytest.raises(QrncaError, match="group_by must be one of"):
         EvalConfig(group_by="subject")

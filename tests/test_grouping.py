@@ -16,8 +16,8 @@ from qrnca_lens.grouping import GROUP_BY, group_key, group_specificity, regroup
 # Two relations x two languages, one query each; each query group (relation-language) is one language.
 # By language, pooled: en = {(0,1), (1,2), (2,3)}, fr = {(0,1), (2,5), (1,7)}; (0,1) is in both.
 LANG_DOC = {
-    "model": "hand", "data": "hand", "layers": [0, 1, 2],
-    "config": {"proxy": {"kind": "mcqa-letter"}, "group_by": "language"},
+    "model": "hand", "data": "hand", "layers": [0, 1, 2], "group_by": "language",
+    "config": {"proxy": {"kind": "mcqa-letter"}},
     "common_neurons": [],
     "queries": {
         "q1": {"group": "capital-en", "language": "en", "relation": "capital", "qr_neurons": [[0, 1, 1.0], [1, 2, 0.5]]},

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         5
     """
     from ..evaluation import EvalConfig
-    from .groups import BENCH, EVAL, IG, LOCATE, REPORT, add_executor_args, add_proxy_args, add_selection_args
+    from .groups import BENCH, EVAL, GROUPING, IG, add_executor_args, add_proxy_args, add_selection_args
 
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--shard", default=None, help="I/N: do every N-th query starting at I (0-based)")
     add_options(loc, IG)
     add_selection_args(loc)
-    add_options(loc, LOCATE)
+    add_options(loc, GROUPING)
     add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", default=None, help="model name or checkpoint dir (default: the one in neurons.json)")
     rep.add_argument("--no-model", action="store_true", help="skip projections and views")
     rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
-    add_options(rep, REPORT)
+    add_options(rep, GROUPING)
 
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
                                         "flags change the run's recorded selection, which evaluate and report use")

@@ -12,15 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QrncaError
-from .groups import (
-    eval_config,
-    executor,
-    locate_config,
-    proxy_config,
-    queries_and_pool,
-    report_config,
-    selection_config,
-)
+from .groups import eval_config, executor, grouping_config, ig_config, proxy_config, queries_and_pool, selection_config
 
 __all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
            "print_summary", "evaluation_doc"]
@@ -78,16 +70,17 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 def cmd_locate(args: argparse.Namespace) -> int:
     """``qrnca-lens locate``: attribute every query into ``--out`` (resumable), then select the QR neurons."""
     from .. import models
-    from ..locate import locate
+    from ..locate import LocateConfig, locate
 
     where = shard(args.shard)
-    cfg = locate_config(args)
+    cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
     queries, pool = queries_and_pool(args)
     model = models.load_model(args.model, verbose=not args.quiet)
     ex = executor(args, args.model)
     try:
         res = locate(model, queries, cfg, pool=pool, out=args.out, shard=where, progress=not args.quiet,
-                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data)
+                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data,
+                     group_by=grouping_config(args).group_by)
     finally:
         if ex is not None:
             ex.shutdown()
@@ -174,7 +167,7 @@ def cmd_report(args: Any) -> int:
             print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
                   "projections and views (pass --model NAME or a checkpoint directory)")
     path = write_report(args.out, model, n_queries=getattr(args, "queries", None),
-                        group_by=report_config(args).group_by)
+                        group_by=grouping_config(args).group_by)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser, no network needed)")
     return 0
 

@@ -13,14 +13,13 @@ from typing import Any
 from ..attribution import IGConfig
 from ..errors import QrncaError
 from ..evaluation import EvalConfig
-from ..locate import LocateConfig
+from ..grouping import GroupingConfig
 from ..proxies import ProxyConfig
-from ..render.report import ReportConfig
 from ..selection import SelectionConfig
 from .args import add_options, build, options
 
-__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LOCATE", "REPORT", "add_proxy_args", "add_selection_args", "add_executor_args",
-           "proxy_config", "ig_config", "selection_config", "eval_config", "locate_config", "report_config",
+__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "GROUPING", "add_proxy_args", "add_selection_args", "add_executor_args",
+           "proxy_config", "ig_config", "selection_config", "eval_config", "grouping_config",
            "queries_and_pool", "executor"]
 
 PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
@@ -32,8 +31,7 @@ SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", 
 EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size", "group_by"],
                n_boot="--bootstrap")
 BENCH = options(IGConfig, ["steps", "max_batch_rows", "memory_budget_mb"])
-LOCATE = options(LocateConfig, ["group_by"])
-REPORT = options(ReportConfig, ["group_by"])
+GROUPING = options(GroupingConfig, ["group_by"])  # locate and report; evaluate's is EvalConfig.group_by
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
@@ -88,15 +86,9 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
     return build(EvalConfig, args, EVAL)
 
 
-def locate_config(args: argparse.Namespace) -> LocateConfig:
-    """``LocateConfig`` from the proxy, IG and selection options and ``--group-by``."""
-    base = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
-    return build(LocateConfig, args, LOCATE, base)
-
-
-def report_config(args: argparse.Namespace) -> ReportConfig:
-    """``ReportConfig`` from ``--group-by`` (an args object without it: the defaults)."""
-    return build(ReportConfig, args, REPORT) if hasattr(args, "group_by") else ReportConfig()
+def grouping_config(args: argparse.Namespace) -> GroupingConfig:
+    """``GroupingConfig`` from ``--group-by`` (an args object without it: the defaults)."""
+    return build(GroupingConfig, args, GROUPING) if hasattr(args, "group_by") else GroupingConfig()
 
 
 def queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:

@@ -24,16 +24,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import analysis as A
 from ..atomic import write_text_atomic
 from ..competence import competence_record, group_competence
-from ..config import Config
 from ..errors import QrncaError
-from ..grouping import GroupBy, check_group_by, regroup
+from ..grouping import check_group_by, regroup
 from .groups import group_labels, group_maps_section, relabel, relabel_evaluation
 from .html import esc
 from .sections import (
@@ -47,18 +45,7 @@ from .sections import (
     vocab_section,
 )
 
-__all__ = ["ReportConfig", "load_run", "report_html", "write_report"]
-
-
-@dataclass(frozen=True)
-class ReportConfig(Config):
-    """How the report groups the run (the command line's ``report`` options are generated from it)."""
-
-    group_by: GroupBy | None = field(default=None, metadata={
-        "help": "the query field the maps and per-group tables group by (default: the run's, see locate)"})
-
-    def validate(self) -> None:
-        check_group_by(self.group_by)
+__all__ = ["load_run", "report_html", "write_report"]
 
 
 CSS = """
@@ -167,7 +154,7 @@ def report_html(
     doc, ev, manifest = load_run(run_dir)
     # The one regrouping, then the at-chance labels: every section below draws the relabelled run.
     check_group_by(group_by, "group_by")
-    by = group_by or (doc.get("config") or {}).get("group_by") or "group"
+    by = group_by or doc.get("group_by") or "group"
     doc = regroup(doc, by)
     record = competence_record(run_dir, doc)
     competence = group_competence(record, doc)
@@ -228,7 +215,7 @@ def write_report(
     stored) are they rebuilt, with a note saying so, from ``queries`` (default: ``load_data(doc["data"])``)
     with ``pool`` (default: those queries) and the recorded proxy config.
     ``n_queries`` queries are shown (default: one per group, at most 6); ``k`` tokens per projection.
-    ``group_by`` (``"group"``, ``"language"``, ``"relation"``; default: the run's ``LocateConfig.group_by``)
+    ``group_by`` (``"group"``, ``"language"``, ``"relation"``; default: the run's ``LocateResult.group_by``)
     is the query field the maps and tables group by; with a competence record (``competence``), groups the
     model answers at chance are marked in every table and figure.
     """
