@@ -119,6 +119,6 @@ def group_maps_section(doc: Mapping[str, Any], by: str, labels: Mapping[str, str
                    f"each {esc(by)}). A {esc(by)} is marked <b>{esc(AT_CHANCE.strip())}</b> in every table and figure "
                    f"when its accuracy is at most chance + {Z_MARGIN:g} binomial standard errors under chance, "
                    "sqrt(chance (1 − chance) / prompts) (column <i>at chance below</i>); prompts of one query are not "
-                   "independent, so this margin is lenient. Neurons of a group the model cannot answer explain "
+                   "independent, so the margin is narrow: it marks too few groups rather than too many. Neurons of a group the model cannot answer explain "
                    "guessing, not knowledge.</p>")
     return "\n".join(out)
