@@ -55,7 +55,8 @@ _EXPORTS = {
     "SerialExecutor": "executors", "RayExecutor": "executors",
     # the log-probability-increase lens
     "LensConfig": "lens", "LensResult": "lens", "lens_locate": "lens",
-    # maps and the report
+    # grouping by language/relation, maps and the report
+    "regroup": "grouping", "group_specificity": "grouping",
     "write_report": "render.report",
 }
 

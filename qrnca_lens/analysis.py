@@ -10,6 +10,8 @@ model's own layer numbers (``doc["layers"]`` lists the layers that were attribut
 - ``layer_distribution``: how many of a group's QR neurons sit in each layer (or the share of them).
 - ``heatmap``: the paper's "geographical" map, [layer, d_mlp] with naica accumulated over queries.
 - ``most_shared_neurons``: the neurons found for the most groups, then the most queries.
+- ``group_specificity`` (from ``grouping``, which also regroups a run by language or relation): per group,
+  the pooled QR neurons found in that group only and those found in every group.
 - ``vocab_projection`` / ``project_neurons``: a neuron's output row W_out[l, i] through the unembedding
   (weights only, no forward pass): the tokens it promotes.
 
@@ -39,6 +41,7 @@ import numpy as np
 from jaxtyping import Float
 
 from .errors import QrncaError
+from .grouping import group_specificity  # with the maps: group-specific vs shared-by-all neurons (regroup first)
 from .neurons import NeuronSet, NeuronsLike
 from .protocols import HookedModel
 
@@ -54,6 +57,7 @@ __all__ = [
     "heatmap",
     "bin_columns",
     "most_shared_neurons",
+    "group_specificity",
     "top_group_neurons",
     "group_summaries",
     "run_summary",

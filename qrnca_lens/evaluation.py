@@ -24,6 +24,13 @@ For each method and query (neurons cut to QRNCA's count for that query):
 
 Every number is computed per group and overall. Interventions run batched, one neuron set per row.
 
+**Groups.** ``EvalConfig.group_by`` (default: the run's recorded ``LocateResult.group_by``) picks the query field
+that makes the groups: ``group``, ``language`` or ``relation`` (``grouping.regroup``). It decides the per-group
+numbers, the group neurons of neuron-based prediction, and where unrelated controls come from: grouped by
+language, a query's control is from *another language* (it may share the relation), so PCR asks whether the
+neurons are specific to the language; grouped by relation, the control is another relation, possibly in the
+same language. Prompts are the stored ones either way (examples and distractors from ``Query.group``).
+
 Example:
     >>> res = evaluate(model, run, cfg=EvalConfig())   # the run's stored prompts  # doctest: +SKIP
     >>> print(res.table())                                        # doctest: +SKIP
@@ -44,6 +51,7 @@ from .config import Config
 from .data import Query, groups_of
 from .engine import Row, run_rows
 from .errors import QrncaError
+from .grouping import GroupBy, check_group_by, regroup
 from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
 from .locators import LocatorContext, cut_to_qrnca, neuron_sets
@@ -85,6 +93,8 @@ class EvalConfig(Config):
     group_neurons: int = 50
     # Last-position scoring through the row engine (False: full sequences, the slow oracle; same numbers).
     engine: bool = True
+    group_by: GroupBy | None = field(default=None, metadata={
+        "help": "the query field whose groups give per-group numbers and unrelated controls (default: the run's)"})
     ground_truth: bool = field(default=False, metadata={
         "help": "also judge every locator against exact single-neuron ablations of its top-k (slow)"})
     ground_truth_k: int = field(default=50, metadata={"help": "ground truth: each locator's top-k candidates"})
@@ -94,6 +104,7 @@ class EvalConfig(Config):
         "help": "letter MCQA: re-letter the options and measure whether boosts follow the letter or the content"})
 
     def validate(self) -> None:
+        check_group_by(self.group_by)
         if not self.methods:
             raise QrncaError("no methods to evaluate")
         if self.batch_size < 1 or self.n_boot < 10:
@@ -105,8 +116,22 @@ class EvalConfig(Config):
 # ---------------------------------------------------------------- controls
 
 
-def control_queries(queries: Sequence[Query], seed: int = 0) -> dict[str, str]:
-    """For each query, a seeded query of a different group (the unrelated control)."""
+def control_queries(queries: Sequence[Query], seed: int = 0, by: str = "group") -> dict[str, str]:
+    """For each query, a seeded query of a different group under ``by`` (the unrelated control).
+
+    Args:
+        queries: the judged queries; seed: the draw's seed (a query's draw depends on it and its id only);
+        by: ``"group"``, ``"language"`` or ``"relation"`` (by language: a control of another language).
+
+    Returns:
+        Query id -> its control's id.
+
+    Example:
+        >>> qs = [Query("a", "g", "x [Y]", "1"), Query("b", "h", "y [Y]", "2")]
+        >>> control_queries(qs)
+        {'a': 'b', 'b': 'a'}
+    """
+    queries = regroup(queries, by)
     groups = groups_of(queries)
     if len(groups) < 2:
         only = next(iter(groups)) if groups else "none"
@@ -176,7 +201,9 @@ def evaluate(
     ids = [q for q in asked if q in run.selection.qr]
     if not ids:
         raise QrncaError("none of the queries belongs to this run")
-    queries = run.stored_queries(ids)
+    by = cfg.group_by or run.group_by
+    # The one relabelling: from here on a query's group is its ``by`` field (its prompts are the stored ones).
+    queries = regroup(run.stored_queries(ids), by)
     prompts = run.stored_prompts(ids)
     _check_tokenizer(run, ids, model)
     controls = control_queries(queries, cfg.seed)
@@ -263,7 +290,7 @@ def evaluate(
         meta={"config": cfg.to_dict(), "n_queries": len(queries), "n_prompts": len(flat),
               "model_accuracy": float(np.mean(list(correct_before.values()))),
               "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
-              "proxy": proxy.kind, "controls": controls,
+              "proxy": proxy.kind, "controls": controls, "group_by": by,
               "versions": library_versions(), "model_identity": model_identity(model)},
     )
     result.costs = {m: dict(ctx.costs.get(m, {})) for m in cfg.methods}

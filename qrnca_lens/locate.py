@@ -35,6 +35,7 @@ from .config import Config
 from .data import Query
 from .errors import QrncaError, StoreError
 from .executors import Executor, SerialExecutor
+from .grouping import check_group_by, regroup
 from .located import Located
 from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
 from .neurons import NeuronSet
@@ -73,6 +74,9 @@ class LocateResult(Located):
     A ``Located``: ``qr_neurons(qid)`` is a ``NeuronSet`` of ``(layer, neuron, naica)``, best first;
     ``to_dataframe()`` gives one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
 
+    ``group_by``: the query field the run is mapped by (``grouping``), recorded at creation: evaluate and the
+    report default to it.
+
     Example:
         >>> run = LocateResult.load("runs/facts")                                  # doctest: +SKIP
         >>> top = run.qr_neurons("capital-01").pairs()[:2]   # (layer, neuron), best first  # doctest: +SKIP
@@ -93,6 +97,7 @@ class LocateResult(Located):
     selection: Selection
     scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
     out: Path | None = None
+    group_by: str = "group"
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
@@ -139,10 +144,11 @@ class LocateResult(Located):
             "versions": library_versions(),
             "model": self.model,
             "data": self.data,
-            "layers": self.layers,
+            "layers": self.layers, "group_by": self.group_by,
             "common_neurons": [list(x) for x in self.common_neurons],
             "queries": {
-                q: {"group": self.groups[q], "qr_neurons": self.qr_neurons(q).to_list(),
+                q: {"group": self.groups[q], **_fields(self.info[q]),  # the report regroups by these
+                    "qr_neurons": self.qr_neurons(q).to_list(),
                     "target_prob": _mean(self.info[q].get("target_probs", [])),
                     "accuracy": _mean([float(c) for c in self.info[q].get("correct", [])])}
                 for q in self.selection.qr
@@ -169,7 +175,7 @@ class LocateResult(Located):
         if not self.scores:
             raise QrncaError("this result holds no scores to save; it already lives in its run directory")
         store = RunStore.open(out, _manifest(self.model, self.data, self.config, self.layers, self.groups,
-                                             self.info_shape(), None))
+                                             self.info_shape(), None, group_by=self.group_by))
         for q, s in self.scores.items():
             store.write_query(q, s, self.info[q])
         store.write_neurons(self.neurons_json())
@@ -202,6 +208,10 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
+def _fields(info: dict[str, Any]) -> dict[str, Any]:  # the stored query's language and relation, if it has them
+    return {k: v for k, v in (info.get("query") or {}).items() if k in ("language", "relation") and v}
+
+
 def parse_shard(spec: str | None) -> tuple[int, int]:
     """``"I/N"`` (0-based I) -> (I, N): this process does every N-th query starting at I.
 
@@ -227,13 +237,14 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
-              shape: list[int], identity: dict[str, Any] | None, pool: str | None = None) -> dict[str, Any]:
+              shape: list[int], identity: dict[str, Any] | None, pool: str | None = None,
+              group_by: str = "group") -> dict[str, Any]:
     d = cfg.to_dict()
     # versions and model_identity say what the run was made with; each query file also records its own.
     # pool: where in-context examples and distractors came from (each query file stores the prompts made).
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
-            "versions": library_versions(), "model_identity": identity, "pool": pool}
+            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": group_by}
 
 
 # ---------------------------------------------------------------- the prompts a run stores
@@ -317,6 +328,7 @@ def locate(
     data: str | None = None,
     executor: Executor | None = None,
     pool_spec: str | None = None,
+    group_by: str | None = None,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
@@ -335,6 +347,7 @@ def locate(
         data: the data spec recorded in the manifest (e.g. ``"builtin:facts"``).
         executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``).
         pool_spec: the pool's data spec, recorded in the manifest.
+        group_by: ``"group"`` (default), ``"language"`` or ``"relation"``: recorded as the run's mapping.
 
     Returns:
         The ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
@@ -347,6 +360,8 @@ def locate(
         True
     """
     _check_queries(queries)
+    check_group_by(group_by)
+    regroup(queries, by := group_by or "group")  # a query without the field fails now, not after the attribution
     name = name or model_name(model)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
@@ -358,19 +373,19 @@ def locate(
     groups = {q.id: q.group for q in queries}
     identity = model_identity(model)
     store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity,
-                                         pool_spec)) if out else None
+                                         pool_spec, by)) if out else None
     # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
     records = {q.id: _prompt_record(by_id[q.id], prompts[q.id], proxy, tok_id) for q in queries}
     # One process per shard: a second one on the same shard is refused; other shards run alongside.
     with store.shard_lock(*shard) if store else nullcontext():
         return _attribute_and_reduce(model, queries, prompts, records, cfg, store, shard=shard, progress=progress,
-                                     executor=executor, name=name, data=data)
+                                     executor=executor, name=name, data=data, group_by=by)
 
 
 def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts: dict[str, Any],
                           records: dict[str, dict[str, Any]], cfg: LocateConfig, store: RunStore | None, *,
                           shard: tuple[int, int], progress: bool, executor: Executor | None, name: str,
-                          data: str | None) -> LocateResult | None:
+                          data: str | None, group_by: str) -> LocateResult | None:
     """locate once the run is open and this shard held: attribute what is missing, then reduce."""
     out = store.root if store else None
     layers = list(cfg.layers or ())
@@ -407,7 +422,8 @@ def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts:
         return reduce(store.root, cfg.selection)
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
     _warn_if_degenerate(len(clusters), cfg.selection)
-    return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores)
+    return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores,
+                        group_by=group_by)
 
 
 def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
@@ -453,7 +469,7 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
         clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
     _warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
-                       select(clusters, cfg.selection), scores={}, out=Path(out))
+                       select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"))
     if write:
         # Record first: if killed in between, a plain `reduce(out)` rewrites neurons.json to match the record.
         store.record_selection(cfg.selection.to_dict())

@@ -338,3 +338,44 @@ def test_a_bad_shard_names_the_option(monkeypatch, capsys, tmp_path):
     for bad in ("2/2", "a/b"):
         assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--shard", bad]) == 2
         assert "error: --shard: " in _error_line(capsys)
+
+
+def test_group_by_is_generated_on_locate_evaluate_and_report():
+    """--group-by comes from GroupingConfig / EvalConfig.group_by: choices and default by construction."""
+    from qrnca_lens.cli.groups import eval_config, grouping_config
+    from qrnca_lens.evaluation import EvalConfig
+    from qrnca_lens.grouping import GroupingConfig
+
+    subs = _subparsers()
+    for command, cls in (("locate", GroupingConfig), ("evaluate", EvalConfig), ("report", GroupingConfig)):
+        action = next(a for a in subs[command]._actions if "--group-by" in a.option_strings)
+        assert action.config_option.cls is cls and action.config_option.name == "group_by"
+        assert action.choices == ["group", "language", "relation"]
+        assert action.default == action.config_option.default == cls().group_by
+    # None: the run's recorded choice (a new run records "group").
+    assert GroupingConfig().group_by is None and EvalConfig().group_by is None
+    parser = cli.build_parser()
+    assert grouping_config(parser.parse_args(["locate", "--data", "d", "--out", "o"])) == GroupingConfig()
+    loc = parser.parse_args(["locate", "--data", "d", "--out", "o", "--group-by", "language"])
+    assert grouping_config(loc).group_by == "language"
+    assert eval_config(parser.parse_args(["evaluate", "o", "--group-by", "relation"])).group_by == "relation"
+    assert grouping_config(parser.parse_args(["report", "o", "--group-by", "language"])).group_by == "language"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report", "o", "--group-by", "subject"])
+
+
+def test_accuracy_json_carries_per_group_competence(cli_model, capsys):
+    """The last line of `accuracy --json` is a competence record the report reads (accuracy.json)."""
+    assert cli.main(["accuracy", "--data", "builtin:facts", "--proxy", "mcqa-letter", "--limit", "1", "--json"]) == 0
+    rec = _last_json(capsys)
+    assert set(rec["per_group"]) == {"capital", "color", "continent", "landmark_country", "language"}
+    assert all(set(v) >= {"accuracy", "n"} for v in rec["per_group"].values()) and rec["chance"] == 0.25
+
+
+def test_locate_group_by_reaches_locate_and_fails_before_any_work(cli_model, capsys, tmp_path, monkeypatch):
+    import qrnca_lens.executors as executors
+
+    monkeypatch.setattr(executors.SerialExecutor, "attribute", lambda *a, **k: pytest.fail("attributed"))
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--limit", "1",
+                     "--group-by", "language"]) == 2
+    assert "cannot group by 'language': 5 of 5 queries have no 'language' field" in _error_line(capsys)

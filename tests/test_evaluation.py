@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,3 +249,58 @@ def test_score_items_engine_equals_full_sequences_with_options(setup, pool):
         for a, b in zip(fast, slow):
             assert a.target_logprob == pytest.approx(b.target_logprob, abs=1e-5)
             assert (a.predicted, a.correct) == (b.predicted, b.correct)
+
+
+# ---------------------------------------------------------------- grouping by another field
+
+
+@pytest.fixture(scope="module")
+def lang_run(tiny_llama, pool, tmp_path_factory):
+    """A tiny stored run whose queries carry a language (the 1st of each relation "xx", the 2nd "yy") and a
+    relation, located with group_by="language"."""
+    base = limit_per_group(pool, 2)
+    queries = [replace(q, language="xx" if i % 2 == 0 else "yy", relation=q.group) for i, q in enumerate(base)]
+    out = tmp_path_factory.mktemp("lang") / "run"
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4))
+    run = locate(tiny_llama, queries, cfg, pool=pool, out=out, progress=False, group_by="language")
+    return tiny_llama, queries, run, out
+
+
+def test_neurons_json_carries_language_relation_and_the_runs_group_by(lang_run):
+    from qrnca_lens.locate import reduce
+
+    _, queries, run, out = lang_run
+    doc = json.loads((out / "neurons.json").read_text())
+    by_id = {q.id: q for q in queries}
+    for qid, e in doc["queries"].items():
+        assert (e["group"], e["language"], e["relation"]) == (by_id[qid].group, by_id[qid].language, by_id[qid].relation)
+    assert doc["group_by"] == run.group_by == "language"
+    assert reduce(out, write=False).group_by == "language"  # recorded in the manifest
+
+
+def test_evaluate_groups_and_draws_controls_by_the_chosen_field(lang_run):
+    model, queries, run, _ = lang_run
+    cfg = EvalConfig(methods=("qrnca",), n_boot=20, free_form=False, neuron_prediction=False)
+    by_id = {q.id: q for q in queries}
+    controls_of = {}
+    for group_by, field in (("relation", "relation"), (None, "language")):  # None: the run's, language
+        res = evaluate(model, run, cfg=replace(cfg, group_by=group_by), progress=False)
+        controls_of[group_by] = res.meta["controls"]
+        key = {q.id: getattr(q, field) for q in queries}
+        assert set(res.per_group) == set(key.values()), group_by
+        assert set(res.per_group["xx" if field == "language" else "capital"]["editing"]) == {"qrnca"}
+        controls = res.meta["controls"]
+        assert all(key[c] != key[q] for q, c in controls.items()), group_by
+        assert res.meta["group_by"] == field
+    # By language half the controls share their query's relation: that is the point of judging by language.
+    lang = controls_of[None]
+    assert any(by_id[c].relation == by_id[q].relation for q, c in lang.items())
+    assert control_queries(queries, 0, by="language") == lang
+
+
+def test_group_by_on_queries_without_the_field_fails_before_any_work(tiny_llama, pool):
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=4))
+    with pytest.raises(QrncaError, match="cannot group by 'language'.*add a 'language' field"):
+        locate(tiny_llama, limit_per_group(pool, 1), cfg, pool=pool, progress=False, group_by="language")
+    with pytest.raises(QrncaError, match="group_by must be one of"):
+        EvalConfig(group_by="subject")

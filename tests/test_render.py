@@ -276,3 +276,69 @@ def test_report_opens_in_headless_chromium(tmp_path, tiny_gated):
     dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", report.as_uri()).stdout
     filled = re.findall(r'<div class="cv-view" id="[^"]+">\s*<', dom)
     assert len(filled) == 3, dom[:2000]
+
+
+# ---------------------------------------------------------------- grouped by language, with competence
+
+
+def _lang_run(tmp_path, evaluation=None):
+    from test_grouping import LANG_DOC, RECORD
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "neurons.json").write_text(json.dumps(LANG_DOC))
+    (run / "manifest.json").write_text(json.dumps({"model_shape": [3, 8]}))
+    (tmp_path / "accuracy.json").write_text(json.dumps(RECORD))  # where `qrnca-lens demo` writes it
+    if evaluation is not None:
+        (run / "evaluation.json").write_text(json.dumps(evaluation))
+    return run
+
+
+def test_report_shows_language_maps_and_marks_groups_at_chance(tmp_path, monkeypatch):
+    drawn = {}
+    for name in ("heatmap_figure", "layer_distribution_figure"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda d, *a, real=real, name=name, **k: drawn.setdefault(name, list(d)) and real(d, *a, **k))
+    real_overlap = F.overlap_figure
+    monkeypatch.setattr(F, "overlap_figure", lambda names, m, **k: drawn.setdefault("overlap", list(names)) and real_overlap(names, m, **k))
+    ev = {"pcr": {}, "meta": {"group_by": "language"},
+          "per_group": {"en": {"pcr": {"qrnca": {"boost": 1.5, "suppress": 2.5}}},
+                        "fr": {"pcr": {"qrnca": {"boost": 3.5, "suppress": 4.5}}}}}
+    html = report_html(_lang_run(tmp_path, ev))  # the run recorded group_by="language"
+    assert "id=group-maps>Language maps" in html and 'href="#group-maps">by language' in html
+    # en's competence is 0.25 over 20 prompts at chance 0.25: marked everywhere; fr (0.75 over 40) is not.
+    assert "<b>en (at chance)</b>" in html and "fr (at chance)" not in html and "<b>fr</b>" in html
+    assert drawn["heatmap_figure"] == ["all groups", "en (at chance)", "fr"]
+    assert drawn["layer_distribution_figure"] == ["en (at chance)", "fr"]
+    assert drawn["overlap"] == ["en (at chance)", "fr"]
+    # Table 3 and specificity by hand (see test_grouping.LANG_DOC): en 2.0 and fr 1.5 QR neurons per query, each
+    # with 3 distinct neurons, 2 of them only in that language, 1 in both; competence 25.0% and 75.0%.
+    row = re.search(r"<tr><td><b>en \(at chance\)</b></td>(.*?)</tr>", html).group(1)
+    cells = re.findall(r"<td class=num>(.*?)</td>", row)
+    assert cells[:9] == ["2", "2.0", "3", "2 (67%)", "1 (33%)", "25.0%", "25.0%", "44.4%", "20"]
+    fr = re.findall(r"<td class=num>(.*?)</td>", re.search(r"<tr><td><b>fr</b></td>(.*?)</tr>", html).group(1))
+    assert fr[:7] == ["2", "1.5", "3", "2 (67%)", "1 (33%)", "75.0%", "25.0%"]
+    assert "<td>en (at chance)</td><td class=num>1.5 / 2.5</td>" in html  # evaluation per language, marked too
+    assert "accuracy.json" in html and "chance + 2 binomial standard errors" in html
+
+
+def test_report_regroups_a_stored_run_by_another_field(tmp_path):
+    ev = {"pcr": {}, "meta": {"group_by": "language"}, "per_group": {"en": {"pcr": {}}}}
+    run = _lang_run(tmp_path, ev)
+    html = report_html(run, group_by="relation")
+    assert "Relation maps" in html  # capital 0.55 and color 0.60: above the margin, not marked
+    assert "capital (at chance)" not in html and "color (at chance)" not in html
+    assert "<b>capital</b>" in html and "<b>color</b>" in html
+    assert "evaluation.json grouped its per-group numbers" in html  # judged by language, shown by relation
+    by_group = report_html(run, group_by="group")
+    assert "Group maps" in by_group and "<b>capital-en (at chance)</b>" in by_group  # 0.2 over 10 prompts
+    with pytest.raises(QrncaError, match="group_by must be one of"):
+        report_html(run, group_by="subject")
+
+
+def test_report_without_a_competence_record_says_how_to_write_one(tmp_path):
+    run = _tiny_run(tmp_path)
+    html = report_html(run)
+    assert "Group maps" in html and "No competence record found" in html and "(at chance)" not in html
+    with pytest.raises(QrncaError, match="no 'language' field.*qrnca-lens reduce"):
+        report_html(run, group_by="language")

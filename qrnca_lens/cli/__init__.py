@@ -2,11 +2,12 @@
 
     qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--pool SPEC] [--json]
     qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--pool SPEC] [--shard I/N]
+                      [--group-by language|relation|group]
                       [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
-    qrnca-lens evaluate DIR [--executor ray ...]
+    qrnca-lens evaluate DIR [--group-by language|relation|group] [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
     qrnca-lens lens --model smollm2 --data builtin:facts --proxy cloze --out DIR [--top K] [--compare]
-    qrnca-lens report DIR
+    qrnca-lens report DIR [--group-by language|relation|group]
     qrnca-lens bench --model smollm2
     qrnca-lens demo
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         5
     """
     from ..evaluation import EvalConfig
-    from .groups import BENCH, EVAL, IG, LENS, add_executor_args, add_proxy_args, add_selection_args
+    from .groups import BENCH, EVAL, GROUPING, IG, LENS, add_executor_args, add_proxy_args, add_selection_args
 
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--shard", default=None, help="I/N: do every N-th query starting at I (0-based)")
     add_options(loc, IG)
     add_selection_args(loc)
+    add_options(loc, GROUPING)
     add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", default=None, help="model name or checkpoint dir (default: the one in neurons.json)")
     rep.add_argument("--no-model", action="store_true", help="skip projections and views")
     rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
+    add_options(rep, GROUPING)
 
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
                                         "flags change the run's recorded selection, which evaluate and report use")

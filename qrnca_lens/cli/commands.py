@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QrncaError
-from .groups import eval_config, executor, ig_config, proxy_config, queries_and_pool, selection_config
+from .groups import eval_config, executor, grouping_config, ig_config, proxy_config, queries_and_pool, selection_config
 
 __all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
            "print_summary", "evaluation_doc"]
@@ -63,7 +63,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"accuracy": res.accuracy, "mean_target_prob": res.mean_target_prob, "n": res.n,
                           "n_queries": res.n_queries, "chance": res.chance, "proxy": args.proxy,
-                          "data": args.data, "model": args.model}))
+                          "data": args.data, "model": args.model, "per_group": res.per_group}))
     return 0
 
 
@@ -79,7 +79,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
     ex = executor(args, args.model)
     try:
         res = locate(model, queries, cfg, pool=pool, out=args.out, shard=where, progress=not args.quiet,
-                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data)
+                     name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data,
+                     group_by=grouping_config(args).group_by)
     finally:
         if ex is not None:
             ex.shutdown()
@@ -142,11 +143,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: Any) -> int:
-    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N]``: load the run's model, write the report.
+    """``qrnca-lens report DIR [--model NAME] [--no-model] [--queries N] [--group-by F]``: write the report.
 
     Args:
         args: ``out`` (the run directory), and optionally ``model`` (default: the run's), ``no_model``
-            (skip projections and views), ``queries`` (how many queries get views).
+            (skip projections and views), ``queries`` (how many queries get views), ``group_by`` (the query
+            field the maps group by; default: the run's).
 
     Returns:
         0; a model that cannot be loaded only drops the projections and views, with a message.
@@ -164,7 +166,8 @@ def cmd_report(args: Any) -> int:
         except ModelError as e:
             print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
                   "projections and views (pass --model NAME or a checkpoint directory)")
-    path = write_report(args.out, model, n_queries=getattr(args, "queries", None))
+    path = write_report(args.out, model, n_queries=getattr(args, "queries", None),
+                        group_by=grouping_config(args).group_by)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in a browser, no network needed)")
     return 0
 

@@ -13,13 +13,15 @@ from typing import Any
 from ..attribution import IGConfig
 from ..errors import QrncaError
 from ..evaluation import EvalConfig
+from ..grouping import GroupingConfig
 from ..lens.config import LensRunConfig
 from ..proxies import ProxyConfig
 from ..selection import SelectionConfig
 from .args import add_options, build, options
 
-__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LENS", "add_proxy_args", "add_selection_args", "add_executor_args",
-           "proxy_config", "ig_config", "selection_config", "eval_config", "queries_and_pool", "executor"]
+__all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LENS", "GROUPING", "add_proxy_args", "add_selection_args",
+           "add_executor_args", "proxy_config", "ig_config", "selection_config", "eval_config", "grouping_config",
+           "queries_and_pool", "executor"]
 
 PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
                 kind="--proxy", n_prompts="--templates", n_shots="--shots", prepend_bos="--bos",
@@ -27,11 +29,12 @@ PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_b
 IG = options(IGConfig, ["steps", "alpha_schedule", "method", "max_batch_rows", "memory_budget_mb"])
 SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", "remove_common"],
                     use_ica="--no-ica", remove_common="--keep-common")
-EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size", "ground_truth", "ground_truth_k",
-                           "ground_truth_queries", "symbol_binding"], n_boot="--bootstrap",
+EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size", "group_by", "ground_truth",
+                           "ground_truth_k", "ground_truth_queries", "symbol_binding"], n_boot="--bootstrap",
                symbol_binding="--no-symbol-binding")
 BENCH = options(IGConfig, ["steps", "max_batch_rows", "memory_budget_mb"])
 LENS = options(LensRunConfig, ["top_k", "mode", "compare_prompts", "compare_k"], top_k="--top", mode="--lens-mode")
+GROUPING = options(GroupingConfig, ["group_by"])  # locate and report; evaluate's is EvalConfig.group_by
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +85,13 @@ def selection_config(args: argparse.Namespace, base: SelectionConfig | None = No
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
-    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size``."""
+    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size --group-by``."""
     return build(EvalConfig, args, EVAL)
+
+
+def grouping_config(args: argparse.Namespace) -> GroupingConfig:
+    """``GroupingConfig`` from ``--group-by`` (an args object without it: the defaults)."""
+    return build(GroupingConfig, args, GROUPING) if hasattr(args, "group_by") else GroupingConfig()
 
 
 def queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:

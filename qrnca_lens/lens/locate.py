@@ -58,6 +58,7 @@ class LensResult(Located):
     target_logprob: dict[str, float]
     data: str | None = None
     versions: dict[str, Any] = field(default_factory=library_versions)
+    query_fields: dict[str, dict[str, str]] = field(default_factory=dict)  # per query: language, relation
 
     @property
     def query_ids(self) -> list[str]:
@@ -70,7 +71,8 @@ class LensResult(Located):
         return self.neurons[query_id]
 
     def neurons_json(self) -> dict[str, Any]:
-        qs = {q: {"group": self.groups[q], "qr_neurons": self.neurons[q].to_list(), "certified": self.certified[q],
+        qs = {q: {"group": self.groups[q], **self.query_fields.get(q, {}), "qr_neurons": self.neurons[q].to_list(),
+                  "certified": self.certified[q],
                   "target_logprob": self.target_logprob[q]} for q in self.neurons}
         return {
             "config": self.config, "versions": self.versions, "model_identity": self.model_identity,
@@ -165,10 +167,13 @@ def lens_locate(
     neurons: dict[str, NeuronSet] = {}
     certified: dict[str, bool] = {}
     logp: dict[str, float] = {}
+    fields: dict[str, dict[str, str]] = {}
     with torch.no_grad():
         for q in it:
             neurons[q.id], certified[q.id], logps = _query_top(model, prompts[q.id], top_k, cfg, W_out)
             logp[q.id] = sum(logps) / len(logps)
+            # The report regroups by these, so neurons.json carries them.
+            fields[q.id] = {k: getattr(q, k) for k in ("language", "relation") if getattr(q, k)}
     config = {
         "method": "logprob-increase",
         "score": "log-probability increase of the first target token at the target position, averaged over "
@@ -179,4 +184,4 @@ def lens_locate(
     }
     return LensResult(config=config, model=model_name(model), model_identity=model_identity(model),
                       layers=list(range(n_layers(model))), groups={q.id: q.group for q in queries},
-                      neurons=neurons, certified=certified, target_logprob=logp)
+                      neurons=neurons, certified=certified, target_logprob=logp, query_fields=fields)

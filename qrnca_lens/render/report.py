@@ -8,6 +8,11 @@ circuitsvis views. Figures are inlined as base64 PNG, the circuitsvis bundle and
 the file opens with no network. Without a model the weight- and forward-dependent parts (projections,
 views) are skipped with a note.
 
+Groups are those of ``group_by`` (``group``, ``language`` or ``relation``; default: the run's recorded
+choice), applied once by ``grouping.regroup``; the group maps section (``render.groups``) adds QR neurons per
+query per group, group-specific and shared neurons, and, with a competence record, each group's accuracy
+and chance level, marking groups at chance in every table and figure.
+
 Example:
     >>> model = load_model("smollm2")               # doctest: +SKIP
     >>> write_report("runs/facts", model)           # doctest: +SKIP
@@ -24,8 +29,11 @@ from typing import Any
 
 from .. import analysis as A
 from ..atomic import write_text_atomic
+from ..competence import competence_record, group_competence
 from ..errors import QrncaError
+from ..grouping import check_group_by, regroup
 from ..protocols import HookedModel
+from .groups import group_labels, group_maps_section, relabel, relabel_evaluation
 from .html import esc
 from .sections import (
     evaluation_section,
@@ -138,12 +146,25 @@ def report_html(
     pool: Any = None,
     n_queries: int | None = None,
     k: int = 10,
+    group_by: str | None = None,
 ) -> str:
     """The report as one HTML string; see ``write_report``."""
     from ..versions import PACKAGE_VERSION
     from .views import bundle_js
 
     doc, ev, manifest = load_run(run_dir)
+    # The one regrouping, then the at-chance labels: every section below draws the relabelled run.
+    check_group_by(group_by, "group_by")
+    by = group_by or doc.get("group_by") or "group"
+    doc = regroup(doc, by)
+    record = competence_record(run_dir, doc)
+    competence = group_competence(record, doc)
+    labels = group_labels(A.groups(doc), competence)
+    eval_by = None if ev is None or "_error" in ev else str((ev.get("meta") or {}).get("group_by") or "group")
+    group_maps = group_maps_section(doc, by, labels, competence, record, eval_by)
+    doc = relabel(doc, labels)
+    if eval_by == by:
+        ev = relabel_evaluation(ev, labels)
     shape, shape_note = _shape(doc, model, manifest)
     n_queries = min(6, max(len(A.groups(doc)), 1)) if n_queries is None else n_queries
     shown = pick_queries(doc, n_queries)
@@ -152,7 +173,7 @@ def report_html(
     title = f"QRNCA report: {doc.get('model')} on {doc.get('data')}" + (f" ({proxy})" if proxy else "")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in
-                  (("summary", "run"), ("maps", "maps"), ("vocab", "vocabulary"),
+                  (("summary", "run"), ("maps", "maps"), ("group-maps", f"by {by}"), ("vocab", "vocabulary"),
                    *((("evaluation", "evaluation"),) if ev is not None else ()), ("groups", "groups"),
                    ("queries", "queries")))
     parts = [
@@ -162,6 +183,7 @@ def report_html(
         f"<nav>{nav}</nav>",
         summary_section(doc, shape, shape_note),
         maps_section(doc, shape),
+        group_maps,
         vocab_section(doc, model, k, projs),
         evaluation_section(ev),
         groups_section(doc, shape[0]),
@@ -185,6 +207,7 @@ def write_report(
     n_queries: int | None = None,
     k: int = 10,
     out: str | Path | None = None,
+    group_by: str | None = None,
 ) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained, offline HTML file. Returns its path.
 
@@ -202,6 +225,9 @@ def write_report(
         n_queries: queries shown in detail (default: one per group, at most 6).
         k: top tokens per vocabulary projection.
         out: where to write (default: ``run_dir/report.html``).
+        group_by: ``"group"``, ``"language"`` or ``"relation"`` (default: the run's ``LocateResult.group_by``):
+            the query field the maps and tables group by; with a competence record (``competence``), groups
+            the model answers at chance are marked in every table and figure.
 
     Returns:
         The path of the written HTML file.
@@ -210,7 +236,7 @@ def write_report(
         >>> write_report("runs/facts", model)     # doctest: +SKIP
         PosixPath('runs/facts/report.html')
     """
-    text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k)
+    text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k, group_by=group_by)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     # Written atomically, so a browser never opens half a report.
     return write_text_atomic(path, text)
