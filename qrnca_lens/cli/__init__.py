@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["reduce", "runs/facts", "--v", "5"]).v
         5
     """
-    from ..evaluation import EvalConfig
+    from .demo import DEMO_METHODS, LANGUAGE_METHODS
     from .groups import BENCH, EVAL, GROUPING, IG, LENS, add_executor_args, add_proxy_args, add_selection_args
 
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
@@ -94,16 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(bench, BENCH[2:])  # --memory-budget-mb
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
-    demo.add_argument("--model", default="smollm2")
-    demo.add_argument("--limit", type=int, default=6, help="queries per relation for locate/evaluate")
-    demo.add_argument("--out", default="runs/demo", help="where the demo writes its results and report")
+    # None: the English demo's defaults (smollm2, 6, runs/demo), or with --languages gemma3-270m, 1,
+    # runs/demo-languages (see demo.demo_defaults).
+    demo.add_argument("--model", default=None, help="default: smollm2 (--languages: gemma3-270m)")
+    demo.add_argument("--limit", type=int, default=None,
+                      help="queries per relation for locate/evaluate (default 6; --languages: 1 per relation and language)")
+    demo.add_argument("--out", default=None, help="where the demo writes its results and report (default runs/demo, "
+                                                  "--languages: runs/demo-languages)")
     demo.add_argument("--competence-per-group", type=int, default=3,
                       help="queries per group the competence check scores (10: the full check)")
     # The demo also runs the lens and the first-order lenses as locators, on top of evaluate's default methods.
-    demo.add_argument("--methods", default=",".join((*EvalConfig().methods, "logprob", "atp", "dla")),
-                      help="comma-separated locators")
+    demo.add_argument("--methods", default=None,
+                      help="comma-separated locators (default: " + ",".join(DEMO_METHODS) + "; --languages: "
+                           + ",".join(LANGUAGE_METHODS) + ")")
     demo.add_argument("--ground-truth-queries", type=int, default=1,
                       help="queries per relation judged against exact single-neuron ablations (0: none)")
+    demo.add_argument("--languages", action="store_true",
+                      help="the language experiment instead: builtin:languages on gemma3-270m (unless --model), "
+                           "grouped by language (--limit 1 per relation and language unless given)")
     return parser
 
 
@@ -144,9 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     from .commands import cmd_accuracy, cmd_bench, cmd_evaluate, cmd_locate, cmd_reduce, cmd_report
-    from .demo import cmd_demo
+    from .demo import cmd_demo, demo_defaults
 
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        args = demo_defaults(args)  # the English or the languages demo's model, limit and --out, before the checks
     handlers = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "evaluate": cmd_evaluate,
                 "report": cmd_report, "bench": cmd_bench, "demo": cmd_demo}
     if args.command == "lens":

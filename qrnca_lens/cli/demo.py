@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
+from ..evaluation import DEFAULT_METHODS
 from .commands import evaluation_doc, print_summary
 
-__all__ = ["cmd_demo", "DEMO_COMPETENCE"]
+__all__ = ["cmd_demo", "cmd_demo_languages", "demo_defaults", "DEMO_COMPETENCE", "DEMO_METHODS", "LANGUAGE_METHODS"]
+
+# evaluate's default methods, plus the lens and the first-order lenses as locators.
+DEMO_METHODS = (*DEFAULT_METHODS, "logprob", "atp", "dla")
+
+# The languages demo compares QRNCA with the cheapest informative others (the full set is the English demo's).
+LANGUAGE_METHODS = ("qrnca", "atp", "logprob", "random")
 
 # (data, proxy) pairs whose competence the demo measures first.
 DEMO_COMPETENCE = (
@@ -19,8 +27,44 @@ DEMO_COMPETENCE = (
 )
 
 
+def _lap(stages: dict[str, float]) -> Any:
+    """``lap(name, since)``: record and print a stage's seconds since ``since``; returns now."""
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[name] = round(now - since, 1)
+        print(f"[{name}: {stages[name]:.0f} s]")
+        return now
+
+    return lap
+
+
+def demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the unset ``model``, ``limit``, ``out``, ``methods`` filled for the demo it asks for.
+
+    Args:
+        args: the ``demo`` subparser's namespace (``languages`` picks the language experiment).
+
+    Returns:
+        The same namespace, filled in.
+
+    Example:
+        >>> demo_defaults(argparse.Namespace(languages=True, model=None, limit=None, out=None, methods=None)).model
+        'gemma3-270m'
+    """
+    lang = bool(getattr(args, "languages", False))
+    for key, english, languages in (("model", "smollm2", "gemma3-270m"), ("limit", 6, 1),
+                                    ("out", "runs/demo", "runs/demo-languages"),
+                                    ("methods", ",".join(DEMO_METHODS), ",".join(LANGUAGE_METHODS))):
+        if getattr(args, key, None) is None:
+            setattr(args, key, languages if lang else english)
+    return args
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Competence on every proxy, then QRNCA on the proxy the model is competent at, proved and reported.
+
+    With ``args.languages`` it runs ``cmd_demo_languages`` instead.
 
     Args:
         args: ``model``, ``limit`` (queries per relation), ``out`` (results and report), ``methods``
@@ -31,6 +75,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Returns:
         0; everything is written under ``args.out``.
     """
+    args = demo_defaults(args)
+    if args.languages:
+        return cmd_demo_languages(args)
     from .. import models
     from ..attribution import IGConfig
     from ..data import limit_per_group, load_data
@@ -43,12 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        stages[name] = round(now - since, 1)
-        print(f"[{name}: {stages[name]:.0f} s]")
-        return now
+    lap = _lap(stages)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,5 +141,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stages["total"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / "timings.json", {"seconds": stages, "competence_per_group": per})
     print(f"\ndemo finished in {stages['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items() if k != 'total')})")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def cmd_demo_languages(args: argparse.Namespace) -> int:
+    """The paper's language half on the embedded multilingual model: competence per language, QRNCA, maps.
+
+    ``builtin:languages`` (7 languages x 5 relations, parallel facts) with the cloze proxy, grouped by language:
+    each language's competence first (the report marks languages at chance), then ``locate`` on ``limit``
+    queries per (relation, language), ``evaluate`` by language, and the report's language maps.
+
+    Args:
+        args: ``model`` (default ``gemma3-270m`` for this demo), ``limit`` (queries per relation and language),
+            ``out`` (results and report), ``methods`` (comma-separated locators; default ``LANGUAGE_METHODS``).
+
+    Returns:
+        0; everything is written under ``args.out``.
+    """
+    from .. import models
+    from ..attribution import IGConfig
+    from ..data import limit_per_group, load_data
+    from ..evaluation import EvalConfig, evaluate
+    from ..locate import LocateConfig, locate
+    from ..proxies import ProxyConfig
+    from ..render.report import write_report
+    from ..scoring import accuracy
+    from ..store import write_json_atomic
+
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    lap = _lap(stages)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = models.load_model(args.model, verbose=True)
+    t = lap("load model", t0)
+    pool = load_data("builtin:languages")
+    queries = limit_per_group(pool, args.limit)
+    proxy = ProxyConfig("cloze")
+
+    print(f"\n== 1. Which languages does {args.model} know? (cloze top-1 over prompts, {len(queries)} queries)")
+    res = accuracy(model, queries, proxy, pool=pool, progress=True)
+    row = {"data": "builtin:languages", **res.to_dict()}
+    row["proxy_config"] = row.pop("proxy")
+    row["proxy"] = "cloze"
+    write_json_atomic(out / "accuracy.json", {"model": args.model, "runs": [row]})
+    by_lang: dict[str, list[float]] = {}
+    for g, r in res.per_group.items():
+        by_lang.setdefault(g.rsplit("-", 1)[-1], []).append(float(r["accuracy"]))
+    print("  " + "  ".join(f"{lang} {sum(v) / len(v):.2f}" for lang, v in by_lang.items()))
+    t = lap("competence", t)
+
+    print(f"\n== 2. QRNCA on builtin:languages, cloze, {args.limit} queries per relation and language, "
+          "mapped by language")
+    run_dir = out / "languages-cloze"
+    run = locate(model, queries, LocateConfig(proxy=proxy, ig=IGConfig(steps=16)), pool=pool, out=run_dir,
+                 name=args.model, data="builtin:languages", group_by="language")
+    assert run is not None
+    print_summary(run, run_dir / "neurons.json")
+    t = lap("locate", t)
+
+    print("\n== 3. Prove them by language: controls from other languages")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, group_by="language"))
+    write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
+    print(verdict.table())
+    t = lap("evaluate", t)
+
+    print("\n== 4. The report: language maps (QR neurons per language, layers, heatmaps, overlaps, competence)")
+    report = write_report(run_dir, model, queries=queries, pool=pool, group_by="language")
+    lap("report", t)
+    stages["total"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / "timings.json", {"seconds": stages})
+    print(f"\nlanguages demo finished in {stages['total']:.0f} s")
     print(f"report: {report.resolve()}")
     return 0
