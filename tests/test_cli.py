@@ -109,6 +109,22 @@ def test_demo_runs_end_to_end_on_a_tiny_model(cli_model, capsys, tmp_path):
     assert "demo finished in" in text and "locate " in text.split("demo finished in")[1]
 
 
+def test_languages_demo_maps_by_language_on_a_tiny_model(cli_model, capsys, tmp_path):
+    """demo --languages: competence per language, locate on builtin:languages grouped by language, the maps."""
+    out = tmp_path / "demo-languages"
+    assert cli.main(["demo", "--languages", "--out", str(out), "--limit", "1", "--methods", "qrnca,random"]) == 0
+    text = capsys.readouterr().out
+    run = out / "languages-cloze"
+    doc = json.loads((run / "neurons.json").read_text())
+    assert doc["data"] == "builtin:languages" and len(doc["queries"]) == 35
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert set(ev["per_group"]) == {"en", "fr", "es", "de", "ru", "zh", "ja"}  # judged by language
+    html = (run / "report.html").read_text()
+    assert "Language maps" in html and "languages demo finished in" in text
+    acc = json.loads((out / "accuracy.json").read_text())["runs"][0]
+    assert acc["data"] == "builtin:languages" and len(acc["per_group"]) == 35
+
+
 def test_examples_compile():
     """The examples stay valid Python (03 runs for real in the slow test below; 01 and 02 need a long run)."""
     import py_compile
