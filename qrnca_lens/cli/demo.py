@@ -39,6 +39,15 @@ def _lap(stages: dict[str, float]) -> Any:
     return lap
 
 
+def _start(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The demo's output directory (created) and its model."""
+    from .. import models
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, models.load_model(args.model, verbose=True)
+
+
 def demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the unset ``model``, ``limit``, ``out``, ``methods`` filled for the demo it asks for.
 
@@ -78,7 +87,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args = demo_defaults(args)
     if args.languages:
         return cmd_demo_languages(args)
-    from .. import models
     from ..attribution import IGConfig
     from ..data import limit_per_group, load_data
     from ..evaluation import EvalConfig, evaluate
@@ -91,10 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     lap = _lap(stages)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = models.load_model(args.model, verbose=True)
+    out, model = _start(args)
     t = lap("load model", t0)
 
     per = args.competence_per_group
@@ -159,7 +164,6 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     Returns:
         0; everything is written under ``args.out``.
     """
-    from .. import models
     from ..attribution import IGConfig
     from ..data import limit_per_group, load_data
     from ..evaluation import EvalConfig, evaluate
@@ -172,10 +176,7 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     lap = _lap(stages)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = models.load_model(args.model, verbose=True)
+    out, model = _start(args)
     t = lap("load model", t0)
     pool = load_data("builtin:languages")
     queries = limit_per_group(pool, args.limit)
