@@ -92,6 +92,20 @@ def test_bridge_keeps_gemmas_raw_weight_and_flags_the_offset(tiny_gemma3):
     assert not torch.allclose(got, want / (1 + hf_w) * hf_w, atol=1e-2)
 
 
+def test_vocab_projection_applies_one_plus_w_by_hand(tiny_gemma3):
+    """project_neurons = (W_out[l, i] ⊙ (1 + w)) @ W_U, with w the checkpoint's own final-norm weight."""
+    from qrnca_lens.analysis import project_neurons
+
+    hf = tiny_gemma3.original_model
+    gain = 1 + hf.model.norm.weight.detach().float()
+    W_U = hf.lm_head.weight.detach().float().T
+    for (layer, n), p in zip([(0, 3), (1, 40)], project_neurons(tiny_gemma3, [(0, 3), (1, 40)], k=5)):
+        row = hf.model.layers[layer].mlp.down_proj.weight.detach().float()[:, n]
+        top = ((row * gain) @ W_U).topk(5)
+        assert torch.allclose(torch.tensor(p.logits), top.values, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(torch.tensor(p.logits), ((row * (gain - 1)) @ W_U).topk(5).values, atol=1e-3)
+
+
 def test_post_norm_gains_are_one_plus_w(tiny_gemma3):
     layers = tiny_gemma3.original_model.model.layers
     mlp, attn = post_norm_gains(tiny_gemma3, "mlp"), post_norm_gains(tiny_gemma3, "attn")
