@@ -337,9 +337,12 @@ class VocabProjection:
 def _final_norm(model: HookedModel) -> tuple[Any, bool]:
     """The final norm's elementwise gain (None if there is none, e.g. folded into W_U), and whether it centres.
 
-    The gain is what the norm multiplies by: ``w``, or ``1 + w`` for Gemma's RMSNorm (see ``_gain_offset``).
+    The gain is what the norm multiplies by: ``w``, or ``1 + w`` for Gemma's RMSNorm (see
+    ``qrnca_lens.lens.weights.gain_offset``: TL's bridge keeps Gemma's raw ``w`` and flags the offset).
     """
     import torch
+
+    from .lens.weights import gain_offset
 
     ln = getattr(model, "ln_final", None)
     if ln is None:
@@ -354,19 +357,7 @@ def _final_norm(model: HookedModel) -> tuple[Any, bool]:
                   if name.split(".")[-1] in ("weight", "w") and tuple(p.shape) == (d_model,)), None)
         if w is None:
             return None, centres
-    return w.detach() + _gain_offset(model, ln), centres
-
-
-def _gain_offset(model: HookedModel, ln: Any) -> float:
-    """1.0 where the norm scales by ``1 + w`` (Gemma's RMSNorm, transformers' ``Gemma3RMSNorm``), else 0.0.
-
-    TL's bridge says so on the norm (``uses_weight_offset``) and in its cfg (``rmsnorm_uses_offset``); a TL
-    3.x HookedTransformer has already added the 1 to ``w`` when it converted the weights.
-    """
-    flag = getattr(ln, "uses_weight_offset", None)
-    if flag is None:
-        flag = getattr(model.cfg, "rmsnorm_uses_offset", False)
-    return 1.0 if bool(flag) else 0.0
+    return w.detach() + gain_offset(model, ln), centres
 
 
 def _token_str(tokenizer: Any, tid: int) -> str:

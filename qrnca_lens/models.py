@@ -438,6 +438,11 @@ def unembed(model: HookedModel) -> Any:
     return cast(Any, model).unembed
 
 
+def blocks(model: HookedModel) -> Any:
+    """All blocks (``model.blocks``), in layer order."""
+    return cast(Any, model).blocks
+
+
 def block(model: HookedModel, layer: int) -> Any:
     """Block ``layer`` (``blocks[layer]``): its ``ln1``, ``ln2``, ``attn``, ``mlp`` submodules."""
     return cast(Any, model).blocks[layer]

@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded RNG around every test, the tiny tokenizer and models, the real SmolLM2."""
+"""Shared fixtures: a seeded RNG around every test, the tiny tokenizer and models, the real SmolLM2 and Gemma 3."""
 
 from __future__ import annotations
 
@@ -70,6 +70,22 @@ def smollm2():
     from qrnca_lens.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (embedded GGUF): sliding-window and global layers, post-norms, (1 + w) RMSNorm."""
+    from qrnca_lens.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tiny_tokenizer):
+    """The tiny Gemma-3 bridge (random (1 + w) norm weights, 16-token sliding window), session-wide; never modified."""
+    from builders import tiny_gemma3_bridge
+
+    return tiny_gemma3_bridge(tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -236,16 +236,33 @@ def test_dla_equals_the_neuron_loop_and_layers_sum_to_their_mlp_output(kind, tin
     assert torch.allclose(dla_scores(model, prompts, [1], batch_size=8), got[:, [1]], atol=1e-6)
 
 
-def test_dla_under_no_grad_and_refused_where_the_frozen_norm_does_not_fit(tiny_llama, tiny_tokenizer, facts):
+def test_dla_under_no_grad_and_through_gemmas_post_norms(tiny_llama, tiny_tokenizer, facts):
     from builders import tiny_gemma3_bridge
 
     prompts = _prompts(facts, tiny_tokenizer, "mcqa-letter", n=1)
     free = dla_scores(tiny_llama, prompts)
     with torch.no_grad():
         assert torch.equal(dla_scores(tiny_llama, prompts), free)
-    gemma = tiny_gemma3_bridge(tiny_tokenizer)  # (1 + w) RMSNorm and post-norms on the block outputs
-    with pytest.raises(QrncaError, match="direct logit attribution .* frozen final norm"):
-        dla_scores(gemma, prompts)
+    # Gemma-3: (1 + w) RMSNorms and a post-MLP norm. A layer's neurons, each written through the post-norm and
+    # the final norm with their scales frozen from the real forward, add up to the layer's normed MLP output
+    # (what the block adds to the residual) read through the frozen final norm.
+    gemma = tiny_gemma3_bridge(tiny_tokenizer)
+    got = dla_scores(gemma, prompts)
+    L = n_layers(gemma)
+    final = f"blocks.{L - 1}.hook_resid_post"
+    names = [final] + [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+    for b, p in enumerate(prompts):
+        acts, logits = _acts(gemma, p, names)
+        x = acts[final]
+        eps = float(getattr(gemma.cfg, "eps", 1e-6))
+        s = (x.pow(2).mean() + eps).sqrt()
+        w = gemma.ln_final.w.detach().double() + 1.0  # the bridge keeps Gemma's raw w (offset on the norm)
+        W_U = gemma.W_U.detach().double()
+        assert torch.allclose(x / s * w @ W_U, logits, atol=1e-4)  # the hand-written final norm is the model's
+        t = p.target[0]
+        for layer in range(L):
+            want = (acts[f"blocks.{layer}.hook_mlp_out"] / s * w) @ W_U[:, t]
+            assert float(got[b, layer].double().sum()) == pytest.approx(float(want), abs=1e-4, rel=1e-4)
     assert active_hook_count(tiny_llama) == active_hook_count(gemma) == 0
 
 

@@ -85,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         0; everything is written under ``args.out``.
     """
     args = demo_defaults(args)
-    if args.languages:
+    if getattr(args, "languages", False):
         return cmd_demo_languages(args)
     from ..attribution import IGConfig
     from ..data import limit_per_group, load_data

@@ -29,10 +29,14 @@ importance of adding a vector v to a "before" vector b is
 TL's weight processing (``enable_compatibility_mode()`` on a bridge: fold_ln, centred writing weights and
 unembedding, folded value biases; or a HookedTransformer with processed weights) leaves every score unchanged:
 the lens removes the mean for LayerNorm models, log-softmax ignores the unembedding's centring, and a head's
-vector excludes its constant (bias) share, which TL moves into b_O. Models whose final norm or MLP output is not
-of this form (Gemma: ``(1 + w)`` RMSNorm and post-norms; soft-capped logits) are refused with an error: every
-forward pass checks that the lens reproduces the model's own log-probabilities and that the residual stream
-decomposes as assumed.
+vector excludes its constant (bias) share, which TL moves into b_O.
+
+Gemma-style models: an RMSNorm that scales by ``1 + w`` is read with its offset (TL's bridge keeps the raw w and
+flags ``uses_weight_offset``), and a post-MLP (post-attention) norm is frozen like the final one: a neuron's write
+m_i W_out[l, i] reaches the residual as (m_i / s_l) (W_out[l, i] ⊙ w_l), s_l the norm's scale in the real forward
+(``LensCache.mlp_scale``), so W_out carries w_l and the coefficient a = m / (s s_l). Soft-capped final logits are
+refused with an error. Every forward pass checks that the lens reproduces the model's own log-probabilities and
+that the residual stream decomposes as assumed.
 
 Example:
     >>> from qrnca_lens.data import load_data

@@ -49,13 +49,14 @@ def baseline_scores(
 ) -> dict[str, Float[Tensor, "prompt layer d_mlp"]]:
     """The paper's score and its 7 static alternatives for every FFN neuron (higher = more important).
 
-    With a_i = m_i / s, P_i = W_out[l, i] U the neuron's row through the frozen lens, b = resid_mid[l]:
+    With a_i = m_i / s, P_i = W_out[l, i] U the neuron's row through the frozen lens, b = resid_mid[l] (with a
+    post-MLP norm, W_out[l, i] carries its gain and a_i its frozen 1/s_l, see ``ffn_out``):
 
     - ``log_prob_increase``: log p(w | b + v) - log p(w | b) (the method).
     - ``prob_increase``: p(w | b + v) - p(w | b).
     - ``log_prob_alone``: log p(w | lens(v)), the lens of v alone (W_U norm(v) + b_U, scale frozen).
     - ``norm``: ||W_out[l, i]|| (mean-removed for LayerNorm), the norm of the neuron's value vector; the norm of
-      v itself is ``coef_x_norm``.
+      v itself is ``coef_x_norm`` (|m_i| norm, divided by the frozen scale of a post-MLP norm).
     - ``coefficient``: |m_i|.
     - ``rank``: 1 / rank of w in v's projection a_i P_i, rank = #{u : a_i P_iu >= a_i P_iw} (1 = w on top; ties
       count against w, so a silent neuron ranks last).
@@ -118,7 +119,7 @@ def baseline_scores(
             norm = c.lens.center(W_out).norm(dim=-1)  # [L, d_mlp]
             out["norm"][sl] = norm.cpu()[None].expand(len(batch), -1, -1)
             out["coefficient"][sl] = m.cpu()
-            out["coef_x_norm"][sl] = (m * norm[None]).cpu()
+            out["coef_x_norm"][sl] = (c.writes.abs() * norm[None]).cpu()  # ||v||: m, times 1/s of a post-norm
             out["coef_x_rank"][sl] = m.cpu() * out["rank"][sl]
     return out
 

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from ..data import load_data
-from ..models import W_out_all, default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
 from ..protocols import HookedModel
 from ..proxies import ProxyConfig, build_all_prompts
-from .cache import lens_cache
+from .cache import lens_cache, scoring_weights
 from .config import LensConfig
 from .exact import neuron_scores, top_neurons
 from .lse import layer_neuron_scores
@@ -97,7 +97,7 @@ def _run(model: HookedModel, n_prompts: int, batch_size: int, k: int, direct_lay
         f"(process CPU {exact_cpu_s:.3f} s/prompt)")
 
     # the textbook floor, on a few layers of one prompt
-    W_out = W_out_all(model).detach().float()
+    W_out = scoring_weights(model, prompts)
     layers = sorted({round(i * (L - 1) / max(1, direct_layers - 1)) for i in range(direct_layers)})
     with torch.no_grad():
         c = lens_cache(model, prompts[:1])

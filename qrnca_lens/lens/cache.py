@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import ModelError, QrncaError
 from ..hooks import hooked
 from ..models import (
-    W_out_all,
+    blocks,
     d_mlp,
     final_norm,
     model_device,
@@ -35,7 +35,7 @@ from ..models import (
 from ..protocols import HookedModel
 from ..proxies import Prompt
 from ..readout import StopForward
-from .weights import FrozenLens, Weights, ffn_out, frozen_lens
+from .weights import FrozenLens, Weights, ffn_out, frozen_lens, post_norm_gains
 
 __all__ = ["LensCache", "lens_cache", "check_prompts", "padded", "batches", "scoring_weights"]
 
@@ -55,6 +55,9 @@ class LensCache:
     z: Float[Tensor, "batch layer head d_head"]
     final: Float[Tensor, "batch d_model"]
     model_logp: Float[Tensor, " batch"]
+    # The frozen rms of each block's post-MLP / post-attention norm (Gemma); ones for a model without them.
+    mlp_scale: Float[Tensor, "batch layer"]
+    attn_scale: Float[Tensor, "batch layer"]
 
     @property
     def size(self) -> int:
@@ -62,8 +65,14 @@ class LensCache:
 
     @property
     def coefficients(self) -> Float[Tensor, "batch layer d_mlp"]:
-        """a = m / s: the factor of each neuron's row of P_l = W_out[l] U in the logit change."""
-        return self.post / self.scale[:, None, None]
+        """a = m / (s s_l): the factor of each neuron's row of P_l = W_out[l] U in the logit change
+        (W_out from ``scoring_weights``; s_l the post-MLP norm's frozen scale, 1 without one)."""
+        return self.writes / self.scale[:, None, None]
+
+    @property
+    def writes(self) -> Float[Tensor, "batch layer d_mlp"]:
+        """m / s_l: each neuron's factor on its row of ``scoring_weights`` in the residual stream."""
+        return self.post / self.mlp_scale[:, :, None]
 
     def base_logits(self) -> Float[Tensor, "batch layer vocab"]:
         """The lens of each FFN layer's "before" vector, resid_mid[l]."""
@@ -108,7 +117,8 @@ def _post_names(model: HookedModel) -> list[str]:
 
 
 def scoring_weights(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tensor, "layer d_mlp d_model"]:
-    """The guards every scorer shares (prompts given, FFN neurons readable); returns W_out as float32."""
+    """The guards every scorer shares (prompts given, FFN neurons readable); returns W_out as float32, times
+    the post-MLP norm's gain where there is one (``ffn_out``)."""
     if not prompts:
         raise QrncaError("no prompts to score")
     _post_names(model)
@@ -154,6 +164,21 @@ def _at_targets(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -
     return hook
 
 
+def _post_norm_scales(model: HookedModel) -> dict[str, list[str]]:
+    """The hooks of the frozen scales of post-sublayer norms (``mlp``/``attn``; absent keys: no such norms)."""
+    out = {}
+    for which, attr in (("mlp", "ln2_post"), ("attn", "ln1_post")):
+        if all(getattr(b, attr, None) is None for b in blocks(model)):
+            continue
+        names = [f"blocks.{layer}.{attr}.hook_scale" for layer in range(n_layers(model))]
+        missing = [n for n in names if n not in model.hook_dict]
+        if missing:
+            raise ModelError(f"{model_name(model)} has {attr} norms but no {missing[0]!r} hook: the lens freezes "
+                             "their scale from the real forward")
+        out[which] = names
+    return out
+
+
 def _stop_after(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -> Any:
     grab = _at_targets(store, key, rows, pos)
 
@@ -183,7 +208,8 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
 
     Checks that the frozen lens reproduces the model's own log-probabilities at the targets and that the residual
     stream decomposes as the lens assumes (resid_mid = resid_pre + attn_out, next = resid_mid + mlp_out,
-    mlp_out = hook_post · W_out + b_out); a model that breaks either is refused with a ModelError.
+    mlp_out = (hook_post · W_out + b_out) ⊙ w_post / s_post, where a post-MLP norm with gain w_post and frozen
+    scale s_post is the identity for models without one); a model that breaks either is refused with a ModelError.
 
     Args:
         model: a TransformerLens model.
@@ -208,7 +234,8 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
     last = f"blocks.{L - 1}.hook_resid_post"
     if last not in model.hook_dict:
         raise ModelError(f"{model_name(model)} has no {last!r} hook (the final residual)")
-    hooks = [(n, _at_targets(store, n, rows, pos)) for n in names + posts]
+    scales = _post_norm_scales(model)
+    hooks = [(n, _at_targets(store, n, rows, pos)) for n in names + posts + sum(scales.values(), [])]
     hooks.append((last, _stop_after(store, last, rows, pos)))
     with torch.no_grad():
         with hooked(model, fwd=hooks):
@@ -226,12 +253,18 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
     def stack(fmt: str) -> Tensor:
         return torch.stack([store[fmt.format(layer)] for layer in range(L)], dim=1)
 
+    def post_scale(which: str) -> Tensor:
+        if which not in scales:
+            return torch.ones(len(prompts), L, device=final.device)
+        return torch.stack([store[n].reshape(len(prompts), -1)[:, 0] for n in scales[which]], dim=1)
+
     cache = LensCache(
         lens=lens, targets=targets, scale=s.float(),
         resid_pre=stack("blocks.{}.hook_resid_pre"), resid_mid=stack("blocks.{}.hook_resid_mid"),
         attn_out=stack("blocks.{}.hook_attn_out"), mlp_out=stack("blocks.{}.hook_mlp_out"),
         post=torch.stack([store[p] for p in posts], dim=1), z=stack("blocks.{}.attn.hook_z"), final=final,
         model_logp=torch.log_softmax(real, -1)[rows, targets],
+        mlp_scale=post_scale("mlp"), attn_scale=post_scale("attn"),
     )
     _verify(model, cache, real, check_tol)
     return cache
@@ -251,23 +284,28 @@ def _verify(model: HookedModel, cache: LensCache, real: Tensor, tol: float) -> N
     if not err <= tol:
         raise ModelError(
             f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own log-probabilities "
-            f"(max |Δ log p| = {err:.3g} > {tol}): its final norm is not w ⊙ (x - mean) / s + b (e.g. Gemma's "
-            "(1 + w) RMSNorm) or its logits are transformed after the unembedding. This model is not supported by "
-            "the log-probability lens"
+            f"(max |Δ log p| = {err:.3g} > {tol}): its final norm is not w ⊙ (x - mean) / s + b (w read as 1 + w "
+            "where the norm has a weight offset) or its logits are transformed after the unembedding. This model "
+            "is not supported by the log-probability lens"
         )
     nxt = torch.cat([cache.resid_pre[:, 1:], cache.final[:, None]], dim=1)
-    W_out = W_out_all(model).detach().float()
+    W_out = ffn_out(model)  # times the post-MLP norm's gain, if any
     b_out = Weights(model).get("b_out")
-    mlp = torch.einsum("bli,lid->bld", cache.post, W_out) + (0.0 if b_out is None else b_out[None])
+    gains = post_norm_gains(model, "mlp")
+    if b_out is not None and gains is not None:
+        b_out = b_out * gains
+    mlp = torch.einsum("bli,lid->bld", cache.writes, W_out)
+    if b_out is not None:
+        mlp = mlp + b_out[None] / cache.mlp_scale[..., None]
     for what, got, want in (
         ("resid_mid = resid_pre + attn_out", cache.resid_pre + cache.attn_out, cache.resid_mid),
         ("the next residual = resid_mid + mlp_out", cache.resid_mid + cache.mlp_out, nxt),
-        ("mlp_out = hook_post · W_out + b_out", mlp, cache.mlp_out),
+        ("mlp_out = (hook_post · W_out + b_out) ⊙ w_post / s_post", mlp, cache.mlp_out),
     ):
         r = _rel(got, want)
         if not r <= 1e-3:
             raise ModelError(
                 f"{model_name(model)}'s residual stream does not decompose as the lens assumes ({what} fails, "
-                f"relative error {r:.2g}): a post-norm on the block outputs (e.g. Gemma) or parallel blocks. The "
-                "log-probability lens supports pre-norm models whose blocks add their outputs to the residual"
+                f"relative error {r:.2g}): e.g. parallel blocks, or a post-norm on the residual itself. The "
+                "log-probability lens supports blocks that add their (optionally RMS-normed) outputs to the residual"
             )

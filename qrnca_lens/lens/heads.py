@@ -26,7 +26,7 @@ from ..protocols import HookedModel
 from ..proxies import Prompt
 from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
-from .weights import Weights, value_constants
+from .weights import Weights, post_norm_gains, value_constants
 
 __all__ = ["LayerScores", "head_vectors", "layer_scores", "attention_source_scores"]
 
@@ -41,7 +41,7 @@ def _lp(logits: Tensor, targets: Tensor) -> Tensor:
 def head_vectors(model: HookedModel, cache: LensCache) -> tuple[Float[Tensor, "batch layer head d_model"], Float[Tensor, "batch layer d_model"]]:
     """Each head's output at the target, without its constant share, and the attention layer's constant part.
 
-    A head's vector is (z_h - c_h) W_O[h], with c_h = b_ln1 · W_V[h] + b_V[h] the value vector of a zero
+    A head's vector is (z_h - c_h) W_O[h] (times w / s of a post-attention norm, s frozen), with c_h = b_ln1 · W_V[h] + b_V[h] the value vector of a zero
     normalised input (the pattern sums to 1, so c_h passes unchanged). TL's fold_value_biases moves exactly these
     constants into b_O, so head scores do not depend on weight processing. The constant part is
     attn_out - Σ_h head_h = b_O + Σ_h c_h W_O[h]; it is checked against the model.
@@ -57,12 +57,15 @@ def head_vectors(model: HookedModel, cache: LensCache) -> tuple[Float[Tensor, "b
         >>> heads, rest = head_vectors(model, lens_cache(model, prompts))        # doctest: +SKIP
     """
     weights = Weights(model)
-    W_O = weights.per_head("W_O")
-    heads = torch.einsum("blhe,lhed->blhd", cache.z - value_constants(model, weights)[None], W_O)
+    W_O = _head_out(model, weights)
+    inv = 1.0 / cache.attn_scale  # [batch, layer]: the post-attention norm's frozen 1/s (1 without one)
+    heads = torch.einsum("blhe,lhed->blhd", cache.z - value_constants(model, weights)[None], W_O) * inv[..., None, None]
     rest = cache.attn_out - heads.sum(2)
     L, d = W_O.shape[0], W_O.shape[-1]
-    expected = weights.bias("b_O", (L, d)) + torch.einsum("lhe,lhed->ld", value_constants(model, weights), W_O)
-    err = float((rest - expected[None]).norm())
+    gains = post_norm_gains(model, "attn")
+    b_O = weights.bias("b_O", (L, d)) * (1.0 if gains is None else gains)
+    expected = (b_O + torch.einsum("lhe,lhed->ld", value_constants(model, weights), W_O))[None] * inv[..., None]
+    err = float((rest - expected).norm())
     scale = float(cache.attn_out.norm()) + float(expected.norm()) * cache.size ** 0.5
     if not err <= 1e-3 * scale + 1e-6:
         raise ModelError(
@@ -70,6 +73,13 @@ def head_vectors(model: HookedModel, cache: LensCache) -> tuple[Float[Tensor, "b
             "per-head scores are not supported for this architecture"
         )
     return heads, rest
+
+
+def _head_out(model: Any, weights: Weights) -> Float[Tensor, "layer head d_head d_model"]:
+    """W_O per head, times the post-attention norm's gain where there is one (its 1/s is per prompt)."""
+    W_O = weights.per_head("W_O")
+    gains = post_norm_gains(model, "attn")
+    return W_O if gains is None else W_O * gains.to(W_O.device)[:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -167,14 +177,14 @@ def attention_source_scores(model: HookedModel, prompt: Prompt, cfg: LensConfig 
         with hooked(model, fwd=[(n, keep(n)) for n in names]):
             model(ids)
         weights = Weights(model)
-        W_O = weights.per_head("W_O")
+        W_O = _head_out(model, weights)
         const = value_constants(model, weights)
         out = torch.empty(L, H, t + 1)
         for layer in range(L):
             A = store[f"blocks.{layer}.attn.hook_pattern"][0, :, t, : t + 1]  # [H, src]
             v = store[f"blocks.{layer}.attn.hook_v"][0, : t + 1]  # [src, kv_head, e]
             v = v.repeat_interleave(H // v.shape[1], dim=1) if v.shape[1] != H else v
-            vec = torch.einsum("hj,jhe,hed->hjd", A, v - const[layer][None], W_O[layer])  # [H, src, d]
+            vec = torch.einsum("hj,jhe,hed->hjd", A, v - const[layer][None], W_O[layer]) / cache.attn_scale[0, layer]
             b = cache.resid_pre[0, layer]
             base = _lp(cache.lens.logits(b[None], cache.scale), cache.targets)[0]
             lp = _lp(cache.lens.logits(b + vec, cache.scale[0].expand(H, t + 1)),

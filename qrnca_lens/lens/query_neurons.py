@@ -90,7 +90,7 @@ def query_neurons(model: HookedModel, prompt: Prompt, layer: int, neuron: int, c
                 raise QrncaError(f"<resid_mid, κ> is exactly 0 for neuron ({layer}, {neuron}): its {name} key reads "
                                  "nothing, so no component can be its query")
             f = imp / total
-            per = torch.einsum("li,lid,d->li", c.post[0], W_out, kap) * f  # each neuron's m_i <W_out[j, i], κ>
+            per = torch.einsum("li,lid,d->li", c.writes[0], W_out, kap) * f  # each neuron's write, read by κ
             per[layer:] = 0.0
             ffn = (c.mlp_out[0] @ kap) * f
             ffn[layer:] = 0.0

@@ -18,10 +18,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import ModelError, QrncaError
-from ..models import block, d_mlp, final_norm, is_gated, model_device, model_name, n_layers
+from ..models import block, blocks, d_mlp, final_norm, is_gated, model_device, model_name, n_layers
 from ..protocols import HookedModel
 
-__all__ = ["FrozenLens", "Weights", "frozen_lens", "ffn_out", "value_constants", "value_keys"]
+__all__ = ["FrozenLens", "Weights", "frozen_lens", "ffn_out", "gain_offset", "post_norm_gains", "value_constants",
+           "value_keys"]
 
 
 def _param(obj: Any, name: str) -> Tensor | None:
@@ -40,11 +41,28 @@ def _centers(model: HookedModel, norm: Any) -> bool:
     return str(getattr(model.cfg, "normalization_type", "") or "").startswith("LN")
 
 
+def gain_offset(model: HookedModel, norm: Any) -> float:
+    """1.0 where the norm scales by ``1 + w`` (Gemma's RMSNorm, transformers' ``Gemma3RMSNorm``), else 0.0.
+
+    TL's bridge keeps the checkpoint's raw ``w`` and says so on the norm (``uses_weight_offset``) and in its cfg
+    (``rmsnorm_uses_offset``); a TL 3.x HookedTransformer has already added the 1 to ``w`` when it converted the
+    weights (and has neither flag).
+
+    Example:
+        >>> gain_offset(model, model.ln_final)            # 1.0 on a Gemma bridge   # doctest: +SKIP
+    """
+    flag = getattr(norm, "uses_weight_offset", None)
+    if flag is None:
+        flag = getattr(model.cfg, "rmsnorm_uses_offset", False)
+    return 1.0 if bool(flag) else 0.0
+
+
 def _norm_affine(model: HookedModel, norm: Any, d: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
-    """(w, b, centred) of a norm module: norm(x) = w ⊙ C(x) / s + b. Folded norms (LNPre) have w = 1, b = 0."""
+    """(w, b, centred) of a norm module: norm(x) = w ⊙ C(x) / s + b, w the effective gain (``1 + w`` for Gemma).
+    Folded norms (LNPre) have w = 1, b = 0."""
     w = _param(norm, "w")
     b = _param(norm, "b")
-    w = torch.ones(d, device=device) if w is None else w.detach().float()
+    w = torch.ones(d, device=device) if w is None else w.detach().float() + gain_offset(model, norm)
     b = torch.zeros(d, device=device) if b is None else b.detach().float()
     return w, b, _centers(model, norm)
 
@@ -110,6 +128,14 @@ class FrozenLens:
         return v - v.mean(-1, keepdim=True) if self.centered else v
 
 
+def _softcap(model: HookedModel) -> float | None:
+    """The final logit soft-cap (TL's ``output_logits_soft_cap``, or the checkpoint's ``final_logit_softcapping``)."""
+    caps = [getattr(model.cfg, "output_logits_soft_cap", None)]
+    hf = getattr(getattr(model, "original_model", None), "config", None)
+    caps.append(getattr(getattr(hf, "text_config", hf), "final_logit_softcapping", None))
+    return next((float(c) for c in caps if c is not None and float(c) > 0), None)
+
+
 def frozen_lens(model: HookedModel) -> FrozenLens:
     """The final norm and unembedding of ``model`` as an affine map of x / s (s is supplied per prompt).
 
@@ -123,11 +149,12 @@ def frozen_lens(model: HookedModel) -> FrozenLens:
         >>> lens = frozen_lens(model)                                   # doctest: +SKIP
         >>> lens.logits(final, scale)             # [batch, vocab]      # doctest: +SKIP
     """
-    cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    if cap is not None and float(cap) > 0:
+    cap = _softcap(model)
+    if cap is not None:
         raise ModelError(
-            f"{model_name(model)} soft-caps its logits (output_logits_soft_cap={cap}); the log-probability lens "
-            "needs logits affine in the final residual. Use a model without logit soft-capping"
+            f"{model_name(model)} soft-caps its logits (cap * tanh(logits / cap), cap = {cap:g}); the "
+            "log-probability lens needs logits affine in the final residual. Use a model without final logit "
+            "soft-capping (attention soft-capping is fine)"
         )
     W_U = _param(model, "W_U")
     if W_U is None:
@@ -148,11 +175,46 @@ def frozen_lens(model: HookedModel) -> FrozenLens:
 
 
 def ffn_out(model: HookedModel) -> Float[Tensor, "layer d_mlp d_model"]:
-    """W_out as float32: each FFN neuron's value vector, the row it adds to the residual stream."""
+    """W_out as float32: each FFN neuron's value vector as it reaches the residual stream.
+
+    With a post-MLP norm (Gemma) that is W_out[l, i] ⊙ w_eff[l] (``post_norm_gains``); the norm's frozen 1/s
+    is per prompt and goes into the neuron's coefficient (``LensCache.coefficients``).
+    """
     W_out = _param(model, "W_out")
     if W_out is None:
         raise ModelError(f"{model_name(model)} exposes no W_out; the lens needs the FFN output weights")
-    return W_out.detach().float()
+    W_out = W_out.detach().float()
+    gains = post_norm_gains(model, "mlp")
+    return W_out if gains is None else W_out * gains.to(W_out.device)[:, None, :]
+
+
+def post_norm_gains(model: HookedModel, which: str) -> Float[Tensor, "layer d_model"] | None:
+    """The effective gain of each block's norm on its MLP (``which="mlp"``) or attention (``"attn"``) output.
+
+    Gemma-style blocks normalise a sublayer's output before adding it to the residual: write = w ⊙ y / s with
+    s = rms(y) frozen from the real forward (``LensCache.mlp_scale``/``attn_scale``), so a neuron's write
+    m_i W_out[l, i] reaches the residual as (m_i / s) (W_out[l, i] ⊙ w). Returns None for a model without such
+    norms; refuses (``ModelError``) a post-norm that centres or has a bias (not a scaling).
+
+    Example:
+        >>> post_norm_gains(model, "mlp").shape            # [layer, d_model] on Gemma   # doctest: +SKIP
+    """
+    attr = {"mlp": "ln2_post", "attn": "ln1_post"}[which]
+    norms = [getattr(block, attr, None) for block in blocks(model)]
+    if all(n is None for n in norms):
+        return None
+    if any(n is None for n in norms):
+        raise ModelError(f"{model_name(model)} has {attr} on some blocks only; the lens needs it on all or none")
+    d = int(model.cfg.d_model)
+    device = model_device(model)
+    gains = []
+    for n in norms:
+        w, b, centred = _norm_affine(model, n, d, device)
+        if centred or bool(b.abs().max() > 0):
+            raise ModelError(f"{model_name(model)}'s {attr} centres or shifts its input (a LayerNorm); the lens "
+                             "supports post-norms that only scale (RMSNorm)")
+        gains.append(w)
+    return torch.stack(gains)
 
 
 def value_constants(model: HookedModel, weights: Weights) -> Float[Tensor, "layer head d_head"]:
