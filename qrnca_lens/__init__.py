@@ -56,7 +56,7 @@ _EXPORTS = {
     # the log-probability-increase lens
     "LensConfig": "lens", "LensResult": "lens", "lens_locate": "lens",
     # grouping by language/relation, maps and the report
-    "regroup": "grouping", "group_specificity": "grouping",
+    "regroup": "grouping", "group_specificity": "analysis",
     "write_report": "render.report",
 }
 

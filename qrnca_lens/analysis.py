@@ -10,7 +10,7 @@ model's own layer numbers (``doc["layers"]`` lists the layers that were attribut
 - ``layer_distribution``: how many of a group's QR neurons sit in each layer (or the share of them).
 - ``heatmap``: the paper's "geographical" map, [layer, d_mlp] with naica accumulated over queries.
 - ``most_shared_neurons``: the neurons found for the most groups, then the most queries.
-- ``group_specificity`` (from ``grouping``, which also regroups a run by language or relation): per group,
+- ``group_specificity`` (regroup first with ``grouping.regroup`` to map by language or relation): per group,
   the pooled QR neurons found in that group only and those found in every group.
 - ``vocab_projection`` / ``project_neurons``: a neuron's output row W_out[l, i] through the unembedding
   (weights only, no forward pass): the tokens it promotes.
@@ -41,7 +41,6 @@ import numpy as np
 from jaxtyping import Float
 
 from .errors import QrncaError
-from .grouping import group_specificity  # with the maps: group-specific vs shared-by-all neurons (regroup first)
 from .neurons import NeuronSet, NeuronsLike
 from .protocols import HookedModel
 
@@ -105,6 +104,43 @@ def group_neurons(doc: Mapping[str, Any]) -> dict[str, set[Neuron]]:
     out: dict[str, set[Neuron]] = {g: set() for g in groups(doc)}
     for e in _queries(doc).values():
         out[str(e.get("group", "-"))].update(query_neurons(e).pairs())
+    return out
+
+
+def group_specificity(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per group, how many of its pooled QR neurons are specific to it and how many every group shares.
+
+    A group's pooled neurons are the union of its queries' QR neurons (``group_neurons``). A
+    neuron is *specific* when it is pooled by exactly one group, *shared by all* when every group pools
+    it; with a single group both hold, so look at these numbers for two groups or more.
+
+    Args:
+        doc: a ``neurons.json`` dict, regrouped if wanted (``regroup``).
+
+    Returns:
+        ``{group: {"pooled", "specific", "shared_all", "share_specific", "share_shared_all"}}`` (shares are
+        of the group's pooled neurons, None for a group without any), plus ``"all groups"``: the same over
+        the union of every group's neurons.
+
+    Example:
+        >>> doc = {"queries": {"a": {"group": "x", "qr_neurons": [[0, 1], [0, 2]]},
+        ...                    "b": {"group": "y", "qr_neurons": [[0, 1]]}}}
+        >>> group_specificity(doc)["x"]
+        {'pooled': 2, 'specific': 1, 'shared_all': 1, 'share_specific': 0.5, 'share_shared_all': 0.5}
+    """
+    pooled = group_neurons(doc)
+    n_groups = Counter(n for s in pooled.values() for n in s)
+    every = len(pooled)
+
+    def row(neurons: set[tuple[int, int]]) -> dict[str, Any]:
+        spec = sum(n_groups[n] == 1 for n in neurons)
+        alls = sum(n_groups[n] == every for n in neurons)
+        k = len(neurons)
+        return {"pooled": k, "specific": spec, "shared_all": alls,
+                "share_specific": spec / k if k else None, "share_shared_all": alls / k if k else None}
+
+    out = {g: row(s) for g, s in pooled.items()}
+    out["all groups"] = row(set(n_groups))
     return out
 
 

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args, overload
 
@@ -29,7 +28,7 @@ from .config import Config
 from .data import Query
 from .errors import QrncaError
 
-__all__ = ["GroupBy", "GROUP_BY", "GroupingConfig", "check_group_by", "group_key", "regroup", "group_specificity"]
+__all__ = ["GroupBy", "GROUP_BY", "GroupingConfig", "check_group_by", "group_key", "regroup"]
 
 GroupBy = Literal["group", "language", "relation"]
 GROUP_BY: tuple[str, ...] = get_args(GroupBy)
@@ -131,42 +130,3 @@ def _regroup_doc(doc: Mapping[str, Any], by: str) -> dict[str, Any]:
     out = {q: {**e, "group": group_key(e, by), QUERY_GROUP: e.get(QUERY_GROUP, e.get("group"))}
            for q, e in queries.items()}
     return {**doc, "queries": out, "group_by": by}
-
-
-def group_specificity(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per group, how many of its pooled QR neurons are specific to it and how many every group shares.
-
-    A group's pooled neurons are the union of its queries' QR neurons (``analysis.group_neurons``). A
-    neuron is *specific* when it is pooled by exactly one group, *shared by all* when every group pools
-    it; with a single group both hold, so look at these numbers for two groups or more.
-
-    Args:
-        doc: a ``neurons.json`` dict, regrouped if wanted (``regroup``).
-
-    Returns:
-        ``{group: {"pooled", "specific", "shared_all", "share_specific", "share_shared_all"}}`` (shares are
-        of the group's pooled neurons, None for a group without any), plus ``"all groups"``: the same over
-        the union of every group's neurons.
-
-    Example:
-        >>> doc = {"queries": {"a": {"group": "x", "qr_neurons": [[0, 1], [0, 2]]},
-        ...                    "b": {"group": "y", "qr_neurons": [[0, 1]]}}}
-        >>> group_specificity(doc)["x"]
-        {'pooled': 2, 'specific': 1, 'shared_all': 1, 'share_specific': 0.5, 'share_shared_all': 0.5}
-    """
-    from .analysis import group_neurons
-
-    pooled = group_neurons(doc)
-    n_groups = Counter(n for s in pooled.values() for n in s)
-    every = len(pooled)
-
-    def row(neurons: set[tuple[int, int]]) -> dict[str, Any]:
-        spec = sum(n_groups[n] == 1 for n in neurons)
-        alls = sum(n_groups[n] == every for n in neurons)
-        k = len(neurons)
-        return {"pooled": k, "specific": spec, "shared_all": alls,
-                "share_specific": spec / k if k else None, "share_shared_all": alls / k if k else None}
-
-    out = {g: row(s) for g, s in pooled.items()}
-    out["all groups"] = row(set(n_groups))
-    return out

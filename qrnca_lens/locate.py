@@ -18,12 +18,10 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +39,14 @@ from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_
 from .neurons import NeuronSet
 from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
-from .selection import Cluster, Selection, SelectionConfig, query_cluster, select
+from .selection import (
+    Cluster,
+    Selection,
+    SelectionConfig,
+    query_cluster,
+    select,
+    warn_if_degenerate,
+)
 from .store import RunStore
 from .versions import library_versions, model_identity
 
@@ -166,7 +171,7 @@ class LocateResult(Located):
         """The same run with other t/u/v (needs the scores: in memory, or in ``out``)."""
         scores = {q: scores_of(self, q) for q in self.groups}
         clusters = {q: query_cluster(scores[q], selection.t, selection.cluster_mode) for q in self.groups}
-        _warn_if_degenerate(len(clusters), selection)
+        warn_if_degenerate(len(clusters), selection)
         return replace(self, config=replace(self.config, selection=selection), clusters=clusters,
                        selection=select(clusters, selection), scores=scores)
 
@@ -274,37 +279,6 @@ def query_from_info(info: dict[str, Any], query_id: str, where: str = "this run"
     if not info.get("query"):
         raise StoreError(_NO_PROMPTS.format(where=where, qid=query_id))
     return Query.from_dict(info["query"])
-
-
-def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
-    """Why a collection of ``n`` queries gives every query 0 QR neurons under ``selection``, or None if it need not.
-
-    Exact, from the definitions in ``selection``: a neuron in a query's own cluster has count >= 1, so
-    (ICA) ica = ln(N / (count + 1)) > 0 needs N >= 3, and (commons) count > u * N makes every clustered
-    neuron common, hence removed, while u * N < 1.
-    """
-    reasons, need = [], 1
-    if selection.use_ica and n < 3:
-        reasons.append("ica = ln(N / (count + 1)) is > 0 only when count < N - 1, and every neuron of a query's "
-                       "cluster has count >= 1, so ICA needs N >= 3 (here every naica <= 0)")
-        need = 3
-    u = Fraction(repr(float(selection.u)))
-    if selection.remove_common and n * u < 1:
-        min_n = math.ceil(1 / u)
-        reasons.append(f"a neuron is common (and removed) when count > u * N = {selection.u} * {n}, which every "
-                       f"neuron of a cluster is while N < 1/u = {min_n}")
-        need = max(need, min_n)
-    if not reasons:
-        return None
-    return (f"QRNCA needs a larger collection: with N = {n} quer{'y' if n == 1 else 'ies'} every query gets 0 QR "
-            f"neurons: {'; and '.join(reasons)}. Locate at least {need} queries together, or select without ICA / without "
-            f"removing common neurons (--no-ica --keep-common; SelectionConfig(use_ica=False, remove_common=False))")
-
-
-def _warn_if_degenerate(n: int, selection: SelectionConfig) -> None:
-    why = degenerate_selection(n, selection)
-    if why:
-        warnings.warn(why, stacklevel=3)
 
 
 def _check_queries(queries: Sequence[Query]) -> None:
@@ -421,7 +395,7 @@ def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts:
             return None
         return reduce(store.root, cfg.selection)
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
-    _warn_if_degenerate(len(clusters), cfg.selection)
+    warn_if_degenerate(len(clusters), cfg.selection)
     return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores,
                         group_by=group_by)
 
@@ -467,7 +441,7 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
         s, qi = store.read_query(q)
         scores[q], info[q] = s, qi
         clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
-    _warn_if_degenerate(len(clusters), cfg.selection)
+    warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
                        select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"))
     if write:

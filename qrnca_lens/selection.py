@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -47,6 +49,8 @@ from .config import Config
 from .errors import QrncaError
 
 __all__ = [
+    "degenerate_selection",
+    "warn_if_degenerate",
     "CLUSTER_MODES",
     "SelectionConfig",
     "Cluster",
@@ -412,3 +416,34 @@ def select(clusters: Mapping[str, Cluster], cfg: SelectionConfig = SelectionConf
         # After top v, as in the paper: commons use up slots, so a query can end with fewer than v.
         qr[str(qid)] = drop_neurons(idx, val, common) if cfg.remove_common else (idx, val)
     return Selection(config=cfg, common=common, qr=qr, counts=counts, n_clusters=n)
+
+
+def degenerate_selection(n: int, selection: SelectionConfig) -> str | None:
+    """Why a collection of ``n`` queries gives every query 0 QR neurons under ``selection``, or None if it need not.
+
+    Exact, from the definitions in ``selection``: a neuron in a query's own cluster has count >= 1, so
+    (ICA) ica = ln(N / (count + 1)) > 0 needs N >= 3, and (commons) count > u * N makes every clustered
+    neuron common, hence removed, while u * N < 1.
+    """
+    reasons, need = [], 1
+    if selection.use_ica and n < 3:
+        reasons.append("ica = ln(N / (count + 1)) is > 0 only when count < N - 1, and every neuron of a query's "
+                       "cluster has count >= 1, so ICA needs N >= 3 (here every naica <= 0)")
+        need = 3
+    u = Fraction(repr(float(selection.u)))
+    if selection.remove_common and n * u < 1:
+        min_n = math.ceil(1 / u)
+        reasons.append(f"a neuron is common (and removed) when count > u * N = {selection.u} * {n}, which every "
+                       f"neuron of a cluster is while N < 1/u = {min_n}")
+        need = max(need, min_n)
+    if not reasons:
+        return None
+    return (f"QRNCA needs a larger collection: with N = {n} quer{'y' if n == 1 else 'ies'} every query gets 0 QR "
+            f"neurons: {'; and '.join(reasons)}. Locate at least {need} queries together, or select without ICA / without "
+            f"removing common neurons (--no-ica --keep-common; SelectionConfig(use_ica=False, remove_common=False))")
+
+
+def warn_if_degenerate(n: int, selection: SelectionConfig) -> None:
+    why = degenerate_selection(n, selection)
+    if why:
+        warnings.warn(why, stacklevel=3)

@@ -19,7 +19,8 @@ import qrnca_lens.executors as executors_mod
 from qrnca_lens.attribution import IGConfig
 from qrnca_lens.data import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError, StoreError
-from qrnca_lens.locate import LocateConfig, LocateResult, degenerate_selection, locate, parse_shard, reduce
+from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, reduce
+from qrnca_lens.selection import degenerate_selection
 from qrnca_lens.proxies import ProxyConfig
 from qrnca_lens.selection import SelectionConfig, query_cluster, select
 from qrnca_lens.store import query_filename

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import analysis as A
+from ..analysis import group_specificity
 from ..competence import Z_MARGIN, chance_margin
-from ..grouping import group_specificity
 from .html import esc, html_fmt, html_note, html_table
 
 __all__ = ["AT_CHANCE", "group_labels", "relabel", "relabel_evaluation", "group_maps_section"]
