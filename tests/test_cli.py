@@ -125,6 +125,23 @@ def test_languages_demo_maps_by_language_on_a_tiny_model(cli_model, capsys, tmp_
     assert acc["data"] == "builtin:languages" and len(acc["per_group"]) == 35
 
 
+def test_exhaustive_prints_its_cost_and_the_largest_effects(cli_model, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["locate", "--model", "smollm2", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1",
+                     "--templates", "2", "--shots", "1", "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["exhaustive", str(run), "--query", "capital-01", "--layers", "1,2", "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    width = cli_model.cfg.d_mlp
+    assert f"exhaustive: {2 * width} neurons (2 layers)" in text and "ms per neuron" in text
+    doc = json.loads((run / "exhaustive-capital-01.json").read_text())
+    assert doc["seconds"] > 0 and len(doc["effects"]) == 2 and len(doc["effects"][0]) == width
+    flat = sorted((abs(e) for row in doc["effects"] for e in row), reverse=True)
+    assert [abs(e) for _, _, e in doc["top"]] == pytest.approx(flat[:5])
+    for layer, n, e in doc["top"]:
+        assert doc["effects"][doc["layers"].index(layer)][n] == pytest.approx(e)
+
+
 def test_examples_compile():
     """The examples stay valid Python (03 runs for real in the slow test below; 01 and 02 need a long run)."""
     import py_compile

@@ -9,7 +9,8 @@
     qrnca-lens lens --model smollm2 --data builtin:facts --proxy cloze --out DIR [--top K] [--compare]
     qrnca-lens report DIR [--group-by language|relation|group]
     qrnca-lens bench --model smollm2
-    qrnca-lens demo
+    qrnca-lens exhaustive DIR --query ID [--layers 26,27,28,29]
+    qrnca-lens demo [--languages]
 
 The parser and ``main`` live here; ``args`` generates the options that mirror config fields from the
 dataclasses, ``groups`` holds the option groups commands share, ``commands`` and ``demo`` the handlers.
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: peak RSS of the fast path on 3 prompts of this many tokens")
     add_options(bench, BENCH[2:])  # --memory-budget-mb
 
+    exh = sub.add_parser("exhaustive", help="ground truth for one prompt: every neuron of some layers zero-ablated")
+    exh.add_argument("out", help="a run directory made by locate")
+    exh.add_argument("--query", required=True, help="the query id (its stored prompts are used)")
+    exh.add_argument("--prompt", type=int, default=0, help="which of the query's prompts")
+    exh.add_argument("--layers", default=None, help="comma-separated layers (default: the top 4; all is slow)")
+    exh.add_argument("--top", type=int, default=10, help="neurons printed, by |effect|")
+
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     # None: the English demo's defaults (smollm2, 6, runs/demo), or with --languages gemma3-270m, 1,
     # runs/demo-languages (see demo.demo_defaults).
@@ -137,7 +145,7 @@ def _check_args_early(args: argparse.Namespace) -> None:
         check_model_name(args.model)
     if args.command in ("locate", "lens", "demo"):
         _check_writable_dir(args.out, "--out")
-    if args.command in ("evaluate", "report"):  # both write into the run directory at the end
+    if args.command in ("evaluate", "report", "exhaustive"):  # both write into the run directory at the end
         _check_writable_dir(args.out, "the run directory")
 
 
@@ -151,14 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["reduce", "runs/nowhere"])   # doctest: +SKIP
         2
     """
-    from .commands import cmd_accuracy, cmd_bench, cmd_evaluate, cmd_locate, cmd_reduce, cmd_report
+    from .commands import cmd_accuracy, cmd_bench, cmd_evaluate, cmd_exhaustive, cmd_locate, cmd_reduce, cmd_report
     from .demo import cmd_demo, demo_defaults
 
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         args = demo_defaults(args)  # the English or the languages demo's model, limit and --out, before the checks
     handlers = {"accuracy": cmd_accuracy, "locate": cmd_locate, "reduce": cmd_reduce, "evaluate": cmd_evaluate,
-                "report": cmd_report, "bench": cmd_bench, "demo": cmd_demo}
+                "report": cmd_report, "bench": cmd_bench, "demo": cmd_demo, "exhaustive": cmd_exhaustive}
     if args.command == "lens":
         from .lens import cmd_lens
 

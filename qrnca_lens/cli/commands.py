@@ -187,3 +187,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
     print(json.dumps(res))
     return 0
+
+
+def cmd_exhaustive(args: argparse.Namespace) -> int:
+    """``qrnca-lens exhaustive DIR --query ID``: every neuron of some layers zero-ablated on one stored prompt.
+
+    Prints the cost (seconds, rows) and the neurons with the largest |effect|; writes ``DIR/exhaustive-ID.json``.
+    """
+    from .. import models
+    from ..ground_truth import exhaustive_effects
+    from ..locate import reduce
+    from ..store import write_json_atomic
+
+    run = reduce(args.out, write=False)
+    prompts = run.stored_prompts([args.query])[args.query]
+    model = models.load_model(run.model, verbose=False)
+    L = models.n_layers(model)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(L - 4, L))
+    t0 = time.perf_counter()
+    eff = exhaustive_effects(model, prompts[args.prompt], layers, progress=True)
+    seconds = time.perf_counter() - t0
+    order = eff.abs().flatten().argsort(descending=True)[: args.top].tolist()
+    top = [[layers[i // eff.shape[1]], i % eff.shape[1], float(eff.flatten()[i])] for i in order]
+    print(f"exhaustive: {eff.numel()} neurons ({len(layers)} layers) of {args.query} prompt {args.prompt}, "
+          f"zero-ablated one at a time: {seconds:.1f} s ({1000 * seconds / eff.numel():.2f} ms per neuron)")
+    for layer, n, e in top:
+        print(f"  L{layer}.N{n}  {e:+.4f} nats")
+    path = Path(args.out) / f"exhaustive-{args.query}.json"
+    write_json_atomic(path, {"query": args.query, "prompt": args.prompt, "layers": layers, "seconds": seconds,
+                             "top": top, "effects": eff.tolist()})
+    print(f"wrote {path}")
+    return 0
