@@ -16,7 +16,7 @@ class QrncaError(ValueError):
         ...     load_data("builtin:nope")
         ... except QrncaError as e:
         ...     print(type(e).__name__, "-", e)
-        DataError - unknown built-in data set 'nope'; choose one of ['builtin:domains', 'builtin:facts']
+        DataError - unknown built-in data set 'nope'; choose one of ['builtin:domains', 'builtin:facts', 'builtin:languages']
     """
 
 

@@ -258,7 +258,9 @@ def _facts_jsonl(path, groups=("capital", "language"), n=5, ids=None, answers=No
 def _evaluate_json(run, capsys):
     assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "20", "--quiet"]) == 0
     capsys.readouterr()
-    return json.loads((run / "evaluation.json").read_text())
+    doc = json.loads((run / "evaluation.json").read_text())
+    assert set(doc.pop("costs")) == {"qrnca", "random"}  # wall-clock seconds: measured, never the same twice
+    return doc
 
 
 def test_evaluate_judges_the_stored_prompts_whatever_happens_to_the_data_file(cli_model, capsys, tmp_path):

@@ -224,6 +224,9 @@ def test_engine_and_full_sequence_paths_give_the_same_evaluation(setup, pool):
         if isinstance(a, dict):
             assert set(a) == set(b), path
             for k in a:
+                if path == "" and k == "costs":  # wall-clock seconds: measured, never the same twice
+                    assert set(a[k]) == set(b[k])
+                    continue
                 close(a[k], b[k], f"{path}.{k}")
         elif isinstance(a, (list, tuple)):
             assert len(a) == len(b), path

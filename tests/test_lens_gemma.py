@@ -208,7 +208,7 @@ def test_gemma_lens_locate_is_the_exact_top_k_of_the_mean_score(tiny_gemma3, tin
 
     proxy = ProxyConfig("cloze", n_prompts=2, n_shots=1, prepend_bos=True)
     prompts = build_all_prompts(facts[:2], proxy, tiny_tokenizer, pool=facts)
-    doc = lens_locate(tiny_gemma3, facts[:2], proxy, top_k=5, progress=False, prompts=prompts)
+    doc = lens_locate(tiny_gemma3, facts[:2], proxy, top_k=5, progress=False, prompts=prompts).neurons_json()
     assert doc["summary"]["all_certified"]
     for q in facts[:2]:
         mean = neuron_scores(tiny_gemma3, prompts[q.id]).mean(0)

@@ -132,7 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     gtq = args.ground_truth_queries
     print("\n== 3. Prove them: boost/suppress against unrelated queries, editing, free-form, the other locators"
-          + (f", and ground truth (exact single-neuron ablations, {gtq} queries per relation)" if gtq else ""))
+          + (f", and ground truth (exact single-neuron ablations, {gtq} quer{'y' if gtq == 1 else 'ies'} per relation)"
+             if gtq else ""))
     methods = tuple(m for m in args.methods.split(",") if m)
     verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, ground_truth=gtq > 0,
                                                              ground_truth_queries=gtq or None))
