@@ -176,3 +176,15 @@ def build_tiny(kind: str, tokenizer: Any) -> Any:
     if kind == "hooked-plain-ln":
         return tiny_hooked_transformer(tokenizer, gated=False)
     raise ValueError(kind)
+
+
+def randomise_norms_and_biases(model: Any, seed: int = 1) -> None:
+    """Norm weights 1 ± 0.5 and every bias ~ N(0, 0.3), from a private generator (in place)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.split(".")[-1].lstrip("_")
+            if p.ndim == 1 and last in ("weight", "w"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif last in ("bias", "b") or last.startswith("b_"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer
+from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer, randomise_norms_and_biases
 from qrnca_lens import lens as lens_mod
 from qrnca_lens.data import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
@@ -44,21 +44,9 @@ KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
 _FRESH: dict[str, object] = {}
 
 
-def _randomise(model, seed: int = 1) -> None:
-    """Norm weights 1 ± 0.5 and every bias ~ N(0, 0.3), from a private generator."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            last = name.split(".")[-1].lstrip("_")
-            if p.ndim == 1 and last in ("weight", "w"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-            elif last in ("bias", "b") or last.startswith("b_"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
 def _fresh(kind, tok):
     model = build_tiny(kind, tok)
-    _randomise(model)
+    randomise_norms_and_biases(model)  # norm weights 1 ± 0.5, biases ~ N(0, 0.3)
     return model
 
 

@@ -88,11 +88,13 @@ def _public_calls(model, pool, queries, proxy, run, prompts):
                      True, False),
         "lens_locate": (lambda: ql.lens_locate(model, queries, proxy, pool=pool, top_k=3, progress=False),
                         True, False),
+        "atp_scores": (lambda: ql.atp_scores(model, prompts), True, True),
+        "dla_scores": (lambda: ql.dla_scores(model, prompts), True, False),
     }
 
 
 CALLS = ("attribute_prompt", "attribute_prompt-reference", "attribute_prompts", "boost", "suppress", "intervene",
-         "accuracy", "score_prompts", "locate", "evaluate", "lens_locate")
+         "accuracy", "score_prompts", "locate", "evaluate", "lens_locate", "atp_scores", "dla_scores")
 
 
 @pytest.mark.parametrize("name", CALLS)
