@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--languages", action="store_true",
                       help="the language experiment instead: builtin:languages on gemma3-270m (unless --model), "
                            "grouped by language (--limit 1 per relation and language unless given)")
+    demo.add_argument("--langs", default=None,
+                      help="with --languages: comma-separated languages to run (default: all of builtin:languages; "
+                           "each costs 5 queries of IG)")
     return parser
 
 
@@ -145,6 +148,13 @@ def _check_args_early(args: argparse.Namespace) -> None:
         check_model_name(args.model)
     if args.command in ("locate", "lens", "demo"):
         _check_writable_dir(args.out, "--out")
+    if args.command == "demo" and args.langs is not None:
+        if not args.languages:
+            raise QrncaError("--langs picks languages of the languages demo; add --languages")
+        from ..data import load_data
+        from .demo import demo_languages
+
+        demo_languages(args, load_data("builtin:languages"))
     if args.command in ("evaluate", "report", "exhaustive"):  # both write into the run directory at the end
         _check_writable_dir(args.out, "the run directory")
 

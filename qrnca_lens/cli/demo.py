@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data import Query
+from ..errors import QrncaError
 from ..evaluation import DEFAULT_METHODS
 from .commands import evaluation_doc, print_summary
 
-__all__ = ["cmd_demo", "cmd_demo_languages", "demo_defaults", "DEMO_COMPETENCE", "DEMO_METHODS", "LANGUAGE_METHODS"]
+__all__ = ["cmd_demo", "cmd_demo_languages", "demo_defaults", "demo_languages", "DEMO_COMPETENCE", "DEMO_METHODS", "LANGUAGE_METHODS"]
 
 # evaluate's default methods, plus the lens and the first-order lenses as locators.
 DEMO_METHODS = (*DEFAULT_METHODS, "logprob", "atp", "dla")
@@ -68,6 +71,32 @@ def demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, languages if lang else english)
     return args
+
+
+def demo_languages(args: argparse.Namespace, pool: Sequence[Query]) -> list[str]:
+    """The languages the languages demo runs: ``args.langs`` (comma-separated), checked, or all of ``pool``'s.
+
+    Args:
+        args: the ``demo`` namespace; ``langs`` is None (all) or e.g. ``"en,fr,zh"``.
+        pool: the built-in language queries.
+
+    Returns:
+        The languages, in ``pool``'s order.
+
+    Example:
+        >>> from qrnca_lens.data import load_data
+        >>> demo_languages(argparse.Namespace(langs="zh,en"), load_data("builtin:languages"))
+        ['en', 'zh']
+    """
+    have = list(dict.fromkeys(q.language for q in pool if q.language))
+    if getattr(args, "langs", None) is None:
+        return have
+    asked = [x.strip() for x in args.langs.split(",") if x.strip()]
+    unknown = [x for x in asked if x not in have]
+    if not asked or unknown:
+        raise QrncaError(f"--langs {args.langs!r}: {'no language given' if not asked else f'unknown {unknown}'}; "
+                         f"builtin:languages has {','.join(have)}")
+    return [x for x in have if x in asked]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -180,7 +209,7 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     out, model = _start(args)
     t = lap("load model", t0)
     pool = load_data("builtin:languages")
-    queries = limit_per_group(pool, args.limit)
+    queries = [q for q in limit_per_group(pool, args.limit) if q.language in demo_languages(args, pool)]
     proxy = ProxyConfig("cloze")
 
     print(f"\n== 1. Which languages does {args.model} know? (cloze top-1 over prompts, {len(queries)} queries)")
