@@ -410,9 +410,11 @@ def project_neurons(
     """``vocab_projection`` for many neurons, one matrix product per layer.
 
     The direction projected is W_out[l, i] (what the neuron writes into the residual stream per unit of
-    activation). With ``through_norm=True`` it first goes through the final norm the way a residual
-    direction does: centred if the norm is a LayerNorm, then scaled elementwise by the norm's weight (the
-    per-position 1/rms or 1/std is a positive scalar, which leaves the ranking unchanged); models whose
+    activation). With ``through_norm=True`` it first goes through the norms a neuron's write passes: the
+    block's post-MLP norm where there is one (Gemma: scaled by its gain, ``lens.weights.post_norm_gains``),
+    then the final norm the way a residual direction does: centred if the norm is a LayerNorm, then scaled
+    elementwise by the norm's gain (each norm's per-position 1/rms or 1/std is a positive scalar, which
+    leaves the ranking unchanged); models whose
     norms are folded into W_U (TL's ``fold_ln``, compatibility mode) have no weight left and are projected
     as they are. Logits are those of that direction alone: W_out[l, i] (x norm weight) @ W_U, without b_U.
 
@@ -420,7 +422,7 @@ def project_neurons(
         model: the TL model (weights only are read).
         neurons: a ``NeuronSet``, ``(layer, neuron[, score])`` entries or a ``[n, 2]`` tensor.
         k: tokens kept at each end.
-        through_norm: go through the final norm first (see above).
+        through_norm: go through the post-MLP and final norms first (see above).
 
     Returns:
         One ``VocabProjection`` per neuron, in the order given.
@@ -430,6 +432,7 @@ def project_neurons(
     """
     import torch
 
+    from .lens.weights import post_norm_gains
     from .models import W_U, W_out, tokenizer_of
 
     wanted = NeuronSet(neurons)
@@ -439,11 +442,15 @@ def project_neurons(
     wu = W_U(model).detach().float()
     k = min(k, int(wu.shape[-1]))
     g, centres = _final_norm(model) if through_norm else (None, False)
+    # Weights-only stand-ins (W_out, W_U, ln_final) have no blocks, hence no post-MLP norms.
+    post = post_norm_gains(model, "mlp") if through_norm and hasattr(model, "blocks") else None
     by_layer = wanted.by_layer()
     found: dict[Neuron, VocabProjection] = {}
     with torch.no_grad():
         for layer, ns in by_layer.items():
             rows = W_out(model, layer).detach().float()[torch.tensor(ns, dtype=torch.long)]
+            if post is not None:
+                rows = rows * post[layer].float().to(rows.device)
             if centres:
                 rows = rows - rows.mean(dim=-1, keepdim=True)
             if g is not None:

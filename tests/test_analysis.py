@@ -233,7 +233,8 @@ def test_project_neurons_on_a_tiny_model_matches_the_matrix_product(tiny_gated):
 
 
 def test_projections_go_through_gemmas_own_final_norm(tiny_tokenizer):
-    """Gemma's RMSNorm scales by 1 + w: the projection must equal the model's own final norm, not w alone."""
+    """Gemma's RMSNorm scales by 1 + w: the projection must equal the model's own post-feedforward norm and
+    final norm applied in turn, not w alone."""
     from builders import tiny_gemma3_bridge
     from qrnca_lens.models import W_U, W_out
 
@@ -242,10 +243,11 @@ def test_projections_go_through_gemmas_own_final_norm(tiny_tokenizer):
     ps = A.project_neurons(model, neurons, k=4)
     for (layer, n), p in zip(neurons, ps):
         row = W_out(model, layer)[n].detach().float()
-        big = row * 1e3  # eps of the norm is negligible at this scale
-        with torch.no_grad():
-            normed = model.ln_final(big[None, None])[0, 0].float()
-        direction = normed * big.pow(2).mean().sqrt() / 1e3  # undo the norm's positive 1/rms: row ⊙ gain
+        big = row * 1e3  # eps of the norms is negligible at this scale
+        with torch.no_grad():  # each norm's positive 1/rms undone: row ⊙ post gain ⊙ final gain
+            written = model.blocks[layer].ln2_post(big[None, None])[0, 0].float() * big.pow(2).mean().sqrt()
+            normed = model.ln_final(written[None, None])[0, 0].float()
+        direction = normed * written.pow(2).mean().sqrt() / 1e3
         top = (direction @ W_U(model).detach().float()).topk(4)
         np.testing.assert_allclose(p.logits, top.values.tolist(), rtol=1e-4)
         assert p.tokens == tuple(model.tokenizer.decode([int(t)]) for t in top.indices)

@@ -93,7 +93,8 @@ def test_bridge_keeps_gemmas_raw_weight_and_flags_the_offset(tiny_gemma3):
 
 
 def test_vocab_projection_applies_one_plus_w_by_hand(tiny_gemma3):
-    """project_neurons = (W_out[l, i] ⊙ (1 + w)) @ W_U, with w the checkpoint's own final-norm weight."""
+    """project_neurons = (W_out[l, i] ⊙ (1 + w_post[l]) ⊙ (1 + w)) @ W_U: the block's post-feedforward norm, then
+    the final norm, each with the checkpoint's own weight w and Gemma's offset."""
     from qrnca_lens.analysis import project_neurons
 
     hf = tiny_gemma3.original_model
@@ -101,9 +102,11 @@ def test_vocab_projection_applies_one_plus_w_by_hand(tiny_gemma3):
     W_U = hf.lm_head.weight.detach().float().T
     for (layer, n), p in zip([(0, 3), (1, 40)], project_neurons(tiny_gemma3, [(0, 3), (1, 40)], k=5)):
         row = hf.model.layers[layer].mlp.down_proj.weight.detach().float()[:, n]
-        top = ((row * gain) @ W_U).topk(5)
+        post = 1 + hf.model.layers[layer].post_feedforward_layernorm.weight.detach().float()
+        top = ((row * post * gain) @ W_U).topk(5)
         assert torch.allclose(torch.tensor(p.logits), top.values, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(torch.tensor(p.logits), ((row * (gain - 1)) @ W_U).topk(5).values, atol=1e-3)
+        assert not torch.allclose(torch.tensor(p.logits), ((row * gain) @ W_U).topk(5).values, atol=1e-3)
 
 
 def test_post_norm_gains_are_one_plus_w(tiny_gemma3):
