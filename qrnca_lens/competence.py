@@ -12,8 +12,10 @@ binomial standard error under chance, ``s.e. = sqrt(chance (1 - chance) / n)`` o
 accuracy is not credibly above guessing (one-sided, about 2.3% false alarms for independent prompts). The
 prompts of one query share its fact, so they are not independent and the true s.e. is larger: the margin
 marks too few groups rather than too many, and a group just above it is weak evidence of competence. For a
-cloze proxy (top-1 token over the vocabulary, no options) chance is taken as 0, so only a group that never
-answers right is marked; other records without a chance level mark nothing.
+cloze proxy (top-1 of the answer's first token over the vocabulary) chance is guessing a random answer of
+the group (``proxies.cloze_chance``, stored per group by ``scoring.accuracy``); a cloze record from before
+that (no chance) gets 0, so only a group that never answers right is marked; other records without a
+chance level mark nothing. A group's own chance, where the record has one, is used over the record's.
 
 When the report groups by another field than ``Query.group`` (``grouping.regroup``), each new group's
 accuracy is the prompt-weighted mean over the query groups that make it up (weights ``n``); a query group
@@ -127,7 +129,10 @@ def group_competence(record: Mapping[str, Any] | None, doc: Mapping[str, Any]) -
         if not n:
             continue
         acc = sum(float(r["accuracy"]) * float(r["n"]) for r in rows) / n
-        out[g] = {"accuracy": acc, "chance": chance, "n": n,
-                  "margin": chance_margin(chance, n) if chance is not None else None,
-                  "at_chance": at_chance(acc, chance, n) if chance is not None else None}
+        own = chance
+        if all(r.get("chance") is not None for r in rows):  # per-group chance, prompt-weighted like accuracy
+            own = sum(float(r["chance"]) * float(r["n"]) for r in rows) / n
+        out[g] = {"accuracy": acc, "chance": own, "n": n,
+                  "margin": chance_margin(own, n) if own is not None else None,
+                  "at_chance": at_chance(acc, own, n) if own is not None else None}
     return out

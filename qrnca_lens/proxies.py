@@ -34,6 +34,7 @@ from .errors import ProxyError
 __all__ = [
     "PROXIES",
     "letter_tokens",
+    "cloze_chance",
     "DEFAULT_SHOTS",
     "Template",
     "ProxyConfig",
@@ -235,6 +236,37 @@ def _continuation(tokenizer: Any, prompt_ids: list[int], text: str, continuation
     if not out:
         raise ProxyError(f"the answer {continuation!r} has no tokens")
     return out
+
+
+def cloze_chance(prompt: Prompt, others: Sequence[Query], tokenizer: Any, bos: bool) -> float | None:
+    """How often guessing is right on a cloze prompt: the share of ``others`` whose answer starts with its target token.
+
+    Cloze accuracy is top-1 of the answer's first token. A model that knows the relation but not the fact, and
+    answers with a random answer of the group, is right when that answer starts with the same token: often
+    for answers that repeat (continents) or share a first piece (a byte-level tokenizer's first byte of
+    Cyrillic or CJK). This is that rate, each other answer tokenised after this prompt as the proxy does.
+
+    Args:
+        prompt: a cloze prompt.
+        others: the group's other queries (the pool's, without the prompt's own).
+        tokenizer: the prompt's tokenizer.
+        bos: whether the prompt starts with BOS.
+
+    Returns:
+        The share in [0, 1]; None if no other answer can follow the prompt as one token sequence.
+
+    Example:
+        >>> cloze_chance(p, [q for q in pool if q.group == p.group and q.id != p.query_id], tok, True)  # doctest: +SKIP
+        0.05
+    """
+    hits = []
+    for o in others:
+        try:
+            first = _continuation(tokenizer, list(prompt.tokens), prompt.text, o.answer_sep + o.answer, bos)[0]
+        except ProxyError:
+            continue  # this answer merges with the prompt's end: not one the model could be asked for here
+        hits.append(first == prompt.target[0])
+    return sum(hits) / len(hits) if hits else None
 
 
 # ---------------------------------------------------------------- building prompts

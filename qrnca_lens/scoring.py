@@ -36,7 +36,7 @@ from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
 from .protocols import HookedModel
-from .proxies import Prompt, ProxyConfig, build_all_prompts
+from .proxies import Prompt, ProxyConfig, build_all_prompts, cloze_chance
 from .readout import logprobs_at
 
 __all__ = [
@@ -288,7 +288,8 @@ class AccuracyResult(Config):
             f"{self.mean_target_prob:.4f} over {self.n} prompts of {self.n_queries} queries"
         ]
         for g, r in self.per_group.items():
-            lines.append(f"  {g:<20} accuracy {r['accuracy']:.3f}  mean p {r['mean_target_prob']:.4f}  n {int(r['n'])}")
+            ch = f"  chance {r['chance']:.2f}" if r.get("chance") is not None else ""
+            lines.append(f"  {g:<20} accuracy {r['accuracy']:.3f}{ch}  mean p {r['mean_target_prob']:.4f}  n {int(r['n'])}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -300,6 +301,23 @@ class AccuracyResult(Config):
             f"<b>{self.proxy['kind']}</b>: accuracy {self.accuracy:.3f}, mean target p {self.mean_target_prob:.4f}, "
             f"n={self.n}<table><tr><th>group</th><th>accuracy</th><th>mean p</th><th>n</th></tr>{rows}</table>"
         )
+
+
+def _cloze_chances(prompts: Sequence[Prompt], pool: Sequence[Query], tokenizer: Any, bos: bool,
+                   per_group: dict[str, dict[str, float]]) -> float | None:
+    """``proxies.cloze_chance`` of every prompt against its group in ``pool``: each group's mean goes into
+    ``per_group[g]["chance"]``; returns the mean over all prompts (None if no prompt has one)."""
+    members = groups_of(list(pool))
+    by_group: dict[str, list[float]] = {}
+    for p in prompts:
+        c = cloze_chance(p, [o for o in members.get(p.group, []) if o.id != p.query_id], tokenizer, bos)
+        if c is not None:
+            by_group.setdefault(p.group, []).append(c)
+    for g, cs in by_group.items():
+        if g in per_group:
+            per_group[g]["chance"] = sum(cs) / len(cs)
+    every = [c for cs in by_group.values() for c in cs]
+    return sum(every) / len(every) if every else None
 
 
 def _summary(scores: Sequence[PromptScore]) -> dict[str, float]:
@@ -332,8 +350,10 @@ def accuracy(
         progress: show a progress bar.
 
     Returns:
-        An ``AccuracyResult``: accuracy over all prompts, mean target probability, chance level (MCQA), and
-        the same per group.
+        An ``AccuracyResult``: accuracy over all prompts, mean target probability, chance level, and the
+        same per group. Chance is 1 / options for MCQA; for cloze, the rate at which a random other answer
+        of the query's group (in ``pool``) starts with the target token (``proxies.cloze_chance``), per group
+        too.
 
     Example:
         >>> res = accuracy(model, load_data("builtin:facts", limit=5), ProxyConfig("cloze"))  # doctest: +SKIP
@@ -360,6 +380,8 @@ def accuracy(
     total = _summary(scores)
     n_opts = {len(p.options) for p in prompts if p.options}
     chance = 1.0 / n_opts.pop() if len(n_opts) == 1 else None
+    if cfg.kind == "cloze":
+        chance = _cloze_chances(prompts, pool if pool is not None else queries, tokenizer_of(model), bos, per_group)
     return AccuracyResult(
         accuracy=total["accuracy"], mean_target_prob=total["mean_target_prob"], n=len(scores),
         n_queries=len(queries), chance=chance, proxy=cfg.to_dict(), prepend_bos=bos, per_group=per_group,

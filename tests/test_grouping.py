@@ -119,6 +119,23 @@ def test_group_competence_aggregates_by_prompts_and_skips_split_groups(tmp_path)
     assert group_competence(None, LANG_DOC) == {}
 
 
+def test_group_competence_uses_each_groups_own_chance_weighted_by_prompts():
+    """A cloze record carries chance per query group (guessing a group's answer): a language's chance is the
+    prompt-weighted mean of its groups', and the at-chance mark uses it."""
+    rec = {"chance": 0.1, "per_group": {
+        "capital-en": {"accuracy": 0.6, "n": 10, "chance": 0.5},   # answers share a first token: 0.6 is guessing
+        "color-en": {"accuracy": 0.6, "n": 30, "chance": 0.5},
+        "capital-fr": {"accuracy": 0.6, "n": 10, "chance": 0.1},
+        "color-fr": {"accuracy": 0.6, "n": 30, "chance": 0.02}}}
+    comp = group_competence(rec, regroup(LANG_DOC, "language"))
+    assert comp["en"]["chance"] == pytest.approx(0.5) and comp["en"]["at_chance"]  # 0.6 <= 0.5 + 0.158
+    assert comp["fr"]["chance"] == pytest.approx((0.1 * 10 + 0.02 * 30) / 40) and not comp["fr"]["at_chance"]
+    assert comp["fr"]["margin"] == pytest.approx(chance_margin(0.04, 40))
+    # One group without its own chance: the record's chance for the whole language.
+    del rec["per_group"]["color-fr"]["chance"]
+    assert group_competence(rec, regroup(LANG_DOC, "language"))["fr"]["chance"] == 0.1
+
+
 def test_competence_record_must_match_the_run(tmp_path):
     assert competence_record(tmp_path, LANG_DOC) is None
     # In the run directory, a bare AccuracyResult of the same proxy kind is the run's.

@@ -11,7 +11,8 @@ import pytest
 from qrnca_lens.data import Query, groups_of, load_data
 from qrnca_lens.errors import ProxyError
 from qrnca_lens.proxies import (
-    TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, encode, tokenizer_identity,
+    TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, cloze_chance, encode,
+    tokenizer_identity,
 )
 
 LETTERS = "ABCD"
@@ -357,6 +358,25 @@ def test_cloze_target_is_answer_tokens(facts, tiny_tokenizer):
             assert list(p.tokens) + list(p.target) == _ids(tiny_tokenizer, p.text + " " + q.answer)
         multi += len(expected) > 1
     assert multi > 0  # multi-token answers are kept whole
+
+
+def test_cloze_chance_is_the_share_of_other_answers_starting_with_the_target_token(facts, tiny_tokenizer):
+    """Oracle: tokenise prompt text + each other answer of the group in one piece and read the token after the
+    prompt; count those equal to the target's first token."""
+    from dataclasses import replace
+
+    group = groups_of(facts)["continent"]  # continents repeat: guessing is often right
+    for q in group[:3]:
+        p = build_prompts(q, ProxyConfig("cloze", n_prompts=1), tiny_tokenizer, pool=facts)[0]
+        others = [o for o in group if o.id != q.id]
+        firsts = [_ids(tiny_tokenizer, p.text + o.answer_sep + o.answer)[len(p.tokens)] for o in others]
+        want = sum(f == p.target[0] for f in firsts) / len(others)
+        assert cloze_chance(p, others, tiny_tokenizer, bos=False) == pytest.approx(want)
+        assert 0 < want < 1  # both kinds of other answer occur in this group
+    q = group[0]
+    p = build_prompts(q, ProxyConfig("cloze", n_prompts=1), tiny_tokenizer, pool=facts)[0]
+    assert cloze_chance(p, [replace(q, id="twin")], tiny_tokenizer, bos=False) == 1.0  # the same answer
+    assert cloze_chance(p, [], tiny_tokenizer, bos=False) is None
 
 
 def test_cloze_slot_query_prompt_ends_before_slot(facts, tiny_tokenizer):

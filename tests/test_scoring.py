@@ -44,6 +44,27 @@ def test_scores_match_the_unbatched_oracle(tiny_model, tiny_tokenizer, kind):
             assert sc.predicted == top and sc.correct == (top == pr.target[0])
 
 
+def test_cloze_accuracy_reports_guessing_chance_per_group(tiny_gated, tiny_tokenizer):
+    from qrnca_lens.data import groups_of
+    from qrnca_lens.proxies import cloze_chance
+
+    pool = load_data("builtin:facts")
+    queries = load_data("builtin:facts", limit=2)
+    cfg = ProxyConfig("cloze", n_prompts=2, n_shots=1)
+    res = accuracy(tiny_gated, queries, cfg, pool=pool)
+    prompts = [p for ps in build_all_prompts(queries, cfg, tiny_tokenizer, prepend_bos=res.prepend_bos,
+                                             pool=pool).values() for p in ps]
+    members = groups_of(pool)
+    each = {p: cloze_chance(p, [o for o in members[p.group] if o.id != p.query_id], tiny_tokenizer,
+                            res.prepend_bos) for p in prompts}
+    assert res.chance == pytest.approx(sum(each.values()) / len(each))
+    for g, r in res.per_group.items():
+        mine = [c for p, c in each.items() if p.group == g]
+        assert r["chance"] == pytest.approx(sum(mine) / len(mine))
+    assert res.per_group["continent"]["chance"] > res.per_group["capital"]["chance"]  # continents repeat
+    assert "chance" in str(res).splitlines()[1]
+
+
 def test_accuracy_aggregates_prompts(tiny_gated, tiny_tokenizer):
     queries = load_data("builtin:domains", limit=2)
     cfg = ProxyConfig("mcqa-letter", n_prompts=2, n_shots=0)
