@@ -375,7 +375,9 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
         drops[name] = float(np.mean(d))
         res[name] = {"loglik_drop": drops[name],
                      "exact_match_after": float(np.mean([g == tuple(p.target) for g, (_, p) in zip(gen, flat)]))}
-    res["drop_ratio"] = drops["qrnca"] / drops["random"] if drops["random"] != 0 else None
+    # A ratio over a random drop that is not positive (ablating random neurons left the answers as likely, or
+    # made them likelier) has no meaning: its sign and size are float noise.
+    res["drop_ratio"] = drops["qrnca"] / drops["random"] if drops["random"] > 0 else None
     return res
 
 

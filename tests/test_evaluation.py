@@ -115,6 +115,9 @@ def test_free_form_drop_matches_the_loop(setup, pool):
             drops.append(_oracle_logprob(model, p)[0] - _oracle_logprob(model, p, neurons, 0.0, every=True)[0])
     assert res.free_form["qrnca"]["loglik_drop"] == pytest.approx(np.mean(drops), rel=1e-4, abs=1e-6)
     assert res.free_form["n_prompts"] == len(drops)
+    ff = res.free_form
+    rnd = ff["random"]["loglik_drop"]  # a ratio only over a positive random drop (else it is float noise)
+    assert ff["drop_ratio"] == (pytest.approx(ff["qrnca"]["loglik_drop"] / rnd) if rnd > 0 else None)
 
 
 def test_neuron_prediction_reports_a_reconstruction(setup, pool):
