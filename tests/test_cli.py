@@ -143,6 +143,21 @@ def test_demo_langs_is_checked_before_the_model_loads(argv, msg, capsys, tmp_pat
     assert re.search(msg, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command", ["locate", "accuracy"])
+def test_ctrl_c_ends_with_a_line_not_a_traceback(command, capsys, tmp_path, monkeypatch):
+    from qrnca_lens.cli import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, f"cmd_{command}", interrupted)
+    argv = [command, "--model", "smollm2", "--data", "builtin:facts"]
+    assert cli.main(argv + (["--out", str(tmp_path / "run")] if command == "locate" else [])) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"qrnca-lens {command}: interrupted") and "Traceback" not in err
+    assert ("run the same command to resume" in err) == (command == "locate")
+
+
 def test_exhaustive_prints_its_cost_and_the_largest_effects(cli_model, capsys, tmp_path):
     run = tmp_path / "run"
     assert cli.main(["locate", "--model", "smollm2", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1",

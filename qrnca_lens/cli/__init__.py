@@ -188,3 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QrncaError as e:
         print(f"qrnca-lens {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say what survived instead of a traceback from deep inside the model
+        kept = (f"; the queries it finished are stored in {args.out}: run the same command to resume"
+                if args.command == "locate" else "")
+        print(f"qrnca-lens {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
