@@ -442,8 +442,7 @@ def project_neurons(
     wu = W_U(model).detach().float()
     k = min(k, int(wu.shape[-1]))
     g, centres = _final_norm(model) if through_norm else (None, False)
-    # Weights-only stand-ins (W_out, W_U, ln_final) have no blocks, hence no post-MLP norms.
-    post = post_norm_gains(model, "mlp") if through_norm and hasattr(model, "blocks") else None
+    post = post_norm_gains(model, "mlp") if through_norm else None
     by_layer = wanted.by_layer()
     found: dict[Neuron, VocabProjection] = {}
     with torch.no_grad():

@@ -303,21 +303,18 @@ class AccuracyResult(Config):
         )
 
 
-def _cloze_chances(prompts: Sequence[Prompt], pool: Sequence[Query], tokenizer: Any, bos: bool,
-                   per_group: dict[str, dict[str, float]]) -> float | None:
-    """``proxies.cloze_chance`` of every prompt against its group in ``pool``: each group's mean goes into
-    ``per_group[g]["chance"]``; returns the mean over all prompts (None if no prompt has one)."""
+def _cloze_chances(prompts: Sequence[Prompt], pool: Sequence[Query], tokenizer: Any,
+                   bos: bool) -> tuple[float | None, dict[str, float]]:
+    """``proxies.cloze_chance`` of every prompt against its group in ``pool``: the mean over all prompts (None
+    if no prompt has one) and each group's mean."""
     members = groups_of(list(pool))
     by_group: dict[str, list[float]] = {}
     for p in prompts:
         c = cloze_chance(p, [o for o in members.get(p.group, []) if o.id != p.query_id], tokenizer, bos)
         if c is not None:
             by_group.setdefault(p.group, []).append(c)
-    for g, cs in by_group.items():
-        if g in per_group:
-            per_group[g]["chance"] = sum(cs) / len(cs)
     every = [c for cs in by_group.values() for c in cs]
-    return sum(every) / len(every) if every else None
+    return (sum(every) / len(every) if every else None), {g: sum(cs) / len(cs) for g, cs in by_group.items()}
 
 
 def _summary(scores: Sequence[PromptScore]) -> dict[str, float]:
@@ -381,7 +378,9 @@ def accuracy(
     n_opts = {len(p.options) for p in prompts if p.options}
     chance = 1.0 / n_opts.pop() if len(n_opts) == 1 else None
     if cfg.kind == "cloze":
-        chance = _cloze_chances(prompts, pool if pool is not None else queries, tokenizer_of(model), bos, per_group)
+        chance, group_chance = _cloze_chances(prompts, pool if pool is not None else queries, tokenizer_of(model), bos)
+        for g, c in group_chance.items():
+            per_group[g]["chance"] = c
     return AccuracyResult(
         accuracy=total["accuracy"], mean_target_prob=total["mean_target_prob"], n=len(scores),
         n_queries=len(queries), chance=chance, proxy=cfg.to_dict(), prepend_bos=bos, per_group=per_group,

@@ -176,7 +176,8 @@ def _fake_model(norm_type="RMS", g=None, as_module=False):
             ln.weight = torch.nn.Parameter(torch.tensor(g))
         else:  # a HookedTransformer exposes ln_final.w
             ln = types.SimpleNamespace(w=torch.tensor(g))
-    return _FakeModel(W_out=w_out, W_U=w_u, tokenizer=_Tok(), ln_final=ln,
+    blocks = [types.SimpleNamespace(), types.SimpleNamespace()]  # two layers, no post-MLP norms
+    return _FakeModel(W_out=w_out, W_U=w_u, tokenizer=_Tok(), ln_final=ln, blocks=blocks,
                       cfg=types.SimpleNamespace(d_model=2, normalization_type=norm_type))
 
 

@@ -209,7 +209,8 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     out, model = _start(args)
     t = lap("load model", t0)
     pool = load_data("builtin:languages")
-    queries = [q for q in limit_per_group(pool, args.limit) if q.language in demo_languages(args, pool)]
+    langs = demo_languages(args, pool)
+    queries = [q for q in limit_per_group(pool, args.limit) if q.language in langs]
     proxy = ProxyConfig("cloze")
 
     print(f"\n== 1. Which languages does {args.model} know? (cloze top-1 over prompts, {len(queries)} queries)")

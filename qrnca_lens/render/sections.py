@@ -113,8 +113,8 @@ def vocab_section(doc: Mapping[str, Any], model: HookedModel | None, k: int, pro
             out.append("<p>Common neurons: " + ", ".join(html_neuron(*c) for c in common) + "</p>")
         return "\n".join(out)
     out.append('<p class="muted">Top tokens of W_out[l, i] · diag(post-MLP norm gain, where blocks have one) · '
-               "diag(final-norm gain) · W_U: what the neuron writes into the residual stream promotes (and, right column, demotes) these tokens. Weights only, no "
-               "forward pass. ␣ marks a leading space.</p>")
+               "diag(final-norm gain) · W_U: what the neuron writes into the residual stream promotes (and, right "
+               "column, demotes) these tokens. Weights only, no forward pass. ␣ marks a leading space.</p>")
     out.append("<h3>Common neurons</h3>")
     if common:
         out.append(html_table(["neuron", f"top {k} tokens", "most demoted"],
