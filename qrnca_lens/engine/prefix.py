@@ -17,7 +17,7 @@ from ..errors import QrncaError
 from ..hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
 from ..models import d_mlp, hf_model, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
 from ..protocols import HookedModel
-from ..readout import StopForward, final_residual_hook, head
+from ..readout import StopForward, final_residual_hook, head32
 
 __all__ = ["Row", "Scale", "Prefix", "backend_of"]
 
@@ -40,6 +40,17 @@ class Row:
 
     def clean(self) -> "Row":
         return Row(self.prompt, self.tokens)
+
+
+_FINAL = "\0final"  # the store key of the final residual (no hook has this name)
+
+
+def _stop_at_final(store: dict[str, Tensor]) -> Any:
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        store[_FINAL] = act
+        raise StopForward
+
+    return hook
 
 
 # ---------------------------------------------------------------- backends
@@ -126,7 +137,7 @@ class Prefix:
         if continuations is not None:
             resid = store[final]
             self.plain = [
-                torch.log_softmax(head(model, resid[b : b + 1, P : P + 1 + len(c)]).float()[0], dim=-1)
+                torch.log_softmax(head32(model, resid[b : b + 1, P : P + 1 + len(c)])[0], dim=-1)
                 for b, (P, c) in enumerate(zip(self.P, conts))
             ]
         last = torch.tensor(self.P, device=self.device)
@@ -200,15 +211,18 @@ class Prefix:
         hooks = self._intervention_hooks(rows, firsts, writes)
         store: dict[str, Tensor] = {}
         hooks += [(n, capture(store, n, detach=False)) for n in capture_names]
+        # Every forward stops at the final residual; the logits come from it in float32 (``head32``), so a
+        # half-precision model's target probability and its gradient are not rounded to its dtype.
+        hooks.append((final_residual_hook(self.model), _stop_at_final(store)))
         if self.backend == "packed":
-            logits = self._packed(rows, start, hooks)
+            resid = self._packed(rows, start, hooks, store)
             if acts_out is not None:
                 acts_out.update({n: store[n][0] for n in capture_names})
         elif self.backend == "batch":
-            logits = self._batch(rows, start, hooks, store, acts_out, capture_names)
+            resid = self._batch(rows, start, hooks, store, acts_out, capture_names)
         else:
-            logits = self._full(rows, hooks, store, acts_out, capture_names)
-        return torch.log_softmax(logits.float(), dim=-1)
+            resid = self._full(rows, hooks, store, acts_out, capture_names)
+        return torch.log_softmax(head32(self.model, resid), dim=-1)
 
     def _intervention_hooks(self, rows: Sequence[Row], firsts: Sequence[int],
                             writes: Mapping[int, tuple[Sequence[int], Tensor]] | None) -> list[tuple[str, Any]]:
@@ -289,7 +303,7 @@ class Prefix:
         mask.masked_fill_(~allowed, float("-inf") if dtype == torch.float32 else torch.finfo(dtype).min)
         return mask[None, None]
 
-    def _packed(self, rows: Sequence[Row], start: int, hooks: list[tuple[str, Any]]) -> Tensor:
+    def _packed(self, rows: Sequence[Row], start: int, hooks: list[tuple[str, Any]], store: dict[str, Tensor]) -> Tensor:
         model = self.model
         self._layout = None
         pos = torch.tensor([self.P[r.prompt] + t for r in rows for t in range(len(r.tokens))], device=self.device)
@@ -305,9 +319,11 @@ class Prefix:
         else:
             inp = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
         with hooked(model, fwd=hooks), prefix_cache_kwarg(model) as keyword, skip_blocks(model, start):
-            logits = model(inp, return_type="logits", attention_mask=mask, position_ids=pos[None],
-                           **{keyword: cache})
-        return logits[0]
+            try:
+                model(inp, return_type="logits", attention_mask=mask, position_ids=pos[None], **{keyword: cache})
+            except StopForward:
+                pass
+        return store[_FINAL][0]
 
     # ------------------------------------------------------------ HookedTransformer backend
 
@@ -347,9 +363,12 @@ class Prefix:
                                    frozen=True)
             store.clear()
             with hooked(self.model, fwd=hooks):
-                logits = self.model(inp, return_type="logits", past_kv_cache=cache, **kw)
+                try:
+                    self.model(inp, return_type="logits", past_kv_cache=cache, **kw)
+                except StopForward:
+                    pass
             for j, r in enumerate(members):
-                out[r] = logits[j]
+                out[r] = store[_FINAL][j]
                 for nm in names:
                     acts[nm][r] = store[nm][j]
         self._layout = None
@@ -369,12 +388,16 @@ class Prefix:
         self._layout = (bmap.to(self.device), pmap.to(self.device))
         try:
             with hooked(self.model, fwd=hooks):
-                logits = self.model(ids, return_type="logits")
+                try:
+                    self.model(ids, return_type="logits")
+                except StopForward:
+                    pass
         finally:
             self._layout = None
         if acts_out is not None:
             acts_out.update({n: store[n][bmap, pmap] for n in names})
-        return logits[bmap.to(logits.device), pmap.to(logits.device)]
+        final = store[_FINAL]
+        return final[bmap.to(final.device), pmap.to(final.device)]
 
     # ------------------------------------------------------------ clean residuals
 
