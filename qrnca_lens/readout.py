@@ -21,7 +21,7 @@ from .hooks import hooked
 from .models import W_U, final_norm, model_dtype, n_layers, unembed
 from .protocols import HookedModel
 
-__all__ = ["StopForward", "final_residual_hook", "head", "head32", "logprobs_at"]
+__all__ = ["StopForward", "final_residual_hook", "final_residual", "head", "head32", "logprobs_at"]
 
 
 class StopForward(Exception):
@@ -56,13 +56,13 @@ class _UpcastMatmul(torch.autograd.Function):
     """x @ W in float32 for a half-precision constant W, upcast column block by column block (no grad for W)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, W: Tensor) -> Tensor:
         ctx.save_for_backward(W)
         step = max(1, _UPCAST_ELEMENTS // max(1, W.shape[0]))
         return torch.cat([x @ W[:, i : i + step].float() for i in range(0, W.shape[1], step)], dim=-1)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (W,) = ctx.saved_tensors
         step = max(1, _UPCAST_ELEMENTS // max(1, W.shape[0]))
         gx = None
@@ -110,24 +110,30 @@ def _soft_cap(model: HookedModel) -> float:
     return float(cap or getattr(getattr(model, "cfg", None), "output_logits_soft_cap", 0.0) or 0.0)
 
 
-def logprobs_at(model: HookedModel, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
-    """Float32 log-probabilities [len(positions[b]), vocab] of each row at its listed positions only (``head32``).
-
-    The forward stops at the final residual; the final norm and unembedding then run on those positions,
-    which equals the full forward's logits there (tested) at a fraction of the memory.
-    """
+def final_residual(model: HookedModel, ids: Int[Tensor, "batch seq"], fwd: Sequence[tuple[str, Any]] = ()) -> Tensor:
+    """The residual stream entering the final norm, every position (the forward stops there; ``fwd``: more
+    hooks for the pass). Differentiable when gradients are on."""
     store: dict[str, Tensor] = {}
 
     def stop(act: Tensor, hook: Any) -> Tensor:
         store["resid"] = act
         raise StopForward
 
-    with hooked(model, fwd=[(final_residual_hook(model), stop)]):
+    with hooked(model, fwd=[*fwd, (final_residual_hook(model), stop)]):
         try:
             model(ids)
         except StopForward:
             pass
-    resid = store["resid"]
+    return store["resid"]
+
+
+def logprobs_at(model: HookedModel, ids: Int[Tensor, "batch seq"], positions: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Float32 log-probabilities [len(positions[b]), vocab] of each row at its listed positions only (``head32``).
+
+    The forward stops at the final residual; the final norm and unembedding then run on those positions,
+    which equals the full forward's logits there (tested) at a fraction of the memory.
+    """
+    resid = final_residual(model, ids)
     out = []
     for b, pos in enumerate(positions):
         idx = torch.tensor(list(pos), dtype=torch.long, device=resid.device)
