@@ -55,13 +55,14 @@ from torch import Tensor
 
 from .config import Config
 from .engine import Prefix, Row, backend_of, skipping_is_exact
-from .engine.checks import check_tolerance, plain_logprobs
+from .engine.checks import fast_path_broken, gap_to_plain, off_rows, plain_logprobs
 from .errors import QrncaError
-from .hooks import capture, hooked
+from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .protocols import HookedModel
 from .proxies import Prompt
+from .readout import final_residual, head32
 
 __all__ = [
     "IGConfig",
@@ -183,6 +184,41 @@ def target_prob(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor,
     return logp.gather(-1, targets[..., None])[..., 0].sum(-1).exp()
 
 
+def _prob_grad(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, "rows n_target"],
+               leaf: Float[Tensor, "rows d_mlp"]) -> Float[Tensor, "rows d_mlp"]:
+    """dP_r/d leaf_r for independent rows, float32, as P_r * d log P_r / d leaf_r.
+
+    The gradient that flows back through a half-precision model is that of log P (order 1), never that of P:
+    an fp16 gradient of a probability of 1e-9 flushes to zero in the first layer it meets. Rows do not see
+    each other (batch copies, or block-diagonal packed rows), so the row-wise product is exact."""
+    logP = logp.gather(-1, targets[..., None])[..., 0].sum(-1)  # [rows], float32
+    (g,) = torch.autograd.grad(logP.sum(), leaf)
+    return g.float() * logP.detach().exp()[:, None]
+
+
+def _check_nonzero(scores: Float[Tensor, "layer d_mlp"], prompt: Prompt, layers: Sequence[int], prob: float | None,
+                   dtype: torch.dtype) -> Tensor:
+    """All-zero scores while 0 < P < 1 mean the gradient vanished (a half-precision underflow), not "no neuron
+    matters": refuse them, and warn about a single all-zero layer. (P = 1 in float32 has a zero gradient.)"""
+    if prob is not None and not 0.0 < prob < 1.0 - 1e-6:
+        return scores
+    dead = [layers[i] for i in range(scores.shape[0]) if not bool(scores[i].any())]
+    where = f"query {prompt.query_id!r} (template {prompt.template})"
+    p_text = f" while P(target) = {prob:.3g}" if prob is not None else ""
+    if dead and len(dead) == scores.shape[0]:
+        raise QrncaError(
+            f"every attribution score of {where} is exactly 0 in {str(dtype).replace('torch.', '')}{p_text}: the "
+            "gradient vanished; load the model in float32 (load_model(..., dtype=torch.float32)) or report it"
+        )
+    if dead:
+        warnings.warn(
+            f"all attribution scores of {where} at layers {dead[:10]} are exactly 0 in "
+            f"{str(dtype).replace('torch.', '')}{p_text}: their gradient vanished; float32 would show them",
+            stacklevel=3,
+        )
+    return scores
+
+
 def _check_finite(scores: Tensor, prompt: Prompt) -> Tensor:
     if not torch.isfinite(scores).all():
         bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(scores))[:, 0]})
@@ -251,13 +287,12 @@ def reference_ig(
             out[:, pos] = x
             return out
 
-        with hooked(model, fwd=[(name, scale)]):
-            logits = model(seq.expand(steps, -1), return_type="logits")
         n_t = len(prompt.target)
-        logp = torch.log_softmax(logits[:, pos : pos + n_t].float(), dim=-1)
+        resid = final_residual(model, seq.expand(steps, -1), fwd=[(name, scale)])
+        logp = torch.log_softmax(head32(model, resid[:, pos : pos + n_t]), dim=-1)
         targets = torch.tensor([list(prompt.target)], device=logp.device).expand(steps, -1)
-        (grad,) = torch.autograd.grad(target_prob(logp, targets).sum(), x)
-    return _check_finite((fbar * grad.float().sum(0) / steps).cpu()[None], prompt)[0]
+        grad = _prob_grad(logp, targets, x)
+    return _check_finite((fbar * grad.sum(0) / steps).cpu()[None], prompt)[0]
 
 
 # ---------------------------------------------------------------- fast path: rows of the engine
@@ -328,12 +363,17 @@ def attribute_prompts(
                 "using the reference path (exact, slower)", stacklevel=2,
             )
         method = "reference"
+    if method == "auto" and hooked_points(model):
+        method = "reference"  # the caller's hooks would see the rows' layout; the reference path honours them
+    dtype = model_dtype(model)
     if method == "reference":
         return torch.stack([
-            torch.stack([reference_ig(model, p, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
-                                      require_gated=cfg.require_gated) for layer in chosen])
+            _check_nonzero(torch.stack([reference_ig(model, p, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
+                                                     require_gated=cfg.require_gated) for layer in chosen]),
+                           p, chosen, None, dtype)
             for p in prompts
         ])
+    refuse_caller_hooks(model, "IGConfig(method='reference') (exact, slower; it runs your hooks as they are)")
     out: list[Tensor | None] = [None] * len(prompts)
     # Prompts share a prefix pass when their targets have the same length (always, for one query's letters)
     # and the memory plan allows; the HookedTransformer backend caches one prompt at a time.
@@ -346,9 +386,9 @@ def attribute_prompts(
         lengths = [len(prompts[i].tokens) - 1 for i in same_t]
         for part in plan_groups(lengths, d, eng, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
             batch = [same_t[j] for j in part]
-            scores = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, eng)
-            for i, sc in zip(batch, scores):
-                out[i] = _check_finite(sc, prompts[i])
+            scores, probs = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, eng)
+            for i, sc, prob in zip(batch, scores, probs):
+                out[i] = _check_nonzero(_check_finite(sc, prompts[i]), prompts[i], chosen, prob, dtype)
     return torch.stack([x for x in out if x is not None])
 
 
@@ -358,35 +398,10 @@ def _plain_logprobs(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tens
     return torch.stack([plain_logprobs(model, p.tokens, (p.tokens[-1], *p.target[:-1])) for p in prompts])
 
 
-def _self_check(row_logp: Tensor, plain: Tensor, prompts: Sequence[Prompt], layer: int, dtype: torch.dtype) -> None:
-    """The α = 1 row re-creates the clean prompt: its log-probabilities must equal the plain forward's.
-
-    Compared on the tokens the plain forward gives at least 1e-6 probability (float error on the far tail
-    of log-probabilities is large and says nothing about the cache).
-    """
-    from .errors import FastPathError
-    from .versions import versions_line
-
-    plain = plain.to(row_logp.device)
-    if not torch.isfinite(plain).all():
-        return  # the model itself overflows: _check_finite names that problem and its fix
-    live = plain > -13.8  # p > 1e-6
-    diff = ((row_logp - plain).abs() * live).amax(dim=(-1, -2))  # [prompt]
-    tol = check_tolerance(dtype)
-    worst = int(diff.argmax())
-    if not torch.isfinite(diff).all() or float(diff[worst]) > tol:
-        raise FastPathError(
-            f"the fast IG path does not reproduce a plain forward: for query {prompts[worst].query_id!r} "
-            f"(template {prompts[worst].template}) the unscaled row at layer {layer} differs from the clean "
-            f"prompt's log-probabilities by {float(diff[worst]):.3g} nats (tolerance {tol:g}). The prefix-cache "
-            f"contract of the installed libraries has changed ({versions_line()}). Use "
-            "IGConfig(method='reference') (exact, slower) and report the versions; no scores were returned"
-        )
-
-
 def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
-          backend: str) -> Float[Tensor, "prompt layer d_mlp"]:
-    """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer."""
+          backend: str) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
+    """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer;
+    also each prompt's clean P(target) (its α = 1 row)."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
     prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend,
                     continuations=[p.target[:-1] for p in prompts])
@@ -395,7 +410,11 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
     full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
     B, T = len(prompts), len(prompts[0].target)
     fbar = torch.stack([prefix.clean[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
-    grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32)
+    # Accumulated on the model's device: the host sees the scores once per prompt group, not once per chunk.
+    grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32, device=a.device)
+    clean_p = torch.zeros(B, dtype=torch.float32, device=a.device)
+    gaps: list[Tensor] = []
+    checked: list[tuple[int, int]] = []
     tokens = [(p.tokens[-1], *p.target[:-1]) for p in prompts]
     skip = skipping_is_exact(prefix)
     # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
@@ -422,16 +441,29 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                 leaves[chosen[li]] = (mine, leaf)
             start = min(chosen[li] for _, li, _ in chunk) if skip else 0
             logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)
-            with torch.no_grad():
+            with torch.no_grad():  # the α = 1 rows re-create the clean prompts: the self-check's evidence
                 for r, (b, li, k) in enumerate(chunk):
                     if k == full_step:
-                        _self_check(logp[r : r + 1].detach(), plain[b : b + 1], [prompts[b]], chosen[li],
-                                    model_dtype(model))
+                        gaps.append(gap_to_plain(logp[r].detach(), plain[b], prompts[b].target))
+                        checked.append((b, li))
             idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
-            prob = target_prob(logp, targets[idx])
+            # P_r * d log P_r: the gradient through a half-precision model is that of log P (see _prob_grad)
+            logP = logp.gather(-1, targets[idx][..., None])[..., 0].sum(-1)  # [rows], float32
             order = sorted(leaves)
-            got = torch.autograd.grad(prob.sum(), [leaves[layer][1] for layer in order])
+            got = torch.autograd.grad(logP.sum(), [leaves[layer][1] for layer in order])
+            P = logP.detach().exp()
             for layer, g in zip(order, got):
-                rows_b = torch.tensor([chunk[r][0] for r in leaves[layer][0]])
-                grads[:, chosen.index(layer)].index_add_(0, rows_b, g.float().cpu())
-    return fbar.cpu() * grads / cfg.steps
+                mine = leaves[layer][0]
+                rows_b = torch.tensor([chunk[r][0] for r in mine], device=grads.device)
+                grads[:, chosen.index(layer)].index_add_(0, rows_b, g.float() * P[mine, None])
+            for r, (b, _, k) in enumerate(chunk):
+                if k == full_step:
+                    clean_p[b] = P[r]
+    dtype = model_dtype(model)
+    for i, diff, tol in off_rows(torch.stack(gaps), dtype)[:1]:
+        b, li = checked[i]
+        raise fast_path_broken(
+            f"for query {prompts[b].query_id!r} (template {prompts[b].template}) the unscaled row at layer "
+            f"{chosen[li]}", diff, tol, dtype, "IGConfig(method='reference') (exact, slower)")
+    probs = [float(p) for p in clean_p.cpu()]
+    return fbar.cpu() * grads.cpu() / cfg.steps, probs

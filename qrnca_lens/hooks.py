@@ -26,7 +26,8 @@ from .errors import ModelError
 from .protocols import HookedModel
 
 __all__ = [
-    "hooked", "prefix_cache_kwarg", "skip_blocks", "capture", "set_neurons", "active_hook_count", "LAST", "last_real_positions",
+    "hooked", "prefix_cache_kwarg", "skip_blocks", "capture", "set_neurons", "active_hook_count", "hooked_points",
+    "refuse_caller_hooks", "LAST", "last_real_positions",
     "positions_from_mask", "row_positions",
 ]
 
@@ -54,6 +55,46 @@ def active_hook_count(model: HookedModel) -> int:
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             total += len(getattr(point, attr, {}))
     return total
+
+
+def hooked_points(model: HookedModel) -> list[str]:
+    """The names of the model's hook points that carry a hook right now (forward or backward, TL's or torch's).
+
+    Outside any qrnca-lens call these are the caller's own hooks (``model.add_hook``, ``with model.hooks(...)``).
+    An aliased point (a bridge names some points twice) is listed once, under its first name.
+
+    Example:
+        >>> with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", fn)]):   # doctest: +SKIP
+        ...     hooked_points(model)
+        ['blocks.1.hook_resid_pre']
+    """
+    seen: set[int] = set()
+    names = []
+    for name, point in model.hook_dict.items():
+        if id(point) in seen:
+            continue
+        seen.add(id(point))
+        if any(len(getattr(point, attr, None) or ()) for attr in
+               ("fwd_hooks", "bwd_hooks", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                "_backward_pre_hooks")):
+            names.append(name)
+    return names
+
+
+def refuse_caller_hooks(model: HookedModel, way_out: str) -> None:
+    """A fast path lays tokens out at other positions than a plain forward; a caller's hook would see that layout.
+
+    Raises ``FastPathError`` naming the hooked points (``way_out``: the caller's exact alternative)."""
+    from .errors import FastPathError
+
+    names = hooked_points(model)
+    if names:
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        raise FastPathError(
+            f"the model carries hooks of yours on {shown}: the fast path runs tokens at other positions than a "
+            f"plain forward, so a hook that depends on positions would be applied wrongly; remove them "
+            f"(model.reset_hooks()) or use {way_out}"
+        )
 
 
 def _snapshot(point: Any) -> tuple[list, list, dict, dict]:

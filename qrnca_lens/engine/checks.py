@@ -16,25 +16,86 @@ from ..protocols import HookedModel
 from ..readout import logprobs_at
 from .prefix import Prefix, Row
 
-__all__ = ["skipping_is_exact", "check_against_plain", "plain_logprobs", "check_tolerance", "CHECK_TOL"]
+__all__ = ["skipping_is_exact", "check_against_plain", "plain_logprobs", "check_tolerance", "gap_to_plain", "off_rows",
+           "fast_path_broken", "CHECK_TOL", "NOISE_K"]
 
 
 _SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 # Float error of a cached row against a plain forward is ~1e-5 nats in float32; a broken cache contract
 # (an empty or shifted prefix) moves log-probabilities by far more than these bounds.
 CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
-CHECK_TOL_LOW = 5e-2  # float16 / bfloat16
+CHECK_TOL_LOW = 5e-2  # float16 / bfloat16, for a caller that has no log-probability spread to scale by
+# Half precision: tolerance = NOISE_K * eps(dtype) * spread, where spread is the largest (max - min) of the
+# plain forward's float32 log-probabilities over the vocabulary at the checked positions. A rounding flip in a
+# bf16/fp16 forward moves live log-probabilities by up to 0.72 eps * spread (SmolLM2, measured: a packed row
+# against the plain forward); an emptied prefix cache moves them by 49-59 eps * spread.
+NOISE_K = 2.0
+LIVE = -13.8  # log(1e-6): the far tail's float error says nothing about the cache
 
 
-def check_tolerance(dtype: torch.dtype) -> float:
-    return CHECK_TOL.get(dtype, CHECK_TOL_LOW)
+def check_tolerance(dtype: torch.dtype, spread: float | None = None) -> float:
+    """The largest |Δ log p| a clean row may show against a plain forward, in nats.
+
+    float32: 1e-3, float64: 1e-6 (rows equal the plain forward to ~1e-5). bfloat16 / float16:
+    ``max(1e-3, NOISE_K * finfo(dtype).eps * spread)`` with ``NOISE_K = 2`` and ``spread`` the largest
+    log-probability range over the vocabulary of the plain forward (0.70 nats on SmolLM2 in bf16, 0.088 in
+    fp16); without a spread, 0.05.
+
+    Example:
+        >>> check_tolerance(torch.float32), round(check_tolerance(torch.bfloat16, 45.0), 3)
+        (0.001, 0.703)
+    """
+    if dtype in CHECK_TOL:
+        return CHECK_TOL[dtype]
+    if spread is None:
+        return CHECK_TOL_LOW
+    return max(CHECK_TOL[torch.float32], NOISE_K * torch.finfo(dtype).eps * float(spread))
 
 
-def _max_live_diff(a: Tensor, b: Tensor) -> float:
-    """Largest |a - b| on the tokens ``b`` gives at least 1e-6 probability (the far tail's float error says
-    nothing about the cache)."""
-    live = b > -13.8
-    return float(((a - b).abs() * live).max())
+def gap_to_plain(row_lp: Float[Tensor, "tokens vocab"], plain: Float[Tensor, "tokens vocab"],
+                 targets: Sequence[int] | None = None) -> Float[Tensor, " 2"]:
+    """(largest |row - plain| on the live tokens and the targets, the plain forward's spread), on the device;
+    the gap is 0 where the plain forward is not finite.
+
+    Live tokens: those the plain forward gives at least 1e-6 probability; ``targets`` (one token per
+    position) are compared whatever their probability. No host sync: callers batch the verdicts."""
+    plain = plain.to(row_lp.device)
+    keep = plain > LIVE
+    if targets is not None:
+        idx = torch.tensor(list(targets), device=plain.device)[:, None]
+        keep = keep.scatter(-1, idx, True)
+    diff = torch.where(keep, (row_lp - plain).abs(), torch.zeros((), device=plain.device)).amax()
+    ok = torch.isfinite(plain)
+    finite = torch.where(ok, plain, torch.zeros((), device=plain.device))
+    spread = (finite.amax(-1) - finite.amin(-1)).amax()
+    # A plain forward that overflows itself says nothing about the cache: the finiteness checks name it.
+    diff = torch.where(ok.all(), diff, torch.zeros((), device=plain.device))
+    return torch.stack([diff, spread])
+
+
+def off_rows(gaps: Float[Tensor, "n 2"], dtype: torch.dtype) -> list[tuple[int, float, float]]:
+    """The (index, gap, tolerance) of every checked row whose gap exceeds its tolerance (one host sync)."""
+    host = gaps.detach().float().cpu().tolist()
+    out = []
+    for i, (diff, spread) in enumerate(host):
+        tol = check_tolerance(dtype, spread)
+        if not diff <= tol:
+            out.append((i, diff, tol))
+    return out
+
+
+def fast_path_broken(what: str, diff: float, tol: float, dtype: torch.dtype, way_out: str) -> FastPathError:
+    """The error of a failed self-check: it names both causes the check can have seen and the way out."""
+    from ..versions import versions_line
+
+    return FastPathError(
+        f"the fast path does not reproduce a plain forward: {what} differs from the clean prompt's "
+        f"log-probabilities by {diff:.3g} nats (tolerance {tol:.3g} in {str(dtype).replace('torch.', '')}). "
+        "Either a hook of yours acts inside the model where the hook points do not show it (a torch hook on a "
+        "module, a patched forward), or the prefix-cache contract of the installed libraries has changed "
+        f"({versions_line()}). Use {way_out}; if the model carries no hook of yours, report the versions. "
+        "Nothing was returned"
+    )
 
 
 def skipping_is_exact(prefix: Prefix) -> bool:
@@ -49,7 +110,8 @@ def skipping_is_exact(prefix: Prefix) -> bool:
         with torch.no_grad():
             base, _, _ = prefix.clean_pass([row])
             top = prefix.forward([row], start=prefix.L - 1)
-        ok = bool(torch.isfinite(base).all()) and _max_live_diff(top, base) <= check_tolerance(model_dtype(model))
+        diff, spread = gap_to_plain(top, base).tolist()
+        ok = bool(torch.isfinite(base).all()) and diff <= check_tolerance(model_dtype(model), spread)
     except Exception:  # an architecture whose blocks cannot be skipped this way: rows start at layer 0
         ok = False
     _SKIP_OK[model] = ok
@@ -64,13 +126,14 @@ def plain_logprobs(model: HookedModel, prompt: Sequence[int], row_tokens: Sequen
         return logprobs_at(model, torch.tensor([seq], device=model_device(model)), [range(P, len(seq))])[0]
 
 
+ENGINE_WAY_OUT = "the reference paths (IGConfig(method='reference'); engine=False for scoring)"
+
+
 def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
     """A clean row must reproduce the plain forward of its prompt: else the cache contract changed.
 
     The reference is the prefix pass's own logits when it ran the row's tokens (``Prefix.plain``), else an
-    ordinary forward of the prompt and row."""
-    from ..versions import versions_line
-
+    ordinary forward of the prompt and row. Tolerance: ``check_tolerance``."""
     known = prefix.plain[b] if prefix.plain is not None else None
     if known is not None and known.shape[0] == len(row_tokens):
         plain = known.to(row_lp.device)
@@ -78,12 +141,6 @@ def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequ
         plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
     if not torch.isfinite(plain).all():
         return  # the model itself overflows; the callers' finiteness checks name that and its fix
-    diff = _max_live_diff(row_lp, plain)
-    tol = check_tolerance(model_dtype(prefix.model))
-    if not diff <= tol:
-        raise FastPathError(
-            f"the prefix-cached rows do not reproduce a plain forward: {what} differs from the clean "
-            f"prompt's log-probabilities by {diff:.3g} nats (tolerance {tol:g}). The prefix-cache contract of the "
-            f"installed libraries has changed ({versions_line()}). Use the reference paths "
-            "(IGConfig(method='reference'); engine=False for scoring) and report the versions; nothing was returned"
-        )
+    dtype = model_dtype(prefix.model)
+    for _, diff, tol in off_rows(gap_to_plain(row_lp, plain)[None], dtype):
+        raise fast_path_broken(what, diff, tol, dtype, ENGINE_WAY_OUT)

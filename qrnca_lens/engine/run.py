@@ -11,7 +11,8 @@ from torch import Tensor
 from ..errors import QrncaError
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from ..protocols import HookedModel
-from .checks import check_against_plain, skipping_is_exact
+from ..hooks import refuse_caller_hooks
+from .checks import ENGINE_WAY_OUT, check_against_plain, skipping_is_exact
 from .prefix import Prefix, Row, backend_of
 
 __all__ = ["run_rows", "Reduce"]
@@ -46,6 +47,7 @@ def run_rows(
             raise QrncaError(f"row of prompt {r.prompt}: there are {len(prompts)} prompts")
         if not r.tokens:
             raise QrncaError("a row needs at least one token (the prompt's last token)")
+    refuse_caller_hooks(model, ENGINE_WAY_OUT)
     backend = backend or backend_of(model)
     d, budget = Dims.of(model), memory_budget_mb * 2**20
     out: list[Any] = [None] * len(rows)
