@@ -35,7 +35,16 @@ from .errors import QrncaError, StoreError
 from .executors import Executor, SerialExecutor
 from .grouping import check_group_by, regroup
 from .located import Located
-from .models import d_mlp, default_prepend_bos, dtype_name, model_device, model_dtype, model_name, n_layers, tokenizer_of
+from .models import (
+    d_mlp,
+    default_prepend_bos,
+    dtype_name,
+    model_device,
+    model_dtype,
+    model_name,
+    n_layers,
+    tokenizer_of,
+)
 from .neurons import NeuronSet
 from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
