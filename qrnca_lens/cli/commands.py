@@ -144,8 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # locate changes nothing here.
     queries = run.stored_queries()
     kw = run_load_kwargs(args, args.out, run.dtype, note=False)  # evaluate itself says when the dtype is unknown
-    _say_device(args, run.device, kw["device"])
     model = models.load_model(run.model, verbose=not args.quiet, **kw)
+    _say_device(args, run.device, str(models.model_device(model)))
     cfg = eval_config(args)
     t0 = time.perf_counter()
     ex = executor(args, run.model, kw["dtype"])
