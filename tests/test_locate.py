@@ -23,7 +23,8 @@ from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, r
 from qrnca_lens.selection import degenerate_selection
 from qrnca_lens.proxies import ProxyConfig
 from qrnca_lens.selection import SelectionConfig, query_cluster, select
-from qrnca_lens.store import query_filename
+from qrnca_lens.evaluation import EvalConfig, evaluate
+from qrnca_lens.store import RunStore, dtype_refusal, query_filename
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
 
@@ -414,9 +415,6 @@ def test_a_run_without_stored_prompts_names_the_fix(tiny_gated, queries, pool, t
 
 
 # ---------------------------------------------------------------- dtype and device are part of a run
-
-from qrnca_lens.evaluation import EvalConfig, evaluate  # noqa: E402
-from qrnca_lens.store import RunStore, dtype_refusal  # noqa: E402
 
 _EVAL = EvalConfig(methods=("qrnca", "random"), n_boot=10, free_form=False, neuron_prediction=False,
                    symbol_binding=False)
