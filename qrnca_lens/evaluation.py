@@ -56,11 +56,12 @@ from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_row
 from .locate import LocateResult
 from .locators import LocatorContext, cut_to_qrnca, neuron_sets
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
-from .models import mlp_hook_name, model_device, pad_batch, pad_token_id, tokenizer_of
+from .models import dtype_name, mlp_hook_name, model_device, model_dtype, pad_batch, pad_token_id, tokenizer_of
 from .neurons import NeuronSet
 from .protocols import HookedModel
 from .proxies import Prompt, tokenizer_identity
 from .scoring import ItemScore, score_items
+from .store import check_run_dtype
 from .versions import library_versions, model_identity
 
 if TYPE_CHECKING:  # executors imports evaluation's neighbours; the class is only needed for the annotation
@@ -168,6 +169,7 @@ def evaluate(
     *,
     progress: bool = True,
     executor: Executor | None = None,
+    allow_dtype_change: bool = False,
 ) -> EvaluationResult:
     """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
 
@@ -184,6 +186,10 @@ def evaluate(
         cfg: locators compared, seed, bootstrap size, batching, which checks run.
         progress: show progress bars.
         executor: where the batched scoring runs (default: this process).
+        allow_dtype_change: judge a run with a model of another dtype than the run's (refused in one line
+            without it; a run that predates recording its dtype is said to be unknown and not checked). The
+            device may differ freely; both are recorded in ``meta`` (``dtype``, ``device``, ``run_dtype``,
+            ``run_device``).
 
     Returns:
         An ``EvaluationResult``: PCR (boost/suppress, 95% CIs), editing rates, neuron-based prediction and
@@ -196,6 +202,9 @@ def evaluate(
     """
     from .executors import SerialExecutor
 
+    dtype, device = dtype_name(model_dtype(model)), str(model_device(model))
+    if run.out is not None or run.dtype is not None:  # an in-memory result built by hand records no dtype
+        check_run_dtype(run.out if run.out is not None else run.model, run.dtype, dtype, allow_dtype_change)
     ex = executor if executor is not None else SerialExecutor(model)
     asked = list(run.groups) if queries is None else [q if isinstance(q, str) else q.id for q in queries]
     ids = [q for q in asked if q in run.selection.qr]
@@ -291,7 +300,8 @@ def evaluate(
               "model_accuracy": float(np.mean(list(correct_before.values()))),
               "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
               "proxy": proxy.kind, "controls": controls, "group_by": by,
-              "versions": library_versions(), "model_identity": model_identity(model)},
+              "versions": library_versions(), "model_identity": model_identity(model),
+              "dtype": dtype, "device": device, "run_dtype": run.dtype, "run_device": run.device},
     )
     result.costs = {m: dict(ctx.costs.get(m, {})) for m in cfg.methods}
     if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):

@@ -95,7 +95,8 @@ class _Worker:
     The model is loaded once, in the constructor; a restarted actor (``max_restarts``) loads it again.
     """
 
-    def __init__(self, model_name: str, threads: int, loader: Callable[[str], Any] | None, device: str | None) -> None:
+    def __init__(self, model_name: str, threads: int, loader: Callable[[str], Any] | None, device: str | None,
+                 dtype: str = "float32") -> None:
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 (or the actor's num_cpus) in its workers; float reductions can depend on the
@@ -106,7 +107,7 @@ class _Worker:
         else:
             from .models import load_model
 
-            self.model = load_model(model_name, device=device)
+            self.model = load_model(model_name, device=device, dtype=dtype)
 
     def ready(self) -> int:
         return os.getpid()
@@ -148,6 +149,8 @@ class RayExecutor:
     scores bit-identical to a serial run on the driver; the count changes float reductions).
     ``cpus_per_worker``: CPUs Ray reserves per actor (default: ``threads`` when given, else 1).
     ``gpus_per_worker``: GPUs reserved per actor; the default loader then loads the model on ``"cuda"``.
+    ``dtype``: the weights' dtype the default loader uses (``"float32"``, ``"bfloat16"``, ``"float16"``): the
+    driver's model's, so that every replica computes in the dtype the run records.
     ``loader``: ``loader(model_name) -> model`` run in each actor instead of ``load_model`` (e.g. a model
     spread over the actor's GPUs); it must be importable or picklable on the workers.
 
@@ -170,6 +173,7 @@ class RayExecutor:
         cpus_per_worker: float | int | None = None,
         loader: Callable[[str], Any] | None = None,
         startup_timeout: float | int | None = 900,
+        dtype: str = "float32",
     ) -> None:
         try:
             import ray
@@ -181,6 +185,9 @@ class RayExecutor:
             raise QrncaError(f"workers must be at least 1, got {workers}")
         if max_retries < 0:
             raise QrncaError(f"max_retries must be >= 0, got {max_retries}")
+        from .models import dtype_name, parse_dtype
+
+        dtype = dtype_name(parse_dtype(dtype))  # a bad name fails here, not in every actor
         self.model_name = model_name
         self.workers = int(workers)
         self.max_retries = int(max_retries)
@@ -204,7 +211,7 @@ class RayExecutor:
             max_restarts=self.max_retries, max_task_retries=self.max_retries,
         )
         t0 = time.perf_counter()
-        self._actors = [cls.remote(model_name, self.threads, loader, device) for _ in range(self.workers)]
+        self._actors = [cls.remote(model_name, self.threads, loader, device, dtype) for _ in range(self.workers)]
         self._alive = [True] * self.workers
         try:
             ray.get([a.ready.remote() for a in self._actors], timeout=startup_timeout)  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +35,16 @@ from .errors import QrncaError, StoreError
 from .executors import Executor, SerialExecutor
 from .grouping import check_group_by, regroup
 from .located import Located
-from .models import d_mlp, default_prepend_bos, model_name, n_layers, tokenizer_of
+from .models import (
+    d_mlp,
+    default_prepend_bos,
+    dtype_name,
+    model_device,
+    model_dtype,
+    model_name,
+    n_layers,
+    tokenizer_of,
+)
 from .neurons import NeuronSet
 from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
@@ -80,7 +89,9 @@ class LocateResult(Located):
     ``to_dataframe()`` gives one row per QR neuron; ``neurons_json()`` is the ``neurons.json`` schema.
 
     ``group_by``: the query field the run is mapped by (``grouping``), recorded at creation: evaluate and the
-    report default to it.
+    report default to it. ``dtype`` and ``device``: the weights' dtype and device the run was made with
+    (``"bfloat16"``, ``"cuda:0"``); None for a run made before they were recorded. evaluate refuses a model of
+    another dtype unless asked.
 
     Example:
         >>> run = LocateResult.load("runs/facts")                                  # doctest: +SKIP
@@ -103,6 +114,8 @@ class LocateResult(Located):
     scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
     out: Path | None = None
     group_by: str = "group"
+    dtype: str | None = None
+    device: str | None = None
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
@@ -150,6 +163,7 @@ class LocateResult(Located):
             "model": self.model,
             "data": self.data,
             "layers": self.layers, "group_by": self.group_by,
+            "dtype": self.dtype, "device": self.device,
             "common_neurons": [list(x) for x in self.common_neurons],
             "queries": {
                 q: {"group": self.groups[q], **_fields(self.info[q]),  # the report regroups by these
@@ -180,7 +194,8 @@ class LocateResult(Located):
         if not self.scores:
             raise QrncaError("this result holds no scores to save; it already lives in its run directory")
         store = RunStore.open(out, _manifest(self.model, self.data, self.config, self.layers, self.groups,
-                                             self.info_shape(), None, group_by=self.group_by))
+                                             self.info_shape(), None, group_by=self.group_by,
+                                             numerics={"dtype": self.dtype, "device": self.device}))
         for q, s in self.scores.items():
             store.write_query(q, s, self.info[q])
         store.write_neurons(self.neurons_json())
@@ -241,15 +256,22 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
+def model_numerics(model: HookedModel) -> dict[str, str]:
+    """``{"dtype": "bfloat16", "device": "cuda:0"}``: how the model's weights are held, as a run records it."""
+    return {"dtype": dtype_name(model_dtype(model)), "device": str(model_device(model))}
+
+
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
               shape: list[int], identity: dict[str, Any] | None, pool: str | None = None,
-              group_by: str = "group") -> dict[str, Any]:
+              group_by: str = "group", numerics: Mapping[str, str | None] | None = None) -> dict[str, Any]:
     d = cfg.to_dict()
     # versions and model_identity say what the run was made with; each query file also records its own.
     # pool: where in-context examples and distractors came from (each query file stores the prompts made).
+    # dtype and device: the weights' (a rerun in another dtype is refused unless asked; the device is free).
     return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
             "model_shape": shape, "selection": d["selection"], "queries": groups,
-            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": group_by}
+            "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": group_by,
+            **(numerics or {"dtype": None, "device": None})}
 
 
 # ---------------------------------------------------------------- the prompts a run stores
@@ -303,6 +325,7 @@ def locate(
     executor: Executor | None = None,
     pool_spec: str | None = None,
     group_by: str | None = None,
+    allow_dtype_change: bool = False,
 ) -> LocateResult | None:
     """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
@@ -322,6 +345,9 @@ def locate(
         executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``).
         pool_spec: the pool's data spec, recorded in the manifest.
         group_by: ``"group"`` (default), ``"language"`` or ``"relation"``: recorded as the run's mapping.
+        allow_dtype_change: extend a run made in another dtype (e.g. a float32 run with a bfloat16 model);
+            without it that is refused in one line. The change is recorded in the manifest's ``dtype_changes``
+            and every query file records its own dtype and device.
 
     Returns:
         The ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
@@ -346,20 +372,22 @@ def locate(
     by_id = {q.id: q for q in queries}
     groups = {q.id: q.group for q in queries}
     identity = model_identity(model)
+    held = model_numerics(model)
     store = RunStore.open(out, _manifest(name, data, cfg, layers, groups, [len(layers), d_mlp(model)], identity,
-                                         pool_spec, by)) if out else None
+                                         pool_spec, by, numerics=held),
+                          allow_dtype_change=allow_dtype_change) if out else None
     # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
     records = {q.id: _prompt_record(by_id[q.id], prompts[q.id], proxy, tok_id) for q in queries}
     # One process per shard: a second one on the same shard is refused; other shards run alongside.
     with store.shard_lock(*shard) if store else nullcontext():
         return _attribute_and_reduce(model, queries, prompts, records, cfg, store, shard=shard, progress=progress,
-                                     executor=executor, name=name, data=data, group_by=by)
+                                     executor=executor, name=name, data=data, group_by=by, held=held)
 
 
 def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts: dict[str, Any],
                           records: dict[str, dict[str, Any]], cfg: LocateConfig, store: RunStore | None, *,
                           shard: tuple[int, int], progress: bool, executor: Executor | None, name: str,
-                          data: str | None, group_by: str) -> LocateResult | None:
+                          data: str | None, group_by: str, held: dict[str, str]) -> LocateResult | None:
     """locate once the run is open and this shard held: attribute what is missing, then reduce."""
     out = store.root if store else None
     layers = list(cfg.layers or ())
@@ -381,7 +409,7 @@ def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts:
 
         results = tqdm(results, total=len(mine), desc=f"locate{f' shard {i}/{n}' if n > 1 else ''}", unit="query")
     for qid, s, qi in results:
-        qi = {**qi, "versions": library_versions(), **records[qid]}
+        qi = {**qi, "versions": library_versions(), **held, **records[qid]}
         if store:
             store.write_query(qid, s, qi)  # as each query arrives: nothing finished is lost
         else:
@@ -397,7 +425,7 @@ def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts:
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
     warn_if_degenerate(len(clusters), cfg.selection)
     return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores,
-                        group_by=group_by)
+                        group_by=group_by, dtype=held["dtype"], device=held["device"])
 
 
 def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
@@ -443,7 +471,8 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
         clusters[q] = query_cluster(s, cfg.selection.t, cfg.selection.cluster_mode)
     warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
-                       select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"))
+                       select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"),
+                       dtype=store.dtype, device=store.device)
     if write:
         # Record first: if killed in between, a plain `reduce(out)` rewrites neurons.json to match the record.
         store.record_selection(cfg.selection.to_dict())

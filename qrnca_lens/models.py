@@ -42,6 +42,9 @@ __all__ = [
     "post_hook_name",
     "model_device",
     "model_dtype",
+    "DTYPES",
+    "dtype_name",
+    "parse_dtype",
     "W_out",
     "W_U",
     "tokenizer_of",
@@ -218,7 +221,7 @@ def load_model(
     name: str = "smollm2",
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     compatibility_mode: bool = False,
     verbose: bool = False,
 ) -> HookedModel:
@@ -232,7 +235,7 @@ def load_model(
     Args:
         name: an embedded model (``"smollm2"``, ``"gemma3-270m"``) or a local transformers checkpoint directory.
         device: where to put the weights (None: TL's default device).
-        dtype: the weights' dtype.
+        dtype: the weights' dtype: a ``torch.dtype`` or its name (``"float32"``, ``"bfloat16"``, ``"float16"``).
         compatibility_mode: call TL's ``enable_compatibility_mode()`` after loading.
         verbose: let TL and transformers print their loading messages.
 
@@ -245,6 +248,7 @@ def load_model(
         30
     """
     check_model_name(name)
+    dtype = parse_dtype(dtype)
     if name not in EMBEDDED_MODELS:
         return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
     spec = EMBEDDED_MODELS[name]
@@ -408,6 +412,35 @@ def model_device(model: HookedModel) -> torch.device:
 
 def model_dtype(model: HookedModel) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+# The weight dtypes a run can be made in, by the name the CLI (``--dtype``) and the run manifest use.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how a run records its dtype.
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'bfloat16'
+    """
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype``, or one of ``DTYPES``' names (``"torch.float16"`` too), as a ``torch.dtype``.
+
+    Example:
+        >>> parse_dtype("bfloat16"), parse_dtype(torch.float16)
+        (torch.bfloat16, torch.float16)
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 # Weights and submodules are reached only through these accessors: they are not ``HookedModel`` members (see

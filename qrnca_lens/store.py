@@ -1,7 +1,8 @@
 """The run directory: a manifest, one file per finished query, and the reduce's ``neurons.json``. No model code.
 
-    DIR/manifest.json              what the run is (model, data, proxy, IG settings, query set) and the
-                                   selection of the latest reduce, which every later stage uses
+    DIR/manifest.json              what the run is (model, data, proxy, IG settings, query set, the weights'
+                                   dtype and device) and the selection of the latest reduce, which every
+                                   later stage uses
     DIR/queries/<id>.safetensors   one query's IG scores [prompt, layer, d_mlp] + metadata, written atomically
     DIR/neurons.json               the collection-level selection (rewritten by every reduce)
 
@@ -11,6 +12,12 @@ query file that was damaged afterwards (it is reported and recomputed). A rerun 
 identity; it may add queries (the run is extended), never drop or regroup them. Shards of one run write
 disjoint query files into the same directory, so they never clash; a second process on the same shard is
 refused (one lock file per shard).
+
+A run records the dtype and the device of the model that made it (``dtype``, ``device``). A rerun with a
+model of another dtype is refused in one line (``check_run_dtype``) unless asked (``allow_dtype_change``):
+scores of a float32 and a bfloat16 model are not the same numbers. An allowed change is recorded
+(``dtype_changes``). The device is recorded only: a run made on cuda resumes on cpu. A manifest written
+before runs recorded their dtype has none: its dtype is unknown, said so, and not checked.
 
 Example:
     >>> store = RunStore.open("runs/x", manifest)        # doctest: +SKIP
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -34,7 +42,8 @@ from torch import Tensor
 from .atomic import write_bytes_atomic, write_json_atomic
 from .errors import StoreError
 
-__all__ = ["RunStore", "CorruptQueryFile", "FORMAT", "write_json_atomic", "query_filename"]
+__all__ = ["RunStore", "CorruptQueryFile", "FORMAT", "write_json_atomic", "query_filename", "check_run_dtype",
+           "dtype_refusal"]
 
 FORMAT = "qrnca-lens-run"
 VERSION = 1
@@ -116,6 +125,49 @@ def _check_query_set(root: Path, stored: dict[str, str], asked: dict[str, str]) 
                          f"large), or use another --out directory for this set")
 
 
+def dtype_refusal(where: str | Path, recorded: str, asked: str) -> str:
+    """The one line that refuses to mix dtypes in a run, naming both and the two ways out.
+
+    Example:
+        >>> dtype_refusal("runs/x", "float32", "bfloat16")  # doctest: +NORMALIZE_WHITESPACE
+        'run runs/x was made in float32; this model is bfloat16: load it with --dtype float32 (load_model(...,
+        dtype="float32")), or pass --allow-dtype-change (allow_dtype_change=True) to mix them'
+    """
+    return (f"run {where} was made in {recorded}; this model is {asked}: load it with --dtype {recorded} "
+            f"(load_model(..., dtype=\"{recorded}\")), or pass --allow-dtype-change (allow_dtype_change=True) "
+            "to mix them")
+
+
+def check_run_dtype(where: str | Path, recorded: str | None, asked: str, allow: bool = False) -> bool:
+    """Refuse (``StoreError``) a model of dtype ``asked`` on a run recorded in ``recorded``, unless ``allow``.
+
+    Args:
+        where: the run (its directory), for the message.
+        recorded: the run's dtype name (``"float32"``...), or None for a run made before runs recorded it.
+        asked: the dtype name of the model now used.
+        allow: accept another dtype (the caller records the change).
+
+    Returns:
+        True when the dtypes differ and the change was allowed, else False. An unknown ``recorded`` warns
+        (once per call) and is not checked.
+
+    Example:
+        >>> check_run_dtype("runs/x", "float32", "float32")
+        False
+        >>> check_run_dtype("runs/x", "float32", "bfloat16", allow=True)
+        True
+    """
+    if recorded is None:
+        warnings.warn(f"run {where} does not record its dtype (made before qrnca-lens recorded it): treated as "
+                      f"unknown, not checked against this model's {asked}", stacklevel=3)
+        return False
+    if recorded == asked:
+        return False
+    if not allow:
+        raise StoreError(dtype_refusal(where, recorded, asked))
+    return True
+
+
 def query_filename(query_id: str) -> str:
     """A safe, collision-free file name for a query id (readable prefix + hash of the exact id)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", query_id)[:80]
@@ -142,8 +194,12 @@ class RunStore:
         return self.root / "queries"
 
     @classmethod
-    def open(cls, root: str | Path, manifest: dict[str, Any]) -> "RunStore":
-        """Create the run, or resume it: same identity, and a query set that equals or extends the stored one."""
+    def open(cls, root: str | Path, manifest: dict[str, Any], *, allow_dtype_change: bool = False) -> "RunStore":
+        """Create the run, or resume it: same identity, and a query set that equals or extends the stored one.
+
+        ``manifest["dtype"]`` (if given) must equal the stored run's dtype unless ``allow_dtype_change``; an
+        allowed change is appended to the manifest's ``dtype_changes``. The device is not checked.
+        """
         root = Path(root)
         manifest = {"format": FORMAT, "version": VERSION, **manifest}
         path = root / "manifest.json"
@@ -158,11 +214,21 @@ class RunStore:
                 return cls(root, manifest)
             existing = cls._read_manifest(path)
             _check_identity(root, existing, manifest)
+            changed = False
+            if manifest.get("dtype") is not None:
+                asked_dtype = str(manifest["dtype"])
+                if check_run_dtype(root, existing.get("dtype"), asked_dtype, allow_dtype_change):
+                    seen = list(existing.get("dtype_changes") or [])
+                    if asked_dtype not in seen:
+                        existing = {**existing, "dtype_changes": [*seen, asked_dtype]}
+                        changed = True
             stored, asked = existing.get("queries") or {}, manifest.get("queries") or {}
             _check_query_set(root, stored, asked)
             if set(asked) != set(stored):
                 # A larger set extends the run: the new ids are attributed, the reduce runs over all of them.
                 existing = {**existing, "queries": dict(asked)}
+                changed = True
+            if changed:
                 write_json_atomic(path, existing)
             return cls(root, existing)
 
@@ -200,6 +266,18 @@ class RunStore:
         if not path.exists():
             raise StoreError(f"{root} is not a qrnca-lens run: no manifest.json (run `qrnca-lens locate --out {root}` first)")
         return cls(root, cls._read_manifest(path))
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the run was made in (``"float32"``, ``"bfloat16"``...), None for a run that predates it."""
+        value = self.manifest.get("dtype")
+        return str(value) if value is not None else None
+
+    @property
+    def device(self) -> str | None:
+        """The device the run was made on (recorded only: a run made on cuda resumes and evaluates on cpu)."""
+        value = self.manifest.get("device")
+        return str(value) if value is not None else None
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from qrnca_lens import cli
+from qrnca_lens.store import dtype_refusal
 
 
 @pytest.fixture
@@ -447,3 +448,107 @@ def test_locate_group_by_reaches_locate_and_fails_before_any_work(cli_model, cap
     assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--limit", "1",
                      "--group-by", "language"]) == 2
     assert "cannot group by 'language': 5 of 5 queries have no 'language' field" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------- --dtype / --device: how a run's model is held
+
+# A minimal command line of every command; all but reduce load a model.
+_ARGV = {
+    "accuracy": ["--data", "d"], "locate": ["--data", "d", "--out", "o"], "lens": ["--data", "d", "--out", "o"],
+    "evaluate": ["o"], "report": ["o"], "bench": [], "exhaustive": ["o", "--query", "q"], "demo": [],
+}
+_RUN_COMMANDS = ("evaluate", "report", "exhaustive")
+
+
+def test_every_model_loading_command_takes_dtype_and_device():
+    subs = _subparsers()
+    with_dtype = {c for c, p in subs.items() if any("--dtype" in a.option_strings for a in p._actions)}
+    assert with_dtype == set(subs) - {"reduce"} == set(_ARGV)  # a new command that loads a model needs them too
+    parser = cli.build_parser()
+    for command, argv in _ARGV.items():
+        args = parser.parse_args([command, *argv, "--dtype", "bfloat16", "--device", "cuda:1"])
+        assert (args.dtype, args.device) == ("bfloat16", "cuda:1"), command
+        plain = parser.parse_args([command, *argv])
+        assert (plain.dtype, plain.device) == (None, None), command  # None: float32, or the run's recorded dtype
+        takes_allow = hasattr(parser.parse_args([command, *argv]), "allow_dtype_change")
+        assert takes_allow == (command in (*_RUN_COMMANDS, "locate", "demo")), command
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, *argv, "--dtype", "float64"])
+    assert parser.parse_args(["evaluate", "o", "--allow-dtype-change"]).allow_dtype_change is True
+
+
+@pytest.fixture
+def dtype_model(monkeypatch, tiny_llama):
+    """load_model on the tiny Llama in the asked dtype (a copy per dtype); records every call's dtype and device."""
+    import copy
+
+    import torch
+
+    import qrnca_lens.models as models
+
+    copies = {"float32": tiny_llama}
+    calls = []
+
+    def load(name, *, dtype="float32", device=None, **kw):
+        key = models.dtype_name(models.parse_dtype(dtype))
+        calls.append((key, device))
+        if key not in copies:
+            copies[key] = copy.deepcopy(tiny_llama).to(getattr(torch, key))
+        return copies[key]
+
+    monkeypatch.setattr(models, "load_model", load)
+    return calls
+
+
+_LOCATE = ["locate", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1", "--templates", "2", "--shots", "1",
+           "--steps", "2", "--quiet"]
+
+
+def test_locate_records_dtype_and_device_and_resumes_in_the_recorded_dtype(dtype_model, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main([*_LOCATE, "--out", str(run), "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert dtype_model == [("bfloat16", "cpu")]
+    man = json.loads((run / "manifest.json").read_text())
+    assert (man["dtype"], man["device"]) == ("bfloat16", "cpu")
+    capsys.readouterr()
+    assert cli.main([*_LOCATE, "--out", str(run)]) == 0  # the same run, no --dtype: its own dtype
+    assert dtype_model[-1] == ("bfloat16", None)
+    assert cli.main([*_LOCATE, "--out", str(run), "--dtype", "float32"]) == 2
+    assert dtype_model[-1] == ("bfloat16", None)  # refused before the model loads
+    assert _error_line(capsys) == f"qrnca-lens locate: error: {dtype_refusal(run, 'bfloat16', 'float32')}"
+    assert cli.main([*_LOCATE, "--out", str(run), "--dtype", "float32", "--allow-dtype-change"]) == 0
+    assert json.loads((run / "manifest.json").read_text())["dtype_changes"] == ["float32"]
+
+
+def test_evaluate_report_and_exhaustive_load_the_model_in_the_recorded_dtype(dtype_model, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main([*_LOCATE, "--out", str(run), "--dtype", "float16"]) == 0
+    del dtype_model[:]
+    assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "10", "--quiet",
+                     "--no-symbol-binding"]) == 0
+    ev = json.loads((run / "evaluation.json").read_text())["meta"]
+    assert (ev["dtype"], ev["run_dtype"], ev["device"], ev["run_device"]) == ("float16", "float16", "cpu", "cpu")
+    assert cli.main(["report", str(run), "--queries", "1"]) == 0
+    assert cli.main(["exhaustive", str(run), "--query", "capital-01", "--layers", "2", "--top", "1"]) == 0
+    assert dtype_model == [("float16", None)] * 3
+    capsys.readouterr()
+    for command in _RUN_COMMANDS:  # another dtype: one line, before the model loads
+        argv = [command, str(run), "--dtype", "float32"] + (["--query", "capital-01"] if command == "exhaustive" else [])
+        assert cli.main(argv) == 2, command
+        assert _error_line(capsys) == f"qrnca-lens {command}: error: {dtype_refusal(run, 'float16', 'float32')}"
+    assert dtype_model == [("float16", None)] * 3
+
+
+def test_a_run_without_a_recorded_dtype_is_said_to_be_unknown_and_loads_in_float32(dtype_model, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main([*_LOCATE, "--out", str(run)]) == 0
+    for path in (run / "manifest.json", run / "neurons.json"):  # as a run made before dtypes were recorded
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k not in ("dtype", "device")}))
+    capsys.readouterr()
+    assert cli.main(["report", str(run), "--queries", "1"]) == 0
+    assert "does not record its dtype" in capsys.readouterr().out and dtype_model[-1] == ("float32", None)
+    with pytest.warns(UserWarning, match="does not record its dtype"):
+        assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "10", "--quiet",
+                         "--dtype", "bfloat16"]) == 0
+    assert dtype_model[-1] == ("bfloat16", None)

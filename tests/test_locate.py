@@ -23,7 +23,8 @@ from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, r
 from qrnca_lens.selection import degenerate_selection
 from qrnca_lens.proxies import ProxyConfig
 from qrnca_lens.selection import SelectionConfig, query_cluster, select
-from qrnca_lens.store import query_filename
+from qrnca_lens.evaluation import EvalConfig, evaluate
+from qrnca_lens.store import RunStore, dtype_refusal, query_filename
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
 
@@ -411,3 +412,93 @@ def test_a_run_without_stored_prompts_names_the_fix(tiny_gated, queries, pool, t
         old.stored_prompts()
     with pytest.raises(StoreError, match=r"no stored prompts"):
         old.stored_queries()
+
+
+# ---------------------------------------------------------------- dtype and device are part of a run
+
+_EVAL = EvalConfig(methods=("qrnca", "random"), n_boot=10, free_form=False, neuron_prediction=False,
+                   symbol_binding=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_llama):
+    """The tiny Llama in bfloat16 (a copy: the session's model stays float32)."""
+    import copy
+
+    return copy.deepcopy(tiny_llama).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def few(pool):
+    return limit_per_group(pool, 1)
+
+
+def test_a_run_records_its_dtype_and_device(tiny_gated, few, pool, tmp_path):
+    out = tmp_path / "run"
+    run = locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    man = json.loads((out / "manifest.json").read_text())
+    assert (man["dtype"], man["device"]) == ("float32", "cpu") == (run.dtype, run.device)
+    assert (_neurons(out)["dtype"], _neurons(out)["device"]) == ("float32", "cpu")
+    info = RunStore.load(out).read_info(few[0].id)  # each query file records what computed it
+    assert (info["dtype"], info["device"]) == ("float32", "cpu")
+    mem = locate(tiny_gated, few, CFG, pool=pool, progress=False)
+    assert (mem.dtype, mem.neurons_json()["dtype"]) == ("float32", "float32")
+
+
+def test_resume_in_another_dtype_is_refused_before_any_work_then_allowed_when_asked(
+        tiny_gated, tiny_bf16, few, pool, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    locate(tiny_gated, few[:4], CFG, pool=pool, out=out, progress=False)
+    calls = []
+    real = executors_mod.attribute_prompts
+    monkeypatch.setattr(executors_mod, "attribute_prompts",
+                        lambda m, ps, *a, **k: calls.append(ps[0].query_id) or real(m, ps, *a, **k))
+    with pytest.raises(StoreError) as e:
+        locate(tiny_bf16, few, CFG, pool=pool, out=out, progress=False)
+    assert str(e.value) == dtype_refusal(out, "float32", "bfloat16") and "\n" not in str(e.value)
+    assert calls == [] and len(RunStore.load(out).manifest["queries"]) == 4  # not extended, nothing attributed
+    res = locate(tiny_bf16, few, CFG, pool=pool, out=out, progress=False, allow_dtype_change=True)
+    assert sorted(calls) == sorted(q.id for q in few[4:])
+    man = RunStore.load(out).manifest
+    assert man["dtype"] == res.dtype == "float32" and man["dtype_changes"] == ["bfloat16"]
+    store = RunStore.load(out)
+    assert {q.id: store.read_info(q.id)["dtype"] for q in few} == {
+        q.id: "float32" if i < 4 else "bfloat16" for i, q in enumerate(few)}
+
+
+def test_evaluate_refuses_another_dtype_unless_asked(tiny_gated, tiny_bf16, few, pool, tmp_path):
+    out = tmp_path / "run"
+    run = locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    with pytest.raises(StoreError) as e:
+        evaluate(tiny_bf16, run, cfg=_EVAL, progress=False)
+    assert str(e.value) == dtype_refusal(out, "float32", "bfloat16")
+    res = evaluate(tiny_bf16, run, cfg=dataclasses.replace(_EVAL, engine=False), progress=False,
+                   allow_dtype_change=True)
+    assert (res.meta["dtype"], res.meta["run_dtype"], res.meta["device"], res.meta["run_device"]) == (
+        "bfloat16", "float32", "cpu", "cpu")
+
+
+def test_a_run_made_on_another_device_resumes_and_evaluates_here(tiny_gated, few, pool, tmp_path):
+    out = tmp_path / "run"
+    locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    path = out / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "device": "cuda:0"}))  # as if made on a GPU
+    run = locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    assert run.device == "cuda:0"
+    res = evaluate(tiny_gated, run, cfg=_EVAL, progress=False)
+    assert (res.meta["device"], res.meta["run_device"]) == ("cpu", "cuda:0")
+
+
+def test_an_old_run_without_a_dtype_still_loads_resumes_and_evaluates(tiny_gated, few, pool, tmp_path):
+    out = tmp_path / "run"
+    locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    path = out / "manifest.json"
+    man = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in man.items() if k not in ("dtype", "device")}))
+    run = reduce(out, write=False)
+    assert run.dtype is None and run.device is None
+    with pytest.warns(UserWarning, match=r"does not record its dtype .*treated as unknown"):
+        locate(tiny_gated, few, CFG, pool=pool, out=out, progress=False)
+    with pytest.warns(UserWarning, match=r"does not record its dtype .*treated as unknown"):
+        res = evaluate(tiny_gated, run, cfg=_EVAL, progress=False)
+    assert res.meta["run_dtype"] is None and res.meta["dtype"] == "float32"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
 from qrnca_lens.cli import lens
-from qrnca_lens.store import write_json_atomic
+from qrnca_lens.errors import StoreError
+from qrnca_lens.store import RunStore, check_run_dtype, dtype_refusal, write_json_atomic
 from qrnca_lens.render.report import write_report
 
 from test_render import _tiny_run
@@ -68,3 +70,66 @@ def test_concurrent_writers_use_distinct_temporary_files(tmp_path, monkeypatch):
     lens._write_json(tmp_path / "lens.json", {"a": 1})
     lens._write_json(tmp_path / "lens.json", {"a": 2})
     assert len(set(seen)) == 2 and all(os.path.basename(s).startswith(".lens.json.") for s in seen)
+
+
+# ---------------------------------------------------------------- dtype and device are part of a run
+
+
+_RUN = {"model": "tiny", "queries": {"q1": "g"}}
+
+
+def _refusal(root, recorded, asked):
+    return re.escape(dtype_refusal(root, recorded, asked))
+
+
+def test_the_manifest_records_dtype_and_device(tmp_path):
+    store = RunStore.open(tmp_path, {**_RUN, "dtype": "float32", "device": "cuda:0"})
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert (man["dtype"], man["device"]) == ("float32", "cuda:0")
+    again = RunStore.load(tmp_path)
+    assert (again.dtype, again.device) == ("float32", "cuda:0") == (store.dtype, store.device)
+
+
+def test_another_dtype_is_refused_in_one_line_naming_both_and_the_way_out(tmp_path):
+    RunStore.open(tmp_path, {**_RUN, "dtype": "float32", "device": "cpu"})
+    with pytest.raises(StoreError, match=_refusal(tmp_path, "float32", "bfloat16")) as e:
+        RunStore.open(tmp_path, {**_RUN, "dtype": "bfloat16", "device": "cpu"})
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (
+        f"run {tmp_path} was made in float32; this model is bfloat16: load it with --dtype float32 "
+        '(load_model(..., dtype="float32")), or pass --allow-dtype-change (allow_dtype_change=True) to mix them')
+    assert "dtype_changes" not in json.loads((tmp_path / "manifest.json").read_text())  # a refusal writes nothing
+
+
+def test_another_dtype_is_allowed_when_asked_and_recorded(tmp_path):
+    RunStore.open(tmp_path, {**_RUN, "dtype": "float32", "device": "cpu"})
+    for _ in range(2):  # asked twice: recorded once
+        store = RunStore.open(tmp_path, {**_RUN, "dtype": "float16", "device": "cpu"}, allow_dtype_change=True)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["dtype"] == store.dtype == "float32"  # the run's own dtype stays the one it was made in
+    assert man["dtype_changes"] == store.manifest["dtype_changes"] == ["float16"]
+
+
+def test_another_device_is_fine_and_the_first_one_stays_recorded(tmp_path):
+    RunStore.open(tmp_path, {**_RUN, "dtype": "bfloat16", "device": "cuda:0"})
+    store = RunStore.open(tmp_path, {**_RUN, "dtype": "bfloat16", "device": "cpu"})  # a cuda run resumes on cpu
+    assert store.device == "cuda:0" and "dtype_changes" not in store.manifest
+
+
+def test_an_old_manifest_without_dtype_loads_and_is_said_to_be_unknown(tmp_path):
+    RunStore.open(tmp_path, dict(_RUN))  # what a run made before dtypes were recorded looks like
+    assert "dtype" not in json.loads((tmp_path / "manifest.json").read_text())
+    old = RunStore.load(tmp_path)
+    assert old.dtype is None and old.device is None
+    with pytest.warns(UserWarning, match=r"does not record its dtype .*treated as unknown"):
+        store = RunStore.open(tmp_path, {**_RUN, "dtype": "bfloat16", "device": "cpu"})
+    assert store.dtype is None  # not invented afterwards: the finished queries' dtype is still unknown
+
+
+def test_check_run_dtype():
+    assert check_run_dtype("r", "bfloat16", "bfloat16") is False
+    assert check_run_dtype("r", "bfloat16", "float32", allow=True) is True
+    with pytest.raises(StoreError, match=_refusal("r", "bfloat16", "float32")):
+        check_run_dtype("r", "bfloat16", "float32")
+    with pytest.warns(UserWarning, match="unknown"):
+        assert check_run_dtype("r", None, "float32") is False

@@ -12,6 +12,10 @@
     qrnca-lens exhaustive DIR --query ID [--layers 26,27,28,29]
     qrnca-lens demo [--languages]
 
+Every command that loads a model takes --dtype {float32,bfloat16,float16} and --device; the run records them,
+and evaluate, report and exhaustive load the model in the run's dtype (another one only with
+--allow-dtype-change, which locate and demo take too).
+
 The parser and ``main`` live here; ``args`` generates the options that mirror config fields from the
 dataclasses, ``groups`` holds the option groups commands share, ``commands`` and ``demo`` the handlers.
 """
@@ -38,13 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
         5
     """
     from .demo import DEMO_METHODS, LANGUAGE_METHODS
-    from .groups import BENCH, EVAL, GROUPING, IG, LENS, add_executor_args, add_proxy_args, add_selection_args
+    from .groups import (
+        BENCH,
+        EVAL,
+        GROUPING,
+        IG,
+        LENS,
+        add_executor_args,
+        add_numerics_args,
+        add_proxy_args,
+        add_selection_args,
+    )
 
     parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     acc = sub.add_parser("accuracy", help="is the model competent on a proxy? accuracy and mean target probability")
     add_proxy_args(acc)
+    add_numerics_args(acc)
     acc.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, mean_target_prob, n")
 
     loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons")
@@ -54,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(loc, IG)
     add_selection_args(loc)
     add_options(loc, GROUPING)
+    add_numerics_args(loc, allow=True)
     add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
@@ -61,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_proxy_args(lens)
     lens.add_argument("--out", required=True)
     add_options(lens, LENS)
+    add_numerics_args(lens)
     lens.add_argument("--compare", action="store_true",
                       help="also write DIR/lens.json: the paper's 7 alternative scores, top-k ablated vs random")
     lens.add_argument("--quiet", action="store_true")
@@ -68,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
     ev.add_argument("out", help="a run directory made by locate")
     add_options(ev, EVAL)
+    add_numerics_args(ev, run=True)
     add_executor_args(ev)
     ev.add_argument("--quiet", action="store_true")
 
@@ -77,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-model", action="store_true", help="skip projections and views")
     rep.add_argument("--queries", type=int, default=None, help="queries shown with views (default: one per group, max 6)")
     add_options(rep, GROUPING)
+    add_numerics_args(rep, run=True)
 
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
                                         "flags change the run's recorded selection, which evaluate and report use")
@@ -93,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--long-prompt-tokens", type=int, default=0,
                        help="instead: peak RSS of the fast path on 3 prompts of this many tokens")
     add_options(bench, BENCH[2:])  # --memory-budget-mb
+    add_numerics_args(bench)
 
     exh = sub.add_parser("exhaustive", help="ground truth for one prompt: every neuron of some layers zero-ablated")
     exh.add_argument("out", help="a run directory made by locate")
@@ -100,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     exh.add_argument("--prompt", type=int, default=0, help="which of the query's prompts")
     exh.add_argument("--layers", default=None, help="comma-separated layers (default: the top 4; all is slow)")
     exh.add_argument("--top", type=int, default=10, help="neurons printed, by |effect|")
+    add_numerics_args(exh, run=True)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     # None: the English demo's defaults (smollm2, 6, runs/demo), or with --languages gemma3-270m, 1,
@@ -123,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--langs", default=None,
                       help="with --languages: comma-separated languages to run (default: all of builtin:languages; "
                            "each costs 5 queries of IG)")
+    add_numerics_args(demo, allow=True)
     return parser
 
 

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QrncaError
-from .groups import eval_config, executor, grouping_config, ig_config, proxy_config, queries_and_pool, selection_config
+from .groups import (
+    eval_config,
+    executor,
+    grouping_config,
+    ig_config,
+    load_kwargs,
+    proxy_config,
+    queries_and_pool,
+    run_load_kwargs,
+    selection_config,
+)
 
 __all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
            "print_summary", "evaluation_doc"]
@@ -57,7 +67,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
     cfg = proxy_config(args)
     queries, pool = queries_and_pool(args)
-    model = models.load_model(args.model, verbose=not args.json)
+    model = models.load_model(args.model, verbose=not args.json, **load_kwargs(args))
     res = accuracy(model, queries, cfg, pool=pool, progress=not args.json)
     print(res)
     if args.json:
@@ -75,18 +85,37 @@ def cmd_locate(args: argparse.Namespace) -> int:
     where = shard(args.shard)
     cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
     queries, pool = queries_and_pool(args)
-    model = models.load_model(args.model, verbose=not args.quiet)
-    ex = executor(args, args.model)
+    kw = _resume_load_kwargs(args)
+    model = models.load_model(args.model, verbose=not args.quiet, **kw)
+    ex = executor(args, args.model, kw["dtype"])
     try:
         res = locate(model, queries, cfg, pool=pool, out=args.out, shard=where, progress=not args.quiet,
                      name=args.model, data=args.data, executor=ex, pool_spec=args.pool or args.data,
-                     group_by=grouping_config(args).group_by)
+                     group_by=grouping_config(args).group_by, allow_dtype_change=args.allow_dtype_change)
     finally:
         if ex is not None:
             ex.shutdown()
     if res is not None:
         print_summary(res, Path(args.out) / "neurons.json")
     return 0
+
+
+def _resume_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """locate's ``load_model`` keywords: a run to resume in ``--out`` gives the default dtype (and a refusal early,
+    before the model loads, if ``--dtype`` names another without ``--allow-dtype-change``)."""
+    from ..errors import StoreError
+    from ..store import RunStore
+
+    if not (Path(args.out) / "manifest.json").exists():
+        return load_kwargs(args)
+    try:
+        recorded = RunStore.load(args.out).dtype
+    except StoreError:  # not a run of ours, or corrupt: locate's own check says so with the fix
+        return load_kwargs(args)
+    if recorded is not None and args.dtype is None and recorded != "float32" and not args.quiet:
+        print(f"[qrnca-lens] resuming {args.out} in the dtype it records, {recorded}")
+    # An old run (no dtype recorded) is left to RunStore.open, which says its dtype is unknown.
+    return run_load_kwargs(args, args.out, recorded, note=False)
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
@@ -114,18 +143,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The run's stored prompts and queries, not its data file: editing or deleting that file after
     # locate changes nothing here.
     queries = run.stored_queries()
-    model = models.load_model(run.model, verbose=not args.quiet)
+    kw = run_load_kwargs(args, args.out, run.dtype, note=False)  # evaluate itself says when the dtype is unknown
+    model = models.load_model(run.model, verbose=not args.quiet, **kw)
+    _say_device(args, run.device, str(models.model_device(model)))
     cfg = eval_config(args)
     t0 = time.perf_counter()
-    ex = executor(args, run.model)
+    ex = executor(args, run.model, kw["dtype"])
     try:
-        res = evaluate(model, run, queries, cfg=cfg, progress=not args.quiet, executor=ex)
+        res = evaluate(model, run, queries, cfg=cfg, progress=not args.quiet, executor=ex,
+                       allow_dtype_change=args.allow_dtype_change)
     finally:
         if ex is not None:
             ex.shutdown()
     path = Path(args.out) / "evaluation.json"
     write_json_atomic(path, evaluation_doc(res, run))
-    print(f"\n{run.model} on {run.data} ({run.config.proxy.kind}), {len(queries)} queries; model accuracy on the "
+    print(f"\n{run.model} ({res.meta['dtype']}, {res.meta['device']}) on {run.data} ({run.config.proxy.kind}), "
+          f"{len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
     print(res.table())
     ff = res.free_form
@@ -157,12 +190,14 @@ def cmd_report(args: Any) -> int:
     from ..models import load_model
     from ..render.report import load_run, write_report
 
-    doc, _, _ = load_run(args.out)
+    doc, _, manifest = load_run(args.out)
     name = getattr(args, "model", None) or doc.get("model")
     model = None
     if name and not getattr(args, "no_model", False):
+        recorded = (manifest or {}).get("dtype") or doc.get("dtype")
+        kw = run_load_kwargs(args, args.out, str(recorded) if recorded else None)
         try:
-            model = load_model(name, verbose=True)
+            model = load_model(name, verbose=True, **kw)
         except ModelError as e:
             print(f"[qrnca-lens] cannot load the run's model {name!r} ({e}); the report skips vocabulary "
                   "projections and views (pass --model NAME or a checkpoint directory)")
@@ -177,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .. import models
     from ..bench import run_bench, run_long_prompt_bench
 
-    model = models.load_model(args.model)
+    model = models.load_model(args.model, **load_kwargs(args))
     if args.long_prompt_tokens:
         res = run_long_prompt_bench(model, args.long_prompt_tokens, steps=args.steps,
                                     memory_budget_mb=args.memory_budget_mb, max_batch_rows=args.max_batch_rows,
@@ -187,6 +222,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         captum=not args.no_captum, max_batch_rows=args.max_batch_rows, name=args.model)
     print(json.dumps(res))
     return 0
+
+
+def _say_device(args: argparse.Namespace, recorded: str | None, asked: str | None) -> None:
+    """One line when a run made on one device is judged on another (allowed: only recorded)."""
+    if recorded and asked and not getattr(args, "quiet", False) and asked.split(":")[0] != recorded.split(":")[0]:
+        print(f"[qrnca-lens] {args.out} was made on {recorded}; this evaluation runs on {asked}")
 
 
 def cmd_exhaustive(args: argparse.Namespace) -> int:
@@ -201,7 +242,7 @@ def cmd_exhaustive(args: argparse.Namespace) -> int:
 
     run = reduce(args.out, write=False)
     prompts = run.stored_prompts([args.query])[args.query]
-    model = models.load_model(run.model, verbose=False)
+    model = models.load_model(run.model, verbose=False, **run_load_kwargs(args, args.out, run.dtype))
     L = models.n_layers(model)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(L - 4, L))
     t0 = time.perf_counter()

@@ -48,7 +48,9 @@ def _start(args: argparse.Namespace) -> tuple[Path, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return out, models.load_model(args.model, verbose=True)
+    from .groups import load_kwargs
+
+    return out, models.load_model(args.model, verbose=True, **load_kwargs(args))
 
 
 def demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -154,7 +156,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     queries = limit_per_group(pool, args.limit)
     run_dir = out / "facts-cloze"
     cfg = LocateConfig(proxy=ProxyConfig("cloze"), ig=IGConfig(steps=16))
-    run = locate(model, queries, cfg, pool=pool, out=run_dir, name=args.model, data="builtin:facts")
+    allow = bool(getattr(args, "allow_dtype_change", False))
+    run = locate(model, queries, cfg, pool=pool, out=run_dir, name=args.model, data="builtin:facts",
+                 allow_dtype_change=allow)
     assert run is not None
     print_summary(run, run_dir / "neurons.json")
     t = lap("locate", t)
@@ -165,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
              if gtq else ""))
     methods = tuple(m for m in args.methods.split(",") if m)
     verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, ground_truth=gtq > 0,
-                                                             ground_truth_queries=gtq or None))
+                                                             ground_truth_queries=gtq or None),
+                       allow_dtype_change=allow)
     write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
     print(verdict.table())
     t = lap("evaluate", t)
@@ -228,15 +233,17 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     print(f"\n== 2. QRNCA on builtin:languages, cloze, {args.limit} queries per relation and language, "
           "mapped by language")
     run_dir = out / "languages-cloze"
+    allow = bool(getattr(args, "allow_dtype_change", False))
     run = locate(model, queries, LocateConfig(proxy=proxy, ig=IGConfig(steps=16)), pool=pool, out=run_dir,
-                 name=args.model, data="builtin:languages", group_by="language")
+                 name=args.model, data="builtin:languages", group_by="language", allow_dtype_change=allow)
     assert run is not None
     print_summary(run, run_dir / "neurons.json")
     t = lap("locate", t)
 
     print("\n== 3. Prove them by language: controls from other languages")
     methods = tuple(m for m in args.methods.split(",") if m)
-    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, group_by="language"))
+    verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, group_by="language"),
+                       allow_dtype_change=allow)
     write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
     print(verdict.table())
     t = lap("evaluate", t)

@@ -20,8 +20,10 @@ from ..selection import SelectionConfig
 from .args import add_options, build, options
 
 __all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LENS", "GROUPING", "add_proxy_args", "add_selection_args",
-           "add_executor_args", "proxy_config", "ig_config", "selection_config", "eval_config", "grouping_config",
-           "queries_and_pool", "executor"]
+           "add_executor_args", "add_numerics_args", "proxy_config", "ig_config", "selection_config", "eval_config",
+           "grouping_config", "queries_and_pool", "executor", "load_kwargs", "run_load_kwargs", "DTYPE_CHOICES"]
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # models.DTYPES' names (kept here so --help imports no torch)
 
 PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
                 kind="--proxy", n_prompts="--templates", n_shots="--shots", prepend_bos="--bos",
@@ -69,6 +71,53 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
                         "keeps results bit-identical to a serial run; 1 CPU reserved)")
 
 
+def add_numerics_args(p: argparse.ArgumentParser, *, run: bool = False, allow: bool | None = None) -> None:
+    """``--dtype`` and ``--device`` for a command that loads a model; ``--allow-dtype-change`` where it meets a run.
+
+    Args:
+        p: the command's parser.
+        run: the command works on an existing run (evaluate, report, exhaustive): ``--dtype`` defaults to the
+            dtype the run recorded.
+        allow: add ``--allow-dtype-change`` (default: ``run``); locate and demo, which may resume a run, too.
+    """
+    g = p.add_argument_group("numerics", "how the model's weights are held (recorded in the run)")
+    g.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None,
+                   help=("the weights' dtype (default: the one the run recorded; float32 for a run that records "
+                         "none)") if run else
+                        "the weights' dtype (default: float32, or the recorded one when --out holds a run to resume)")
+    g.add_argument("--device", default=None,
+                   help="where the weights go: cpu, cuda, cuda:1, mps... (default: TransformerLens's choice); "
+                        "recorded, never checked: a run made on cuda resumes and evaluates on cpu")
+    if run if allow is None else allow:
+        g.add_argument("--allow-dtype-change", action="store_true",
+                       help="use a model of another dtype than the run recorded (refused without it); the change "
+                            "is recorded")
+
+
+def load_kwargs(args: argparse.Namespace, dtype: str | None = None) -> dict[str, Any]:
+    """``load_model`` keywords from ``--dtype``/``--device`` (``dtype``: the default when --dtype is not given)."""
+    return {"dtype": getattr(args, "dtype", None) or dtype or "float32", "device": getattr(args, "device", None)}
+
+
+def run_load_kwargs(args: argparse.Namespace, where: Any, recorded: str | None, *, note: bool = True) -> dict[str, Any]:
+    """``load_model`` keywords for a command on an existing run: the run's dtype unless ``--dtype`` says otherwise.
+
+    Another dtype than the recorded one is refused in one line (``store.check_run_dtype``) before any model is
+    loaded, unless ``--allow-dtype-change``. A run that records none loads in ``--dtype`` or float32; ``note``
+    prints a line saying its dtype is unknown (evaluate leaves that to ``evaluate``'s own warning).
+    """
+    from ..store import check_run_dtype
+
+    asked = getattr(args, "dtype", None)
+    if recorded is None:
+        if note:
+            print(f"[qrnca-lens] {where} does not record its dtype (made before qrnca-lens recorded it): treated "
+                  f"as unknown; loading the model in {asked or 'float32'}")
+    elif asked is not None:
+        check_run_dtype(where, recorded, asked, bool(getattr(args, "allow_dtype_change", False)))
+    return load_kwargs(args, recorded)
+
+
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:
     """``ProxyConfig`` from ``--proxy --templates --shots --seed --bos --chat``."""
     return build(ProxyConfig, args, PROXY)
@@ -103,8 +152,8 @@ def queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     return limit_per_group(data, args.limit), pool
 
 
-def executor(args: argparse.Namespace, model_name: str) -> Any:
-    """None (serial, on the driver's model) or a RayExecutor; the caller shuts it down."""
+def executor(args: argparse.Namespace, model_name: str, dtype: str = "float32") -> Any:
+    """None (serial, on the driver's model) or a RayExecutor whose replicas load in ``dtype``; the caller shuts it down."""
     if args.executor != "ray":
         if args.address is not None or args.gpus_per_worker or args.threads is not None:
             raise QrncaError("--address, --gpus-per-worker and --threads only apply with --executor ray")
@@ -112,4 +161,4 @@ def executor(args: argparse.Namespace, model_name: str) -> Any:
     from ..executors import RayExecutor
 
     return RayExecutor(model_name, address=args.address, workers=args.workers,
-                       gpus_per_worker=args.gpus_per_worker, threads=args.threads)
+                       gpus_per_worker=args.gpus_per_worker, threads=args.threads, dtype=dtype)

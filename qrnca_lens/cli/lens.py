@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ..lens.config import LensRunConfig
 from ..models import tokenizer_of
 from ..proxies import build_all_prompts
 from .args import build
-from .groups import LENS, proxy_config, queries_and_pool
+from .groups import LENS, load_kwargs, proxy_config, queries_and_pool
 
 __all__ = ["cmd_lens"]
 
@@ -32,7 +33,7 @@ def cmd_lens(args: argparse.Namespace) -> int:
     proxy = proxy_config(args)
     quiet = bool(args.quiet)
     queries, pool = queries_and_pool(args)
-    model = models.load_model(args.model, verbose=not quiet)
+    model = models.load_model(args.model, verbose=not quiet, **load_kwargs(args))
     run = build(LensRunConfig, args, LENS)
     res = lens_locate(model, queries, proxy, pool=pool, top_k=run.top_k, progress=not quiet,
                       cfg=LensConfig(mode=run.mode))
@@ -40,6 +41,10 @@ def cmd_lens(args: argparse.Namespace) -> int:
     doc = res.neurons_json()
     out = Path(args.out)
     path = res.write_neurons(out)
+    # The lens's neurons.json records the weights' dtype and device too: the report loads the model the same way.
+    from ..locate import model_numerics
+
+    _write_json(path, {**json.loads(path.read_text()), **model_numerics(model)})
     s = doc["summary"]
     print(f"{s['n_queries']} queries: top {run.top_k} neurons each by log-probability increase "
           f"({'all certified exact' if s['all_certified'] else 'some uncertified'}); wrote {path}")

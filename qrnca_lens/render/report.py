@@ -115,7 +115,15 @@ def _provenance(manifest: Mapping[str, Any] | None, model: HookedModel | None) -
 
     m = manifest or {}
     now_identity = model_identity(model) if model is not None else None
-    return ('<ul class="sub provenance">' + line("measured with", m.get("versions"), m.get("model_identity"))
+    if model is not None:
+        from ..locate import model_numerics
+
+        now_identity = {**(now_identity or {}), **model_numerics(model)}
+    run_identity = m.get("model_identity")
+    held = {k: m[k] for k in ("dtype", "device") if m.get(k)}  # recorded since runs record how weights are held
+    if held:
+        run_identity = {**(run_identity or {}), **held}
+    return ('<ul class="sub provenance">' + line("measured with", m.get("versions"), run_identity)
             + line("report drawn with", library_versions(), now_identity) + "</ul>")
 
 
