@@ -16,7 +16,7 @@ import torch
 from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer, randomise_norms_and_biases
 from qrnca_lens.data import load_data
 from qrnca_lens.errors import ModelError
-from qrnca_lens.lens import LensConfig, lens_cache, neuron_scores, top_neurons
+from qrnca_lens.lens import LensConfig, ablation_metrics, lens_cache, neuron_scores, top_neurons
 from qrnca_lens.lens import cache as cache_mod
 from qrnca_lens.models import W_U, n_layers
 from qrnca_lens.proxies import ProxyConfig, build_all_prompts
@@ -74,6 +74,19 @@ def test_lens_runs_in_half_precision_and_agrees_with_float32(kind, dtype, tiny_t
     for t, a in zip(tops, s):
         assert t.certified
         assert {tuple(x) for x in t.neurons.tolist()} == {(int(i) // a.shape[1], int(i) % a.shape[1]) for i in _top(a, 5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ablation_metrics_read_float32_logits_in_half_precision(dtype, tiny_tokenizer, facts):
+    prompts = _prompts(facts, tiny_tokenizer)
+    half = _model("llama-bridge", tiny_tokenizer, dtype)
+    got = ablation_metrics(half, prompts)
+    ref = ablation_metrics(_model("llama-bridge", tiny_tokenizer, torch.float32), prompts)
+    for i, p in enumerate(prompts):
+        lp = logprobs_at(half, torch.tensor([list(p.tokens)]), [[p.target_position]])[0][0]
+        assert abs(float(got["logprob"][i]) - float(lp[p.target[0]])) < 1e-5
+        assert float(got["rr"][i]) == pytest.approx(1.0 / float(1 + (lp > lp[p.target[0]]).sum()))
+    assert torch.allclose(got["logprob"], ref["logprob"], atol=0.05)
 
 
 def _forgot_the_norm_weight(monkeypatch):
