@@ -12,8 +12,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer, randomise_norms_and_biases
+
 from qrnca_lens.data import load_data
 from qrnca_lens.errors import ModelError
 from qrnca_lens.lens import LensConfig, ablation_metrics, lens_cache, neuron_scores, top_neurons
