@@ -24,6 +24,7 @@ from ..hooks import hooked
 from ..models import (
     blocks,
     d_mlp,
+    final_norm,
     model_device,
     model_dtype,
     model_name,
@@ -244,10 +245,11 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
 
     A bfloat16 / float16 model is read the same way: its activations at the targets are upcast and the lens
     runs in float32, with the final norm's scale frozen at the float32 rms of the model's own final residual;
-    ``model_logp`` is the float32 head on that residual (``head32``). The self-check compares the lens with the
-    log-probabilities the model itself gives (its head in its dtype) on the tokens with p > 1e-6 and the target,
-    within max(check_tol, 4 eps |z|max) (``_lens_tolerance``). Refused: a non-float dtype, and a non-finite
-    activation at a target (a float16 overflow).
+    ``model_logp`` is the float32 head on that residual (``head32``). The self-check compares the lens, on the
+    tokens with p > 1e-6 and the target, with that float32 head within check_tol (both are float32 on the same
+    residual) and with the log-probabilities the model itself gives (its head in its dtype) within
+    max(check_tol, 4 eps |z|max) (``_lens_tolerance``). Refused: a non-float dtype, and a non-finite activation
+    at a target (a float16 overflow).
 
     Args:
         model: a TransformerLens model.
@@ -351,23 +353,37 @@ def _live_max_diff(lens_lp: Tensor, model_lp: Tensor, targets: Tensor) -> float:
     return float(((lens_lp - model_lp).abs() * live).max())
 
 
+def _float_head(model: HookedModel, final: Tensor) -> bool:
+    """Whether ``head32`` is float32 throughout on this model: its final norm returns float32 for float32 input
+    (transformers' norms and the bridge's do; TL 3.x's ``RMSNorm`` rounds back to the model dtype)."""
+    norm = final_norm(model)
+    return norm is None or norm(final[:1, None]).dtype in FULL
+
+
 def _verify(model: HookedModel, cache: LensCache, real: Tensor, own: Tensor | None, base_tol: float) -> None:
+    """The lens against the model's head on the same final residual: its float32 head (``head32``) within
+    ``base_tol`` where that head is float32 throughout, and, for a half-precision model, its own head in its
+    dtype (what its plain forward gives) within the dtype tolerance (``_lens_tolerance``)."""
     dtype = model_dtype(model)
     with torch.no_grad():
         lens_lp = torch.log_softmax(cache.lens.logits(cache.final, cache.scale), -1)
-        want = torch.log_softmax(real if own is None else own, -1)
-        err = _live_max_diff(lens_lp, want, cache.targets)
         z_max = float(real.abs().max())
-    tol = _lens_tolerance(dtype, base_tol, z_max)
-    if not err <= tol:
-        how = (f"tolerance {tol:.3g} = max({base_tol:g}, 4 eps({_dtype_name(dtype)}) |z|max = {z_max:.3g})"
-               if dtype in HALF else f"tolerance {tol:g}")
-        raise ModelError(
-            f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own log-probabilities "
-            f"(max |Δ log p| = {err:.3g} on tokens with p > 1e-6 and the target; {how}): its final norm is not "
-            "w ⊙ (x - mean) / s + b (w read as 1 + w where the norm has a weight offset) or its logits are "
-            "transformed after the unembedding. This model is not supported by the log-probability lens"
-        )
+        half_tol = _lens_tolerance(dtype, base_tol, z_max)
+        how = (f"max({base_tol:g}, 4 eps({_dtype_name(dtype)}) |z|max = {z_max:.3g})" if dtype in HALF else "")
+        exact = dtype not in HALF or _float_head(model, cache.final)
+        refs = [("float32 head on the same residual", real, base_tol if exact else half_tol, "" if exact else how)]
+        if own is not None:
+            refs.append((f"own {_dtype_name(dtype)} head", own, half_tol, how))
+        for which, logits, tol, formula in refs:
+            err = _live_max_diff(lens_lp, torch.log_softmax(logits, -1), cache.targets)
+            if not err <= tol:
+                raise ModelError(
+                    f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own "
+                    f"log-probabilities (its {which}: max |Δ log p| = {err:.3g} on tokens with p > 1e-6 and the "
+                    f"target; tolerance {tol:.3g}{' = ' + formula if formula else ''}): its final norm is not "
+                    "w ⊙ (x - mean) / s + b (w read as 1 + w where the norm has a weight offset) or its logits are "
+                    "transformed after the unembedding. This model is not supported by the log-probability lens"
+                )
     nxt = torch.cat([cache.resid_pre[:, 1:], cache.final[:, None]], dim=1)
     W_out = ffn_out(model)  # times the post-MLP norm's gain, if any
     b_out = Weights(model).get("b_out")
