@@ -21,11 +21,12 @@ from torch import Tensor
 
 from ..errors import QrncaError
 from ..hooks import hooked
-from ..models import d_mlp, model_device, model_name, n_layers, post_hook_name
+from ..models import d_mlp, model_device, model_dtype, model_name, n_layers, post_hook_name
 from ..protocols import HookedModel
 from ..proxies import Prompt
+from ..readout import StopForward, final_residual_hook, head32
 from ..versions import library_versions, model_identity
-from .cache import batches, check_prompts, lens_cache, padded, scoring_weights
+from .cache import HALF, batches, check_prompts, lens_cache, padded, scoring_weights
 from .config import LensConfig
 from .lse import delta_lse
 
@@ -146,6 +147,25 @@ def _ablation_hooks(model: HookedModel, neurons: Sequence[Tensor], pos: Tensor) 
     return hooks
 
 
+def _target_logits(model: HookedModel, ids: Tensor, rows: Tensor, pos: Tensor) -> Float[Tensor, "batch vocab"]:
+    """The model's logits at each row's target, float32. A half-precision model's come from its final residual
+    through ``head32`` (a bfloat16 logit near |31| is rounded to steps of 0.125: ranks would tie)."""
+    if model_dtype(model) not in HALF:
+        return model(ids)[rows, pos].float()
+    store: dict[str, Tensor] = {}
+
+    def stop(act: Tensor, hook: Any) -> Tensor:
+        store["resid"] = act[rows, pos]
+        raise StopForward
+
+    with hooked(model, fwd=[(final_residual_hook(model), stop)]):
+        try:
+            model(ids)
+        except StopForward:
+            pass
+    return head32(model, store["resid"])
+
+
 def ablation_metrics(
     model: HookedModel, prompts: Sequence[Prompt], neurons: Sequence[Tensor] | None = None, *, batch_size: int = 16,
 ) -> dict[str, Float[Tensor, " prompt"]]:
@@ -178,7 +198,7 @@ def ablation_metrics(
             rows = torch.arange(len(batch), device=device)
             hooks = [] if neurons is None else _ablation_hooks(model, neurons[start : start + len(batch)], pos)
             with hooked(model, fwd=hooks):
-                logits = model(ids)[rows, pos].float()
+                logits = _target_logits(model, ids, rows, pos)
             lp = torch.log_softmax(logits, -1)
             tl = logits[rows, targets]
             rank = 1 + (logits > tl[:, None]).sum(-1)

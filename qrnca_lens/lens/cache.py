@@ -30,14 +30,16 @@ from ..models import (
     model_name,
     n_layers,
     post_hook_name,
-    unembed,
 )
 from ..protocols import HookedModel
 from ..proxies import Prompt
-from ..readout import StopForward
+from ..readout import StopForward, head, head32
 from .weights import FrozenLens, Weights, ffn_out, frozen_lens, post_norm_gains
 
 __all__ = ["LensCache", "lens_cache", "check_prompts", "padded", "batches", "scoring_weights"]
+
+FULL = (torch.float32, torch.float64)
+HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -189,8 +191,15 @@ def _stop_after(store: dict[str, Tensor], key: str, rows: Tensor, pos: Tensor) -
     return hook
 
 
-def _real_logits(model: HookedModel, final: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The model's own final norm and unembedding on the final residual at the targets; and the norm's scale."""
+def _real_logits(model: HookedModel, final: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The model's own final norm and unembedding on the final residual at the targets.
+
+    Returns (float32 logits, the norm's scale, the model's logits in its own dtype or None for a float32 model).
+    The float32 logits come from ``head32``: the norm on the upcast residual (so its scale is the float32 rms of
+    the half-precision residual, the scale the lens freezes) and W_U upcast. A half-precision model also runs
+    its own head in its dtype, as its plain forward does: the self-check compares the lens with those, the
+    log-probabilities the model itself gives.
+    """
     store: dict[str, Tensor] = {}
     hooks = []
     if "ln_final.hook_scale" in model.hook_dict:
@@ -199,8 +208,31 @@ def _real_logits(model: HookedModel, final: Tensor) -> tuple[Tensor, Tensor | No
             return act
         hooks.append(("ln_final.hook_scale", grab))
     with hooked(model, fwd=hooks):
-        logits = unembed(model)(final_norm(model)(final[:, None].to(model_dtype(model))))
-    return logits[:, 0].float(), store.get("s")
+        real32 = head32(model, final[:, None])[:, 0].float()
+    own = None
+    if model_dtype(model) in HALF:
+        own = head(model, final[:, None].to(model_dtype(model)))[:, 0].float()
+    return real32, store.get("s"), own
+
+
+def _refuse_unrepresentable(model: HookedModel, store: dict[str, Tensor], prompts: Sequence[Prompt]) -> None:
+    """What the lens cannot represent: a dtype that is not a float, and a non-finite activation at a target
+    (float16's range ends at 65504; an overflowed residual has no log-probabilities to decompose)."""
+    dtype = model_dtype(model)
+    if not dtype.is_floating_point or dtype not in (*FULL, *HALF):
+        raise ModelError(
+            f"{model_name(model)} has {dtype} weights; the log-probability lens reads float32, float64, bfloat16 "
+            "or float16 activations (a quantised or float8 model: load it in bfloat16)"
+        )
+    for name, act in store.items():
+        bad = ~torch.isfinite(act).reshape(act.shape[0], -1).all(-1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ModelError(
+                f"{model_name(model)}'s {_dtype_name(dtype)} forward gives inf/nan in {name} at the target "
+                f"position of query {prompts[i].query_id!r}: the lens cannot represent an activation that "
+                "overflowed. Load the model in bfloat16 (float16's range ends at 65504) or float32"
+            )
 
 
 def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: float = 1e-3) -> LensCache:
@@ -211,10 +243,19 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
     mlp_out = (hook_post · W_out + b_out) ⊙ w_post / s_post, where a post-MLP norm with gain w_post and frozen
     scale s_post is the identity for models without one); a model that breaks either is refused with a ModelError.
 
+    A bfloat16 / float16 model is read the same way: its activations at the targets are upcast and the lens
+    runs in float32, with the final norm's scale frozen at the float32 rms of the model's own final residual;
+    ``model_logp`` is the float32 head on that residual (``head32``). The self-check compares the lens, on the
+    tokens with p > 1e-6 and the target, with that float32 head within check_tol (both are float32 on the same
+    residual) and with the log-probabilities the model itself gives (its head in its dtype) within
+    max(check_tol, 4 eps |z|max) (``_lens_tolerance``). Refused: a non-float dtype, and a non-finite activation
+    at a target (a float16 overflow).
+
     Args:
         model: a TransformerLens model.
         prompts: the batch; each is scored at its target position, on its first target token.
-        check_tol: largest |Δ log p| allowed between the lens and the model (``LensConfig.check_tol``).
+        check_tol: largest |Δ log p| allowed between the lens and the model (``LensConfig.check_tol``); for a
+            half-precision model max(check_tol, 4 eps |z|max).
 
     Returns:
         The ``LensCache`` (float32, on the model's device).
@@ -243,9 +284,10 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
                 model(ids)
             except StopForward:
                 pass
+        _refuse_unrepresentable(model, store, prompts)
         lens = frozen_lens(model)
         final = store[last]
-        real, s = _real_logits(model, final)
+        real, s, own = _real_logits(model, final)
     if s is None:  # no scale hook: compute it as the norm does
         x = lens.center(final)
         s = (x.pow(2).mean(-1) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
@@ -266,7 +308,7 @@ def lens_cache(model: HookedModel, prompts: Sequence[Prompt], *, check_tol: floa
         model_logp=torch.log_softmax(real, -1)[rows, targets],
         mlp_scale=post_scale("mlp"), attn_scale=post_scale("attn"),
     )
-    _verify(model, cache, real, check_tol)
+    _verify(model, cache, real, own, check_tol)
     return cache
 
 
@@ -277,17 +319,71 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / (b.norm() + 1e-6))
 
 
-def _verify(model: HookedModel, cache: LensCache, real: Tensor, tol: float) -> None:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _lens_tolerance(dtype: torch.dtype, base: float, z_max: float) -> float:
+    """Largest |Δ log p| allowed between the lens and the model's own log-probabilities.
+
+    float32 / float64: ``base`` (``LensConfig.check_tol``, 1e-3). bfloat16 / float16: max(base, 4 eps |z|max),
+    eps = ``torch.finfo(dtype).eps`` and |z|max the largest |float32 logit| at the checked targets: a half logit
+    is rounded to steps of eps |z| / 2 (0.125 near |31| in bfloat16), and a plain bfloat16 forward differs from
+    float32 by about 0.7 eps |z|. The row engine's planned half-precision tolerance is the same formula (kept
+    here, privately, until ``engine.checks`` has it).
+    """
+    if dtype in HALF:
+        return max(base, 4.0 * torch.finfo(dtype).eps * z_max)
+    return base
+
+
+def _decomposition_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative error of a residual identity: 1e-3, or 2 eps for a half dtype (the model rounds each sum
+    and product to its dtype, ~eps / 4 relative each; a block that does not decompose errs by order 1)."""
+    if dtype in HALF:
+        return max(1e-3, 2.0 * torch.finfo(dtype).eps)
+    return 1e-3
+
+
+def _live_max_diff(lens_lp: Tensor, model_lp: Tensor, targets: Tensor) -> float:
+    """max |Δ log p| over the tokens the model gives p > 1e-6 (log p > -13.8) and each row's target: the far
+    tail's rounding says nothing about the lens."""
+    live = model_lp > -13.8
+    live[torch.arange(live.shape[0], device=live.device), targets] = True
+    return float(((lens_lp - model_lp).abs() * live).max())
+
+
+def _float_head(model: HookedModel, final: Tensor) -> bool:
+    """Whether ``head32`` is float32 throughout on this model: its final norm returns float32 for float32 input
+    (transformers' norms and the bridge's do; TL 3.x's ``RMSNorm`` rounds back to the model dtype)."""
+    norm = final_norm(model)
+    return norm is None or norm(final[:1, None]).dtype in FULL
+
+
+def _verify(model: HookedModel, cache: LensCache, real: Tensor, own: Tensor | None, base_tol: float) -> None:
+    """The lens against the model's head on the same final residual: its float32 head (``head32``) within
+    ``base_tol`` where that head is float32 throughout, and, for a half-precision model, its own head in its
+    dtype (what its plain forward gives) within the dtype tolerance (``_lens_tolerance``)."""
+    dtype = model_dtype(model)
     with torch.no_grad():
         lens_lp = torch.log_softmax(cache.lens.logits(cache.final, cache.scale), -1)
-        err = float((lens_lp - torch.log_softmax(real, -1)).abs().max())
-    if not err <= tol:
-        raise ModelError(
-            f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own log-probabilities "
-            f"(max |Δ log p| = {err:.3g} > {tol}): its final norm is not w ⊙ (x - mean) / s + b (w read as 1 + w "
-            "where the norm has a weight offset) or its logits are transformed after the unembedding. This model "
-            "is not supported by the log-probability lens"
-        )
+        z_max = float(real.abs().max())
+        half_tol = _lens_tolerance(dtype, base_tol, z_max)
+        how = (f"max({base_tol:g}, 4 eps({_dtype_name(dtype)}) |z|max = {z_max:.3g})" if dtype in HALF else "")
+        exact = dtype not in HALF or _float_head(model, cache.final)
+        refs = [("float32 head on the same residual", real, base_tol if exact else half_tol, "" if exact else how)]
+        if own is not None:
+            refs.append((f"own {_dtype_name(dtype)} head", own, half_tol, how))
+        for which, logits, tol, formula in refs:
+            err = _live_max_diff(lens_lp, torch.log_softmax(logits, -1), cache.targets)
+            if not err <= tol:
+                raise ModelError(
+                    f"the frozen-scale lens W_U·norm(x) + b_U does not reproduce {model_name(model)}'s own "
+                    f"log-probabilities (its {which}: max |Δ log p| = {err:.3g} on tokens with p > 1e-6 and the "
+                    f"target; tolerance {tol:.3g}{' = ' + formula if formula else ''}): its final norm is not "
+                    "w ⊙ (x - mean) / s + b (w read as 1 + w where the norm has a weight offset) or its logits are "
+                    "transformed after the unembedding. This model is not supported by the log-probability lens"
+                )
     nxt = torch.cat([cache.resid_pre[:, 1:], cache.final[:, None]], dim=1)
     W_out = ffn_out(model)  # times the post-MLP norm's gain, if any
     b_out = Weights(model).get("b_out")
@@ -297,15 +393,17 @@ def _verify(model: HookedModel, cache: LensCache, real: Tensor, tol: float) -> N
     mlp = torch.einsum("bli,lid->bld", cache.writes, W_out)
     if b_out is not None:
         mlp = mlp + b_out[None] / cache.mlp_scale[..., None]
+    rel_tol = _decomposition_tolerance(dtype)
     for what, got, want in (
         ("resid_mid = resid_pre + attn_out", cache.resid_pre + cache.attn_out, cache.resid_mid),
         ("the next residual = resid_mid + mlp_out", cache.resid_mid + cache.mlp_out, nxt),
         ("mlp_out = (hook_post · W_out + b_out) ⊙ w_post / s_post", mlp, cache.mlp_out),
     ):
         r = _rel(got, want)
-        if not r <= 1e-3:
+        if not r <= rel_tol:
             raise ModelError(
                 f"{model_name(model)}'s residual stream does not decompose as the lens assumes ({what} fails, "
-                f"relative error {r:.2g}): e.g. parallel blocks, or a post-norm on the residual itself. The "
-                "log-probability lens supports blocks that add their (optionally RMS-normed) outputs to the residual"
+                f"relative error {r:.2g} > {rel_tol:.2g} in {_dtype_name(dtype)}): e.g. parallel blocks, or a "
+                "post-norm on the residual itself. The log-probability lens supports blocks that add their "
+                "(optionally RMS-normed) outputs to the residual"
             )

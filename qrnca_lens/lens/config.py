@@ -33,7 +33,8 @@ class LensConfig(Config):
     ``series_radius``/``series_tol``: where the series is used, and the bound on its truncation error.
     ``max_rescore``: top-K mode gives up the certificate after scoring this many neurons exactly per prompt.
     ``check_tol``: largest |Δ log p| allowed between the lens on the final residual and the model's own
-    log-probabilities (larger means the model is not supported).
+    log-probabilities (larger means the model is not supported); a bfloat16 / float16 model is allowed
+    max(check_tol, 4 eps |z|max), eps its dtype's and |z|max the largest |logit| at the targets.
 
     Example:
         >>> cfg = LensConfig(mode="topk", chunk=128)
