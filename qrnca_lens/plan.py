@@ -18,7 +18,7 @@ from .models import model_dtype
 from .protocols import HookedModel
 
 __all__ = ["Dims", "prefix_bytes", "chunk_bytes", "rows_per_chunk", "plan_groups", "plan_chunks", "DEFAULT_MEMORY_BUDGET_MB",
-           "DEFAULT_MAX_PREFIX_TOKENS"]
+           "DEFAULT_MAX_PREFIX_TOKENS", "weight_bytes", "model_bytes", "QueryPlan", "plan_query"]
 
 DEFAULT_MEMORY_BUDGET_MB = 1024
 # Packed rows compute (masked) attention scores against the whole group's prefix: 512 cached positions keep
@@ -154,3 +154,70 @@ def plan_chunks(groups: Sequence[tuple[int, int]], n_layers: int, max_rows: int,
         chunks.append([(g, first, n) for _, g, first, n in pieces[j:i]])
         i = j
     return chunks[::-1]
+
+
+# ---------------------------------------------------------------- a whole query: weights + the largest pass
+
+
+def weight_bytes(d: Dims, *, gated: bool = True, tied: bool = False) -> int:
+    """The weights of a decoder of shapes ``d`` in its dtype: embeddings (and an untied unembedding), attention
+    (q, k, v, o with grouped-query heads), the MLP (3 matrices gated, 2 plain) and the norms."""
+    attn = d.d_model * d.d_head * (2 * d.n_heads + 2 * d.n_kv_heads)
+    mlp = (3 if gated else 2) * d.d_model * d.d_mlp
+    embed = d.d_vocab * d.d_model * (1 if tied else 2)
+    return d.act_bytes * (embed + d.n_layers * (attn + mlp + 2 * d.d_model) + d.d_model)
+
+
+def model_bytes(model: HookedModel) -> int:
+    """The bytes of a loaded model's parameters and buffers, each storage counted once (tied weights, views)."""
+    seen: dict[int, int] = {}
+    tensors = list(model.parameters()) + list(getattr(model, "buffers", lambda: [])())
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """The plan of one query's fast IG on the packed engine: its passes and their estimated peaks."""
+
+    passes: list[list[int]]  # prompt indices per prefix pass
+    rows_per_chunk: list[int]  # per pass
+    prefix_bytes: list[int]  # per pass
+    chunk_bytes: list[int]  # per pass, at the largest chunk it runs
+    weights: int
+
+    @property
+    def working(self) -> int:
+        """The largest pass: what the budget bounds."""
+        return max(max(self.prefix_bytes), max(self.chunk_bytes))
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.working
+
+    def to_dict(self) -> dict[str, object]:
+        mb = 2**20
+        return {"passes": self.passes, "rows_per_chunk": self.rows_per_chunk,
+                "prefix_mb": [b / mb for b in self.prefix_bytes], "chunk_mb": [b / mb for b in self.chunk_bytes],
+                "weights_mb": self.weights / mb, "working_mb": self.working / mb, "peak_mb": self.peak / mb}
+
+
+def plan_query(d: Dims, prompt_tokens: Sequence[int], target_tokens: int, steps: int, n_attributed: int,
+               budget: int, max_rows: int = 240, *, gated: bool = True, tied: bool = False,
+               weights: int | None = None) -> QueryPlan:
+    """What ``attribute_prompts`` will do for one query of prompts of ``prompt_tokens`` tokens (targets of
+    ``target_tokens``), ``steps`` IG steps on ``n_attributed`` layers: its prefix passes (``plan_groups``),
+    rows per chunk (``rows_per_chunk``) and the peaks; ``weights`` defaults to ``weight_bytes``."""
+    lengths = [n - 1 for n in prompt_tokens]
+    groups = plan_groups(lengths, d, "packed", budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths)))
+    rows, pre, chunk = [], [], []
+    for g in groups:
+        cached = sum(lengths[i] for i in g)
+        per = rows_per_chunk(d, "packed", cached, target_tokens, max_rows, budget, grad=True)
+        biggest = min(per, len(g) * n_attributed * steps)
+        rows.append(per)
+        pre.append(prefix_bytes(d, len(g), max(lengths[i] for i in g) + target_tokens))
+        chunk.append(chunk_bytes(d, "packed", cached, biggest * target_tokens, grad=True))
+    return QueryPlan(groups, rows, pre, chunk, weight_bytes(d, gated=gated, tied=tied) if weights is None else weights)
