@@ -61,13 +61,16 @@ def hooked_points(model: HookedModel) -> list[str]:
     """The names of the model's hook points that carry a hook right now (forward or backward, TL's or torch's).
 
     Outside any qrnca-lens call these are the caller's own hooks (``model.add_hook``, ``with model.hooks(...)``).
-    An aliased point (a bridge names some points twice) is listed once, under its first name.
+    An aliased point (a bridge names some points twice) is listed once, its names joined by " = ".
 
     Example:
         >>> with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", fn)]):   # doctest: +SKIP
         ...     hooked_points(model)
-        ['blocks.1.hook_resid_pre']
+        ['blocks.1.hook_in = blocks.1.hook_resid_pre']
     """
+    aliases: dict[int, list[str]] = {}
+    for name, point in model.hook_dict.items():
+        aliases.setdefault(id(point), []).append(name)
     seen: set[int] = set()
     names = []
     for name, point in model.hook_dict.items():
@@ -77,7 +80,7 @@ def hooked_points(model: HookedModel) -> list[str]:
         if any(len(getattr(point, attr, None) or ()) for attr in
                ("fwd_hooks", "bwd_hooks", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                 "_backward_pre_hooks")):
-            names.append(name)
+            names.append(" = ".join(aliases[id(point)]))
     return names
 
 
@@ -154,6 +157,15 @@ def hooked(model: HookedModel, fwd: HookSpec = (), bwd: HookSpec = ()) -> Iterat
     finally:
         for point, snap in snaps.values():
             _restore(point, snap)
+        _release_captures(model)
+
+
+def _release_captures(model: HookedModel) -> None:
+    """TL 4.3's attention bridges keep the last residual they saw (``_captured_pre_ln_residual``); after a
+    forward that stopped early or ran under autograd it would hold that pass's graph on the model."""
+    for module in model.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
 
 
 def _cache_keyword(hf_model: Any) -> str:
