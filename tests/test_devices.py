@@ -25,9 +25,6 @@ FACTORIES = frozenset({
 # (file, enclosing function, factory) -> why it is on the CPU by design. Each entry may cover several calls.
 ALLOWED: dict[tuple[str, str, str], str] = {
     # results and bookkeeping that live on the host
-    ("attribution.py", "_fast", "zeros"): "the float32 gradient accumulator lives on the host (results are CPU); "
-                                          "see the per-chunk host-sync note in NOTES-gpu.md",
-    ("attribution.py", "_fast", "tensor"): "row indices into the host accumulator `grads`",
     ("attribution.py", "alphas", "linspace"): "returns the CPU schedule; every caller moves it with .to(device)",
     ("attribution.py", "alphas", "arange"): "returns the CPU schedule; every caller moves it with .to(device)",
     ("first_order.py", "atp_scores", "zeros"): "the result table, float32 on the CPU (documented)",
