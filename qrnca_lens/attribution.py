@@ -437,7 +437,7 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                 mine = [r for r, (_, lj, _) in enumerate(chunk) if lj == li]
                 bs = torch.tensor([chunk[r][0] for r in mine], device=a.device)
                 ks = torch.tensor([chunk[r][2] for r in mine], device=a.device)
-                leaf = (a[ks, None] * fbar[bs.cpu(), li].to(a.device)).detach().requires_grad_(True)
+                leaf = (a[ks, None] * fbar[bs, li]).detach().requires_grad_(True)
                 leaves[chosen[li]] = (mine, leaf)
             start = min(chosen[li] for _, li, _ in chunk) if skip else 0
             logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)

@@ -334,6 +334,7 @@ def accuracy(
     batch_size: int = 8,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     progress: bool = False,
+    engine: bool = True,
 ) -> AccuracyResult:
     """Is the model competent on this proxy? Check before attributing: chance-level answers measure noise.
 
@@ -345,6 +346,8 @@ def accuracy(
         batch_size: rows per forward pass.
         max_batch_tokens: cap on padded tokens per batch.
         progress: show a progress bar.
+        engine: score on the row engine (default); False runs full sequences (the way around the engine's
+            refusal of your own hooks on the model, which it would apply at other positions).
 
     Returns:
         An ``AccuracyResult``: accuracy over all prompts, mean target probability, chance level, and the
@@ -372,7 +375,7 @@ def accuracy(
         chunks = tqdm(chunks, desc=f"scoring {cfg.kind}", unit="chunk")
     for start in chunks:
         scores.extend(score_prompts(model, prompts[start : start + step], batch_size=batch_size,
-                                    max_batch_tokens=max_batch_tokens))
+                                    max_batch_tokens=max_batch_tokens, engine=engine))
     per_group = {g: _summary([s for s in scores if s.group == g]) for g in groups_of(list(queries))}
     total = _summary(scores)
     n_opts = {len(p.options) for p in prompts if p.options}

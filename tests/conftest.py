@@ -26,6 +26,20 @@ if _WORKERS > 1:
 TINY_KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
 
 
+def pytest_addoption(parser):
+    parser.addoption("--scale", action="store_true",
+                     help="run the scale simulations (marker `scale`: a 1B-shaped model on the CPU, ~10-30 min)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--scale"):
+        return
+    skip = pytest.mark.skip(reason="scale simulation: run with `make scale-check` (pytest --scale -m scale)")
+    for item in items:
+        if "scale" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same RNG state, and leaves the global state as it found it."""

@@ -181,6 +181,12 @@ def test_a_callers_hook_is_named_in_one_line(tiny_llama, tiny_tokenizer, facts):
         assert "reset_hooks" in msg and "versions" not in msg
         with pytest.raises(FastPathError, match=r"blocks\.1\.hook_resid_pre.*engine=False"):
             run_rows(tiny_llama, [list(prompt.tokens)], [Row(0, (prompt.tokens[-1],))], lambda r, lp, a: lp)
+        from qrnca_lens import accuracy
+
+        with pytest.raises(FastPathError, match="engine=False"):
+            accuracy(tiny_llama, facts[:2], ProxyConfig("cloze", n_prompts=1, n_shots=1), pool=facts)
+        assert accuracy(tiny_llama, facts[:2], ProxyConfig("cloze", n_prompts=1, n_shots=1), pool=facts,
+                        engine=False).n == 2
         # the ways out: the reference path runs the hook as it is, and "auto" takes it without a word
         ref = attribute_prompt(tiny_llama, prompt, IGConfig(steps=2, method="reference"))
         auto = attribute_prompt(tiny_llama, prompt, IGConfig(steps=2, method="auto"))

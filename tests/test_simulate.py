@@ -30,7 +30,7 @@ def test_plan_query_follows_the_budget():
     assert small.peak == small.weights + small.working
 
 
-@pytest.mark.slow  # ~2.5 GB of bf16 weights built and run on the CPU in a child process: minutes
+@pytest.mark.scale  # ~2.5 GB of bf16 weights built and run on the CPU in a child process: 10-30 minutes
 def test_llama_1b_shaped_locate_stays_within_25_percent_of_the_plan():
     from qrnca_lens.simulate import simulate
 

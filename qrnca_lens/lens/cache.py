@@ -329,8 +329,9 @@ def _lens_tolerance(dtype: torch.dtype, base: float, z_max: float) -> float:
     float32 / float64: ``base`` (``LensConfig.check_tol``, 1e-3). bfloat16 / float16: max(base, 4 eps |z|max),
     eps = ``torch.finfo(dtype).eps`` and |z|max the largest |float32 logit| at the checked targets: a half logit
     is rounded to steps of eps |z| / 2 (0.125 near |31| in bfloat16), and a plain bfloat16 forward differs from
-    float32 by about 0.7 eps |z|. The row engine's planned half-precision tolerance is the same formula (kept
-    here, privately, until ``engine.checks`` has it).
+    float32 by about 0.7 eps |z|. (The row engine's ``engine.checks.check_tolerance`` scales by the log-prob
+    spread instead: it compares two float32 readouts of two half-precision forwards, this compares a float32
+    readout with the model's own half-precision logits, whose rounding grows with |z|.)
     """
     if dtype in HALF:
         return max(base, 4.0 * torch.finfo(dtype).eps * z_max)
