@@ -32,3 +32,19 @@ print("scores", tuple(fast.shape), "max rel diff", float((fast - ref).abs().max(
 with ql.hooked(model, fwd=[("blocks.0.mlp.hook_pre_linear", ql.capture(store := {}, "f"))]):
     model(torch.tensor([prompt.tokens]))
 print(store["f"].shape, "hooks left:", active_hook_count(model))
+
+# %% The same model in bfloat16, as on a GPU: scores come back float32 and agree with float32's to bf16 rounding
+half = TransformerBridge.boot_transformers("my-tiny-llama-bf16", hf_model=LlamaForCausalLM(cfg).eval(),
+                                           tokenizer=tokenizer)
+half.original_model.load_state_dict(model.original_model.state_dict())
+half = half.to(torch.bfloat16)
+got = ql.attribute_prompt(half, prompt, ql.IGConfig(steps=16))
+print("bf16:", got.dtype, "max rel diff to float32", float((got - fast).abs().max() / fast.abs().max()))
+
+# %% Your own hook stays yours: the fast path names it instead of applying it at the wrong positions
+with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: act)]):
+    try:
+        ql.attribute_prompt(model, prompt, ql.IGConfig(steps=4))
+    except ql.FastPathError as e:
+        print("refused:", str(e)[:90], "...")
+    steered = ql.attribute_prompt(model, prompt, ql.IGConfig(steps=4, method="auto"))  # the reference path

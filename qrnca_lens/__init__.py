@@ -23,7 +23,7 @@ from .versions import PACKAGE_VERSION as __version__
 _EXPORTS = {
     # errors
     "QrncaError": "errors", "DataError": "errors", "ModelError": "errors", "ProxyError": "errors",
-    "StoreError": "errors",
+    "StoreError": "errors", "FastPathError": "errors",
     # models
     "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "protocols",
     # data
