@@ -71,4 +71,14 @@ class StoreError(QrncaError):
 
 
 class FastPathError(QrncaError):
-    """A fast path failed its self-check against a plain forward (a library changed a contract)."""
+    """A fast path cannot give exact numbers: the model carries hooks of yours on its hook points (refused
+    before any work), or its self-check against a plain forward failed (a hook of yours inside a module, or a
+    library changed its cache contract). The message names which, and the exact way around it.
+
+    Example:
+        >>> with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", steer)]):          # doctest: +SKIP
+        ...     attribute_prompt(model, prompt)
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.FastPathError: the model carries hooks of yours on blocks.1.hook_in = ...
+    """

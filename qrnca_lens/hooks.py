@@ -73,7 +73,7 @@ def hooked_points(model: HookedModel) -> list[str]:
         aliases.setdefault(id(point), []).append(name)
     seen: set[int] = set()
     names = []
-    for name, point in model.hook_dict.items():
+    for point in model.hook_dict.values():
         if id(point) in seen:
             continue
         seen.add(id(point))

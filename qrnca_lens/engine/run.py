@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from ..errors import QrncaError
+from ..hooks import refuse_caller_hooks
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from ..protocols import HookedModel
-from ..hooks import refuse_caller_hooks
 from .checks import ENGINE_WAY_OUT, check_against_plain, skipping_is_exact
 from .prefix import Prefix, Row, backend_of
 
