@@ -199,13 +199,14 @@ def _prob_grad(logp: Float[Tensor, "rows n_target vocab"], targets: Int[Tensor, 
 def _check_nonzero(scores: Float[Tensor, "layer d_mlp"], prompt: Prompt, layers: Sequence[int], prob: float | None,
                    dtype: torch.dtype) -> Tensor:
     """All-zero scores while 0 < P < 1 mean the gradient vanished (a half-precision underflow), not "no neuron
-    matters": refuse them, and warn about a single all-zero layer. (P = 1 in float32 has a zero gradient.)"""
+    matters": refuse them, and warn about a single all-zero layer. (P = 1 in float32 has a zero gradient, so
+    with P unknown, ``prob=None``, all-zero scores only warn.)"""
     if prob is not None and not 0.0 < prob < 1.0 - 1e-6:
         return scores
     dead = [layers[i] for i in range(scores.shape[0]) if not bool(scores[i].any())]
     where = f"query {prompt.query_id!r} (template {prompt.template})"
     p_text = f" while P(target) = {prob:.3g}" if prob is not None else ""
-    if dead and len(dead) == scores.shape[0]:
+    if dead and len(dead) == scores.shape[0] and prob is not None:
         raise QrncaError(
             f"every attribution score of {where} is exactly 0 in {str(dtype).replace('torch.', '')}{p_text}: the "
             "gradient vanished; load the model in float32 (load_model(..., dtype=torch.float32)) or report it"

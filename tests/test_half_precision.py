@@ -160,6 +160,8 @@ def test_all_zero_scores_are_refused_naming_the_dtype(tiny_tokenizer, facts):
     one_dead[1] = 0
     with pytest.warns(UserWarning, match=r"layers \[5\] are exactly 0 in bfloat16"):
         _check_nonzero(one_dead, prompt, [4, 5, 6], 0.3, torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"layers \[0, 1, 2\] are exactly 0 in float16"):
+        _check_nonzero(zero, prompt, [0, 1, 2], None, torch.float16)  # P unknown (reference path): a warning
 
 
 # ---------------------------------------------------------------- the caller's hooks
