@@ -61,7 +61,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("engine/prefix.py", "_batch", "arange"): "fills a host layout map",
     ("engine/prefix.py", "_full", "tensor"): "layout maps built on the host, then .to(device)",
     ("engine/prefix.py", "_intervention_hooks", "ones"): "host factor rows, moved in the hook per chunk (see the "
-                                                         "per-chunk host-sync note in NOTES-gpu.md)",
+                                                         "per-chunk host reads in the README's Limits)",
 }
 
 

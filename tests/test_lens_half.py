@@ -199,4 +199,4 @@ def test_smollm2_lens_in_half_precision_agrees_with_float32(dtype, smollm2_fp32_
     common = [len({tuple(x) for x in a.neurons.tolist()} & {tuple(x) for x in b.neurons.tolist()})
               for a, b in zip(got, ref)]
     assert all(g.certified for g in got)
-    assert min(common) >= 15, common  # measured in NOTES-lens.md
+    assert min(common) >= 15, common  # measured: README, "Half precision and GPUs"
