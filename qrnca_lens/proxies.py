@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -295,14 +296,25 @@ def token_ids(value: Any, what: str = "tokens") -> tuple[int, ...]:
         value = value.tolist()
     if isinstance(value, bool) or isinstance(value, (str, bytes)):
         raise ProxyError(f"{what} must be token ids (ints), got {type(value).__name__} {value!r}")
-    if isinstance(value, int):
-        return (value,)
+    if _is_id(value):
+        return (operator.index(value),)
     if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
         value = value[0]  # one row: [[...]]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(_is_id(v) for v in value):
         raise ProxyError(f"{what} must be token ids: an int, a list of ints, or a 1-D / [1, seq] integer tensor; got "
                          f"{type(value).__name__} {str(value)[:40]}")
-    return tuple(int(v) for v in value)
+    return tuple(operator.index(v) for v in value)
+
+
+def _is_id(v: Any) -> bool:
+    """An integer of any kind (Python, numpy), but not a bool and not a float."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
 
 
 def _tokenizer_and_bos(source: Any, prepend_bos: bool | None) -> tuple[Any, bool]:
@@ -374,8 +386,8 @@ def as_prompts(source: Any, prompts: Any, targets: Any = None) -> list[Prompt]:
     Args:
         source: the model (or a tokenizer).
         prompts: a list of ``Prompt``s, strings and token-id lists (mixed freely), or a 2-D integer tensor.
-        targets: None when every prompt is a ``Prompt``; one string for all; or one entry per prompt (a string,
-            token ids, or None for a ``Prompt``).
+        targets: None when every prompt is a ``Prompt``; one string (or one token id) for all; or a list with
+            one entry per prompt (a string, token ids, or None for a ``Prompt``).
 
     Returns:
         The ``Prompt``s in order; a ``ProxyError`` in one line naming the bad entry.
@@ -397,9 +409,12 @@ def as_prompts(source: Any, prompts: Any, targets: Any = None) -> list[Prompt]:
     if prompts and all(isinstance(x, int) and not isinstance(x, bool) for x in prompts):
         raise ProxyError("attribute_prompts takes a list of prompts, got one list of token ids; use attribute_prompt "
                          "for one prompt, or pass [tokens]")
-    if targets is None or isinstance(targets, str):
+    if targets is None or isinstance(targets, (str, int)):  # one text or one token id: the same for all
         per: list[Any] = [None if isinstance(p, Prompt) else targets for p in prompts]
     else:
+        if not isinstance(targets, (list, tuple)) and not hasattr(targets, "tolist"):
+            raise ProxyError(f"targets must be one string for all prompts or a list with one entry per prompt, got "
+                             f"{type(targets).__name__}")
         per = list(targets.tolist() if hasattr(targets, "tolist") else targets)
         if len(per) != len(prompts):
             raise ProxyError(f"targets has {len(per)} entries for {len(prompts)} prompts: give one per prompt "

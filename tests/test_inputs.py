@@ -80,6 +80,11 @@ def test_token_prompts_are_taken_as_they_are(tiny_llama):
     assert (p.tokens, p.target) == ((7, 8, 9), (10,))  # no BOS added
     assert p.text == tiny_llama.tokenizer.decode([7, 8, 9])
     assert Prompt.from_tokens([7, 8], [10]).text == ""
+    np = pytest.importorskip("numpy")
+    assert Prompt.from_tokens(np.array([7, 8]), [np.int64(10)]).tokens == (7, 8)  # numpy ids, not floats
+    for bad in ([7, True], [7, 8.0], np.array([7.0])):
+        with pytest.raises(ProxyError, match="integer|token ids"):
+            Prompt.from_tokens(bad, [10])
 
 
 def test_attribute_prompts_takes_a_mixed_list(tiny_llama):
@@ -93,6 +98,8 @@ def test_attribute_prompts_takes_a_mixed_list(tiny_llama):
     # One string target for all, and a [n, seq] tensor of prompts.
     both = torch.tensor([list(hand.tokens), list(hand.tokens)])
     assert torch.equal(attribute_prompts(tiny_llama, both, IG, targets=" Paris"), attribute_prompts(tiny_llama, [hand, hand], IG))
+    # One token id for all prompts.
+    assert [p.target for p in as_prompts(tiny_llama, [[1, 2], [3]], 7)] == [(7,), (7,)]
 
 
 def test_a_missing_target_names_the_fix(tiny_llama):
@@ -134,6 +141,7 @@ def test_bad_prompts_and_targets_are_refused_in_one_line(tiny_llama):
         ([1, 2, 3], None, "one list of token ids"),
         (torch.tensor([1, 2, 3]), [1], r"\[n_prompts, seq\]"),
         ([TEXT, TEXT], [" Paris"], "1 entries for 2 prompts"),
+        ([TEXT], {" Paris"}, "got set"),
     ):
         with pytest.raises(ProxyError, match=msg):
             as_prompts(tiny_llama, prompts, targets)
