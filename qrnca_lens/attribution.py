@@ -44,8 +44,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -61,7 +62,7 @@ from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
 from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .protocols import HookedModel
-from .proxies import Prompt
+from .proxies import Prompt, as_prompt, as_prompts
 from .readout import final_residual, head32
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "attribute_prompt",
     "attribute_prompts",
     "reference_ig",
+    "resolve_layers",
     "fast_backend",
     "gradients_on",
     "target_prob",
@@ -238,12 +240,60 @@ def _clean_values(model: HookedModel, seq: Tensor, names: Sequence[str], pos: in
     return {n: store[n][0, pos].detach().clone() for n in names}
 
 
+def resolve_layers(model: HookedModel | int, layers: Iterable[Any] | None) -> list[int]:
+    """Layer indices as the model's own non-negative numbers; negative ones count from the last, as in Python.
+
+    The one place layers given by a caller are checked against the model's depth: attribution, ATP/DLA, the
+    exhaustive ground truth and ``locate`` (whose manifest thus records 29, never -1) all resolve through it.
+    Configs that cannot know the depth (``LocateConfig.layers``) let negative numbers through to here.
+
+    Args:
+        model: the model, or its number of layers.
+        layers: layer indices in ``-n_layers .. n_layers - 1``, in the order wanted; None for all.
+
+    Returns:
+        The layers as numbers in ``0 .. n_layers - 1``, in the given order; a ``QrncaError`` naming the valid
+        range for one out of it, and for an empty list, a non-integer or a layer named twice.
+
+    Example:
+        >>> resolve_layers(30, [-1, 0, -2])
+        [29, 0, 28]
+        >>> resolve_layers(30, [30])
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.QrncaError: layer 30 is out of range for a 30-layer model: give 0..29, or -30..-1 counting from the last
+    """
+    L = model if isinstance(model, int) else n_layers(model)
+    if layers is None:
+        return list(range(L))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise QrncaError(f"layers must be a list of layer indices such as [0, -1], got {type(layers).__name__}")
+    chosen = list(layers)
+    if not chosen:
+        raise QrncaError("no layers given: pass at least one layer index (or None for all of them)")
+    out = []
+    for layer in chosen:
+        # Integers of any kind (numpy, a 0-d tensor) but not bools or floats: 1.0 as a layer is a bug upstream.
+        try:
+            i = operator.index(layer)
+        except TypeError:
+            i = None
+        if i is None or isinstance(layer, bool):
+            raise QrncaError(f"layer {layer!r} is not an integer: give layer indices such as [0, -1]")
+        if not -L <= i < L:
+            raise QrncaError(f"layer {i} is out of range for a {L}-layer model: give 0..{L - 1}, or -{L}..-1 counting "
+                             "from the last")
+        out.append(i % L)
+    twice = sorted({x for x in out if out.count(x) > 1})
+    if twice:
+        raise QrncaError(f"layers {chosen} name layer(s) {twice} twice (a negative index counts from the last); "
+                         "give each layer once")
+    return out
+
+
 def _layers_and_names(model: HookedModel, layers: Sequence[int] | None, require_gated: bool) -> tuple[list[int], list[str]]:
     d_mlp(model)
-    chosen = list(range(n_layers(model))) if layers is None else list(layers)
-    for layer in chosen:
-        if not 0 <= layer < n_layers(model):
-            raise QrncaError(f"layer {layer} is out of range for a {n_layers(model)}-layer model")
+    chosen = resolve_layers(model, layers)
     return chosen, [mlp_hook_name(model, layer, require_gated=require_gated) for layer in chosen]
 
 
@@ -308,42 +358,63 @@ def fast_backend(model: HookedModel) -> str | None:
 # ---------------------------------------------------------------- public API
 
 
+def _check_cfg(cfg: Any) -> None:
+    """The third argument is the IGConfig: a target given there (``attribute_prompt(model, text, " Paris")``)
+    is named, not run into an AttributeError."""
+    if not isinstance(cfg, IGConfig):
+        raise QrncaError(f"the third argument is the IGConfig, got {type(cfg).__name__} {str(cfg)[:40]!r}; pass the "
+                         "answer by name: target=\" Paris\"")
+
+
 def attribute_prompt(
     model: HookedModel,
-    prompt: Prompt,
+    prompt: Any,
     cfg: IGConfig = IGConfig(),
     *,
+    target: Any = None,
     layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer d_mlp"]:
     """IG scores of every MLP neuron (rows: ``layers``, all by default) for one prompt, float32 on the CPU.
 
     Args:
         model: the TL model.
-        prompt: the prompt (from ``build_prompts``).
+        prompt: a ``Prompt`` (from ``build_prompts``); a text (then ``target=`` is required; tokenised with
+            the model's default BOS, as ``locate`` does: ``Prompt.from_text``); or token ids as you hold them
+            (a list of ints, a 1-D or ``[1, seq]`` tensor, taken as they are: ``Prompt.from_tokens``).
         cfg: integration steps, schedule, fast or reference path, memory budget.
-        layers: the layers to attribute, in the order of the result's rows (default: all).
+        target: for a text or ids, the answer scored: its text as it follows the prompt (``" Paris"``) or its
+            token ids.
+        layers: the layers to attribute, in the order of the result's rows (default: all); negative indices
+            count from the last, as in Python.
 
     Returns:
         ``[layer, d_mlp]`` float32 scores.
 
     Example:
-        >>> scores = attribute_prompt(model, prompt, IGConfig(steps=16))   # doctest: +SKIP
-        >>> scores.shape                                                     # doctest: +SKIP
+        >>> scores = attribute_prompt(model, "The capital of France is", target=" Paris")   # doctest: +SKIP
+        >>> scores.shape                                                                      # doctest: +SKIP
         torch.Size([30, 1536])
+        >>> attribute_prompt(model, prompt, IGConfig(steps=16), layers=[-1]).shape            # doctest: +SKIP
+        torch.Size([1, 1536])
     """
-    return attribute_prompts(model, [prompt], cfg, layers=layers)[0]
+    _check_cfg(cfg)
+    return attribute_prompts(model, [as_prompt(model, prompt, target)], cfg, layers=layers)[0]
 
 
 def attribute_prompts(
-    model: HookedModel, prompts: Sequence[Prompt], cfg: IGConfig = IGConfig(), *, layers: Sequence[int] | None = None,
+    model: HookedModel, prompts: Any, cfg: IGConfig = IGConfig(), *, targets: Any = None,
+    layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "prompt layer d_mlp"]:
     """IG scores for each prompt (of a query), stacked. On a bridge the prompts share each forward/backward.
 
     Args:
         model: the TL model.
-        prompts: the prompts (usually the |Q| prompts of one query).
+        prompts: the prompts (usually the |Q| prompts of one query): ``Prompt``s, texts and token-id lists
+            (mixed freely, as ``attribute_prompt`` takes them), or an ``[n, seq]`` tensor of ids.
         cfg: integration steps, schedule, fast or reference path, memory budget.
-        layers: the layers to attribute (default: all).
+        targets: for texts and ids, the answers: one string for all, or one entry per prompt (text or token
+            ids; None for a ``Prompt``).
+        layers: the layers to attribute (default: all); negative indices count from the last.
 
     Returns:
         ``[prompt, layer, d_mlp]`` float32 scores.
@@ -352,7 +423,11 @@ def attribute_prompts(
         >>> scores = attribute_prompts(model, prompts[:3], layers=[0, 14])   # doctest: +SKIP
         >>> scores.shape                                                      # doctest: +SKIP
         torch.Size([3, 2, 1536])
+        >>> attribute_prompts(model, ["Paris is in", "Rome is in"], targets=[" France", " Italy"]).shape  # doctest: +SKIP
+        torch.Size([2, 30, 1536])
     """
+    _check_cfg(cfg)
+    prompts = as_prompts(model, prompts, targets)
     if not prompts:
         raise QrncaError("no prompts to attribute")
     chosen, names = _layers_and_names(model, layers, cfg.require_gated)

@@ -24,7 +24,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +35,8 @@ from .errors import DataError
 
 __all__ = [
     "Query",
+    "QueriesLike",
+    "as_queries",
     "load_data",
     "load_jsonl",
     "load_mlama",
@@ -78,7 +80,23 @@ class Query(Config):
     def validate(self) -> None:
         for name in ("id", "group"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise DataError(f"query {self.id!r}: field {name!r} must be a non-empty string")
+                raise DataError(f"query {self.id!r}: field {name!r} must be a non-empty string, got "
+                                f"{_shown(getattr(self, name))}")
+        # Types before content: a number where text belongs would otherwise surface as an AttributeError
+        # (``.strip()``) here or deep inside the tokenizer.
+        for name in ("question", "answer"):
+            if not isinstance(getattr(self, name), str):
+                raise DataError(f"query {self.id!r}: field {name!r} must be a string, got {_shown(getattr(self, name))}")
+        for name in ("language", "relation", "subject"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise DataError(f"query {self.id!r}: field {name!r} must be a string or None, got "
+                                f"{_shown(getattr(self, name))}")
+        for name in ("options", "prompts", "prompt_letters"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value)):
+                raise DataError(f"query {self.id!r}: field {name!r} must be a list of strings or None, got {_shown(value)}")
+        if not isinstance(self.meta, dict):
+            raise DataError(f"query {self.id!r}: field 'meta' must be a dict, got {_shown(self.meta)}")
         if self.prompts is None:
             if not self.question.strip():
                 raise DataError(f"query {self.id!r}: empty question")
@@ -114,6 +132,110 @@ class Query(Config):
         ``from_dict`` is the base's: the missing fields take their defaults.
         """
         return {k: v for k, v in super().to_dict().items() if v not in (None, {})}
+
+
+def _shown(value: Any) -> str:
+    """A value's type and a short repr, for one-line messages."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+REQUIRED = ("id", "group", "question", "answer")
+# A query's columns as users hold them: the ``Query`` fields (``meta`` is not a column).
+COLUMNS = ("id", "group", "question", "answer", "options", "language", "relation", "subject", "prompts",
+           "prompt_letters", "meta")
+_ACCEPTED = ("a Query, a dict with the fields id, group, question, answer (optional: options, language, relation, "
+             "subject), a list of those, or a pandas DataFrame with those columns")
+
+
+def _is_dataframe(obj: Any) -> bool:
+    # Looked up by name, so that pandas is imported only when a DataFrame is actually given.
+    return any(k.__name__ == "DataFrame" and k.__module__.startswith("pandas") for k in type(obj).__mro__)
+
+
+def _frame_records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as dicts; missing cells (NaN, None, pd.NA) are dropped, so optional columns with holes
+    take their defaults and a missing required one is named."""
+    import pandas as pd
+
+    def missing(v: Any) -> bool:
+        return v is None or (pd.api.types.is_scalar(v) and bool(pd.isna(v)))
+
+    return [{str(k): v for k, v in row.items() if not missing(v)} for row in frame.to_dict(orient="records")]
+
+
+def _from_mapping(row: Mapping[str, Any], i: int) -> Query:
+    qid = row.get("id")
+    where = f"queries[{i}]" + (f" (id {qid!r})" if isinstance(qid, str) else "")
+    unknown = sorted(set(map(str, row)) - set(COLUMNS))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; a query has {list(COLUMNS)}")
+    missing = [k for k in REQUIRED if k not in row or row[k] is None]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; a query needs {list(REQUIRED)}")
+    kw = dict(row)
+    for name in ("options", "prompts", "prompt_letters"):
+        # Lists (JSON, a DataFrame cell) become the tuples Query holds; numpy arrays too. Anything else is left
+        # for Query.validate to name.
+        value = kw.get(name)
+        if value is not None and not isinstance(value, (str, bytes, Mapping)) and hasattr(value, "__iter__"):
+            kw[name] = tuple(value.tolist() if hasattr(value, "tolist") else value)
+    try:
+        return Query(**kw)
+    except DataError as e:  # the message names the query's id already
+        raise DataError(f"queries[{i}]: {e}") from None
+
+
+def as_queries(obj: Any) -> list[Query]:
+    """Queries from what a user holds: ``Query`` objects, plain dicts, a pandas DataFrame, or one of them.
+
+    ``locate``, ``accuracy`` and ``lens_locate`` call this first, so each takes any of these.
+
+    Args:
+        obj: a ``Query``; a dict with ``id``, ``group``, ``question`` (the prompt text or cloze template, with
+            ``[Y]`` where the answer goes), ``answer`` and optionally ``options``, ``language``, ``relation``,
+            ``subject``, ``prompts``, ``prompt_letters``, ``meta``; a list or tuple of Queries and dicts; or a
+            pandas DataFrame with those columns (empty cells of optional columns take the default).
+
+    Returns:
+        The queries, in the given order. A bad record raises ``DataError`` in one line naming its index, id and
+        field; an object of another kind one naming what is accepted.
+
+    Example:
+        >>> qs = as_queries([{"id": "q1", "group": "math", "question": "2 + 2 =", "answer": "4"}])
+        >>> qs == [Query(id="q1", group="math", question="2 + 2 =", answer="4")]
+        True
+        >>> as_queries({"id": "q2", "group": "math", "question": 7, "answer": "4"})
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.DataError: queries[0]: query 'q2': field 'question' must be a string, got int 7
+    """
+    if isinstance(obj, (Query, Mapping)):
+        items: list[Any] = [obj]
+    elif _is_dataframe(obj):
+        items = _frame_records(obj)
+    elif isinstance(obj, (str, bytes)):
+        raise DataError(f"queries: got a string ({obj[:40]!r}); to read a file use load_data(path), else give "
+                        f"{_ACCEPTED}")
+    elif isinstance(obj, Iterable) and not hasattr(obj, "shape"):
+        items = list(obj)
+    else:
+        raise DataError(f"queries: got {type(obj).__name__}; give {_ACCEPTED}")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Query):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            out.append(_from_mapping(item, i))
+        else:
+            raise DataError(f"queries[{i}]: got {type(item).__name__}; each query must be a Query or a dict with the "
+                            f"fields {list(REQUIRED)}")
+    return out
+
+
+# What the public entry points take as queries (``as_queries`` turns it into a list of ``Query``); a pandas
+# DataFrame is one of the iterables.
+QueriesLike = Query | Mapping[str, Any] | Iterable[Any]
 
 
 def groups_of(queries: Sequence[Query]) -> dict[str, list[Query]]:

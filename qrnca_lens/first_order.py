@@ -38,11 +38,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribution import gradients_on, target_prob
+from .attribution import gradients_on, resolve_layers, target_prob
 from .errors import ModelError, QrncaError
 from .hooks import hooked
 from .lens.cache import batches, check_prompts, lens_cache, scoring_weights
-from .models import d_mlp, mlp_hook_name, model_device, n_layers
+from .models import d_mlp, mlp_hook_name, model_device
 from .protocols import HookedModel
 from .proxies import Prompt
 from .readout import logprobs_at
@@ -57,13 +57,7 @@ DLA_BATCH = 8  # prompts per DLA forward (no gradient: only the target positions
 
 def _layers(model: HookedModel, layers: Sequence[int] | None) -> list[int]:
     d_mlp(model)  # a model without an MLP is refused here, naming the problem
-    chosen = list(range(n_layers(model))) if layers is None else [int(x) for x in layers]
-    if not chosen:
-        raise QrncaError("no layers to score: pass at least one layer (or None for all of them)")
-    bad = [x for x in chosen if not 0 <= x < n_layers(model)]
-    if bad:
-        raise QrncaError(f"layer(s) {bad} out of range for a {n_layers(model)}-layer model (valid: 0..{n_layers(model) - 1})")
-    return chosen
+    return resolve_layers(model, layers)
 
 
 def _token_batches(prompts: Sequence[Prompt], budget: int) -> Iterator[list[int]]:

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .attribution import resolve_layers
 from .config import Config
 from .data import Query
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, run_rows
@@ -153,7 +154,7 @@ def exhaustive_effects(
         >>> eff.abs().argmax()                                                          # doctest: +SKIP
     """
     L, width = n_layers(model), d_mlp(model)
-    chosen = list(range(max(0, L - DEFAULT_EXHAUSTIVE_LAYERS), L)) if layers is None else [int(x) for x in layers]
+    chosen = list(range(max(0, L - DEFAULT_EXHAUSTIVE_LAYERS), L)) if layers is None else resolve_layers(L, layers)
     if not chosen:
         raise QrncaError("no layers to measure: give at least one layer")
     it: Any = chosen

@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribution import IGConfig
+from .attribution import IGConfig, resolve_layers
 from .config import Config
-from .data import Query
+from .data import QueriesLike, Query, as_queries
 from .errors import QrncaError, StoreError
 from .executors import Executor, SerialExecutor
 from .grouping import check_group_by, regroup
@@ -42,7 +42,6 @@ from .models import (
     model_device,
     model_dtype,
     model_name,
-    n_layers,
     tokenizer_of,
 )
 from .neurons import NeuronSet
@@ -313,7 +312,7 @@ def _check_queries(queries: Sequence[Query]) -> None:
 
 def locate(
     model: HookedModel,
-    queries: Sequence[Query],
+    queries: QueriesLike,
     cfg: LocateConfig = LocateConfig(),
     *,
     pool: Sequence[Query] | None = None,
@@ -359,11 +358,12 @@ def locate(
         >>> len(run.qr_neurons(pool[0].id)) <= cfg.selection.v               # doctest: +SKIP
         True
     """
+    queries = as_queries(queries)
     _check_queries(queries)
     check_group_by(group_by)
     regroup(queries, by := group_by or "group")  # a query without the field fails now, not after the attribution
     name = name or model_name(model)
-    layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers(model)))
+    layers = resolve_layers(model, cfg.layers)  # recorded non-negative: the manifest says 29, not -1
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
     proxy = replace(cfg.proxy, prepend_bos=bos)  # recorded resolved, so a rerun on another model cannot drift
     cfg = replace(cfg, proxy=proxy, layers=tuple(layers))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,9 @@ __all__ = [
     "Template",
     "ProxyConfig",
     "Prompt",
+    "as_prompt",
+    "as_prompts",
+    "token_ids",
     "TEMPLATES",
     "build_prompts",
     "build_all_prompts",
@@ -202,6 +206,226 @@ class Prompt(Config):
 
     # to_dict / from_dict: the base's. What a run stores (lists for the token tuples, null for no options),
     # so later stages read the very prompts that were attributed; tests/test_config.py pins the format.
+
+    @classmethod
+    def from_text(cls, source: Any, text: str, target: Any, *, prepend_bos: bool | None = None,
+                  query_id: str = "prompt", group: str = "prompt") -> Prompt:
+        """A prompt from its text and the answer to score, tokenised as ``build_prompts`` tokenises its prompts.
+
+        Args:
+            source: the model (its tokenizer and its default BOS handling, as ``locate`` uses) or a tokenizer
+                (then no BOS unless ``prepend_bos=True``, as ``build_prompts``' default).
+            text: the prompt; the target is predicted right after its last token.
+            target: the answer's text as it follows the prompt (``" Paris"``, with its leading space), tokenised
+                after the prompt text without another BOS; or its token ids.
+            prepend_bos: the BOS choice instead of the source's default.
+            query_id, group: the names that messages and results give this prompt.
+
+        Returns:
+            The ``Prompt``; ``ProxyError`` when the target merges with the prompt's last token.
+
+        Example:
+            >>> p = Prompt.from_text(model, "The capital of France is", " Paris")   # doctest: +SKIP
+            >>> p.target == tuple(model.tokenizer(" Paris", add_special_tokens=False)["input_ids"])  # doctest: +SKIP
+            True
+        """
+        tokenizer, bos = _tokenizer_and_bos(source, prepend_bos)
+        ids = encode(tokenizer, text, prepend_bos=bos)
+        if not ids:
+            raise ProxyError(f"the prompt text {text!r} has no tokens: give a non-empty text")
+        # The answer's tokens as the model would emit them after this text: build_prompts' own path.
+        tgt = _continuation(tokenizer, ids, text, target, bos) if isinstance(target, str) else token_ids(target, "target")
+        return cls(query_id, group, 0, text, tuple(ids), tgt, meta={"prepend_bos": bos})
+
+    @classmethod
+    def from_tokens(cls, tokens: Any, target: Any, *, tokenizer: Any = None, text: str | None = None,
+                    query_id: str = "prompt", group: str = "prompt") -> Prompt:
+        """A prompt from token ids you already hold (``model.to_tokens(...)``): taken as they are, BOS or not.
+
+        Args:
+            tokens: the prompt's ids: a list of ints, or a 1-D / ``[1, seq]`` integer tensor or array.
+            target: the answer's token ids (an int, a list, a tensor), or its text (``" Paris"``, tokenised on its
+                own without BOS: that needs ``tokenizer``).
+            tokenizer: to tokenise a text target, and to decode ``tokens`` into ``text``.
+            text: the prompt's text for display (default: the decoded tokens, or "" without a tokenizer).
+            query_id, group: the names that messages and results give this prompt.
+
+        Returns:
+            The ``Prompt``.
+
+        Example:
+            >>> p = Prompt.from_tokens([[1, 17, 16]], [19, 20])
+            >>> p.tokens, p.target, p.target_position
+            ((1, 17, 16), (19, 20), 2)
+        """
+        ids = token_ids(tokens, "tokens")
+        if isinstance(target, str):
+            if tokenizer is None:
+                raise ProxyError("a text target needs the tokenizer: Prompt.from_tokens(tokens, target, "
+                                 "tokenizer=model.tokenizer), or give the target's token ids")
+            tgt = tuple(encode(tokenizer, target, prepend_bos=False))
+        else:
+            tgt = token_ids(target, "target")
+        if text is None:
+            text = str(tokenizer.decode(list(ids))) if tokenizer is not None else ""
+        return cls(query_id, group, 0, text, ids, tgt, meta={"from_tokens": True})
+
+
+def token_ids(value: Any, what: str = "tokens") -> tuple[int, ...]:
+    """Token ids as a tuple of ints, from an int, a list of ints (or one such row) or a 1-D / ``[1, n]`` tensor.
+
+    Args:
+        value: the ids.
+        what: their name in the one-line ``ProxyError`` for anything else (floats, bools, a batch of rows).
+
+    Returns:
+        The ids.
+
+    Example:
+        >>> token_ids([[5, 6]]), token_ids(7)
+        ((5, 6), (7,))
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "tolist"):  # a tensor or an array, checked without importing torch
+        dtype = str(getattr(value, "dtype", ""))
+        if "int" not in dtype:
+            raise ProxyError(f"{what} must hold integer token ids, got a tensor of {dtype.replace('torch.', '')}")
+        if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1):
+            raise ProxyError(f"{what} must be 1-D or [1, seq] (one prompt), got shape {list(shape)}; pass several "
+                             "prompts as a list")
+        value = value.tolist()
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise ProxyError(f"{what} must be token ids (ints), got {type(value).__name__} {value!r}")
+    if _is_id(value):
+        return (operator.index(value),)
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+        value = value[0]  # one row: [[...]]
+    if not isinstance(value, (list, tuple)) or not all(_is_id(v) for v in value):
+        raise ProxyError(f"{what} must be token ids: an int, a list of ints, or a 1-D / [1, seq] integer tensor; got "
+                         f"{type(value).__name__} {str(value)[:40]}")
+    return tuple(operator.index(v) for v in value)
+
+
+def _is_id(v: Any) -> bool:
+    """An integer of any kind (Python, numpy), but not a bool and not a float."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def _tokenizer_and_bos(source: Any, prepend_bos: bool | None) -> tuple[Any, bool]:
+    """A model's tokenizer and its default BOS choice, or a bare tokenizer's (no BOS, as ``build_prompts``)."""
+    if hasattr(source, "cfg"):  # a model
+        from .models import default_prepend_bos, tokenizer_of
+
+        return tokenizer_of(source), default_prepend_bos(source) if prepend_bos is None else prepend_bos
+    if not callable(source):
+        raise ProxyError(f"a text prompt needs the model or its tokenizer to tokenise it, got {type(source).__name__}")
+    return source, bool(prepend_bos)
+
+
+_MISSING_TARGET = ("{kind} prompt needs the answer it is scored on: pass target=\" Paris\" (the answer's text as it "
+                   "follows the prompt) or target=[token ids]")
+_PROMPT_KINDS = "a Prompt, a text (with target=), or token ids (a list of ints or a 1-D / [1, seq] tensor, with target=)"
+
+
+def as_prompt(source: Any, prompt: Any, target: Any = None) -> Prompt:
+    """One prompt from what a user holds: a ``Prompt``, a text with its target, or token ids with their target.
+
+    What ``attribute_prompt`` calls on its input. Text goes through ``Prompt.from_text`` (the model's default
+    BOS), ids through ``Prompt.from_tokens`` (taken as they are).
+
+    Args:
+        source: the model (or a tokenizer), to tokenise text and check token ids against its vocabulary.
+        prompt: a ``Prompt``; a string; or token ids (a list of ints, a 1-D or ``[1, seq]`` tensor).
+        target: the answer, for a string or ids: its text (``" Paris"``) or its token ids; None for a ``Prompt``,
+            which holds its own.
+
+    Returns:
+        The ``Prompt``; a ``ProxyError`` in one line for a missing target, a target given to a ``Prompt``, or an
+        input of another kind.
+
+    Example:
+        >>> as_prompt(None, [3, 4, 5], target=[6]).target
+        (6,)
+        >>> as_prompt(None, [3, 4, 5])
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.ProxyError: a token prompt needs the answer it is scored on: pass target=" Paris" ...
+    """
+    if isinstance(prompt, Prompt):
+        if target is not None:
+            raise ProxyError(f"the Prompt of query {prompt.query_id!r} holds its own target; drop target=, or pass "
+                             "the prompt's text or tokens instead")
+        return prompt
+    if isinstance(prompt, str):
+        if target is None:
+            raise ProxyError(_MISSING_TARGET.format(kind="a text"))
+        return Prompt.from_text(source, prompt, target)
+    if isinstance(prompt, (list, tuple)) or (hasattr(prompt, "shape") and hasattr(prompt, "tolist")):
+        if target is None:
+            raise ProxyError(_MISSING_TARGET.format(kind="a token"))
+        tokenizer = getattr(source, "tokenizer", None) if hasattr(source, "cfg") else source
+        p = Prompt.from_tokens(prompt, target, tokenizer=tokenizer)
+        # Caught here, not as an IndexError inside the embedding.
+        vocab = int(getattr(getattr(source, "cfg", None), "d_vocab", None) or 0)
+        bad = [t for t in (*p.tokens, *p.target) if vocab and not 0 <= t < vocab]
+        if bad:
+            raise ProxyError(f"token ids {bad[:3]} are outside the model's vocabulary (0..{vocab - 1})")
+        return p
+    raise ProxyError(f"got {type(prompt).__name__} as a prompt; give {_PROMPT_KINDS}")
+
+
+def as_prompts(source: Any, prompts: Any, targets: Any = None) -> list[Prompt]:
+    """Several prompts from what a user holds: a list of what ``as_prompt`` takes, or a ``[n, seq]`` tensor.
+
+    Args:
+        source: the model (or a tokenizer).
+        prompts: a list of ``Prompt``s, strings and token-id lists (mixed freely), or a 2-D integer tensor.
+        targets: None when every prompt is a ``Prompt``; one string (or one token id) for all; or a list with
+            one entry per prompt (a string, token ids, or None for a ``Prompt``).
+
+    Returns:
+        The ``Prompt``s in order; a ``ProxyError`` in one line naming the bad entry.
+
+    Example:
+        >>> [p.target for p in as_prompts(None, [[3, 4], [5, 6, 7]], targets=[[8], [9, 10]])]
+        [(8,), (9, 10)]
+    """
+    if isinstance(prompts, (str, Prompt)):
+        raise ProxyError("attribute_prompts takes a list of prompts; for one, use attribute_prompt or pass [prompt]")
+    shape = getattr(prompts, "shape", None)
+    if shape is not None and hasattr(prompts, "tolist"):
+        if len(shape) != 2:
+            raise ProxyError(f"a tensor of prompts must be [n_prompts, seq], got shape {list(shape)}; for one "
+                             "prompt's tokens use attribute_prompt")
+        prompts = [row for row in prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ProxyError(f"prompts must be a list, got {type(prompts).__name__}; each entry {_PROMPT_KINDS}")
+    if prompts and all(isinstance(x, int) and not isinstance(x, bool) for x in prompts):
+        raise ProxyError("attribute_prompts takes a list of prompts, got one list of token ids; use attribute_prompt "
+                         "for one prompt, or pass [tokens]")
+    if targets is None or isinstance(targets, (str, int)):  # one text or one token id: the same for all
+        per: list[Any] = [None if isinstance(p, Prompt) else targets for p in prompts]
+    else:
+        if not isinstance(targets, (list, tuple)) and not hasattr(targets, "tolist"):
+            raise ProxyError(f"targets must be one string for all prompts or a list with one entry per prompt, got "
+                             f"{type(targets).__name__}")
+        per = list(targets.tolist() if hasattr(targets, "tolist") else targets)
+        if len(per) != len(prompts):
+            raise ProxyError(f"targets has {len(per)} entries for {len(prompts)} prompts: give one per prompt "
+                             "(None for a Prompt), or one string for all")
+    out = []
+    for i, (p, t) in enumerate(zip(prompts, per)):
+        try:
+            out.append(as_prompt(source, p, t))
+        except ProxyError as e:
+            raise ProxyError(f"prompts[{i}]: {e}") from None
+    return out
 
 
 # ---------------------------------------------------------------- tokenisation

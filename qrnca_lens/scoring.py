@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .data import Query, groups_of
+from .data import QueriesLike, Query, as_queries, groups_of
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
 from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
@@ -327,7 +327,7 @@ def _summary(scores: Sequence[PromptScore]) -> dict[str, float]:
 
 def accuracy(
     model: HookedModel,
-    queries: Sequence[Query],
+    queries: QueriesLike,
     cfg: ProxyConfig,
     *,
     pool: Sequence[Query] | None = None,
@@ -360,6 +360,7 @@ def accuracy(
         >>> res.n, res.n_queries, sorted(res.per_group)[0]                                     # doctest: +SKIP
         (75, 25, 'capital')
     """
+    queries = as_queries(queries)
     if not queries:
         raise ProxyError("no queries to score (the data set is empty)")
     bos = cfg.prepend_bos if cfg.prepend_bos is not None else default_prepend_bos(model)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..data import Query
+from ..data import QueriesLike, Query, as_queries
 from ..errors import QrncaError
 from ..located import Located
 from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
@@ -105,7 +105,7 @@ def _query_top(model: HookedModel, prompts: Sequence[Prompt], top_k: int, cfg: L
 
 def lens_locate(
     model: HookedModel,
-    queries: Sequence[Query],
+    queries: QueriesLike,
     proxy_cfg: ProxyConfig,
     *,
     pool: Sequence[Query] | None = None,
@@ -143,6 +143,7 @@ def lens_locate(
         >>> all(res.certified.values())                                              # doctest: +SKIP
         True
     """
+    queries = as_queries(queries)
     if top_k < 1:
         raise QrncaError(f"top_k must be at least 1, got {top_k}")
     if not queries:
