@@ -28,7 +28,7 @@ _EXPORTS = {
     "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "protocols",
     # data
     "Query": "data", "load_data": "data", "load_jsonl": "data", "load_mlama": "data",
-    "load_mmlu_csv": "data", "load_authors_json": "data",
+    "load_mmlu_csv": "data", "load_authors_json": "data", "as_queries": "data",
     # proxies
     "ProxyConfig": "proxies", "Prompt": "proxies", "build_prompts": "proxies", "PROXIES": "proxies",
     # hooks
@@ -37,7 +37,7 @@ _EXPORTS = {
     "accuracy": "scoring", "AccuracyResult": "scoring", "score_prompts": "scoring", "PromptScore": "scoring",
     # attribution
     "IGConfig": "attribution", "attribute_prompt": "attribution", "attribute_prompts": "attribution",
-    "reference_ig": "attribution",
+    "reference_ig": "attribution", "resolve_layers": "attribution",
     # selection
     "SelectionConfig": "selection", "Cluster": "selection", "Selection": "selection", "select": "selection",
     "query_cluster": "selection",
