@@ -277,3 +277,67 @@ def test_evaluation_result_displays_as_an_html_table():
     assert "<pre>" not in html and "<table>" in html and html.count("<tr>") == 3  # head + two methods
     assert "<b>qrnca</b>" in html and "3.00 <span class=muted>[2.00, 4.50]</span>" in html and "50.0%" in html
     assert "GT P@k" in html and "2 queries" in html and "top-5" in html
+
+
+# ---------------------------------------------------------------- the report from results in memory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama):
+    from qrnca_lens.attribution import IGConfig
+    from qrnca_lens.data import limit_per_group, load_data
+    from qrnca_lens.locate import LocateConfig, locate
+    from qrnca_lens.proxies import ProxyConfig
+
+    facts = [q for q in limit_per_group(load_data("builtin:facts"), 2) if q.group in ("capital", "color")]
+    cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=2))
+    return locate(tiny_llama, facts, cfg, progress=False)
+
+
+def _evaluation_of(run) -> EvaluationResult:
+    res = _old()
+    res.meta = {**res.meta, "selection": run.config.selection.to_dict()}
+    return res
+
+
+def test_write_report_of_a_result_in_memory_shows_its_evaluation(tmp_path, tiny_run, tiny_gated):
+    from qrnca_lens.render.report import write_report
+
+    assert tiny_run.out is None
+    with pytest.raises(QrncaError, match="never saved to a run directory.*pass out=PATH"):
+        write_report(tiny_run)
+    path = write_report(tiny_run, tiny_gated, evaluation=_evaluation_of(tiny_run), out=tmp_path / "r.html",
+                        n_queries=1)
+    html = path.read_text()
+    assert "id=evaluation" in html and "<b>qrnca</b>" in html and "3.00 <span class=muted>[2.00, 4.50]</span>" in html
+    assert "in memory" in html and "another selection" not in html
+    # The prompts come from the result itself: views drawn, nothing rebuilt.
+    assert 'class="cv-view"' in html and "Prompts rebuilt" not in html and "Views skipped" not in html
+    # The same from the plain dict, without a model.
+    bare = write_report(tiny_run, evaluation=_evaluation_of(tiny_run).to_dict(), out=tmp_path / "b.html").read_text()
+    assert "<b>atp</b>" in bare and "No model given" in bare
+
+
+def test_write_report_of_a_saved_result_reads_its_evaluation_json(tmp_path, tiny_run):
+    from qrnca_lens.render.report import write_report
+    from qrnca_lens.selection import SelectionConfig
+
+    tiny_run.save(tmp_path / "run")
+    from qrnca_lens.locate import LocateResult
+
+    run = LocateResult.load(tmp_path / "run")
+    assert "id=evaluation" not in write_report(run).read_text()  # no evaluation yet: no section
+    _evaluation_of(run).save(run.out)
+    path = write_report(run)
+    assert path == tmp_path / "run" / "report.html"
+    html = path.read_text()
+    assert "id=evaluation" in html and "<b>atp</b>" in html and str((tmp_path / "run").resolve()) in html
+    # A reselected result shown with the directory's evaluation: the report says the two differ.
+    other = run.reselect(SelectionConfig(v=3, use_ica=False, remove_common=False))
+    assert "another selection" in write_report(other, out=tmp_path / "o.html").read_text()
+    # An evaluation given explicitly wins over the directory's.
+    mine = EvaluationResult(pcr={"mine": {"boost": 9.0}}, editing={}, per_group={})
+    shown = write_report(run, evaluation=mine, out=tmp_path / "m.html").read_text()
+    assert "<b>mine</b>" in shown and "<b>atp</b>" not in shown
+    with pytest.raises(QrncaError, match="write_report takes a run directory or a located result"):
+        write_report(42, out=tmp_path / "x.html")
