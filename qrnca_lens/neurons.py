@@ -19,6 +19,8 @@ Example:
     (True, (14, 103))
     >>> NeuronSet.from_list(ns.to_list()) == ns
     True
+    >>> ns._repr_html_().startswith("<div><b>NeuronSet</b>: 3 neurons in 2 layers<table>")   # a notebook's view
+    True
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .errors import QrncaError
 __all__ = ["NeuronSet", "NeuronsLike", "DEFAULT_SCORE"]
 
 DEFAULT_SCORE = 1.0  # an entry given as (layer, neuron) weighs 1, as a pair row of neurons.json always has
+HTML_ROWS = 10  # entries a notebook shows of a set (its size is always shown)
 
 Entry = tuple[int, int, float]
 
@@ -246,6 +249,18 @@ class NeuronSet(Sequence):
         shown = ", ".join(f"({a}, {b}, {_short(s)})" for a, b, s in self[:3])
         more = f", ... {len(self) - 3} more" if len(self) > 3 else ""
         return f"NeuronSet([{shown}{more}])"
+
+    def _repr_html_(self, rows: int = HTML_ROWS) -> str:
+        """Notebook display: how many neurons in how many layers, and the first ``rows`` as a table."""
+        n, layers = len(self), len(set(self._layers))
+        head = f"<b>NeuronSet</b>: {n} neuron{'s' * (n != 1)} in {layers} layer{'s' * (layers != 1)}"
+        if not n:
+            return f"<div>{head}</div>"
+        body = "".join(f"<tr><td>{r}</td><td>{a}</td><td>{b}</td><td>{_short(s)}</td></tr>"
+                       for r, (a, b, s) in enumerate(self[:rows]))
+        more = f"<tr><td colspan=4>… {n - rows} more</td></tr>" if n > rows else ""
+        return (f"<div>{head}<table><thead><tr><th>rank</th><th>layer</th><th>neuron</th><th>score</th></tr>"
+                f"</thead><tbody>{body}{more}</tbody></table></div>")
 
 
 # What a public function accepts where it needs neurons (converted with ``NeuronSet(x)``). Defined after the

@@ -123,3 +123,20 @@ def test_evaluate_runs_the_symbol_binding_control_on_letter_runs(tiny_llama):
     off = evaluate(tiny_llama, run, cfg=EvalConfig(methods=methods, n_boot=20, neuron_prediction=False,
                                                    symbol_binding=False), progress=False)
     assert not off.symbol_binding
+
+
+def test_an_evaluate_result_is_typed_and_saves_and_loads_itself(run_setup, tmp_path):
+    """evaluate() assigns plain dicts to its result; they arrive typed, and the result round-trips through disk."""
+    from qrnca_lens.comparison import FreeFormPart, LocatorCost
+
+    model, _, run = run_setup
+    res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "atp", "random"), n_boot=20, neuron_prediction=False),
+                   progress=False)
+    assert isinstance(res.free_form, FreeFormPart) and set(res.free_form.methods) >= {"qrnca", "atp", "random"}
+    assert all(isinstance(c, LocatorCost) for c in res.costs.values()) and res.costs["atp"].passes > 0
+    back = EvaluationResult.load(res.save(tmp_path))
+    assert back.table() == res.table() and "free-form drop" in back.table()
+    pd = pytest.importorskip("pandas")
+    pd.testing.assert_frame_equal(back.to_dataframe(), res.to_dataframe())
+    pd.testing.assert_frame_equal(back.per_group_dataframe(), res.per_group_dataframe())
+    assert set(back.per_group_dataframe()["group"]) == set(res.per_group)

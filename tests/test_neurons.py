@@ -97,3 +97,17 @@ def test_from_tensor_needs_one_score_per_row():
 def test_integral_floats_and_numpy_ints_are_indices():
     np = pytest.importorskip("numpy")
     assert NeuronSet([(3.0, np.int64(5), np.float32(0.5))]) == [(3, 5, 0.5)]
+
+
+def test_notebook_display_is_a_compact_table_with_the_count():
+    import re
+
+    many = NeuronSet([(i % 3, i, 1.0 / (i + 1)) for i in range(25)])
+    html = many._repr_html_()
+    assert html.startswith("<div><b>NeuronSet</b>: 25 neurons in 3 layers<table>")
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td><td>(\d+)</td><td>([^<]+)</td></tr>", html)
+    assert [tuple(int(x) for x in r[:3]) for r in rows] == [(i, i % 3, i) for i in range(10)]  # the first 10
+    assert rows[1][3] == "0.5" and "… 15 more" in html
+    assert "more" not in NeuronSet(TRIPLES)._repr_html_() and "4 neurons in 3 layers" in NeuronSet(TRIPLES)._repr_html_()
+    assert NeuronSet([(0, 1)])._repr_html_().startswith("<div><b>NeuronSet</b>: 1 neuron in 1 layer<table>")
+    assert NeuronSet()._repr_html_() == "<div><b>NeuronSet</b>: 0 neurons in 0 layers</div>"

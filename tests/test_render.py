@@ -118,6 +118,64 @@ def test_query_views_on_a_tiny_model(tiny_gated):
     assert list(V.query_views(tiny_gated, prompts, [])) == ["target"]
 
 
+def test_views_display_themselves_in_a_notebook_with_the_bundle_gzipped():
+    import base64
+    import gzip
+
+    tokens = [["The", " cat"], ["A", " dog"]]
+    acts = [np.array([[0.1, 1.0], [0.5, -0.2]]), np.array([[1.0, 0.0], [0.2, 0.4]])]
+    view = V.activations_view(tokens, acts, ["L0.N1", "L2.N5"], title="acts")
+    html = view._repr_html_()
+    # The view's render call on a fresh element id (a second display draws a second time), the bundle once.
+    ids = re.findall(r'<div class="cv-view" id="([^"]+)"></div>', html)
+    assert len(ids) == 1 and ids[0].startswith(view.uuid + "-") and f'CircuitsVis.render("{ids[0]}"' in html
+    assert ids[0] not in view._repr_html_()
+    data = re.search(r'atob\("([A-Za-z0-9+/=]+)"\)', html).group(1)
+    assert gzip.decompress(base64.b64decode(data)).decode("utf-8") == V.bundle_js()
+    assert len(html) < 0.45 * len(V.bundle_js())
+    assert _external_refs(html.replace(data, "")) == []  # base64 can spell "cdn" by chance; it fetches nothing
+    assert "<b>acts</b>" in html
+
+
+def test_query_views_display_all_three_with_one_bundle(tiny_gated):
+    pool = load_data("builtin:facts")
+    prompts = build_prompts(pool[0], ProxyConfig("cloze", n_prompts=2, n_shots=1), tiny_gated.tokenizer, pool=pool)
+    views = V.query_views(tiny_gated, prompts, [(1, 4), (2, 30)])
+    assert isinstance(views, V.Views) and isinstance(views, dict)
+    html = views._repr_html_()
+    assert html.count("atob(") == 1 and html.count('class="cv-view"') == 3
+    for element in ("TextNeuronActivations", "TopkTokens", "TokenLogProbs"):
+        assert f"CircuitsVis.{element}," in html
+    assert "atob(" in V.query_views(tiny_gated, prompts, [])._repr_html_()
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed")
+def test_the_notebook_loader_unpacks_the_bundle_once(tmp_path):
+    """The loader in node with a stand-in DOM: the gzipped bundle unpacks into a global CircuitsVis, once."""
+    draw = "console.log('drawn', typeof CircuitsVis.render, typeof CircuitsVis.TextNeuronActivations);"
+    stub = r"""
+function stub() {
+  var store = {}, f = function () { return stub(); };
+  return new Proxy(f, {get: function (t, k) { return k in store ? store[k] : k === Symbol.toPrimitive ?
+      function () { return ""; } : stub(); }, set: function (t, k, v) { store[k] = v; return true; }});
+}
+globalThis.window = globalThis; globalThis.self = globalThis; globalThis.document = stub();
+var head = stub(), scripts = 0;
+// Like a browser running an inserted <script>: a script's top-level var is a global.
+head.appendChild = function (s) { scripts++; require("vm").runInThisContext(s.textContent); };
+document.head = head;
+document.getElementById = function (id) { return {set textContent(v) { console.log("ERR", id, v); }}; };
+"""
+    js = V.loader_js(draw, ["x"])
+    (tmp_path / "loader.js").write_text(stub + js + "\n" + js + "\nsetTimeout(function () { console.log('scripts', scripts); }, 500);")
+    out = subprocess.run([NODE, str(tmp_path / "loader.js")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["drawn function function", "drawn function function", "scripts 1"], out.stdout
+
+
 # ---------------------------------------------------------------- the report
 
 FACT_IDS = {"capital": ["capital-01", "capital-02"], "language": ["language-01"], "color": ["color-01"]}

@@ -1,10 +1,12 @@
-"""The offline HTML report of a run directory: one self-contained ``report.html``.
+"""The offline HTML report of a run: one self-contained ``report.html``.
 
 ``write_report(DIR, model)`` reads ``DIR/neurons.json`` (and ``DIR/evaluation.json`` when ``qrnca-lens
-evaluate`` has written it) and writes ``DIR/report.html``: the run summary, the maps (geographical heatmaps,
-layer distributions, overlap matrix), vocabulary projections of the common neurons and of each group's top
-QR neurons, the evaluation table, per-group summaries, and a few queries with their QR neurons and
-circuitsvis views. Figures are inlined as base64 PNG, the circuitsvis bundle and the CSS are inlined too:
+evaluate`` or ``EvaluationResult.save`` has written it) and writes ``DIR/report.html``. It also takes the
+result in memory: ``write_report(run, model, evaluation=res)`` with a ``LocateResult`` (or any ``Located``),
+saved or not, and optionally the ``EvaluationResult``. The report holds the run summary, the maps
+(geographical heatmaps, layer distributions, overlap matrix), vocabulary projections of the common neurons
+and of each group's top QR neurons, the evaluation table, per-group summaries, and a few queries with their
+QR neurons and circuitsvis views. Figures are inlined as base64 PNG, the circuitsvis bundle and the CSS are inlined too:
 the file opens with no network. Without a model the weight- and forward-dependent parts (projections,
 views) are skipped with a note.
 
@@ -17,6 +19,8 @@ Example:
     >>> model = load_model("smollm2")               # doctest: +SKIP
     >>> write_report("runs/facts", model)           # doctest: +SKIP
     PosixPath('runs/facts/report.html')
+    >>> write_report(run, model, evaluation=res, out="facts.html")   # in memory  # doctest: +SKIP
+    PosixPath('facts.html')
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from .. import analysis as A
 from ..atomic import write_text_atomic
@@ -34,7 +39,7 @@ from ..errors import QrncaError
 from ..grouping import check_group_by, regroup
 from ..protocols import HookedModel
 from .groups import group_labels, group_maps_section, relabel, relabel_evaluation
-from .html import esc
+from .html import esc, html_note
 from .sections import (
     evaluation_section,
     groups_section,
@@ -46,7 +51,10 @@ from .sections import (
     vocab_section,
 )
 
-__all__ = ["load_run", "report_html", "write_report"]
+__all__ = ["load_run", "report_html", "write_report", "RunLike"]
+
+# A run directory, or a located result in memory (``LocateResult``, ``LensResult``; with or without ``.out``).
+RunLike = Union[str, Path, Any]
 
 
 CSS = """
@@ -146,10 +154,77 @@ def _shape(doc: Mapping[str, Any], model: HookedModel | None, manifest: Mapping[
     return (used, top_neuron + 1), "; d_mlp unknown without the model: the maps stop at the highest neuron found"
 
 
+@dataclass
+class _Source:
+    """What a report draws: the neurons.json dict, evaluation.json's, the manifest's, where the run lives."""
+
+    doc: dict[str, Any]
+    ev: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    where: Path | None  # the run directory (None: a result held only in memory)
+    prompts_from: Any  # the run directory or the in-memory result: where the stored prompts are read
+
+
+def _memory_manifest(run: Any, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest fields the report reads, from an unsaved result."""
+    out: dict[str, Any] = {"versions": doc.get("versions"), "dtype": doc.get("dtype"), "device": doc.get("device")}
+    try:
+        out["model_shape"] = list(run.info_shape())  # [layers, d_mlp] while the scores are in memory
+    except (AttributeError, StopIteration, QrncaError):
+        pass
+    return out
+
+
+def _evaluation_doc(evaluation: Any) -> dict[str, Any]:
+    from ..comparison import EvaluationResult
+
+    if isinstance(evaluation, (str, Path)):
+        return EvaluationResult.load(evaluation).to_dict()
+    if isinstance(evaluation, Mapping):
+        return dict(evaluation)
+    if isinstance(evaluation, EvaluationResult):
+        return evaluation.to_dict()
+    raise QrncaError(f"evaluation must be an EvaluationResult, its dict or an evaluation.json path, got "
+                     f"{type(evaluation).__name__}")
+
+
+def _source(run: RunLike, evaluation: Any = None) -> _Source:
+    from ..located import Located
+
+    if isinstance(run, (str, Path)):
+        doc, ev, manifest = load_run(run)
+        src = _Source(doc, ev, manifest, Path(run), run)
+    elif isinstance(run, Located):
+        doc = run.neurons_json()
+        A.groups(doc)
+        out = getattr(run, "out", None)
+        where = Path(out) if out is not None else None
+        on_disk = _optional_json(where / "manifest.json") if where is not None else None
+        src = _Source(doc, _optional_json(where / "evaluation.json") if where is not None else None,
+                      on_disk or _memory_manifest(run, doc), where, run)
+    else:
+        raise QrncaError(f"write_report takes a run directory or a located result (LocateResult, LensResult), got "
+                         f"{type(run).__name__}")
+    if evaluation is not None:
+        src.ev = _evaluation_doc(evaluation)
+    return src
+
+
+def _stale_note(doc: Mapping[str, Any], ev: Mapping[str, Any] | None) -> str:
+    """A note when the evaluation judged other QR neurons than the run shown (it was reselected since)."""
+    judged = ((ev or {}).get("meta") or {}).get("selection") if isinstance(ev, Mapping) else None
+    shown = (doc.get("config") or {}).get("selection")
+    if isinstance(judged, Mapping) and isinstance(shown, Mapping) and dict(judged) != dict(shown):
+        return html_note(f"The evaluation judged the QR neurons of another selection ({esc(json.dumps(judged))}) "
+                         f"than this report shows ({esc(json.dumps(shown))}); evaluate the run again.")
+    return ""
+
+
 def report_html(
-    run_dir: str | Path,
+    run: RunLike,
     model: HookedModel | None = None,
     *,
+    evaluation: Any = None,
     queries: Any = None,
     pool: Any = None,
     n_queries: int | None = None,
@@ -160,12 +235,13 @@ def report_html(
     from ..versions import PACKAGE_VERSION
     from .views import bundle_js
 
-    doc, ev, manifest = load_run(run_dir)
+    src = _source(run, evaluation)
+    doc, ev, manifest = src.doc, src.ev, src.manifest
     # The one regrouping, then the at-chance labels: every section below draws the relabelled run.
     check_group_by(group_by, "group_by")
     by = group_by or doc.get("group_by") or "group"
     doc = regroup(doc, by)
-    record = competence_record(run_dir, doc)
+    record = competence_record(src.where, doc) if src.where is not None else None
     competence = group_competence(record, doc)
     labels = group_labels(A.groups(doc), competence)
     eval_by = None if ev is None or "_error" in ev else str((ev.get("meta") or {}).get("group_by") or "group")
@@ -180,22 +256,27 @@ def report_html(
     proxy = ((doc.get("config") or {}).get("proxy") or {}).get("kind", "")
     title = f"QRNCA report: {doc.get('model')} on {doc.get('data')}" + (f" ({proxy})" if proxy else "")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    place = str(src.where.resolve()) if src.where is not None else "a result in memory (not saved to a run directory)"
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in
                   (("summary", "run"), ("maps", "maps"), ("group-maps", f"by {by}"), ("vocab", "vocabulary"),
                    *((("evaluation", "evaluation"),) if ev is not None else ()), ("groups", "groups"),
                    ("queries", "queries")))
+    evaluation_html = evaluation_section(ev)
+    stale = _stale_note(doc, ev) if evaluation_html else ""
+    if stale:  # right under the section's heading
+        evaluation_html = evaluation_html.replace("</h2>", "</h2>" + stale, 1)
     parts = [
         f"<h1>{esc(title)}</h1>",
-        f'<p class="sub">{esc(str(Path(run_dir).resolve()))} · generated {stamp} by qrnca-lens {PACKAGE_VERSION}</p>',
+        f'<p class="sub">{esc(place)} · generated {stamp} by qrnca-lens {PACKAGE_VERSION}</p>',
         _provenance(manifest, model),
         f"<nav>{nav}</nav>",
         summary_section(doc, shape, shape_note),
         maps_section(doc, shape),
         group_maps,
         vocab_section(doc, model, k, projs),
-        evaluation_section(ev),
+        evaluation_html,
         groups_section(doc, shape[0]),
-        queries_section(run_dir, doc, model, shown, queries, pool, projs),
+        queries_section(src.prompts_from, doc, model, shown, queries, pool, projs),
     ]
     # The circuitsvis bundle goes at the end of <head> only when a view needs it (1.3 MB).
     body = "\n".join(p for p in parts if p)
@@ -207,9 +288,10 @@ def report_html(
 
 
 def write_report(
-    run_dir: str | Path,
+    run: RunLike,
     model: HookedModel | None = None,
     *,
+    evaluation: Any = None,
     queries: Any = None,
     pool: Any = None,
     n_queries: int | None = None,
@@ -217,7 +299,7 @@ def write_report(
     out: str | Path | None = None,
     group_by: str | None = None,
 ) -> Path:
-    """Write ``run_dir/report.html`` (or ``out``): one self-contained, offline HTML file. Returns its path.
+    """Write the report of a run (``run/report.html``, or ``out``): one self-contained, offline HTML file.
 
     ``model`` (the one the run was made with) enables vocabulary projections and circuitsvis views, shown
     on the prompts the run stored for each query. Only for a run that stores none (made before prompts were
@@ -226,13 +308,17 @@ def write_report(
     ``n_queries`` queries are shown (default: one per group, at most 6); ``k`` tokens per projection.
 
     Args:
-        run_dir: the run directory (with ``neurons.json``; ``evaluation.json`` is shown when present).
+        run: the run directory (with ``neurons.json``), or the result in memory: a ``LocateResult`` (from
+            ``locate``, ``LocateResult.load`` or ``reselect``) or any ``Located``, saved (``.out``) or not.
         model: the run's model, for projections and circuitsvis views (None: maps and tables only).
+        evaluation: an ``EvaluationResult`` (or its dict, or an evaluation.json path) to show; default: the
+            run directory's ``evaluation.json`` when there is one.
         queries: queries to rebuild prompts from, for a run that stores none.
         pool: distractors and examples for that rebuild (default: ``queries``).
         n_queries: queries shown in detail (default: one per group, at most 6).
         k: top tokens per vocabulary projection.
-        out: where to write (default: ``run_dir/report.html``).
+        out: where to write (default: ``report.html`` in the run directory; needed for a result that was never
+            saved).
         group_by: ``"group"``, ``"language"`` or ``"relation"`` (default: the run's ``LocateResult.group_by``):
             the query field the maps and tables group by; with a competence record (``competence``), groups
             the model answers at chance are marked in every table and figure.
@@ -243,8 +329,17 @@ def write_report(
     Example:
         >>> write_report("runs/facts", model)     # doctest: +SKIP
         PosixPath('runs/facts/report.html')
+        >>> run = locate(model, queries, cfg)                                            # doctest: +SKIP
+        >>> write_report(run, model, evaluation=evaluate(model, run), out="report.html")  # doctest: +SKIP
+        PosixPath('report.html')
     """
-    text = report_html(run_dir, model, queries=queries, pool=pool, n_queries=n_queries, k=k, group_by=group_by)
-    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    if out is None:
+        where = Path(run) if isinstance(run, (str, Path)) else getattr(run, "out", None)
+        if where is None:
+            raise QrncaError("this result was never saved to a run directory, so the report has no default place: "
+                             "pass out=PATH (e.g. write_report(run, model, out='report.html'))")
+        out = Path(where) / "report.html"
+    text = report_html(run, model, evaluation=evaluation, queries=queries, pool=pool, n_queries=n_queries, k=k,
+                       group_by=group_by)
     # Written atomically, so a browser never opens half a report.
-    return write_text_atomic(path, text)
+    return write_text_atomic(Path(out), text)

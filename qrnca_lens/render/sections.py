@@ -11,7 +11,7 @@ from ..errors import QrncaError
 from ..protocols import HookedModel
 from .html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 
-__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "evaluation_section", "with_ci", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
+__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "comparison_table", "evaluation_section", "with_ci", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
 
 
 def summary_section(doc: Mapping[str, Any], shape: tuple[int, int], shape_note: str) -> str:
@@ -137,27 +137,47 @@ def vocab_section(doc: Mapping[str, Any], model: HookedModel | None, k: int, pro
     return "\n".join(out)
 
 
+def comparison_table(res: Any) -> str:
+    """The comparison table of an ``EvaluationResult`` as HTML (the report's and the notebook's): one row per
+    locator, the ``COLUMNS`` someone measured, PCR with its interval. "" when no locator was judged.
+
+    Example:
+        >>> from qrnca_lens.comparison import EvaluationResult
+        >>> "<b>qrnca</b>" in comparison_table(EvaluationResult(pcr={"qrnca": {"boost": 2.0}}, editing={}, per_group={}))
+        True
+    """
+    from ..comparison import COLUMNS, INTERVALS, comparison_rows
+
+    comp = comparison_rows(res)
+    if not comp:
+        return ""
+    shown = [c for c in COLUMNS if any(r[c[0]] is not None for r in comp)]
+    cells = []
+    for r in comp:
+        line = [f"<b>{esc(str(r['method']))}</b>"]
+        for k, _, fmt in shown:
+            ci = r.get(k.replace("pcr_", "") + "_ci") if k in INTERVALS else None
+            line.append(with_ci(r[k], ci) if k in INTERVALS else html_fmt(r[k], fmt))
+        cells.append(line)
+    return html_table(["method"] + [h for _, h, _ in shown], cells, [False] + [True] * len(shown))
+
+
 def evaluation_section(ev: Mapping[str, Any] | None) -> str:
     if ev is None:
         return ""
     out = ["<h2 id=evaluation>Evaluation</h2>"]
     if "_error" in ev:
         return out[0] + html_note(esc(ev["_error"]))
-    from ..comparison import COLUMNS, EvaluationResult, comparison_rows
+    from ..comparison import EvaluationResult
 
     known = {k: ev[k] for k in EvaluationResult.__dataclass_fields__ if isinstance(ev.get(k), Mapping)}
-    res = EvaluationResult(**{"pcr": {}, "editing": {}, "per_group": {}, **known})
-    comp = comparison_rows(res)
-    if comp:
-        shown = [c for c in COLUMNS if any(r[c[0]] is not None for r in comp)]
-        cells = []
-        for r in comp:
-            line = [f"<b>{esc(str(r['method']))}</b>"]
-            for k, _, fmt in shown:
-                ci = r.get(k.replace("pcr_", "") + "_ci") if k in ("pcr_boost", "pcr_suppress") else None
-                line.append(with_ci(r[k], ci) if k in ("pcr_boost", "pcr_suppress") else html_fmt(r[k], fmt))
-            cells.append(line)
-        out.append(html_table(["method"] + [h for _, h, _ in shown], cells, [False] + [True] * len(shown)))
+    try:
+        table = comparison_table(EvaluationResult(**{"pcr": {}, "editing": {}, "per_group": {}, **known}))
+    except QrncaError as e:  # a hand-edited or foreign file: the other parts are still shown
+        table = ""
+        out.append(html_note(f"The comparison table cannot be drawn from evaluation.json: {esc(str(e))}"))
+    if table:
+        out.append(table)
         out.append('<p class="muted">One row per locator. PCR = mean |relative change of p(target)| on the query\'s '
                    "own prompts / the same on an unrelated control query's prompts, after boosting (×2) or "
                    "suppressing (×0) the neurons, with 95% bootstrap intervals. Editing: share of wrong prompts made "
@@ -250,7 +270,7 @@ def pick_queries(doc: Mapping[str, Any], n: int) -> list[str]:
     return picked[:n]
 
 
-def run_prompts(run_dir: str | Path, doc: Mapping[str, Any], model: HookedModel, ids: Sequence[str], queries: Any,
+def run_prompts(run_dir: str | Path | Any, doc: Mapping[str, Any], model: HookedModel, ids: Sequence[str], queries: Any,
                  pool: Any) -> tuple[dict[str, Any], str, str]:
     """``(prompts, why none, caveat)``: the shown queries' prompts as the run stored them when it attributed them.
 
@@ -267,11 +287,20 @@ def run_prompts(run_dir: str | Path, doc: Mapping[str, Any], model: HookedModel,
     return prompts, why, caveat
 
 
-def stored_prompts(run_dir: str | Path, ids: Sequence[str]) -> dict[str, Any]:
-    """The stored prompts of the shown queries, or {} when the directory holds none (not a store, old run)."""
+def stored_prompts(run_dir: str | Path | Any, ids: Sequence[str]) -> dict[str, Any]:
+    """The stored prompts of the shown queries, or {} when there are none (not a store, old run).
+
+    ``run_dir`` is the run directory, or a result in memory that stores its prompts (``LocateResult``).
+    """
     from ..locate import prompts_from_info
     from ..store import RunStore
 
+    if not isinstance(run_dir, (str, Path)):
+        read = getattr(run_dir, "stored_prompts", None)
+        try:
+            return read(ids) if callable(read) else {}
+        except QrncaError:  # a result made before prompts were stored
+            return {}
     try:
         store = RunStore.load(run_dir)
         return {q: prompts_from_info(store.read_info(q), q, str(run_dir)) for q in ids}
@@ -302,7 +331,7 @@ def rebuild_prompts(doc: Mapping[str, Any], model: HookedModel, ids: Sequence[st
         return {}, f"the prompts could not be rebuilt ({esc(str(e))})"
 
 
-def queries_section(run_dir: str | Path, doc: Mapping[str, Any], model: HookedModel | None, ids: Sequence[str], queries: Any,
+def queries_section(run_dir: str | Path | Any, doc: Mapping[str, Any], model: HookedModel | None, ids: Sequence[str], queries: Any,
                      pool: Any, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
     from ..models import tokenizer_of
 

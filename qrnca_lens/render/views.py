@@ -2,9 +2,16 @@
 
 circuitsvis's own HTML (``str(view)``, ``show_code()``) imports its JavaScript from a public package host;
 ``RenderedHTML.local_src`` inlines the 1.3 MB bundle instead, but once per view (and its ``<div .../>`` is
-not closed, so the rest of a page would end up inside the view). Here a view keeps only its render call
-(``View.call``); a page inlines the bundle once (``bundle_js()``) and every view after it. ``View.html()``
-is a complete offline page for one view.
+not closed, so the rest of a page would end up inside the view); its notebook display asks google.com
+whether it is online before choosing. Here a view keeps only its render call (``View.call``); a page inlines
+the bundle once (``bundle_js()``) and every view after it. ``View.html()`` is a complete offline page for
+one view.
+
+In a notebook a ``View`` (and the ``Views`` of ``query_views``) displays itself (``_repr_html_``), offline
+too. The 1.3 MB is circuitsvis's minified browser bundle (``dist/cdn/iife.js``); circuitsvis ships no
+smaller offline build, so each displayed output carries the bundle gzipped (about 0.48 MB as base64) and
+the browser unpacks it once per page (``DecompressionStream``: Chrome/Edge 80+, Firefox 113+, Safari 16.4+;
+an older browser shows a one-line note instead of the view). ``query_views``' three views share one copy.
 
 - ``neuron_activations``: the QR neurons' activations (``hook_post``, the value W_out multiplies) over every
   token of the query's prompts, captured through ``hooks.hooked``.
@@ -18,13 +25,18 @@ Example:
     >>> prompts = build_prompts(query, cfg, model.tokenizer, pool=pool)          # doctest: +SKIP
     >>> views = query_views(model, prompts, [(29, 1498), (24, 1005)])             # doctest: +SKIP
     >>> Path("q.html").write_text(page([v.fragment() for v in views.values()]))  # doctest: +SKIP
+    >>> views          # in a notebook: the three views, drawn        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import gzip
 import html as html_lib
+import json
 import re
+import uuid as uuid_lib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +52,10 @@ from ..protocols import HookedModel
 
 __all__ = [
     "View",
+    "Views",
     "bundle_js",
+    "notebook_html",
+    "loader_js",
     "from_rendered",
     "page",
     "token_strings",
@@ -83,9 +98,81 @@ def bundle_js() -> str:
     return _script_safe(js)
 
 
+@functools.lru_cache(maxsize=1)
+def _bundle_gzip_b64() -> str:
+    # mtime=0: the same bytes every time, so a re-run notebook cell does not change its saved output.
+    return base64.b64encode(gzip.compress(bundle_js().encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
+
+
+# Loads the gzipped bundle once per page (the first output to run starts it, the others wait on it), then
+# draws. Inserting a <script> with the unpacked text runs it as the page's own inline script would.
+_LOADER = """(function () {
+  var w = window;
+  if (!w.__qrncaCircuitsVis) {
+    w.__qrncaCircuitsVis = w.CircuitsVis ? Promise.resolve() : (function () {
+      if (typeof DecompressionStream === "undefined") {
+        return Promise.reject(new Error("this browser cannot unpack the circuitsvis bundle (no DecompressionStream)"));
+      }
+      var bin = atob("%(data)s"), bytes = new Uint8Array(bin.length);
+      for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+      var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+      return new Response(stream).text().then(function (js) {
+        var s = document.createElement("script");
+        s.textContent = js;
+        document.head.appendChild(s);
+      });
+    })();
+  }
+  w.__qrncaCircuitsVis.then(function () {
+%(draw)s
+  }, function (e) {
+    %(ids)s.forEach(function (id) {
+      var el = document.getElementById(id);
+      if (el) el.textContent = "circuitsvis view not drawn: " + e.message + "; save it with View.save(path) and open the file";
+    });
+  });
+})();"""
+
+
+def loader_js(draw: str, ids: Sequence[str] = ()) -> str:
+    """JavaScript that unpacks the circuitsvis bundle once per page, then runs ``draw``; on failure the
+    elements ``ids`` say why. The notebook form of a page's inlined bundle (see the module docstring).
+
+    Example:
+        >>> "DecompressionStream" in loader_js("console.log(1);")
+        True
+    """
+    return _LOADER % {"data": _bundle_gzip_b64(), "draw": draw, "ids": json.dumps(list(ids))}
+
+
+def notebook_html(views: Sequence[View]) -> str:
+    """HTML that draws ``views`` where it is displayed (a notebook output), offline, with one copy of the
+    bundle for all of them. Each call gets fresh element ids, so an output shown twice draws twice.
+
+    Example:
+        >>> html = notebook_html([view_a, view_b])   # doctest: +SKIP
+    """
+    parts, calls, ids = [], [], []
+    for v in views:
+        fresh = f"{v.uuid}-{uuid_lib.uuid4().hex[:8]}"
+        title = f"<div><b>{html_lib.escape(v.title)}</b></div>" if v.title else ""
+        parts.append(f'{title}<div class="cv-view" id="{fresh}"></div>')
+        calls.append("    " + v.call.replace(f'"{v.uuid}"', f'"{fresh}"', 1))
+        ids.append(fresh)
+    return "\n".join(parts) + f"\n<script>{loader_js(chr(10).join(calls), ids)}</script>"
+
+
 @dataclass(frozen=True)
 class View:
-    """One circuitsvis view: the React element, its container id and the JS call that draws it."""
+    """One circuitsvis view: the React element, its container id and the JS call that draws it.
+
+    Displayed in a notebook, it draws itself (``_repr_html_``; offline, see the module docstring).
+
+    Example:
+        >>> v = activations_view([["a", "b"]], [np.array([[0.1], [0.9]])], ["L0.N1"], title="acts")
+        >>> v.element, v.fragment().startswith('<div class="cv-view"'), "CircuitsVis.render" in v._repr_html_()
+        ('TextNeuronActivations', True, True)
+    """
 
     element: str
     uuid: str
@@ -105,6 +192,22 @@ class View:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         return write_text_atomic(path, self.html())
+
+    def _repr_html_(self) -> str:
+        return notebook_html([self])
+
+
+class Views(dict[str, View]):
+    """``query_views``' result: a dict ``{name: View}`` that, displayed in a notebook, draws all its views
+    with one copy of the bundle.
+
+    Example:
+        >>> views = query_views(model, prompts, run.qr_neurons(q))   # doctest: +SKIP
+        >>> views["target"].save("target.html"); views               # doctest: +SKIP
+    """
+
+    def _repr_html_(self) -> str:
+        return notebook_html(list(self.values()))
 
 
 def from_rendered(rendered: Any, title: str = "") -> View:
@@ -284,7 +387,7 @@ def target_view(
     return from_rendered(r, title)
 
 
-def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike, *, k: int = 5) -> dict[str, View]:
+def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike, *, k: int = 5) -> Views:
     """The three views of one query: ``activations`` and ``topk`` over its prompts, ``target`` on its first prompt.
 
     ``prompts`` are ``proxies.Prompt`` objects (``.tokens``, ``.target``); with no QR neuron only ``target``.
@@ -299,7 +402,8 @@ def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike
         k: tokens per neuron in the top-k view.
 
     Returns:
-        ``{"activations", "topk", "target"}`` views (only ``"target"`` without neurons).
+        ``Views``: a dict of the ``"activations"``, ``"topk"`` and ``"target"`` views (only ``"target"``
+        without neurons, none without prompts) that draws them all when displayed in a notebook.
 
     Example:
         >>> views = query_views(model, prompts, [(29, 1498), (24, 1005)])   # doctest: +SKIP
@@ -308,14 +412,14 @@ def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike
     from ..models import tokenizer_of
 
     if not prompts:
-        return {}
+        return Views()
     tok = tokenizer_of(model)
     token_lists = [list(p.tokens) for p in prompts]
     first = token_lists[0] + list(prompts[0].target)
     acts, logits = _forward(model, [first] + token_lists[1:], neurons)
     acts[0] = acts[0][: len(token_lists[0])]
     strs = [token_strings(tok, ids) for ids in token_lists]
-    out: dict[str, View] = {}
+    out = Views()
     if neurons:
         labels = neuron_labels(neurons)
         out["activations"] = activations_view(strs, acts, labels, title="QR neuron activations")
