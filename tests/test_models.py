@@ -12,7 +12,8 @@ import torch
 
 from qrnca_lens.errors import ModelError
 from qrnca_lens.models import (
-    EMBEDDED_MODELS, d_mlp, default_prepend_bos, is_gated, load_model, mlp_hook_name, n_layers, post_hook_name,
+    EMBEDDED_MODELS, ModelRef, d_mlp, default_prepend_bos, is_gated, load_model, mlp_hook_name, model_dtype, model_name,
+    model_source, n_layers, post_hook_name, resolve_model,
 )
 
 
@@ -162,9 +163,6 @@ def test_two_first_loads_build_the_model_cache_once(tmp_path):
 
 
 # ---------------------------------------------------------------- reloading a run's model (load_model(run.model))
-
-from qrnca_lens.models import ModelRef, model_dtype, model_name, model_source, resolve_model  # noqa: E402
-
 
 def test_an_embedded_models_hf_id_resolves_to_the_embedded_model_without_loading():
     for key, spec in EMBEDDED_MODELS.items():

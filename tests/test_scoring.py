@@ -198,7 +198,7 @@ def test_score_items_shows_a_bar_per_engine_step_and_keeps_its_numbers(tiny_gate
     shown = score_items(tiny_gated, items)  # progress is the default
     err = capsys.readouterr().err
     n = len(_engine_steps(tiny_gated, [p.tokens for p in prompts], DEFAULT_MEMORY_BUDGET_MB))
-    assert n > 1 and f"scoring: 100%" in err and f"{n}/{n}" in err and "prefix" in err
+    assert n > 1 and "scoring: 100%" in err and f"{n}/{n}" in err and "prefix" in err
     assert shown == quiet  # one run_rows call per prefix group computes exactly what one call over all does
     score_items(tiny_gated, items[:1])  # a single step: nothing to show
     assert "scoring" not in capsys.readouterr().err
