@@ -1,19 +1,24 @@
 # %% [markdown]
 # # Bring your own TransformerLens model
 # Any TL 4.x `TransformerBridge` or TL 3.x `HookedTransformer` works; nothing here is SmolLM2-specific.
-# This builds a tiny random bridge so it runs anywhere in seconds (no weights to download).
+# This builds a tiny random bridge so it runs anywhere in seconds (no weights to download). It borrows a
+# tokenizer: SmolLM2's, or that of `QRNCA_EXAMPLE_MODEL` (an embedded model or a local checkpoint directory).
 
 # %%
+import os
+
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformer_lens.model_bridge import TransformerBridge
 
 import qrnca_lens as ql
 from qrnca_lens.hooks import active_hook_count
-from qrnca_lens.models import cache_root
+from qrnca_lens.models import EMBEDDED_MODELS, cache_root
 
-ql.load_model("smollm2")                             # only to make sure SmolLM2's tokenizer is in the cache
-tokenizer_dir = cache_root() / "smollm2"             # any local tokenizer directory works
+tokenizer_dir = os.environ.get("QRNCA_EXAMPLE_MODEL", "smollm2")   # any local tokenizer directory works
+if tokenizer_dir in EMBEDDED_MODELS:
+    ql.load_model(tokenizer_dir)                     # only to make sure its tokenizer is in the cache
+    tokenizer_dir = cache_root() / tokenizer_dir
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2)

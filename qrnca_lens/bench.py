@@ -119,9 +119,9 @@ def run_eval_bench(model: HookedModel, queries: Sequence[Sequence[Any]], control
     from .scoring import score_items
 
     items = _eval_items(queries, controls, _neuron_sets(scores))
-    score_items(model, items[:4])  # warm-up
-    engine_s, fast = _median_time(lambda: score_items(model, items), repeats)
-    full_s, slow = _median_time(lambda: score_items(model, items, engine=False), 1)
+    score_items(model, items[:4], progress=False)  # warm-up; no bars inside the timings
+    engine_s, fast = _median_time(lambda: score_items(model, items, progress=False), repeats)
+    full_s, slow = _median_time(lambda: score_items(model, items, engine=False, progress=False), 1)
     diff = max(abs(a.target_logprob - b.target_logprob) for a, b in zip(fast, slow))
     same = sum((a.predicted, a.correct) == (b.predicted, b.correct) for a, b in zip(fast, slow))
     n = len(queries)

@@ -6,8 +6,9 @@ scheduling problem. An executor offers two operations:
 - ``attribute(jobs, ig, layers)``: for each ``(query_id, prompts)`` job, the query's IG scores and its info,
   yielded as each query finishes (in any order). ``locate`` writes each result to the run store as it
   arrives, so a lost worker loses no finished query.
-- ``score_items(items, every_position=..., batch_size=...)``: the evaluation's batched scoring of
-  (prompt, intervention) pairs, results in input order.
+- ``score_items(items, every_position=..., batch_size=..., progress=...)``: the evaluation's batched scoring
+  of (prompt, intervention) pairs, results in input order, with a progress bar (per prefix group in this
+  process, per worker chunk on Ray) unless ``progress=False``.
 
 Example:
     >>> ex = SerialExecutor(model)                                        # doctest: +SKIP
@@ -41,7 +42,7 @@ def attribute_query(model: HookedModel, prompts: Sequence[Prompt], ig: IGConfig,
     t0 = time.perf_counter()
     scores = attribute_prompts(model, prompts, ig, layers=list(layers))
     seconds = time.perf_counter() - t0  # IG alone: what the comparison table reports as QRNCA's cost
-    sc = score_prompts(model, prompts)
+    sc = score_prompts(model, prompts, progress=False)  # locate's own bar counts queries
     info = {
         "group": prompts[0].group,
         "n_tokens": [len(p.tokens) for p in prompts],
@@ -60,7 +61,7 @@ class Executor(Protocol):
     def attribute(self, jobs: Sequence[Job], ig: IGConfig, layers: Sequence[int]) -> Iterator[tuple[str, Tensor, dict[str, Any]]]: ...
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
-                    engine: bool = True) -> list[Any]: ...
+                    engine: bool = True, progress: bool = True) -> list[Any]: ...
 
 
 class SerialExecutor:
@@ -80,10 +81,11 @@ class SerialExecutor:
             yield qid, scores, info
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
-                    engine: bool = True) -> list[Any]:
+                    engine: bool = True, progress: bool = True) -> list[Any]:
         from .scoring import score_items
 
-        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine)
+        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine,
+                           progress=progress)
 
 
 # ---------------------------------------------------------------- Ray
@@ -124,7 +126,9 @@ class _Worker:
     def score_items(self, items: Sequence[Any], every_position: bool, batch_size: int, engine: bool = True) -> list[Any]:
         from .scoring import score_items
 
-        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine)
+        # The driver shows the bar (over the workers' chunks); a worker's own would only clutter its log.
+        return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine,
+                           progress=False)
 
 
 class RayExecutor:
@@ -242,7 +246,9 @@ class RayExecutor:
             yield result
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
-                    engine: bool = True) -> list[Any]:
+                    engine: bool = True, progress: bool = True) -> list[Any]:
+        from .scoring import progress_bar
+
         items = list(items)
         if not items:
             return []
@@ -250,7 +256,7 @@ class RayExecutor:
         bounds = [len(items) * k // n for k in range(n + 1)]
         calls = [(k, "score_items", (items[bounds[k]:bounds[k + 1]], every_position, batch_size, engine))
                  for k in range(n)]
-        chunks = dict(self._run(calls, 1))
+        chunks = dict(progress_bar(self._run(calls, 1), n, "scoring", enabled=progress, unit="chunk"))
         return [x for k in range(n) for x in chunks[k]]
 
     def worker_info(self) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from .models import d_mlp, n_layers
 from .neurons import NeuronSet, NeuronsLike
 from .protocols import HookedModel
 from .proxies import Prompt
+from .scoring import progress_bar
 
 __all__ = ["NeuronEffects", "neuron_effects", "exhaustive_effects", "candidate_neurons", "ground_truth",
            "GroundTruthResult", "METRICS", "DEFAULT_EXHAUSTIVE_LAYERS"]
@@ -126,7 +127,7 @@ def exhaustive_effects(
     layers: Sequence[int] | None = None,
     factor: float = 0.0,
     *,
-    progress: bool = False,
+    progress: bool = True,
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
 ) -> Float[Tensor, "layer d_mlp"]:
     """Every neuron's effect in ``layers`` on ONE prompt: one engine call (and progress step) per layer.
@@ -143,7 +144,7 @@ def exhaustive_effects(
         prompt: the prompt (its first target token is read at its last position).
         layers: the layers to measure (default: the top ``DEFAULT_EXHAUSTIVE_LAYERS``).
         factor: the multiplier (0.0: zero-ablation).
-        progress: a tqdm bar over the layers.
+        progress: a tqdm bar over the layers (when there are several).
         memory_budget_mb: the engine's memory plan.
 
     Returns:
@@ -157,11 +158,7 @@ def exhaustive_effects(
     chosen = list(range(max(0, L - DEFAULT_EXHAUSTIVE_LAYERS), L)) if layers is None else resolve_layers(L, layers)
     if not chosen:
         raise QrncaError("no layers to measure: give at least one layer")
-    it: Any = chosen
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(chosen, desc="exhaustive effects", unit="layer")
+    it = progress_bar(chosen, len(chosen), "exhaustive effects", enabled=progress, unit="layer")
     out = [neuron_effects(model, [prompt], [(layer, i) for i in range(width)], (factor,),
                           memory_budget_mb=memory_budget_mb).per_prompt[0, :, 0] for layer in it]
     return torch.stack(out)
@@ -268,7 +265,7 @@ def ground_truth(
     factors: Sequence[float] = (0.0, 2.0),
     exhaustive: bool = False,
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
-    progress: bool = False,
+    progress: bool = True,
 ) -> GroundTruthResult:
     """Measure each query's candidate neurons one at a time and score every locator against that truth.
 
@@ -294,7 +291,8 @@ def ground_truth(
         factors: the factors measured; 0.0 (the truth's ranking) must be among them.
         exhaustive: candidates = every neuron of ``layers``.
         memory_budget_mb: the engine's memory plan.
-        progress: a tqdm bar over the queries.
+        progress: a tqdm bar over the queries, each step one query's single-neuron ablations (when there
+            are several queries; ``exhaustive``: a bar over each query's layers too).
 
     Returns:
         ``GroundTruthResult``.
@@ -319,19 +317,14 @@ def ground_truth(
     missing = [q for q in ids if not prompts.get(q)]
     if missing:
         raise QrncaError(f"no prompts for queries {missing[:3]}; pass every query's prompts")
-    it: Any = ids
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(ids, desc="ground truth", unit="query")
     per_query: dict[str, dict[str, Any]] = {}
-    for qid in it:
+    for qid in progress_bar(ids, len(ids), "ground truth (single-neuron ablations)", enabled=progress, unit="query"):
         if exhaustive:
-            cands, n_union = NeuronSet([(layer, i) for layer in lays for i in range(width)]), 0
+            eff, n_union = _every_neuron(model, prompts[qid], lays, width, facs, memory_budget_mb, progress), 0
         else:
             cands, n_union = candidate_neurons({m: per[qid] for m, per in sets.items()}, qid, k=k, layers=lays,
                                                width=width, seed=seed)
-        eff = neuron_effects(model, prompts[qid], cands, facs, memory_budget_mb=memory_budget_mb)
+            eff = neuron_effects(model, prompts[qid], cands, facs, memory_budget_mb=memory_budget_mb)
         importance = eff.of(0.0).abs().numpy()
         order = sorted(range(len(eff.neurons)), key=lambda i: -importance[i])  # stable: ties in candidate order
         true_top = [eff.neurons[i] for i in order[:k]]
@@ -344,6 +337,17 @@ def ground_truth(
     methods = {m: _means([per_query[q]["metrics"][m] for q in ids]) for m in sets}
     return GroundTruthResult(k=k, seed=seed, factors=facs, layers=lays, exhaustive=exhaustive, queries=per_query,
                              methods=methods, meta={"n_queries": len(ids), "near_zero": NEAR_ZERO})
+
+
+def _every_neuron(model: HookedModel, prompts: Sequence[Prompt], layers: Sequence[int], width: int,
+                  factors: Sequence[float], memory_budget_mb: int, progress: bool) -> NeuronEffects:
+    """Every neuron of ``layers`` measured alone: one engine call, and one progress step, per layer (an
+    exhaustive query is thousands of rows per layer; the clean pass repeated per layer is a small extra)."""
+    steps = progress_bar(layers, len(layers), "single-neuron ablations", enabled=progress, unit="layer", leave=False)
+    parts = [neuron_effects(model, prompts, [(layer, i) for i in range(width)], factors,
+                            memory_budget_mb=memory_budget_mb) for layer in steps]
+    return NeuronEffects(tuple(p for e in parts for p in e.neurons), parts[0].factors, parts[0].clean,
+                         torch.cat([e.per_prompt for e in parts], dim=1))
 
 
 def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -36,12 +36,14 @@ from .executors import Executor, SerialExecutor
 from .grouping import check_group_by, regroup
 from .located import Located
 from .models import (
+    ModelRef,
     d_mlp,
     default_prepend_bos,
     dtype_name,
     model_device,
     model_dtype,
     model_name,
+    model_source,
     tokenizer_of,
 )
 from .neurons import NeuronSet
@@ -90,7 +92,9 @@ class LocateResult(Located):
     ``group_by``: the query field the run is mapped by (``grouping``), recorded at creation: evaluate and the
     report default to it. ``dtype`` and ``device``: the weights' dtype and device the run was made with
     (``"bfloat16"``, ``"cuda:0"``); None for a run made before they were recorded. evaluate refuses a model of
-    another dtype unless asked.
+    another dtype unless asked. ``model``: the model's name, a ``ModelRef`` that also carries how to reload it
+    (``model_source``: the embedded name or the checkpoint's absolute path) and the run's dtype, so
+    ``load_model(run.model)`` gives the run's model back.
 
     Example:
         >>> run = LocateResult.load("runs/facts")                                  # doctest: +SKIP
@@ -115,6 +119,12 @@ class LocateResult(Located):
     group_by: str = "group"
     dtype: str | None = None
     device: str | None = None
+    model_source: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        # Still the display name (compares, prints and serialises as the string), now also loadable again.
+        self.model_source = self.model_source or model_source(self.model)
+        self.model = ModelRef(self.model, source=self.model_source, dtype=self.dtype)
 
     def _layer(self, i: int) -> int:
         return self.layers[i]
@@ -267,8 +277,9 @@ def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int]
     # versions and model_identity say what the run was made with; each query file also records its own.
     # pool: where in-context examples and distractors came from (each query file stores the prompts made).
     # dtype and device: the weights' (a rerun in another dtype is refused unless asked; the device is free).
-    return {"model": model, "data": data, "proxy": d["proxy"], "ig": d["ig"], "layers": layers,
-            "model_shape": shape, "selection": d["selection"], "queries": groups,
+    # model_source: how load_model(run.model) finds the model again (not identity: a checkpoint may move).
+    return {"model": str(model), "model_source": model_source(model, identity), "data": data, "proxy": d["proxy"],
+            "ig": d["ig"], "layers": layers, "model_shape": shape, "selection": d["selection"], "queries": groups,
             "versions": library_versions(), "model_identity": identity, "pool": pool, "group_by": group_by,
             **(numerics or {"dtype": None, "device": None})}
 
@@ -425,7 +436,8 @@ def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts:
     clusters = {q.id: query_cluster(scores[q.id], cfg.selection.t, cfg.selection.cluster_mode) for q in queries}
     warn_if_degenerate(len(clusters), cfg.selection)
     return LocateResult(cfg, name, data, layers, groups, info, clusters, select(clusters, cfg.selection), scores,
-                        group_by=group_by, dtype=held["dtype"], device=held["device"])
+                        group_by=group_by, dtype=held["dtype"], device=held["device"],
+                        model_source=model_source(name, model_identity(model)))
 
 
 def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: bool = True) -> LocateResult:
@@ -472,7 +484,7 @@ def reduce(out: str | Path, selection: SelectionConfig | None = None, *, write: 
     warn_if_degenerate(len(clusters), cfg.selection)
     res = LocateResult(cfg, man["model"], man.get("data"), list(man["layers"]), dict(groups), info, clusters,
                        select(clusters, cfg.selection), scores={}, out=Path(out), group_by=man.get("group_by", "group"),
-                       dtype=store.dtype, device=store.device)
+                       dtype=store.dtype, device=store.device, model_source=store.model_source)
     if write:
         # Record first: if killed in between, a plain `reduce(out)` rewrites neurons.json to match the record.
         store.record_selection(cfg.selection.to_dict())

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +34,9 @@ __all__ = [
     "HookedModel",
     "EMBEDDED_MODELS",
     "load_model",
+    "ModelRef",
+    "model_source",
+    "resolve_model",
     "cache_root",
     "n_layers",
     "d_mlp",
@@ -217,25 +220,118 @@ def _cache_is_fresh(spec: EmbeddedModel, cache: Path) -> bool:
         return False
 
 
+class ModelRef(str):
+    """A run's model: the name it shows and compares as, which also knows how to load that model again.
+
+    ``LocateResult.model`` is one, so ``load_model(run.model)`` reloads the run's model in the run's dtype:
+    the recorded embedded model, or the checkpoint directory at its recorded absolute path. ``source`` is
+    ``{"embedded": NAME}``, ``{"path": DIR}`` or None (then the name itself is resolved, as any name is).
+
+    Example:
+        >>> ref = ModelRef("HuggingFaceTB/SmolLM2-135M-Instruct", source={"embedded": "smollm2"}, dtype="bfloat16")
+        >>> ref == "HuggingFaceTB/SmolLM2-135M-Instruct", resolve_model(ref), ref.dtype
+        (True, ('embedded', 'smollm2'), 'bfloat16')
+    """
+
+    source: dict[str, str] | None
+    dtype: str | None
+
+    def __new__(cls, name: str, *, source: Mapping[str, str] | None = None, dtype: str | None = None) -> "ModelRef":
+        ref = super().__new__(cls, name)
+        ref.source = dict(source) if source else None
+        ref.dtype = dtype
+        return ref
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships run.model to its workers
+        return (_model_ref, (str(self), self.source, self.dtype))
+
+
+def _model_ref(name: str, source: dict[str, str] | None, dtype: str | None) -> ModelRef:
+    return ModelRef(name, source=source, dtype=dtype)
+
+
+def _embedded_alias(name: str) -> str | None:
+    """The embedded model a name means: its own name, or the HF repo id TL knows it by (what runs made from
+    Python record as their model)."""
+    if name in EMBEDDED_MODELS:
+        return name
+    return next((k for k, m in EMBEDDED_MODELS.items() if m.hf_name.lower() == name.lower()), None)
+
+
+def model_source(name: str, identity: Mapping[str, Any] | None = None) -> dict[str, str] | None:
+    """How to load the model called ``name`` again, as a run records it: ``{"embedded": NAME}`` or
+    ``{"path": ABSOLUTE_DIR}``; None when the name is neither (a model built in memory). ``identity`` (the
+    model's ``versions.model_identity``) wins over the name: it holds the embedded name or the checkpoint path
+    of a model from ``load_model``, whatever name the run was given.
+
+    Example:
+        >>> model_source("HuggingFaceTB/SmolLM2-135M-Instruct"), model_source("my-tiny-llama")
+        ({'embedded': 'smollm2'}, None)
+    """
+    if isinstance(name, ModelRef) and name.source:
+        return dict(name.source)
+    if identity and identity.get("embedded"):
+        return {"embedded": str(identity["embedded"])}
+    if identity and identity.get("checkpoint"):  # whatever name the run was given (locate(name=...))
+        return {"path": str(identity["checkpoint"])}
+    try:
+        kind, target = resolve_model(str(name))
+    except ModelError:
+        return None
+    return {"embedded": target} if kind == "embedded" else {"path": str(Path(target).resolve())}
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """What ``load_model(name)`` loads, checked cheaply (no weights read): ``("embedded", NAME)`` or
+    ``("path", DIR)``. A ``ModelRef`` tries its recorded source first, then its name.
+
+    Raises:
+        ModelError: one line saying what was given (and what a run recorded) and how to pass a model.
+    """
+    if isinstance(name, ModelRef) and name.source:
+        src = name.source
+        if src.get("embedded") in EMBEDDED_MODELS:
+            return "embedded", str(src["embedded"])
+        if src.get("path") and (Path(src["path"]) / "config.json").is_file():
+            return "path", str(src["path"])
+    text = str(name)
+    if text in EMBEDDED_MODELS:
+        return "embedded", text
+    if (Path(text) / "config.json").is_file():  # a local directory wins over an embedded model's HF id
+        return "path", text
+    embedded = _embedded_alias(text)
+    if embedded is not None:
+        return "embedded", embedded
+    if not isinstance(name, ModelRef):
+        _check_checkpoint(text)  # raises, naming what is wrong with the path
+    recorded = " and ".join(f"{k} {v!r}" for k, v in (getattr(name, "source", None) or {}).items())
+    raise ModelError(
+        f"cannot reload the run's model {text!r} (the run records {recorded or 'no checkpoint or embedded name'}, "
+        f"dtype {getattr(name, 'dtype', None)}); load it yourself and pass it on: load_model(PATH) with its "
+        f"checkpoint directory, or one of {sorted(EMBEDDED_MODELS)}")
+
+
 def load_model(
     name: str = "smollm2",
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     compatibility_mode: bool = False,
     verbose: bool = False,
 ) -> HookedModel:
-    """Load an embedded model as a TransformerLens ``TransformerBridge``, offline.
+    """Load an embedded model or a local checkpoint as a TransformerLens ``TransformerBridge``, offline.
 
-    The first call dequantises the GGUF into ``cache_root()/<name>`` (about 20 s); later calls load that
-    float32 checkpoint in a second or two. ``compatibility_mode=True`` also calls TL's
+    The first call of an embedded model dequantises its GGUF into ``cache_root()/<name>`` (about 20 s);
+    later calls load that float32 checkpoint in a second or two. ``compatibility_mode=True`` also calls TL's
     ``enable_compatibility_mode()`` (folds norms, centres the unembedding: logits shift by a constant per
     row, probabilities are unchanged; it costs about 2.5 s).
 
     Args:
-        name: an embedded model (``"smollm2"``, ``"gemma3-270m"``) or a local transformers checkpoint directory.
+        name: an embedded model (``"smollm2"``, ``"gemma3-270m"``, or the HF repo id it stands for), a local
+            transformers checkpoint directory, or a run's ``run.model`` (a ``ModelRef``: the run's model).
         device: where to put the weights (None: TL's default device).
-        dtype: the weights' dtype: a ``torch.dtype`` or its name (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        dtype: the weights' dtype: a ``torch.dtype`` or its name (``"float32"``, ``"bfloat16"``, ``"float16"``);
+            None: the run's dtype for a ``run.model``, else float32.
         compatibility_mode: call TL's ``enable_compatibility_mode()`` after loading.
         verbose: let TL and transformers print their loading messages.
 
@@ -246,11 +342,15 @@ def load_model(
         >>> model = load_model("smollm2")  # doctest: +SKIP
         >>> model.cfg.n_layers              # doctest: +SKIP
         30
+        >>> again = load_model(ql.LocateResult.load("runs/facts").model)  # the run's model, in its dtype  # doctest: +SKIP
     """
-    check_model_name(name)
+    kind, target = resolve_model(name)
+    if dtype is None:
+        dtype = getattr(name, "dtype", None) or torch.float32
     dtype = parse_dtype(dtype)
-    if name not in EMBEDDED_MODELS:
-        return _load_checkpoint(Path(name), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
+    if kind == "path":
+        return _load_checkpoint(Path(target), device=device, dtype=dtype, compatibility_mode=compatibility_mode)
+    name = target
     spec = EMBEDDED_MODELS[name]
     cache = cache_root() / name
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -287,8 +387,10 @@ def check_model_name(name: str) -> None:
 
     Cheap (a few ``stat`` calls), so the CLI runs it before anything slow.
     """
-    if name in EMBEDDED_MODELS:
-        return
+    resolve_model(name)
+
+
+def _check_checkpoint(name: str) -> None:
     path = Path(name)
     fix = (f"embedded models are {sorted(EMBEDDED_MODELS)}, or give a local transformers checkpoint directory "
            "(config.json + weights + tokenizer, as save_pretrained writes it)")
@@ -317,7 +419,9 @@ def _load_checkpoint(path: Path, *, device: Any, dtype: torch.dtype, compatibili
         kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
         if device is not None:
             kwargs["device"] = device
-        model = TransformerBridge.boot_transformers(str(path), **kwargs)
+        # The absolute path as the model's name: a run made from Python records it, and reloads from any cwd.
+        model = TransformerBridge.boot_transformers(str(path.resolve()), **kwargs)
+    object.__setattr__(model, "_qrnca_checkpoint", str(path.resolve()))  # model_identity records it: a run reloads it
     return _finish(model, tok, compatibility_mode)
 
 

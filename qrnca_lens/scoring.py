@@ -13,6 +13,9 @@ sequence runs alone), and the forward stops before the final norm, so full-vocab
 only at the few positions that are read, not at every position of every row. Sequences longer than the
 model's context (``cfg.n_ctx``) are refused with the prompt named.
 
+Progress: ``score_items``, ``score_prompts`` and ``accuracy`` show a tqdm bar (``progress=True``, the default)
+when their work takes more than one step (``progress_bar``); ``progress=False`` keeps them quiet.
+
 Example:
     >>> res = accuracy(model, load_data("builtin:facts", limit=5), ProxyConfig("cloze"))  # doctest: +SKIP
     >>> res.accuracy, res.mean_target_prob                                                 # doctest: +SKIP
@@ -21,9 +24,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,14 +38,34 @@ from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
 from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_groups
 from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, build_all_prompts, cloze_chance
 from .readout import logprobs_at
 
 __all__ = [
     "PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch",
-    "batch_plan", "check_context", "logprobs_at", "DEFAULT_MAX_BATCH_TOKENS",
+    "batch_plan", "check_context", "logprobs_at", "progress_bar", "DEFAULT_MAX_BATCH_TOKENS",
 ]
+
+T = TypeVar("T")
+
+
+def progress_bar(steps: Iterable[T], total: int, desc: str, *, enabled: bool = True, unit: str = "step",
+                 leave: bool = True) -> Iterable[T]:
+    """``steps`` under a ``tqdm.auto`` bar (stderr, or a notebook widget) when ``enabled`` and there is more
+    than one step; else ``steps`` as they are: a single step has nothing to show. ``leave=False``: an inner
+    bar that disappears when done.
+
+    Example:
+        >>> list(progress_bar(range(3), 3, "demo", enabled=False))
+        [0, 1, 2]
+    """
+    if not enabled or total <= 1:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, total=total, desc=desc, unit=unit, leave=leave)
 
 # Padded tokens per scoring forward. Without vocabulary logits a token costs a few residual-sized vectors,
 # but attention grows with rows x width^2: 2,048 keeps a 2,000-token prompt to one row (~0.5 GB of scores
@@ -118,6 +141,7 @@ def score_items(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     engine: bool = True,
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
+    progress: bool = True,
 ) -> list[ItemScore]:
     """Score each (prompt, intervention) pair: target log-prob, prediction, correctness.
 
@@ -126,14 +150,19 @@ def score_items(
     row engine (``engine``): each distinct prompt's prefix runs once, each item is a short row behind it, rows
     start at their lowest intervened layer. ``every_position`` (or ``engine=False``) runs full sequences,
     ``batch_size`` rows and ``max_batch_tokens`` padded tokens per forward. Both give the same numbers (tested).
+    ``progress``: a bar over the engine's prefix groups (or the full path's batches) when there are several.
+
+    Example:
+        >>> scored = score_items(model, [(prompt, None), (prompt, ([(3, 7)], 2.0))], progress=False)  # doctest: +SKIP
+        >>> scored[1].target_logprob - scored[0].target_logprob   # what doubling neuron 7 of layer 3 did  # doctest: +SKIP
     """
     check_context(model, [pr for pr, _ in items])
     # Models without a prefix cache (TL-native bridges) gain nothing from rows: full sequences, logits only
     # at the positions read.
     if every_position or not engine or backend_of(model) == "full":
         return _score_items_full(model, items, every_position=every_position, batch_size=batch_size,
-                                 max_batch_tokens=max_batch_tokens)
-    return _score_items_rows(model, items, memory_budget_mb)
+                                 max_batch_tokens=max_batch_tokens, progress=progress)
+    return _score_items_rows(model, items, memory_budget_mb, progress)
 
 
 def _scale_of(model: HookedModel, iv: Intervention) -> Scale:
@@ -143,7 +172,15 @@ def _scale_of(model: HookedModel, iv: Intervention) -> Scale:
     return tuple((layer, tuple(idx), float(factor)) for layer, idx in sorted(check_neurons(model, neurons).items()))
 
 
-def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int) -> list[ItemScore]:
+def _engine_steps(model: HookedModel, prompts: Sequence[Sequence[int]], memory_budget_mb: int) -> list[list[int]]:
+    """The engine's own prefix groups of these prompts (``plan_groups``, as ``run_rows`` plans them): running
+    one group per ``run_rows`` call computes exactly what one call over all of them does, step by step."""
+    return plan_groups([len(p) - 1 for p in prompts], Dims.of(model), backend_of(model), memory_budget_mb * 2**20,
+                       DEFAULT_MAX_PREFIX_TOKENS)
+
+
+def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int,
+                      progress: bool = False) -> list[ItemScore]:
     """Every item as engine rows: one row per distinct teacher-forced prefix of its target and options."""
     prompt_ids: dict[tuple[int, ...], int] = {}
     rows: list[Row] = []
@@ -170,7 +207,12 @@ def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Interven
         tok = torch.tensor([w[1] for w in want], device=lp.device)
         return dict(zip(want, lp[t, tok].tolist())), int(lp[0].argmax())
 
-    got = dict(zip(rows, run_rows(model, prompts, rows, reduce, memory_budget_mb=memory_budget_mb)))
+    steps = _engine_steps(model, prompts, memory_budget_mb) if progress else [list(range(len(prompts)))]
+    got: dict[Row, Any] = {}
+    for group in progress_bar(steps, len(steps), "scoring", enabled=progress, unit="prefix"):
+        members = set(group)
+        mine = list(dict.fromkeys(r for r in rows if r.prompt in members))
+        got.update(zip(mine, run_rows(model, prompts, mine, reduce, memory_budget_mb=memory_budget_mb)))
     out = []
     for (pr, _), plan in zip(items, plans):
         vals = [sum(got[row][0][(t, tok)] for t, tok in enumerate(cont)) for row, cont in plan]
@@ -191,6 +233,7 @@ def _score_items_full(
     every_position: bool = False,
     batch_size: int = 8,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    progress: bool = False,
 ) -> list[ItemScore]:
     """Full-sequence scoring: every (prompt, intervention) pair runs its whole sequence (the oracle, and the
     path for interventions at every position). A batch holds at most ``batch_size`` rows and
@@ -210,8 +253,9 @@ def _score_items_full(
     keys = list(needed)
     tables: dict[tuple, dict[int, torch.Tensor]] = {}
     device, pad = model_device(model), pad_token_id(model)
+    batches = batch_plan([len(k[0]) for k in keys], max_rows=batch_size, max_tokens=max_batch_tokens)
     with torch.no_grad():
-        for idx in batch_plan([len(k[0]) for k in keys], max_rows=batch_size, max_tokens=max_batch_tokens):
+        for idx in progress_bar(batches, len(batches), "scoring", enabled=progress, unit="batch"):
             batch = [keys[i] for i in idx]
             positions = None if every_position else torch.tensor([k[2] for k in batch], device=device)
             pos_lists = [sorted(needed[k]) for k in batch]
@@ -235,7 +279,8 @@ def _score_items_full(
 
 
 def score_prompts(model: HookedModel, prompts: Sequence[Prompt], *, batch_size: int = 8,
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, engine: bool = True) -> list[PromptScore]:
+                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, engine: bool = True,
+                  progress: bool = True) -> list[PromptScore]:
     """Score every prompt, without intervention: target log-probability, prediction, correctness.
 
     Args:
@@ -244,6 +289,7 @@ def score_prompts(model: HookedModel, prompts: Sequence[Prompt], *, batch_size: 
         batch_size: rows per forward pass.
         max_batch_tokens: cap on padded tokens per batch (a longer sequence runs alone).
         engine: run on the row engine (shared prefixes run once); False runs full sequences.
+        progress: a bar when the scoring takes more than one step.
 
     Returns:
         One ``PromptScore`` per prompt, in order.
@@ -254,7 +300,7 @@ def score_prompts(model: HookedModel, prompts: Sequence[Prompt], *, batch_size: 
         (3, True)
     """
     scores = score_items(model, [(p, None) for p in prompts], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                         engine=engine)
+                         engine=engine, progress=progress)
     return [PromptScore(p.query_id, p.group, p.template, s.target_logprob, s.predicted, s.correct)
             for p, s in zip(prompts, scores)]
 
@@ -333,7 +379,7 @@ def accuracy(
     pool: Sequence[Query] | None = None,
     batch_size: int = 8,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    progress: bool = False,
+    progress: bool = True,
     engine: bool = True,
 ) -> AccuracyResult:
     """Is the model competent on this proxy? Check before attributing: chance-level answers measure noise.
@@ -345,7 +391,7 @@ def accuracy(
         pool: distractors and in-context examples (default: ``queries``).
         batch_size: rows per forward pass.
         max_batch_tokens: cap on padded tokens per batch.
-        progress: show a progress bar.
+        progress: a bar over the chunks of prompts, when there are several.
         engine: score on the row engine (default); False runs full sequences (the way around the engine's
             refusal of your own hooks on the model, which it would apply at other positions).
 
@@ -370,13 +416,9 @@ def accuracy(
     scores: list[PromptScore] = []
     step = max(batch_size * 4, 1)
     chunks = range(0, len(prompts), step)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"scoring {cfg.kind}", unit="chunk")
-    for start in chunks:
+    for start in progress_bar(chunks, len(chunks), f"scoring {cfg.kind}", enabled=progress, unit="chunk"):
         scores.extend(score_prompts(model, prompts[start : start + step], batch_size=batch_size,
-                                    max_batch_tokens=max_batch_tokens, engine=engine))
+                                    max_batch_tokens=max_batch_tokens, engine=engine, progress=False))
     per_group = {g: _summary([s for s in scores if s.group == g]) for g in groups_of(list(queries))}
     total = _summary(scores)
     n_opts = {len(p.options) for p in prompts if p.options}

@@ -13,6 +13,9 @@ identity; it may add queries (the run is extended), never drop or regroup them. 
 disjoint query files into the same directory, so they never clash; a second process on the same shard is
 refused (one lock file per shard).
 
+A run records how to load its model again (``model_source``: the embedded name, or the checkpoint directory's
+absolute path), so ``load_model(run.model)`` works on the run alone.
+
 A run records the dtype and the device of the model that made it (``dtype``, ``device``). A rerun with a
 model of another dtype is refused in one line (``check_run_dtype``) unless asked (``allow_dtype_change``):
 scores of a float32 and a bfloat16 model are not the same numbers. An allowed change is recorded
@@ -222,6 +225,9 @@ class RunStore:
                     if asked_dtype not in seen:
                         existing = {**existing, "dtype_changes": [*seen, asked_dtype]}
                         changed = True
+            if not existing.get("model_source") and manifest.get("model_source"):
+                existing = {**existing, "model_source": manifest["model_source"]}  # an older run learns it
+                changed = True
             stored, asked = existing.get("queries") or {}, manifest.get("queries") or {}
             _check_query_set(root, stored, asked)
             if set(asked) != set(stored):
@@ -272,6 +278,16 @@ class RunStore:
         """The dtype the run was made in (``"float32"``, ``"bfloat16"``...), None for a run that predates it."""
         value = self.manifest.get("dtype")
         return str(value) if value is not None else None
+
+    @property
+    def model_source(self) -> dict[str, str] | None:
+        """How to load the run's model again: ``{"embedded": NAME}`` or ``{"path": DIR}``; for a run made before
+        runs recorded it, the embedded name its model identity holds, else None (its ``model`` name is all)."""
+        value = self.manifest.get("model_source")
+        if value:
+            return {str(k): str(v) for k, v in value.items()}
+        embedded = (self.manifest.get("model_identity") or {}).get("embedded")
+        return {"embedded": str(embedded)} if embedded else None
 
     @property
     def device(self) -> str | None:

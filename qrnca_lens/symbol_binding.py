@@ -307,6 +307,7 @@ def symbol_binding(
     batch_size: int = 8,
     engine: bool = True,
     executor: Executor | None = None,
+    progress: bool = True,
 ) -> SymbolBindingResult:
     """How much of each method's boost effect follows the option letter rather than the content.
 
@@ -327,6 +328,7 @@ def symbol_binding(
             tolerance for the model's dtype).
         batch_size, engine: passed to ``score_items``; ``executor`` (``SerialExecutor``, ``RayExecutor``)
             runs the scoring elsewhere.
+        progress: a bar over the scoring's steps (``score_items``), when there are several.
 
     Returns:
         ``SymbolBindingResult``.
@@ -360,11 +362,13 @@ def symbol_binding(
             iv = (per[q], float(factor))
             items.extend((v, iv) for v in trio)
     if executor is not None:
-        scored = executor.score_items(items, every_position=every_position, batch_size=batch_size, engine=engine)
+        scored = executor.score_items(items, every_position=every_position, batch_size=batch_size, engine=engine,
+                                      progress=progress)
     else:
         from .scoring import score_items
 
-        scored = score_items(model, items, every_position=every_position, batch_size=batch_size, engine=engine)
+        scored = score_items(model, items, every_position=every_position, batch_size=batch_size, engine=engine,
+                             progress=progress)
     lp = np.array([s.target_logprob for s in scored], dtype=np.float64).reshape(-1, 3)  # rows: (orig, new, old)
     n = len(flat)
     clean = lp[:n]

@@ -56,7 +56,8 @@ def model_identity(model: HookedModel) -> dict[str, Any]:
 
     For an embedded model (``load_model``): its name and the SHA-256 of the GGUF file it was built from.
     For any other model: its class, TL's model name and a SHA-256 of its config, which tells two
-    architectures apart but not two checkpoints of one architecture (the weights are not hashed).
+    architectures apart but not two checkpoints of one architecture (the weights are not hashed); for a
+    checkpoint directory loaded by ``load_model``, also its absolute path (``checkpoint``), which reloads it.
     """
     embedded = getattr(model, "_qrnca_embedded", None)
     if embedded:
@@ -64,8 +65,10 @@ def model_identity(model: HookedModel) -> dict[str, Any]:
     cfg = getattr(model, "cfg", None)
     cfg_dict = {} if cfg is None else cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     text = json.dumps(cfg_dict, sort_keys=True, default=str)
+    checkpoint = getattr(model, "_qrnca_checkpoint", None)
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_name": str(getattr(cfg, "model_name", "") or ""),
         "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        **({"checkpoint": str(checkpoint)} if checkpoint else {}),
     }

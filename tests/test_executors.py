@@ -156,6 +156,53 @@ def test_score_items_keeps_input_order(executor, model, queries, pool, serial):
     assert executor.score_items([]) == []
 
 
+def _items(model, queries, pool, run):
+    from qrnca_lens.proxies import build_all_prompts
+
+    prompts = build_all_prompts(queries, run.config.proxy, model.tokenizer, pool=pool)
+    iv = ([(a, b) for a, b, _ in run.qr_neurons(queries[0].id)], 2.0)
+    return [(p, iv if k % 2 else None) for k, p in enumerate(p for ps in prompts.values() for p in ps)]
+
+
+def test_the_serial_executor_passes_progress_through(model, capsys):
+    from qrnca_lens.proxies import build_all_prompts
+
+    pool = load_data("builtin:facts")
+    prompts = build_all_prompts(limit_per_group(pool, 3), ProxyConfig("cloze"), model.tokenizer, pool=pool)
+    items = [(p, None) for ps in prompts.values() for p in ps]  # 45 prompts: several engine steps
+    quiet = SerialExecutor(model).score_items(items, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    assert SerialExecutor(model).score_items(items) == quiet
+    assert "scoring: 100%" in capsys.readouterr().err
+
+
+def test_ray_scoring_shows_a_bar_over_the_workers_chunks_on_the_driver(executor, model, queries, pool, serial, capsys):
+    items = _items(model, queries, pool, serial[0])
+    quiet = executor.score_items(items, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    assert [s.predicted for s in executor.score_items(items)] == [s.predicted for s in quiet]
+    err = capsys.readouterr().err
+    assert "scoring: 100%" in err and "2/2" in err and "chunk" in err
+
+
+def test_a_worker_loads_a_runs_model_by_its_reference(_executors, model, queries, pool, tmp_path):
+    """The CLI hands run.model (a ModelRef) to the executor: the workers load the recorded checkpoint from it."""
+    from qrnca_lens.locate import LocateResult
+
+    if "ex" in _executors:  # the 2-CPU cluster holds one executor at a time: the shared one is remade after
+        _executors["ex"].shutdown()
+    run = locate(model, queries, CFG, pool=pool, out=tmp_path / "run", progress=False, name="a-name-no-loader-knows")
+    ref = LocateResult.load(tmp_path / "run").model
+    ex = RayExecutor(ref, workers=1, startup_timeout=120)
+    try:
+        items = _items(model, queries, pool, run)
+        want = SerialExecutor(model).score_items(items, progress=False)
+        assert [s.target_logprob for s in ex.score_items(items)] == pytest.approx(
+            [s.target_logprob for s in want], rel=REL_TOL)
+    finally:
+        ex.shutdown()
+
+
 def test_a_worker_that_cannot_load_the_model_fails_fast(ray_cluster):
     with pytest.raises(QrncaError, match=r"could not load the model.*unknown model '/nonexistent'"):
         RayExecutor("/nonexistent", workers=1, cpus_per_worker=0, startup_timeout=120)

@@ -303,3 +303,18 @@ def test_docstring_examples_run():
     for mod in (gt, metrics):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0 and res.attempted > 0
+
+
+def test_ground_truth_shows_a_bar_over_its_queries_and_an_exhaustive_one_over_layers(tiny_llama, truth, capsys):
+    prompts = truth[0]
+    sets = {"a": {"q": [(0, 1), (2, 3)], "r": [(1, 4)]}}
+    quiet = ground_truth(tiny_llama, ["q", "r"], {"q": prompts, "r": prompts}, sets, k=2, progress=False)
+    assert "ground truth" not in capsys.readouterr().err
+    shown = ground_truth(tiny_llama, ["q", "r"], {"q": prompts, "r": prompts}, sets, k=2)  # progress by default
+    err = capsys.readouterr().err
+    assert "ground truth (single-neuron ablations): 100%" in err and "2/2" in err and shown == quiet
+    ground_truth(tiny_llama, ["q"], {"q": prompts}, sets, k=2)  # one query: one step, no bar
+    assert "ground truth" not in capsys.readouterr().err
+    ground_truth(tiny_llama, ["q"], {"q": prompts}, sets, k=2, factors=(0.0,), exhaustive=True, layers=[0, 1, 2])
+    err = capsys.readouterr().err  # an inner bar (leave=False): shown while it runs, cleared when done
+    assert "single-neuron ablations:" in err and "/3 [" in err

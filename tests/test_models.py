@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import torch
 
 from qrnca_lens.errors import ModelError
 from qrnca_lens.models import (
-    EMBEDDED_MODELS, d_mlp, default_prepend_bos, is_gated, load_model, mlp_hook_name, n_layers, post_hook_name,
+    EMBEDDED_MODELS, ModelRef, d_mlp, default_prepend_bos, is_gated, load_model, mlp_hook_name, model_dtype, model_name,
+    model_source, n_layers, post_hook_name, resolve_model,
 )
 
 
@@ -158,3 +160,135 @@ def test_two_first_loads_build_the_model_cache_once(tmp_path):
     assert events.count("build") == 1, events
     # each process read a complete cache
     assert all(out.strip().splitlines()[-1] == '["qrnca_source.json"]' for out, _ in outs), outs
+
+
+# ---------------------------------------------------------------- reloading a run's model (load_model(run.model))
+
+def test_an_embedded_models_hf_id_resolves_to_the_embedded_model_without_loading():
+    for key, spec in EMBEDDED_MODELS.items():
+        assert resolve_model(spec.hf_name) == resolve_model(spec.hf_name.upper()) == resolve_model(key) == ("embedded", key)
+        assert model_source(spec.hf_name) == {"embedded": key}
+    assert model_source("not-a-model") is None
+
+
+class _Routed(Exception):
+    pass
+
+
+def test_load_model_of_a_python_runs_model_name_loads_the_embedded_file(tmp_path, monkeypatch):
+    """A run made from Python records TL's name, the HF id: load_model takes it to the embedded GGUF's cache."""
+    import qrnca_lens.models as models
+
+    def stop(spec, cache):
+        raise _Routed(spec.name, cache)
+
+    monkeypatch.setenv("QRNCA_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_cache_is_fresh", stop)  # where the weights would be read: stop before
+    with pytest.raises(_Routed) as e:
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert e.value.args == ("smollm2", tmp_path / "smollm2")
+    with pytest.raises(_Routed) as e:
+        load_model(ModelRef("renamed", source={"embedded": "gemma3-270m"}, dtype="bfloat16"))
+    assert e.value.args[0] == "gemma3-270m"
+
+
+def test_a_local_directory_wins_over_an_embedded_hf_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == ("path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert model_source("HuggingFaceTB/SmolLM2-135M-Instruct") == {"path": str(fake)}
+
+
+def test_model_ref_is_its_name_and_survives_pickling():
+    import pickle
+
+    ref = ModelRef("tiny", source={"path": "/x/tiny"}, dtype="float16")
+    back = pickle.loads(pickle.dumps(ref))  # Ray ships run.model to its workers
+    assert back == ref == "tiny" and str(back) == "tiny" and json.dumps({"m": back}) == '{"m": "tiny"}'
+    assert (back.source, back.dtype) == ({"path": "/x/tiny"}, "float16") and type(back) is ModelRef
+
+
+def test_a_checkpoint_loads_by_relative_path_and_is_named_by_its_absolute_path(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    model = load_model(tiny_checkpoint.name)
+    assert model_name(model) == str(tiny_checkpoint.resolve()) and model_dtype(model) == torch.float32
+    assert model_source(tiny_checkpoint.name) == {"path": str(tiny_checkpoint.resolve())}
+
+
+def test_a_ref_loads_in_its_dtype_unless_told_otherwise(tiny_checkpoint):
+    ref = ModelRef("whatever-it-was-called", source={"path": str(tiny_checkpoint)}, dtype="bfloat16")
+    assert model_dtype(load_model(ref)) == torch.bfloat16
+    assert model_dtype(load_model(ref, dtype="float32")) == torch.float32
+
+
+def test_an_unresolvable_ref_says_what_the_run_recorded_and_how_to_pass_a_model(tmp_path):
+    gone = str(tmp_path / "moved-away")
+    with pytest.raises(ModelError) as e:
+        load_model(ModelRef(gone, source={"path": gone}, dtype="float32"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (
+        f"cannot reload the run's model {gone!r} (the run records path {gone!r}, dtype float32); load it yourself "
+        "and pass it on: load_model(PATH) with its checkpoint directory, or one of ['gemma3-270m', 'smollm2']")
+    with pytest.raises(ModelError, match=r"the run records no checkpoint or embedded name, dtype None"):
+        load_model(ModelRef("my-tiny-llama"))  # a model built in memory: nothing on disk to reload
+    with pytest.raises(ModelError, match="unknown model 'gpt5'"):  # a plain name keeps its own message
+        resolve_model("gpt5")
+
+
+def _tiny_run(model_dir, out=None, name=None):
+    from qrnca_lens.attribution import IGConfig
+    from qrnca_lens.data import limit_per_group, load_data
+    from qrnca_lens.locate import LocateConfig, locate
+    from qrnca_lens.proxies import ProxyConfig
+
+    pool = load_data("builtin:facts")
+    cfg = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=1, n_shots=1), ig=IGConfig(steps=2))
+    model = load_model(model_dir, dtype="bfloat16")
+    return locate(model, limit_per_group(pool, 1), cfg, pool=pool, out=out, progress=False, name=name)
+
+
+def test_load_model_of_run_model_reloads_a_checkpoint_run_in_its_dtype(tiny_checkpoint, tmp_path, monkeypatch):
+    """The issue's call: load_model(run.model) on a run made from Python with a checkpoint loaded by a relative path,
+    from memory and from its directory, from another working directory."""
+    from qrnca_lens.locate import LocateResult
+
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    mem = _tiny_run(tiny_checkpoint.name)
+    _tiny_run(tiny_checkpoint.name, out=tmp_path / "run")
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["model_source"] == {"path": str(tiny_checkpoint.resolve())} and man["dtype"] == "bfloat16"
+    monkeypatch.chdir(tmp_path)
+    disk = LocateResult.load(tmp_path / "run")
+    for run in (mem, disk):
+        assert run.model == str(tiny_checkpoint.resolve())  # still the display name
+        again = load_model(run.model)
+        assert model_dtype(again) == torch.bfloat16 and model_name(again) == str(tiny_checkpoint.resolve())
+
+
+def test_an_old_run_without_a_model_source_still_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    """A manifest from before model_source: its embedded identity, else its model name, is what reloads."""
+    from qrnca_lens.locate import LocateResult
+
+    _tiny_run(str(tiny_checkpoint), out=tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    man = json.loads(path.read_text())
+    del man["model_source"], man["dtype"]
+    path.write_text(json.dumps(man))
+    old = LocateResult.load(tmp_path / "run")
+    assert old.model_source == {"path": str(tiny_checkpoint)} and model_dtype(load_model(old.model)) == torch.float32
+    man.update(model="smollm2", model_identity={"embedded": "smollm2", "gguf": "x.gguf", "gguf_sha256": "0" * 64})
+    path.write_text(json.dumps(man))
+    old = LocateResult.load(tmp_path / "run")
+    assert old.model_source == {"embedded": "smollm2"} and resolve_model(old.model) == ("embedded", "smollm2")
+
+
+def test_a_run_given_its_own_name_still_reloads_its_checkpoint(tiny_checkpoint, tmp_path):
+    from qrnca_lens.locate import LocateResult
+
+    mem = _tiny_run(str(tiny_checkpoint), name="my-tiny")
+    _tiny_run(str(tiny_checkpoint), out=tmp_path / "run", name="my-tiny")
+    for run in (mem, LocateResult.load(tmp_path / "run")):
+        assert run.model == "my-tiny" and run.model_source == {"path": str(tiny_checkpoint.resolve())}
+        assert model_name(load_model(run.model)) == str(tiny_checkpoint.resolve())

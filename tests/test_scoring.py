@@ -174,3 +174,56 @@ def test_prompt_longer_than_the_context_is_refused(tiny_tokenizer):
         score_prompts(model, [long])
     with pytest.raises(ProxyError, match="context of 24 tokens"):
         accuracy(model, queries, cfg, pool=load_data("builtin:facts"))
+
+
+# ---------------------------------------------------------------- progress bars (tqdm on stderr)
+
+
+def _cloze_prompts(tokenizer, per_group=3):
+    from qrnca_lens.data import limit_per_group
+
+    pool = load_data("builtin:facts")
+    by_q = build_all_prompts(limit_per_group(pool, per_group), ProxyConfig("cloze"), tokenizer, pool=pool)
+    return [p for ps in by_q.values() for p in ps]
+
+
+def test_score_items_shows_a_bar_per_engine_step_and_keeps_its_numbers(tiny_gated, tiny_tokenizer, capsys):
+    from qrnca_lens.engine import DEFAULT_MEMORY_BUDGET_MB
+    from qrnca_lens.scoring import _engine_steps, score_items
+
+    prompts = _cloze_prompts(tiny_tokenizer)
+    items = [(p, None) for p in prompts] + [(p, ([(1, 3), (2, 5)], 2.0)) for p in prompts]
+    quiet = score_items(tiny_gated, items, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    shown = score_items(tiny_gated, items)  # progress is the default
+    err = capsys.readouterr().err
+    n = len(_engine_steps(tiny_gated, [p.tokens for p in prompts], DEFAULT_MEMORY_BUDGET_MB))
+    assert n > 1 and "scoring: 100%" in err and f"{n}/{n}" in err and "prefix" in err
+    assert shown == quiet  # one run_rows call per prefix group computes exactly what one call over all does
+    score_items(tiny_gated, items[:1])  # a single step: nothing to show
+    assert "scoring" not in capsys.readouterr().err
+
+
+def test_full_sequence_scoring_shows_a_bar_per_batch(tiny_gated, tiny_tokenizer, capsys):
+    from qrnca_lens.scoring import score_items
+
+    items = [(p, None) for p in _cloze_prompts(tiny_tokenizer, 1)]  # 15 prompts: 4 batches of at most 4
+    quiet = score_items(tiny_gated, items, engine=False, batch_size=4, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    assert score_items(tiny_gated, items, engine=False, batch_size=4) == quiet
+    err = capsys.readouterr().err
+    assert "scoring: 100%" in err and "4/4" in err and "batch" in err
+
+
+def test_accuracy_shows_a_bar_over_its_chunks_unless_quiet(tiny_gated, capsys):
+    from qrnca_lens.data import limit_per_group
+
+    pool = load_data("builtin:facts")
+    queries = limit_per_group(pool, 3)  # 45 prompts: chunks of 4 x batch_size = 32 -> 2 chunks
+    quiet = accuracy(tiny_gated, queries, ProxyConfig("cloze"), pool=pool, progress=False)
+    assert "scoring cloze" not in capsys.readouterr().err
+    shown = accuracy(tiny_gated, queries, ProxyConfig("cloze"), pool=pool)
+    err = capsys.readouterr().err
+    assert "scoring cloze: 100%" in err and "2/2" in err and shown == quiet
+    accuracy(tiny_gated, queries[:2], ProxyConfig("cloze"), pool=pool)  # 6 prompts: one chunk, no bar
+    assert "scoring cloze" not in capsys.readouterr().err

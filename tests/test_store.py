@@ -133,3 +133,18 @@ def test_check_run_dtype():
         check_run_dtype("r", "bfloat16", "float32")
     with pytest.warns(UserWarning, match="unknown"):
         assert check_run_dtype("r", None, "float32") is False
+
+
+def test_the_manifest_records_how_to_reload_the_model_and_an_old_run_learns_it(tmp_path):
+    RunStore.open(tmp_path, dict(_RUN))  # a run made before model_source was recorded
+    assert RunStore.load(tmp_path).model_source is None
+    store = RunStore.open(tmp_path, {**_RUN, "model_source": {"path": "/ckpt/tiny"}})  # resumed: it learns it
+    assert store.model_source == RunStore.load(tmp_path).model_source == {"path": "/ckpt/tiny"}
+    RunStore.open(tmp_path, {**_RUN, "model_source": {"path": "/elsewhere"}})  # not identity, and not rewritten
+    assert RunStore.load(tmp_path).model_source == {"path": "/ckpt/tiny"}
+
+
+def test_an_old_embedded_run_reloads_by_its_model_identity(tmp_path):
+    ident = {"embedded": "smollm2", "gguf": "smollm2.gguf", "gguf_sha256": "0" * 64}
+    RunStore.open(tmp_path, {**_RUN, "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "model_identity": ident})
+    assert RunStore.load(tmp_path).model_source == {"embedded": "smollm2"}

@@ -381,3 +381,14 @@ def test_the_control_refuses_missing_sets_and_non_letter_prompts(wired, tiny_tok
     cloze = {domains[0].id: build_prompts(domains[0], ProxyConfig("cloze", n_shots=0), tiny_tokenizer, pool=domains)}
     with pytest.raises(ProxyError, match="mcqa-letter"):
         symbol_binding(model, cloze, _sets(cloze, wired_a=WIRED_A))
+
+
+def test_the_control_shows_the_scoring_bar_unless_quiet(wired, capsys):
+    model, prompts = wired
+    some = {q: prompts[q] for q in list(prompts)[:15]}  # 90 distinct prompts: several engine steps
+    sets = _sets(some, wired_a=WIRED_A)
+    quiet = symbol_binding(model, some, sets, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    shown = symbol_binding(model, some, sets)
+    assert "scoring: 100%" in capsys.readouterr().err
+    assert shown.per_prompt == quiet.per_prompt
