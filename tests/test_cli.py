@@ -373,7 +373,7 @@ def test_the_options_build_the_dataclass_defaults():
     assert (proxy_config(loc), ig_config(loc), selection_config(loc)) == (ProxyConfig(), IGConfig(), SelectionConfig())
     assert eval_config(parser.parse_args(["evaluate", "o"])) == EvalConfig()
     args = parser.parse_args(["locate", "--data", "d", "--out", "o", "--proxy", "cloze", "--templates", "2",
-                              "--bos", "no", "--chat", "--method", "auto", "--no-ica", "--cluster-mode", "sum"])
+                              "--bos", "no", "--chat", "--ig-method", "auto", "--no-ica", "--cluster-mode", "sum"])
     assert proxy_config(args) == ProxyConfig("cloze", n_prompts=2, prepend_bos=False, chat_template=True)
     assert ig_config(args).method == "auto"
     assert selection_config(args) == SelectionConfig(cluster_mode="sum", use_ica=False)
@@ -385,8 +385,17 @@ def test_the_options_build_the_dataclass_defaults():
 
 
 def test_method_offers_auto():
-    method = next(a for a in _subparsers()["locate"]._actions if "--method" in a.option_strings)
+    # locate's --method names the locator (qrnca, atp, ...); the IG path moved to --ig-method.
+    method = next(a for a in _subparsers()["locate"]._actions if "--ig-method" in a.option_strings)
     assert method.choices == ["fast", "reference", "auto"]
+
+
+def test_an_ig_path_given_as_method_names_ig_method(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--method", "auto"]) == 2
+    assert "the IG path is --ig-method auto" in _error_line(capsys)
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--method", "nope"]) == 2
+    assert "'nope' is not a registered locator" in _error_line(capsys)
 
 
 def test_a_bad_shard_names_the_option(monkeypatch, capsys, tmp_path):
