@@ -544,16 +544,17 @@ def _ranked_result(loc: ContextLocator, model: HookedModel, queries: Sequence[Qu
     check_queries(queries)
     cfg = coerce_config(loc, cfg)
     ids = [q.id for q in queries]
-    covered = run is not None and all(q in run.groups for q in ids)
-    if loc.uses_run and run is not None and not covered:
-        raise QrncaError(f"the run given holds no queries {[q for q in ids if q not in run.groups][:3]}; give the run "
-                         f"these queries were located in, or no run ({loc.name} then locates QRNCA first)")
+    outside = [q for q in ids if q not in run.groups] if run is not None else ids
+    if loc.uses_run and run is not None and outside:
+        raise QrncaError(f"the run given holds no queries {outside[:3]}; give the run these queries were located in, "
+                         f"or no run ({loc.name} then locates QRNCA first)")
     # A run's IG was computed on its stored prompts: the methods that reuse it rank on those too.
-    proxy = run.config.proxy if covered and run is not None else resolved_proxy(cfg.proxy, model)
+    same = run if run is not None and not outside else None
+    proxy = same.config.proxy if same is not None else resolved_proxy(cfg.proxy, model)
     if hasattr(cfg, "proxy"):
         cfg = replace(cfg, proxy=proxy)
     if prompts is None:
-        prompts = run.stored_prompts(ids) if covered and run is not None else \
+        prompts = same.stored_prompts(ids) if same is not None else \
             build_all_prompts(queries, proxy, tokenizer_of(model), pool=queries)
     else:
         missing = [q for q in ids if not prompts.get(q)]

@@ -220,6 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import models
     from ..evaluation import evaluate
 
+    cfg = eval_config(args)  # a bad option fails before the model loads
     run = load_located(args.out)
     # The result's stored prompts and queries, not its data file: editing or deleting that file after
     # locate changes nothing here.
@@ -227,7 +228,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     kw = run_load_kwargs(args, args.out, run.dtype, note=False)  # evaluate itself says when the dtype is unknown
     model = models.load_model(run.model, verbose=not args.quiet, **kw)
     _say_device(args, run.device, str(models.model_device(model)))
-    cfg = eval_config(args)
     t0 = time.perf_counter()
     ex = executor(args, run.model, kw["dtype"])
     try:
