@@ -519,8 +519,9 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
     own = located.locator_name()
     sets = dict(sets)
     if own not in sets:
-        sets[own] = cut_to({own: {q.id: located.qr_neurons(q.id) for q in queries}}, ctx.counts or {})[own] \
-            if not isinstance(located, LocateResult) else neuron_sets([own], ctx)[own]
+        assert ctx.counts is not None  # evaluate set the budget
+        found = {own: {q.id: located.qr_neurons(q.id) for q in queries}}
+        sets[own] = neuron_sets([own], ctx)[own] if isinstance(located, LocateResult) else cut_to(found, ctx.counts)[own]
     if "random" not in sets:
         sets["random"] = neuron_sets(["random"], ctx)["random"]
     flat = [(q.id, p) for q in queries for p in prompts[q.id]]

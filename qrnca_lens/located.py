@@ -155,7 +155,7 @@ class RankedResult(Located):
     ``RankedResult.load(DIR)`` reads it back with equal neurons.
 
     Example:
-        >>> res = locate(model, queries, RankConfig(ProxyConfig("cloze")), method="atp", progress=False)  # doctest: +SKIP
+        >>> res = locate(model, queries, RankConfig(ProxyConfig("cloze")), method="atp")   # doctest: +SKIP
         >>> res.save("runs/atp"); RankedResult.load("runs/atp").neurons == res.neurons                  # doctest: +SKIP
         True
     """
@@ -319,7 +319,8 @@ class RankedResult(Located):
 
     def __repr__(self) -> str:
         s = self.neurons_json()["summary"]
-        return f"RankedResult({self.locator}, {self.model}, {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} neurons/query)"
+        return (f"RankedResult({self.locator}, {self.model}, {s['n_queries']} queries, "
+                f"{s['mean_qr_neurons']:.1f} neurons/query)")
 
     def _repr_html_(self) -> str:
         return super()._repr_html_().replace(f"<b>{self.method}</b>", f"<b>{self.locator}</b>", 1)

@@ -383,7 +383,8 @@ def coerce_config(locator: Locator, cfg: Any) -> Any:
         return cfg
     if cls is LogprobConfig and isinstance(cfg, LensConfig):
         return LogprobConfig(lens=cfg)
-    if dataclasses.is_dataclass(cfg) and isinstance(getattr(cfg, "proxy", None), ProxyConfig) and hasattr(cfg, "layers"):
+    lends = isinstance(getattr(cfg, "proxy", None), ProxyConfig) and hasattr(cfg, "layers")
+    if dataclasses.is_dataclass(cfg) and lends:
         theirs = {f.name: f for f in dataclasses.fields(cfg)}
         kw = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every config class is a dataclass
@@ -572,8 +573,9 @@ def _ranked_result(loc: ContextLocator, model: HookedModel, queries: Sequence[Qu
         locator=loc.name, config=cfg.to_dict() if isinstance(cfg, Config) else {}, model=model_name(model),
         layers=list(ctx.qrnca_run().layers if loc.uses_run else ctx.layers), groups={q.id: q.group for q in queries},
         neurons=ranked, prompts=prompts, query_records={q.id: q for q in queries}, proxy=proxy,
-        costs=dict(ctx.costs.get(loc.name, {})), dtype=held["dtype"], device=held["device"], model_identity=model_identity(model),
-        tokenizer=tokenizer_identity(tokenizer_of(model)), versions=library_versions(), meta=meta,
+        costs=dict(ctx.costs.get(loc.name, {})), dtype=held["dtype"], device=held["device"],
+        model_identity=model_identity(model), tokenizer=tokenizer_identity(tokenizer_of(model)),
+        versions=library_versions(), meta=meta,
     )
 
 
@@ -685,7 +687,8 @@ def _activation(ctx: LocatorContext) -> Ranked:
         acts = []
         for p in ctx.prompts[q.id]:
             store: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), hooked(ctx.model, fwd=[(n, capture(store, n, position=p.target_position)) for n in names]):
+            grab = [(n, capture(store, n, position=p.target_position)) for n in names]
+            with torch.no_grad(), hooked(ctx.model, fwd=grab):
                 ctx.model(torch.tensor([list(p.tokens)], device=device))
             acts.append(torch.stack([store[n][0].float().cpu() for n in names]))
         out[q.id] = _ranked(torch.stack(acts).mean(0), layers, ctx.top_k(q.id, TOP))
@@ -712,7 +715,7 @@ def _random_count(ctx: LocatorContext, query_id: str) -> int:
         return ctx.counts[query_id]
     if isinstance(ctx.cfg, RankConfig) and ctx.cfg.top_k is not None:
         return ctx.cfg.top_k
-    if ctx.run is not None:
+    if ctx.run is not None and query_id in ctx.run.selection.qr:
         return len(ctx.run.selection.qr[query_id][0])
     raise QrncaError("random needs a count per query: give RandomConfig(top_k=K), or run= (a QRNCA run: its count "
                      "per query)")

@@ -4,7 +4,8 @@
     qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--pool SPEC] [--shard I/N]
                       [--group-by language|relation|group] [--layers 0,1,2] [--ig-method fast|reference|auto]
                       [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
-    qrnca-lens locate --method atp|dla|activation|logprob|random|kn|no-ica|with-common ... --out DIR [--top K] [--run QRNCA_DIR]
+    qrnca-lens locate --method atp|dla|activation|logprob|random|kn|no-ica|with-common ... --out DIR [--top K]
+                      [--run QRNCA_DIR]
     qrnca-lens evaluate DIR [--budget qrnca|own|K] [--group-by language|relation|group] [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
     qrnca-lens lens ... --out DIR [--top K] [--compare]     (alias of locate --method logprob)
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_proxy_args(loc)
     loc.add_argument("--out", required=True, help="the run directory (created, or resumed if it holds this run)")
     loc.add_argument("--method", default="qrnca",
-                     help="the locator: qrnca (default), no-ica, with-common, kn, activation, atp, dla, logprob, random "
-                          "or a registered one; the IG path is --ig-method")
+                     help="the locator: qrnca (default), no-ica, with-common, kn, activation, atp, dla, logprob, "
+                          "random or a registered one; the IG path is --ig-method")
     loc.add_argument("--top", type=int, default=None,
                      help="neurons kept per query by a ranking --method (default: the method's; 200, logprob 20; "
                           "random: QRNCA's count from --run)")

@@ -87,10 +87,10 @@ def check_method(name: str) -> None:
         >>> check_method("auto")
         Traceback (most recent call last):
         ...
-        qrnca_lens.errors.QrncaError: --method names the locator now (qrnca, atp, logprob, ...); the IG path is --ig-method auto
+        qrnca_lens.errors.QrncaError: --method names the locator now (qrnca, atp, ...); the IG path is --ig-method auto
     """
     if name in IG_PATHS:
-        raise QrncaError(f"--method names the locator now (qrnca, atp, logprob, ...); the IG path is --ig-method {name}")
+        raise QrncaError(f"--method names the locator now (qrnca, atp, ...); the IG path is --ig-method {name}")
     from ..locators import LOCATORS
 
     if name not in LOCATORS:
