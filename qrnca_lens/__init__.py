@@ -43,12 +43,13 @@ _EXPORTS = {
     "query_cluster": "selection",
     # locate and the run store
     "LocateConfig": "locate", "LocateResult": "locate", "locate": "locate", "reduce": "locate",
-    "Located": "located",
+    "Located": "located", "RankedResult": "located",
     "RunStore": "store",
     # neuron sets, interventions, locators, evaluation
     "NeuronSet": "neurons",
     "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
-    "register_locator": "locators", "LOCATORS": "locators",
+    "register_locator": "locators", "LOCATORS": "locators", "Locator": "locators", "LocatorContext": "locators",
+    "RankConfig": "locators", "RandomConfig": "locators", "LogprobConfig": "locators",
     # first-order neuron scores (the atp / dla locators)
     "atp_scores": "first_order", "dla_scores": "first_order",
     "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",

@@ -1,6 +1,16 @@
 """Prove the neurons: every locator's neurons judged by the same metrics, in one table (METHOD section 4).
 
-For each method and query (neurons cut to QRNCA's count for that query):
+``evaluate(model, located)`` judges any ``Located``: a QRNCA ``LocateResult`` (methods default to
+``DEFAULT_METHODS``), or another method's result (a ``RankedResult`` from ``locate(..., method="atp")``, a
+``LensResult``; methods default to its own and ``random``). Every stage reads the prompts the located stored.
+
+**Budget** (``EvalConfig.budget``, recorded in ``meta["budget"]``): how many neurons each method gets per
+query: ``"qrnca"`` QRNCA's count for that query (the paper's comparison; the default for a QRNCA run),
+``"own"`` the evaluated located's own count (the default otherwise), or an int k for every query. A query
+whose set is empty for a method is named in a warning, counted (``pcr[method]["n_empty"]``) and left out of
+that method's numbers, never scored as an intervention on no neurons.
+
+For each method and query (neurons cut to the budget):
 
 - **PCR.** Boost (x2) or suppress (x0) the query's neurons at the last prompt position (``every_position`` for
   all positions) on its own prompts (related) and on the prompts of a control query drawn, seeded, from a
@@ -39,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .atomic import write_json_atomic
 from .comparison import EvaluationResult
 from .config import Config
 from .data import Query, groups_of
@@ -54,12 +66,13 @@ from .errors import QrncaError
 from .grouping import GroupBy, check_group_by, regroup
 from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
-from .locators import LocatorContext, cut_to_qrnca, neuron_sets
+from .located import Located
+from .locators import LocatorContext, cut_to, neuron_sets, qrnca_counts
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import dtype_name, mlp_hook_name, model_device, model_dtype, pad_batch, pad_token_id, tokenizer_of
 from .neurons import NeuronSet
 from .protocols import HookedModel
-from .proxies import Prompt, tokenizer_identity
+from .proxies import Prompt, ProxyConfig, tokenizer_identity
 from .scoring import ItemScore, score_items
 from .store import check_run_dtype
 from .versions import library_versions, model_identity
@@ -67,24 +80,33 @@ from .versions import library_versions, model_identity
 if TYPE_CHECKING:  # executors imports evaluation's neighbours; the class is only needed for the annotation
     from .executors import Executor
 
-__all__ = ["EvalConfig", "EvaluationResult", "evaluate", "control_queries", "score_items", "ItemScore",
-           "DEFAULT_METHODS"]
+__all__ = ["EvalConfig", "EvaluationResult", "evaluate", "evaluation_doc", "control_queries", "score_items",
+           "ItemScore", "DEFAULT_METHODS", "BUDGETS"]
 
 DEFAULT_METHODS = ("qrnca", "no-ica", "with-common", "kn", "activation", "random")
+BUDGETS = ("qrnca", "own")
 
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
     """What ``evaluate`` judges and how: the locators compared, seeds, bootstrap size, batching.
 
+    ``methods`` None: ``DEFAULT_METHODS`` for a QRNCA run, else the evaluated method and ``random``.
+    ``budget`` None: ``"qrnca"`` for a QRNCA run, else ``"own"`` (see the module docstring).
+
     Example:
-        >>> cfg = EvalConfig(methods=("qrnca", "random"), n_boot=200)
-        >>> cfg.to_dict()["methods"], cfg.every_position
-        (['qrnca', 'random'], False)
+        >>> cfg = EvalConfig(methods=("qrnca", "random"), n_boot=200, budget=10)
+        >>> cfg.to_dict()["methods"], cfg.every_position, cfg.budget
+        (['qrnca', 'random'], False, 10)
+        >>> EvalConfig(budget="most")
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.QrncaError: budget must be 'qrnca', 'own' or a number of neurons >= 1, got 'most'
     """
 
-    methods: tuple[str, ...] = field(default=DEFAULT_METHODS,
-                                     metadata={"help": "comma-separated locators (also: logprob)"})
+    methods: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "comma-separated locators (also: atp, dla, logprob; default: for a QRNCA run "
+                + ",".join(DEFAULT_METHODS) + ", for another method's result that method and random)"})
     seed: int = field(default=0, metadata={"help": "seed of the control queries, random neurons and bootstrap"})
     every_position: bool = field(default=False, metadata={"help": "intervene at every position, not the last"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
@@ -103,11 +125,18 @@ class EvalConfig(Config):
         "help": "ground truth on the first N queries of each group (default: all)"})
     symbol_binding: bool = field(default=True, metadata={
         "help": "letter MCQA: re-letter the options and measure whether boosts follow the letter or the content"})
+    budget: str | int | None = field(default=None, metadata={
+        "help": "neurons per query for every method: qrnca (QRNCA's count per query, the paper's comparison), "
+                "own (the evaluated result's count per query) or an integer k (default: qrnca for a QRNCA run, "
+                "else own)"})
 
     def validate(self) -> None:
         check_group_by(self.group_by)
-        if not self.methods:
+        if self.methods is not None and not self.methods:
             raise QrncaError("no methods to evaluate")
+        b = self.budget
+        if not (b is None or b in BUDGETS or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
+            raise QrncaError(f"budget must be 'qrnca', 'own' or a number of neurons >= 1, got {b!r}")
         if self.batch_size < 1 or self.n_boot < 10:
             raise QrncaError("batch_size must be >= 1 and n_boot >= 10")
         if self.ground_truth_k < 1 or (self.ground_truth_queries is not None and self.ground_truth_queries < 1):
@@ -162,7 +191,7 @@ def _query_changes(before: dict[tuple[str, int], float], after: Sequence[float],
 
 def evaluate(
     model: HookedModel,
-    run: LocateResult,
+    run: Located,
     queries: Sequence[Query | str] | None = None,
     pool: Sequence[Query] | None = None,
     cfg: EvalConfig = EvalConfig(),
@@ -170,57 +199,83 @@ def evaluate(
     progress: bool = True,
     executor: Executor | None = None,
     allow_dtype_change: bool = False,
+    save: bool = True,
 ) -> EvaluationResult:
     """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
 
-    Every stage reads the prompts the run stored when it attributed each query (``run.stored_prompts``),
-    never rebuilt ones, so the data file may change or vanish after ``locate`` without changing the
-    verdict; ``pool`` is therefore ignored (examples and distractors are those the run drew).
+    ``run`` is any ``Located``: a QRNCA ``LocateResult`` or another method's result (a ``RankedResult``, a
+    ``LensResult``), whose own neurons are judged as it found them. Every stage reads the prompts it stored
+    when it located each query (``stored_prompts``), never rebuilt ones, so the data file may change or
+    vanish after ``locate`` without changing the verdict; ``pool`` is therefore ignored.
 
     Args:
-        model: the TL model the run was made with.
-        run: the ``LocateResult`` (from ``locate`` or ``LocateResult.load``).
-        queries: queries or ids of the run to judge (default: all; their stored form is used); PCR needs
+        model: the TL model the result was made with.
+        run: the ``Located`` (from ``locate``, ``LocateResult.load``, ``RankedResult.load``, ``lens_locate``).
+        queries: queries or ids of the result to judge (default: all; their stored form is used); PCR needs
             at least two groups.
         pool: ignored (kept so that older calls keep working).
-        cfg: locators compared, seed, bootstrap size, batching, which checks run.
-        progress: show progress bars.
+        cfg: locators compared (default: ``DEFAULT_METHODS`` for a QRNCA run, else the result's own method and
+            ``random``), the neuron budget per query, seed, bootstrap size, batching, which checks run.
+        progress: show progress bars (each locator, the free-form check, neuron prediction).
         executor: where the batched scoring runs (default: this process).
-        allow_dtype_change: judge a run with a model of another dtype than the run's (refused in one line
-            without it; a run that predates recording its dtype is said to be unknown and not checked). The
-            device may differ freely; both are recorded in ``meta`` (``dtype``, ``device``, ``run_dtype``,
+        allow_dtype_change: judge a result with a model of another dtype than the one it records (refused in
+            one line without it; one that predates recording its dtype is said to be unknown and not checked).
+            The device may differ freely; both are recorded in ``meta`` (``dtype``, ``device``, ``run_dtype``,
             ``run_device``).
+        save: write ``evaluation.json`` into the result's directory when it has one (``run.run_dir``: a
+            ``LocateResult``'s ``out``, a saved ``RankedResult``'s); the command line writes it through this.
 
     Returns:
-        An ``EvaluationResult``: PCR (boost/suppress, 95% CIs), editing rates, neuron-based prediction and
-        the free-form check per method, overall and per group.
+        An ``EvaluationResult``: PCR (boost/suppress, 95% CIs, ``n_empty``), editing rates, neuron-based
+        prediction and the free-form check per method, overall and per group; ``meta["budget"]`` and
+        ``meta["budget_note"]`` say how many neurons each method got.
 
     Example:
         >>> res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "random")))   # doctest: +SKIP
         >>> sorted(res.pcr), sorted(res.pcr["qrnca"])[:2]                             # doctest: +SKIP
         (['qrnca', 'random'], ['boost', 'boost_ci'])
+        >>> evaluate(model, locate(model, queries, cfg, method="atp")).meta["budget"]  # doctest: +SKIP
+        'own'
     """
     from .executors import SerialExecutor
 
+    located = run
+    qrnca = located if isinstance(located, LocateResult) else None
+    own = located.locator_name()
+    methods = tuple(cfg.methods) if cfg.methods is not None else (
+        DEFAULT_METHODS if qrnca is not None else tuple(dict.fromkeys((own, "random"))))
+    budget: str | int = cfg.budget if cfg.budget is not None else ("qrnca" if qrnca is not None else "own")
     dtype, device = dtype_name(model_dtype(model)), str(model_device(model))
-    if run.out is not None or run.dtype is not None:  # an in-memory result built by hand records no dtype
-        check_run_dtype(run.out if run.out is not None else run.model, run.dtype, dtype, allow_dtype_change)
+    if located.run_dir is not None or located.dtype is not None:  # an in-memory result built by hand records none
+        check_run_dtype(located.run_dir if located.run_dir is not None else located.model, located.dtype, dtype,
+                        allow_dtype_change)
     ex = executor if executor is not None else SerialExecutor(model)
-    asked = list(run.groups) if queries is None else [q if isinstance(q, str) else q.id for q in queries]
-    ids = [q for q in asked if q in run.selection.qr]
+    known = list(qrnca.groups) if qrnca is not None else located.query_ids
+    asked = known if queries is None else [q if isinstance(q, str) else q.id for q in queries]
+    mine = set(qrnca.selection.qr) if qrnca is not None else set(known)
+    ids = [q for q in asked if q in mine]
     if not ids:
         raise QrncaError("none of the queries belongs to this run")
-    by = cfg.group_by or run.group_by
+    by = cfg.group_by or located.group_by
     # The one relabelling: from here on a query's group is its ``by`` field (its prompts are the stored ones).
-    queries = regroup(run.stored_queries(ids), by)
-    prompts = run.stored_prompts(ids)
-    _check_tokenizer(run, ids, model)
+    queries = regroup(located.stored_queries(ids), by)
+    prompts = located.stored_prompts(ids)
+    _check_tokenizer(located, ids, model)
     controls = control_queries(queries, cfg.seed)
-    proxy = run.config.proxy
-    ctx = LocatorContext(model, queries, prompts, run, cfg.seed)
-    # Whole rankings once: ground truth compares each locator's top-k; every other judge gets QRNCA's count.
-    uncut = neuron_sets(cfg.methods, ctx, cut=False)
-    sets = cut_to_qrnca(uncut, run)
+    proxy = located.proxy_config()
+    ctx = LocatorContext(model, queries, prompts, qrnca, cfg.seed, layers=list(located.layers), proxy=proxy,
+                         progress=progress)
+    ctx.counts = counts = _budget_counts(budget, located, ctx, ids)
+    # Whole rankings once: ground truth compares each locator's top-k; every other judge gets the budget. The
+    # evaluated result's own method is judged on the neurons it found, not located again.
+    given = qrnca is None and own in methods
+    uncut = neuron_sets([m for m in methods if not (given and m == own)], ctx, cut=False, progress=progress)
+    if given:
+        uncut[own] = {i: located.qr_neurons(i) for i in ids}
+        ctx.costs[own] = dict(getattr(located, "costs", None) or {})
+    uncut = {m: uncut[m] for m in methods}
+    sets = cut_to(uncut, counts)
+    empty = _empty_sets(sets, ids)
     by_id = {q.id: q for q in queries}
 
     def bar(it: Any, desc: str) -> Any:
@@ -231,16 +286,19 @@ def evaluate(
         return tqdm(it, desc=desc, unit="step")
 
     # Every scored row of the evaluation in one call: the clean prompts, then each (method, boost/suppress)'s
-    # related and unrelated rows. The engine then runs each prompt's prefix once for all of them.
+    # related and unrelated rows. The engine then runs each prompt's prefix once for all of them. A query
+    # with no neurons for a method has no rows of that method: it is left out, not scored as "no change".
     flat = [(q.id, i, p) for q in queries for i, p in enumerate(prompts[q.id])]
     items: list[tuple[Prompt, Any]] = [(p, None) for _, _, p in flat]
     blocks = []
-    steps = [(m, f) for m in cfg.methods for f in ("boost", "suppress")]
+    steps = [(m, f) for m in methods for f in ("boost", "suppress")]
     for m, kind in steps:
         factor = BOOST if kind == "boost" else SUPPRESS
         keys, owners, related = [], [], []
         start = len(items)
         for q in queries:
+            if q.id in empty[m]:
+                continue
             iv = (sets[m][q.id], factor)  # one object per (method, kind, query): scoring runs it once per row
             for target_q, is_rel in ((q.id, True), (controls[q.id], False)):
                 for i, p in enumerate(prompts[target_q]):
@@ -250,8 +308,8 @@ def evaluate(
                     related.append(is_rel)
         blocks.append((m, kind, start, keys, owners, related))
     if progress:
-        print(f"evaluate: {len(items)} scored rows ({len(cfg.methods)} methods x boost/suppress x related/unrelated "
-              f"+ {len(flat)} clean prompts)")
+        print(f"evaluate: {len(items)} scored rows ({len(methods)} methods x boost/suppress x related/unrelated "
+              f"+ {len(flat)} clean prompts); neurons per query: {_budget_note(budget)}")
     scored = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size, engine=cfg.engine)
     clean = scored[: len(flat)]
     before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
@@ -267,24 +325,29 @@ def evaluate(
         unr_idx = [i for i, r in enumerate(related) if not r]
         rel = _query_changes(before, [after[i] for i in rel_idx], [keys[i] for i in rel_idx], [owners[i] for i in rel_idx])
         unr = _query_changes(before, [after[i] for i in unr_idx], [keys[i] for i in unr_idx], [owners[i] for i in unr_idx])
-        ids = [q.id for q in queries]
-        r_vals, u_vals = [rel[i] for i in ids], [unr[i] for i in ids]
-        entry = pcr_out.setdefault(m, {"mean_neurons": float(np.mean([len(sets[m][i]) for i in ids]))})
-        entry[kind] = pcr(r_vals, u_vals)
-        ci = bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed)
-        entry[f"{kind}_ci"], entry[f"{kind}_ci_dropped"] = list(ci), ci.dropped
-        entry[f"{kind}_related_mean"] = float(np.mean(r_vals))
-        entry[f"{kind}_unrelated_mean"] = float(np.mean(u_vals))
-        entry[f"{kind}_related_abs"] = float(np.mean(np.abs(r_vals)))
-        entry[f"{kind}_unrelated_abs"] = float(np.mean(np.abs(u_vals)))
+        kept = [i for i in ids if i not in empty[m]]
+        r_vals, u_vals = [rel[i] for i in kept], [unr[i] for i in kept]
+        entry = pcr_out.setdefault(m, {"mean_neurons": float(np.mean([len(sets[m][i]) for i in kept])) if kept else 0.0,
+                                       "n_empty": len(empty[m]), "empty_queries": sorted(empty[m])})
+        if kept:
+            entry[kind] = pcr(r_vals, u_vals)
+            ci = bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed)
+            entry[f"{kind}_ci"], entry[f"{kind}_ci_dropped"] = list(ci), ci.dropped
+            entry[f"{kind}_related_mean"] = float(np.mean(r_vals))
+            entry[f"{kind}_unrelated_mean"] = float(np.mean(u_vals))
+            entry[f"{kind}_related_abs"] = float(np.mean(np.abs(r_vals)))
+            entry[f"{kind}_unrelated_abs"] = float(np.mean(np.abs(u_vals)))
+        else:  # no query had a neuron: nothing to measure, said as None rather than a number
+            entry.update({kind: None, f"{kind}_ci": None, f"{kind}_ci_dropped": 0, f"{kind}_related_mean": None,
+                          f"{kind}_unrelated_mean": None, f"{kind}_related_abs": None, f"{kind}_unrelated_abs": None})
         # Editing: the related rows only.
         flips = {(keys[i]): scores[i].correct for i in rel_idx}
         edit_out.setdefault(m, {})[kind] = flips
         for g, members in groups_of(queries).items():
-            gid = [q.id for q in members]
+            gid = [q.id for q in members if q.id in rel]
             gr, gu = [rel[i] for i in gid], [unr[i] for i in gid]
             group_out[g]["pcr"].setdefault(m, {})[kind] = pcr(gr, gu) if gu else None
-            group_out[g]["pcr"][m][f"{kind}_related_mean"] = float(np.mean(gr))
+            group_out[g]["pcr"][m][f"{kind}_related_mean"] = float(np.mean(gr)) if gr else None
     editing: dict[str, dict[str, Any]] = {}
     for m, d in edit_out.items():
         ks = sorted(d["boost"])
@@ -301,18 +364,18 @@ def evaluate(
               "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
               "proxy": proxy.kind, "controls": controls, "group_by": by,
               "versions": library_versions(), "model_identity": model_identity(model),
-              "dtype": dtype, "device": device, "run_dtype": run.dtype, "run_device": run.device},
+              "dtype": dtype, "device": device, "run_dtype": located.dtype, "run_device": located.device,
+              "located": own, "methods": list(methods), "budget": budget, "budget_note": _budget_note(budget),
+              "n_empty": {m: len(empty[m]) for m in methods}},
     )
-    result.costs = {m: dict(ctx.costs.get(m, {})) for m in cfg.methods}
+    result.costs = {m: dict(ctx.costs.get(m, {})) for m in methods}
     if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):
-        result.free_form = _free_form(model, queries, prompts, sets, run, cfg)
+        result.free_form = _free_form(model, queries, prompts, sets, located, ctx, cfg, progress)
     if cfg.neuron_prediction:
-        result.neuron_prediction = _neuron_prediction(model, queries, prompts, run, cfg)
+        own_sets = sets[own] if own in sets else cut_to({own: {i: located.qr_neurons(i) for i in ids}}, counts)[own]
+        result.neuron_prediction = _neuron_prediction(model, queries, prompts, own_sets, cfg, own, progress)
     if cfg.symbol_binding and proxy.kind == "mcqa-letter":
-        from .symbol_binding import symbol_binding
-
-        result.symbol_binding = symbol_binding(model, prompts, sets, seed=cfg.seed, proxy=proxy,
-                                               batch_size=cfg.batch_size, engine=cfg.engine, executor=ex).to_dict()
+        result.symbol_binding = _symbol_binding(model, prompts, sets, empty, proxy, cfg, ex)
     if cfg.ground_truth:
         from .data import limit_per_group
         from .ground_truth import ground_truth
@@ -322,33 +385,116 @@ def evaluate(
             print(f"ground truth: {len(chosen)} queries, each locator's top-{cfg.ground_truth_k} + as many random "
                   "neurons, zero-ablated and doubled one at a time")
         gt = ground_truth(model, chosen, {q.id: prompts[q.id] for q in chosen},
-                          {m: {q.id: uncut[m][q.id] for q in chosen} for m in cfg.methods},
-                          k=cfg.ground_truth_k, seed=cfg.seed, layers=run.layers, progress=progress)
+                          {m: {q.id: uncut[m][q.id] for q in chosen} for m in methods},
+                          k=cfg.ground_truth_k, seed=cfg.seed, layers=located.layers, progress=progress)
         result.ground_truth = gt.to_dict()
+    if save and located.run_dir is not None:
+        write_json_atomic(located.run_dir / "evaluation.json", evaluation_doc(result, located))
     return result
 
 
-def _check_tokenizer(run: LocateResult, ids: Sequence[str], model: HookedModel) -> None:
+def evaluation_doc(res: EvaluationResult, located: Located) -> dict[str, Any]:
+    """evaluation.json: the result's dict; for a QRNCA run also which selection's neurons it judged (a later
+    reduce warns when it differs).
+
+    Args:
+        res: the evaluation.
+        located: what it judged.
+
+    Returns:
+        The JSON-ready document ``evaluate`` writes into ``located.run_dir``.
+
+    Example:
+        >>> evaluation_doc(res, run)["meta"]["selection"]   # doctest: +SKIP
+        {'t': 0.2, 'u': 0.3, 'v': 50, ...}
+    """
+    doc = res.to_dict()
+    if isinstance(located, LocateResult):
+        doc["meta"] = {**doc.get("meta", {}), "selection": located.config.selection.to_dict()}
+    return doc
+
+
+def _budget_counts(budget: str | int, located: Located, ctx: LocatorContext, ids: Sequence[str]) -> dict[str, int]:
+    """Each query's neuron budget: QRNCA's count (the run's, or QRNCA located now), the located's own, or k."""
+    if budget == "qrnca":
+        return qrnca_counts(ctx.qrnca_run(), ids)
+    if budget == "own":
+        return {i: len(located.qr_neurons(i)) for i in ids}
+    assert isinstance(budget, int)
+    return {i: budget for i in ids}
+
+
+def _budget_note(budget: str | int) -> str:
+    if budget == "qrnca":
+        return "every method cut to QRNCA's count for each query (the paper's comparison)"
+    if budget == "own":
+        return "every method cut to the evaluated result's own count for each query"
+    return f"every method cut to {budget} neurons per query"
+
+
+def _empty_sets(sets: dict[str, dict[str, NeuronSet]], ids: Sequence[str]) -> dict[str, set[str]]:
+    """Per method, the queries it found no neuron for; each such method is named in a warning."""
+    empty = {m: {i for i in ids if not per[i]} for m, per in sets.items()}
+    for m, e in empty.items():
+        if e:
+            shown = [i for i in ids if i in e]
+            warnings.warn(f"evaluate: {m!r} has no neurons for {len(e)} of {len(ids)} queries ({', '.join(shown[:5])}"
+                          f"{', ...' if len(shown) > 5 else ''}); they are left out of its numbers "
+                          f"(pcr[{m!r}]['n_empty'])", stacklevel=3)
+    return empty
+
+
+def _symbol_binding(model: HookedModel, prompts: dict[str, list[Prompt]], sets: dict[str, dict[str, NeuronSet]],
+                    empty: dict[str, set[str]], proxy: ProxyConfig, cfg: EvalConfig, ex: Any) -> dict[str, Any]:
+    """The letter control on each method's non-empty queries: one call per distinct set of such queries."""
+    from .symbol_binding import symbol_binding
+
+    parts: dict[frozenset[str], list[str]] = {}
+    for m in sets:
+        parts.setdefault(frozenset(empty[m]), []).append(m)
+    merged: dict[str, Any] = {}
+    for left_out, ms in parts.items():
+        ps = {q: v for q, v in prompts.items() if q not in left_out}
+        if not ps:
+            continue
+        got = symbol_binding(model, ps, {m: {q: sets[m][q] for q in ps} for m in ms}, seed=cfg.seed, proxy=proxy,
+                             batch_size=cfg.batch_size, engine=cfg.engine, executor=ex).to_dict()
+        if not merged:
+            merged = got
+            continue
+        merged["per_method"].update(got["per_method"])
+        merged["per_query"].update(got["per_query"])
+        merged["per_prompt"].extend(got["per_prompt"])
+    return merged
+
+
+def _check_tokenizer(located: Located, ids: Sequence[str], model: HookedModel) -> None:
     """Stored token ids mean something only under the tokenizer that made them."""
-    stored = {(run.info[q].get("tokenizer") or {}).get("vocab_sha256") for q in ids} - {None}
+    stored = located.stored_tokenizers(ids)
     if not stored:
         return
     mine = tokenizer_identity(tokenizer_of(model))
     if stored != {mine["vocab_sha256"]}:
         raise QrncaError(
             f"the run's prompts were tokenized by another tokenizer than this model's ({mine['name_or_path']!r}, "
-            f"{mine['vocab_size']} tokens); evaluate with the model the run was made with ({run.model!r})"
+            f"{mine['vocab_size']} tokens); evaluate with the model the run was made with ({located.model!r})"
         )
 
 
 # ---------------------------------------------------------------- free-form check
 
 
-def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int) -> list[tuple[int, ...]]:
+def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int,
+            progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
     device, pad = model_device(model), pad_token_id(model)
     out: list[tuple[int, ...]] = []
-    for start in range(0, len(items), batch_size):
+    starts: Any = range(0, len(items), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for start in starts:
         chunk = items[start : start + batch_size]
         seqs = [list(p.tokens) for p, _ in chunk]
         n_new = [len(p.target) for p, _ in chunk]
@@ -365,29 +511,51 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
 
 
 def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
-               sets: dict[str, dict[str, NeuronSet]], run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
-    """Every method's neurons ablated at every position: log-likelihood drop, exact match (QRNCA vs random too)."""
-    # QRNCA and random are always compared (drop_ratio); taken from the evaluated methods or located here.
-    need = [m for m in ("qrnca", "random") if m not in sets]
-    if need:
-        sets = {**sets, **neuron_sets(need, LocatorContext(model, queries, prompts, run, cfg.seed))}
+               sets: dict[str, dict[str, NeuronSet]], located: Located, ctx: LocatorContext, cfg: EvalConfig,
+               progress: bool = False) -> dict[str, Any]:
+    """Every method's neurons ablated at every position: log-likelihood drop, exact match (own vs random too)."""
+    # The evaluated method (QRNCA for a run) and random are always compared (drop_ratio); taken from the
+    # evaluated methods or located here, to the same budget.
+    own = located.locator_name()
+    sets = dict(sets)
+    if own not in sets:
+        assert ctx.counts is not None  # evaluate set the budget
+        found = {own: {q.id: located.qr_neurons(q.id) for q in queries}}
+        sets[own] = neuron_sets([own], ctx)[own] if isinstance(located, LocateResult) else cut_to(found, ctx.counts)[own]
+    if "random" not in sets:
+        sets["random"] = neuron_sets(["random"], ctx)["random"]
     flat = [(q.id, p) for q in queries for p in prompts[q.id]]
     res: dict[str, Any] = {"intervention": "suppress (x0) at every position", "n_prompts": len(flat)}
     base = score_items(model, [(p, None) for _, p in flat], batch_size=cfg.batch_size)
-    base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size)
+    base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size, progress, "free-form greedy (clean)")
     res["exact_match_before"] = float(np.mean([g == tuple(p.target) for g, (_, p) in zip(base_gen, flat)]))
-    drops = {}
-    for name in sets:
-        items = [(p, (sets[name][qid], SUPPRESS)) for qid, p in flat]
+    drops: dict[str, float | None] = {}
+    names: Any = list(sets)
+    if progress:
+        from tqdm.auto import tqdm
+
+        names = tqdm(names, desc="free-form", unit="method")
+    for name in names:
+        rows = [k for k, (qid, _) in enumerate(flat) if sets[name][qid]]  # an empty set is left out, not scored
+        if not rows:
+            drops[name] = None
+            res[name] = {"loglik_drop": None, "exact_match_after": None, "n_empty": len(queries)}
+            continue
+        items = [(flat[k][1], (sets[name][flat[k][0]], SUPPRESS)) for k in rows]
         after = score_items(model, items, every_position=True, batch_size=cfg.batch_size)
-        gen = _greedy(model, items, cfg.batch_size)
-        d = [b.target_logprob - a.target_logprob for b, a in zip(base, after)]
+        gen = _greedy(model, items, cfg.batch_size, progress, f"free-form greedy ({name})")
+        d = [base[k].target_logprob - a.target_logprob for k, a in zip(rows, after)]
         drops[name] = float(np.mean(d))
         res[name] = {"loglik_drop": drops[name],
-                     "exact_match_after": float(np.mean([g == tuple(p.target) for g, (_, p) in zip(gen, flat)]))}
+                     "exact_match_after": float(np.mean([g == tuple(flat[k][1].target) for g, k in zip(gen, rows)]))}
+        n_empty = sum(not sets[name][q.id] for q in queries)
+        if n_empty:
+            res[name]["n_empty"] = n_empty
     # A ratio over a random drop that is not positive (ablating random neurons left the answers as likely, or
     # made them likelier) has no meaning: its sign and size are float noise.
-    res["drop_ratio"] = drops["qrnca"] / drops["random"] if drops["random"] > 0 else None
+    mine, rnd = drops[own], drops["random"]
+    res["drop_ratio"] = mine / rnd if mine is not None and rnd is not None and rnd > 0 else None
+    res["drop_ratio_of"] = own
     return res
 
 
@@ -395,13 +563,19 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
 
 
 def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
-                       run: LocateResult, cfg: EvalConfig) -> dict[str, Any]:
+                       own_sets: dict[str, NeuronSet], cfg: EvalConfig, own: str = "qrnca",
+                       progress: bool = False) -> dict[str, Any]:
     """Our reconstruction (see the module docstring): group neurons from even queries, predict odd ones."""
     per_group: dict[str, Any] = {}
     totals: dict[str, list[float]] = {"neuron": [], "model": [], "agree": []}
-    for g, members in groups_of(queries).items():
+    groups: Any = list(groups_of(queries).items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="neuron prediction", unit="group")
+    for g, members in groups:
         train, test = members[0::2], members[1::2]
-        group = _group_neurons([run.qr_neurons(q.id) for q in train], cfg.group_neurons)
+        group = _group_neurons([own_sets[q.id] for q in train], cfg.group_neurons)
         if not group or not test:
             continue
         by_layer = group.by_layer()
@@ -418,8 +592,8 @@ def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: di
                  by_layer: dict[int, list[int]] = by_layer) -> tuple[float, float]:
             c = row.tokens[1:]
             act = sum(float(acts[names[layer]][-1, idx].float().sum()) for layer, idx in by_layer.items())
-            own = float(sum(lp[t, tok] for t, tok in enumerate(c)))
-            return act, own
+            logp = float(sum(lp[t, tok] for t, tok in enumerate(c)))
+            return act, logp
 
         got = run_rows(model, [list(p.tokens) for p in firsts], rows, read, capture_names=hook_names,
                        backend=None if cfg.engine else "full")
@@ -439,6 +613,7 @@ def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: di
                 totals[key].extend(hits[key])
     return {
         "note": "reconstruction: group neurons pooled from even-indexed queries, tested on odd-indexed ones",
+        "method": own,
         "neuron_accuracy": mean_or_none(totals["neuron"]), "model_accuracy": mean_or_none(totals["model"]),
         "agreement": mean_or_none(totals["agree"]), "n": len(totals["neuron"]), "per_group": per_group,
     }

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 from jaxtyping import Float
 from torch import Tensor
@@ -147,6 +147,19 @@ class LocateResult(Located):
         where = str(self.out) if self.out is not None else "this run"
         return [query_from_info(self.info.get(q, {}), q, where)
                 for q in (self.groups if query_ids is None else query_ids)]
+
+    def locator_name(self) -> str:
+        return "qrnca"
+
+    def stored_tokenizers(self, query_ids: Iterable[str]) -> set[str]:
+        return {sha for q in query_ids if (sha := (self.info.get(q, {}).get("tokenizer") or {}).get("vocab_sha256"))}
+
+    def proxy_config(self) -> ProxyConfig:
+        return self.config.proxy
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.out
 
     def qr_neurons(self, query_id: str) -> NeuronSet:
         """A query's QR neurons, best first, with the model's layer numbers and their naica as scores.
@@ -321,11 +334,26 @@ def _check_queries(queries: Sequence[Query]) -> None:
         raise QrncaError("query ids repeat; every query needs its own id")
 
 
+@overload
+def locate(model: HookedModel, queries: QueriesLike, cfg: LocateConfig = ..., *,
+           method: Literal["qrnca"] = ..., pool: Sequence[Query] | None = ..., out: str | Path | None = ...,
+           shard: tuple[int, int] = ..., progress: bool = ..., name: str | None = ..., data: str | None = ...,
+           executor: Executor | None = ..., pool_spec: str | None = ..., group_by: str | None = ...,
+           allow_dtype_change: bool = ..., prompts: Mapping[str, Sequence[Prompt]] | None = ...,
+           run: LocateResult | None = ..., seed: int = ...) -> LocateResult | None: ...
+@overload
+def locate(model: HookedModel, queries: QueriesLike, cfg: Any = ..., *,
+           method: str, pool: Sequence[Query] | None = ..., out: str | Path | None = ...,
+           shard: tuple[int, int] = ..., progress: bool = ..., name: str | None = ..., data: str | None = ...,
+           executor: Executor | None = ..., pool_spec: str | None = ..., group_by: str | None = ...,
+           allow_dtype_change: bool = ..., prompts: Mapping[str, Sequence[Prompt]] | None = ...,
+           run: LocateResult | None = ..., seed: int = ...) -> Located | None: ...
 def locate(
     model: HookedModel,
     queries: QueriesLike,
-    cfg: LocateConfig = LocateConfig(),
+    cfg: Any = LocateConfig(),
     *,
+    method: str = "qrnca",
     pool: Sequence[Query] | None = None,
     out: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -336,40 +364,71 @@ def locate(
     pool_spec: str | None = None,
     group_by: str | None = None,
     allow_dtype_change: bool = False,
-) -> LocateResult | None:
-    """Attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
+    prompts: Mapping[str, Sequence[Prompt]] | None = None,
+    run: LocateResult | None = None,
+    seed: int = 0,
+) -> Located | None:
+    """Locate every query's neurons with ``method``; QRNCA (the default) attributes, resumes and selects.
 
-    Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With shards, the last
-    one to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
+    ``method="qrnca"``: attribute every query (resuming from ``out`` if given) and select the QR neurons of the
+    collection. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With
+    shards, the last one to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
+
+    Any other registered method (``locators.LOCATORS``: atp, dla, activation, logprob, random, kn, no-ica,
+    with-common, or one of yours) returns its ``Located`` (a ``RankedResult`` for the built-ins), saved to
+    ``out`` when given (no resume: it is written once, at the end). ``cfg`` is the method's config
+    (``LOCATORS[method].config_class``: ``RankConfig`` for atp/dla/activation, ``RandomConfig``,
+    ``LogprobConfig``, ``LocateConfig`` for the IG-based ones), or any config with ``proxy`` and ``layers``
+    (e.g. a ``LocateConfig``), whose proxy and layers it takes.
 
     Args:
         model: the TL model.
-        queries: the queries to attribute (distinct ids); together they are the collection N.
-        cfg: proxy, IG and selection settings, and the layers (default: all).
+        queries: the queries to locate (distinct ids); together they are the collection N.
+        cfg: proxy, IG and selection settings, and the layers (default: all); another method's config.
+        method: a registered locator name.
         pool: in-context examples and distractors (default: ``queries``).
-        out: run directory: scores are stored per query and an interrupted run resumes (None: in memory).
-        shard: ``(i, n)``: this process attributes the i-th of n disjoint shares of the queries.
+        out: run directory: QRNCA stores scores per query and an interrupted run resumes (None: in memory); any
+            other method saves its result there.
+        shard: ``(i, n)``: this process attributes the i-th of n disjoint shares of the queries (QRNCA only).
         progress: show a progress bar.
         name: the model's name in the manifest (default: from the model).
         data: the data spec recorded in the manifest (e.g. ``"builtin:facts"``).
-        executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``).
+        executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``; QRNCA only).
         pool_spec: the pool's data spec, recorded in the manifest.
         group_by: ``"group"`` (default), ``"language"`` or ``"relation"``: recorded as the run's mapping.
         allow_dtype_change: extend a run made in another dtype (e.g. a float32 run with a bfloat16 model);
             without it that is refused in one line. The change is recorded in the manifest's ``dtype_changes``
             and every query file records its own dtype and device.
+        prompts: query id -> its prompts, used as they are instead of building them (every query needs its own).
+        run: a QRNCA run the IG-based methods (no-ica, with-common, kn) and random reuse (its stored prompts and
+            scores; its QR neuron count per query for random); without it they locate QRNCA first.
+        seed: seeds the methods that draw (random).
 
     Returns:
-        The ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
-        still have queries to do.
+        QRNCA: the ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
+        still have queries to do. Another method: its ``Located``.
 
     Example:
         >>> cfg = LocateConfig(ProxyConfig("cloze"), IGConfig(steps=8))
         >>> run = locate(model, pool[:10], cfg, pool=pool, out="runs/facts")   # doctest: +SKIP
         >>> len(run.qr_neurons(pool[0].id)) <= cfg.selection.v               # doctest: +SKIP
         True
+        >>> atp = locate(model, pool[:10], cfg, method="atp", pool=pool)      # doctest: +SKIP
     """
     queries = as_queries(queries)
+    if method != "qrnca" or run is not None:
+        if shard != (0, 1) or executor is not None:
+            raise QrncaError(f"shard= and executor= apply to QRNCA's attribution only, not to method {method!r}; "
+                             "leave them out")
+        from .locators import locate_with
+
+        given = {q: list(ps) for q, ps in prompts.items()} if prompts is not None else None
+        return locate_with(method, model, queries, cfg, pool=pool, out=out, progress=progress, name=name,
+                           data=data, group_by=group_by, prompts=given, run=run, seed=seed)
+    if not isinstance(cfg, LocateConfig):
+        from .locators import LOCATORS, coerce_config
+
+        cfg = coerce_config(LOCATORS["qrnca"], cfg)
     _check_queries(queries)
     check_group_by(group_by)
     regroup(queries, by := group_by or "group")  # a query without the field fails now, not after the attribution
@@ -378,7 +437,13 @@ def locate(
     bos = cfg.proxy.prepend_bos if cfg.proxy.prepend_bos is not None else default_prepend_bos(model)
     proxy = replace(cfg.proxy, prepend_bos=bos)  # recorded resolved, so a rerun on another model cannot drift
     cfg = replace(cfg, proxy=proxy, layers=tuple(layers))
-    prompts = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
+    if prompts is None:
+        built = build_all_prompts(queries, proxy, tokenizer_of(model), pool=pool)
+    else:
+        missing = [q.id for q in queries if not prompts.get(q.id)]
+        if missing:
+            raise QrncaError(f"no prompts given for queries {missing[:3]}; pass every query's prompts, or none")
+        built = {q.id: list(prompts[q.id]) for q in queries}
     tok_id = tokenizer_identity(tokenizer_of(model))
     by_id = {q.id: q for q in queries}
     groups = {q.id: q.group for q in queries}
@@ -388,10 +453,10 @@ def locate(
                                          pool_spec, by, numerics=held),
                           allow_dtype_change=allow_dtype_change) if out else None
     # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
-    records = {q.id: _prompt_record(by_id[q.id], prompts[q.id], proxy, tok_id) for q in queries}
+    records = {q.id: _prompt_record(by_id[q.id], built[q.id], proxy, tok_id) for q in queries}
     # One process per shard: a second one on the same shard is refused; other shards run alongside.
     with store.shard_lock(*shard) if store else nullcontext():
-        return _attribute_and_reduce(model, queries, prompts, records, cfg, store, shard=shard, progress=progress,
+        return _attribute_and_reduce(model, queries, built, records, cfg, store, shard=shard, progress=progress,
                                      executor=executor, name=name, data=data, group_by=by, held=held)
 
 

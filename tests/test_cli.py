@@ -373,7 +373,7 @@ def test_the_options_build_the_dataclass_defaults():
     assert (proxy_config(loc), ig_config(loc), selection_config(loc)) == (ProxyConfig(), IGConfig(), SelectionConfig())
     assert eval_config(parser.parse_args(["evaluate", "o"])) == EvalConfig()
     args = parser.parse_args(["locate", "--data", "d", "--out", "o", "--proxy", "cloze", "--templates", "2",
-                              "--bos", "no", "--chat", "--method", "auto", "--no-ica", "--cluster-mode", "sum"])
+                              "--bos", "no", "--chat", "--ig-method", "auto", "--no-ica", "--cluster-mode", "sum"])
     assert proxy_config(args) == ProxyConfig("cloze", n_prompts=2, prepend_bos=False, chat_template=True)
     assert ig_config(args).method == "auto"
     assert selection_config(args) == SelectionConfig(cluster_mode="sum", use_ica=False)
@@ -385,8 +385,17 @@ def test_the_options_build_the_dataclass_defaults():
 
 
 def test_method_offers_auto():
-    method = next(a for a in _subparsers()["locate"]._actions if "--method" in a.option_strings)
+    # locate's --method names the locator (qrnca, atp, ...); the IG path moved to --ig-method.
+    method = next(a for a in _subparsers()["locate"]._actions if "--ig-method" in a.option_strings)
     assert method.choices == ["fast", "reference", "auto"]
+
+
+def test_an_ig_path_given_as_method_names_ig_method(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--method", "auto"]) == 2
+    assert "the IG path is --ig-method auto" in _error_line(capsys)
+    assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--method", "nope"]) == 2
+    assert "'nope' is not a registered locator" in _error_line(capsys)
 
 
 def test_a_bad_shard_names_the_option(monkeypatch, capsys, tmp_path):
@@ -539,3 +548,76 @@ def test_a_run_without_a_recorded_dtype_is_said_to_be_unknown_and_loads_in_float
         assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "10", "--quiet",
                          "--dtype", "bfloat16"]) == 0
     assert dtype_model[-1] == ("bfloat16", None)
+
+
+# ---------------------------------------------------------------- locate --method NAME, evaluate of its result
+
+
+def _count_evaluation_writes(monkeypatch):
+    """Every atomic write ends in os.replace: count the ones onto evaluation.json."""
+    import os
+
+    writes = []
+    real = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if str(dst).endswith("evaluation.json"):
+            writes.append(str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return writes
+
+
+def test_locate_method_atp_then_evaluate_its_directory(cli_model, capsys, tmp_path, monkeypatch):
+    from qrnca_lens.located import RankedResult
+
+    out = tmp_path / "atp"
+    assert cli.main(["locate", "--method", "atp", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "2",
+                     "--templates", "2", "--shots", "1", "--top", "4", "--layers", "1,2", "--out", str(out),
+                     "--quiet"]) == 0
+    assert "atp: 10 queries, 4.0 neurons per query on average" in capsys.readouterr().out
+    res = RankedResult.load(out)
+    assert res.locator == "atp" and res.layers == [1, 2] and res.data == "builtin:facts"
+    assert all(len(v) == 4 and set(v.layers) <= {1, 2} for v in res.neurons.values())
+    writes = _count_evaluation_writes(monkeypatch)
+    assert cli.main(["evaluate", str(out), "--bootstrap", "20", "--budget", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert writes == [str(out / "evaluation.json")]  # evaluate writes it; the command does not write it again
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["meta"]["located"] == "atp" and doc["meta"]["methods"] == ["atp", "random"]
+    assert doc["meta"]["budget"] == 3 and doc["pcr"]["atp"]["mean_neurons"] == 3.0
+    assert "neurons per query: every method cut to 3 neurons per query" in printed
+    # A QRNCA run directory is not overwritten by another method's result.
+    run = tmp_path / "run"
+    assert cli.main(["locate", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1", "--templates", "2",
+                     "--shots", "1", "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["locate", "--method", "kn", "--data", "builtin:facts", "--out", str(run)]) == 2
+    assert "holds a QRNCA run" in _error_line(capsys)
+    writes.clear()
+    assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "20", "--quiet"]) == 0
+    assert writes == [str(run / "evaluation.json")]
+    # kn reusing the run's stored IG through --run.
+    assert cli.main(["locate", "--method", "kn", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1",
+                     "--run", str(run), "--out", str(tmp_path / "kn"), "--quiet"]) == 0
+    assert RankedResult.load(tmp_path / "kn").meta["qrnca_run"] == str(run)
+
+
+def test_the_lens_command_is_an_alias_that_says_what_replaced_it(cli_model, capsys, tmp_path):
+    from qrnca_lens.located import RankedResult
+
+    out = tmp_path / "lens"
+    assert cli.main(["lens", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1", "--templates", "2",
+                     "--shots", "1", "--top", "3", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    notices = [line for line in err if "locate --method logprob" in line]
+    assert len(notices) == 1 and "is now" in notices[0]
+    res = RankedResult.load(out)
+    assert res.locator == "logprob" and all(len(v) == 3 for v in res.neurons.values())
+
+
+def test_a_bad_budget_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    _never_load(monkeypatch)
+    assert cli.main(["evaluate", str(tmp_path), "--budget", "most"]) == 2
+    assert "budget must be 'qrnca', 'own' or a number of neurons >= 1, got 'most'" in _error_line(capsys)

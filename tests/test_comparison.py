@@ -12,6 +12,7 @@ from qrnca_lens.ground_truth import ground_truth
 from qrnca_lens.locate import LocateConfig, locate
 from qrnca_lens.locators import LocatorContext, cut_to_qrnca, neuron_sets
 from qrnca_lens.proxies import ProxyConfig
+from qrnca_lens.selection import SelectionConfig
 
 
 def _result():
@@ -111,7 +112,11 @@ def test_evaluate_runs_the_symbol_binding_control_on_letter_runs(tiny_llama):
     pool = load_data("builtin:domains")
     queries = limit_per_group(pool, 1)[:3]
     proxy = ProxyConfig("mcqa-letter", n_prompts=2, n_shots=1)
-    run = locate(tiny_llama, queries, LocateConfig(proxy, IGConfig(steps=2)), pool=pool, progress=False)
+    # Three queries: ICA and common-neuron removal would leave every query without neurons, and evaluate
+    # leaves a query with no neurons out (nothing to boost), so the control needs a selection that keeps some.
+    keep = SelectionConfig(use_ica=False, remove_common=False)
+    run = locate(tiny_llama, queries, LocateConfig(proxy, IGConfig(steps=2), keep), pool=pool, progress=False)
+    assert all(run.qr_neurons(q.id) for q in queries)
     methods = ("qrnca", "random")
     res = evaluate(tiny_llama, run, cfg=EvalConfig(methods=methods, n_boot=20, neuron_prediction=False),
                    progress=False)

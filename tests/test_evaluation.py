@@ -310,3 +310,137 @@ def test_group_by_on_queries_without_the_field_fails_before_any_work(tiny_llama,
         locate(tiny_llama, limit_per_group(pool, 1), cfg, pool=pool, progress=False, group_by="language")
     with pytest.raises(QrncaError, match="group_by must be one of"):
         EvalConfig(group_by="subject")
+
+
+# ---------------------------------------------------------------- any Located, an explicit budget, empty sets
+
+
+def _light(**kw):
+    return EvalConfig(**{"n_boot": 20, "free_form": False, "neuron_prediction": False, **kw})
+
+
+def test_evaluate_a_ranked_result_judges_its_own_neurons_to_its_own_count(setup):
+    import qrnca_lens as ql
+    from qrnca_lens.locators import RankConfig
+
+    model, tok, queries, run = setup
+    atp = ql.locate(model, queries, RankConfig(top_k=5), method="atp", run=run, progress=False)  # the run's prompts
+    res = evaluate(model, atp, cfg=_light(free_form=True), progress=False)
+    assert (res.meta["located"], res.meta["methods"], res.meta["budget"]) == ("atp", ["atp", "random"], "own")
+    assert "own count" in res.meta["budget_note"]
+    assert res.pcr["atp"]["mean_neurons"] == res.pcr["random"]["mean_neurons"] == 5.0
+    assert res.costs["atp"] == atp.costs  # the cost of the locate that found them, not of a second one
+    assert res.free_form["drop_ratio_of"] == "atp" and "atp" in res.free_form
+    # The same judgement as the QRNCA run's evaluate of atp cut to 5: same prompts, controls and neurons.
+    same = evaluate(model, run, cfg=_light(methods=("atp", "random"), budget=5), progress=False)
+    assert res.pcr == same.pcr and res.editing == same.editing and res.per_group == same.per_group
+
+
+def test_evaluate_a_lens_result(setup):
+    from qrnca_lens.lens import lens_locate
+
+    model, tok, queries, run = setup
+    lens = lens_locate(model, queries, run.config.proxy, prompts=run.stored_prompts(), top_k=5, progress=False)
+    res = evaluate(model, lens, cfg=_light(neuron_prediction=True, group_neurons=5), progress=False)
+    assert (res.meta["located"], res.meta["methods"], res.meta["budget"]) == ("logprob", ["logprob", "random"], "own")
+    assert res.pcr["logprob"]["mean_neurons"] == 5.0 and res.neuron_prediction["method"] == "logprob"
+    assert res.costs["logprob"]["passes"] == sum(len(v) for v in run.stored_prompts().values())
+    same = evaluate(model, run, cfg=_light(methods=("logprob", "random"), budget=5), progress=False)
+    assert res.pcr == same.pcr and res.editing == same.editing
+
+
+def test_an_integer_budget_cuts_every_method_to_k(setup):
+    model, tok, queries, run = setup
+    res = evaluate(model, run, cfg=_light(methods=("qrnca", "atp", "kn", "random"), budget=3), progress=False)
+    assert res.meta["budget"] == 3 and res.meta["budget_note"] == "every method cut to 3 neurons per query"
+    assert res.pcr["atp"]["mean_neurons"] == res.pcr["random"]["mean_neurons"] == 3.0
+    assert res.pcr["qrnca"]["mean_neurons"] == np.mean([min(3, len(run.qr_neurons(q.id))) for q in queries])
+    assert res.pcr["kn"]["mean_neurons"] <= 3.0
+    default = evaluate(model, run, cfg=_light(methods=("qrnca", "random")), progress=False)
+    assert default.meta["budget"] == "qrnca" and "QRNCA's count" in default.meta["budget_note"]
+    assert default.pcr["random"]["mean_neurons"] == np.mean([len(run.qr_neurons(q.id)) for q in queries])
+
+
+def test_the_qrnca_budget_on_another_method_locates_qrnca_on_its_prompts(setup):
+    import qrnca_lens as ql
+
+    model, tok, queries, run = setup
+    atp = ql.locate(model, queries, method="atp", run=run, progress=False)  # the whole ranking (144 <= TOP)
+    res = evaluate(model, atp, cfg=_light(budget="qrnca"), progress=False)
+    qr = locate(model, queries, LocateConfig(run.config.proxy, layers=tuple(run.layers)), prompts=run.stored_prompts(),
+                progress=False)  # QRNCA (default IG) on the very prompts: the counts the budget takes
+    want = np.mean([len(qr.qr_neurons(q.id)) for q in queries])
+    assert res.pcr["atp"]["mean_neurons"] == res.pcr["random"]["mean_neurons"] == want
+    assert res.meta["methods"] == ["atp", "random"] and res.meta["budget"] == "qrnca"
+
+
+def test_a_query_without_neurons_is_named_counted_and_left_out(setup):
+    model, tok, queries, run = setup
+    prompts = run.stored_prompts()
+    gap = queries[0].id
+
+    @register_locator("test-gap")
+    def qrnca_but_one(ctx):
+        return {q.id: [] if q.id == gap else run.qr_neurons(q.id) for q in ctx.queries}
+
+    @register_locator("test-none")
+    def nothing(ctx):
+        return {q.id: [] for q in ctx.queries}
+
+    try:
+        with pytest.warns(UserWarning, match=rf"'test-gap' has no neurons for 1 of {len(queries)} queries \({gap}\)"):
+            res = evaluate(model, run, cfg=_light(methods=("test-gap", "test-none"), free_form=True), progress=False)
+    finally:
+        LOCATORS.pop("test-gap")
+        LOCATORS.pop("test-none")
+    p = res.pcr["test-gap"]
+    assert (p["n_empty"], p["empty_queries"], res.meta["n_empty"]["test-gap"]) == (1, [gap], 1)
+    # Its numbers are QRNCA's over the other queries only (the plain loop), not a 0 for the empty one.
+    controls = control_queries(queries, 0)
+    kept = [q for q in queries if q.id != gap]
+    for kind, factor in (("boost", 2.0), ("suppress", 0.0)):
+        rel, unr = [], []
+        for q in kept:
+            neurons = [(a, b) for a, b, _ in run.qr_neurons(q.id)]
+            for target, out in ((q.id, rel), (controls[q.id], unr)):
+                out.append(float(np.mean([100 * math.expm1(_oracle_logprob(model, x, neurons, factor)[0]
+                                                          - _oracle_logprob(model, x)[0]) for x in prompts[target]])))
+        assert p[kind] == pytest.approx(pcr(rel, unr), rel=1e-4)
+    edit = res.editing["test-gap"]
+    assert edit["n_wrong"] + edit["n_right"] == sum(len(prompts[q.id]) for q in kept)
+    assert res.free_form["test-gap"]["n_empty"] == 1
+    # A method with no neuron anywhere: counted, every number None, never a measured "no change".
+    none = res.pcr["test-none"]
+    assert none["n_empty"] == len(queries) and none["boost"] is None and none["suppress"] is None
+    assert res.editing["test-none"]["n_wrong"] == res.editing["test-none"]["n_right"] == 0
+    assert res.free_form["test-none"]["loglik_drop"] is None
+
+
+def test_evaluate_writes_evaluation_json_into_the_results_directory(setup, tmp_path):
+    import qrnca_lens as ql
+    from qrnca_lens.evaluation import evaluation_doc
+    from qrnca_lens.located import RankedResult
+    from qrnca_lens.locators import RandomConfig
+
+    model, tok, queries, run = setup
+    ql.locate(model, queries, RandomConfig(top_k=3), method="random", run=run, progress=False, out=tmp_path / "r")
+    saved = RankedResult.load(tmp_path / "r")
+    res = evaluate(model, saved, cfg=_light(), progress=False, save=False)
+    assert not (tmp_path / "r" / "evaluation.json").exists()
+    res = evaluate(model, saved, cfg=_light(), progress=False)
+    doc = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    assert doc == json.loads(json.dumps(evaluation_doc(res, saved)))
+    assert doc["meta"]["budget"] == "own" and "selection" not in doc["meta"]
+
+
+def test_evaluate_shows_a_bar_per_stage_and_is_quiet_without_progress(setup, capsys):
+    model, tok, queries, run = setup
+    cfg = EvalConfig(methods=("qrnca", "random"), n_boot=20, group_neurons=5)
+    evaluate(model, run, cfg=cfg, progress=False)
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == ""
+    evaluate(model, run, cfg=cfg, progress=True)
+    err = capsys.readouterr().err
+    for desc in ("locate qrnca", "locate random", "free-form greedy (clean)", "free-form greedy (qrnca)",
+                 "free-form", "neuron prediction"):
+        assert desc in err, desc

@@ -2,11 +2,13 @@
 
     qrnca-lens accuracy --model smollm2 --data builtin:facts --proxy cloze [--limit N] [--pool SPEC] [--json]
     qrnca-lens locate --model smollm2 --data builtin:facts --proxy cloze --out DIR [--limit N] [--pool SPEC] [--shard I/N]
-                      [--group-by language|relation|group]
+                      [--group-by language|relation|group] [--layers 0,1,2] [--ig-method fast|reference|auto]
                       [--executor ray [--address HEAD:6379] [--workers N] [--gpus-per-worker G] [--threads T]]
-    qrnca-lens evaluate DIR [--group-by language|relation|group] [--executor ray ...]
+    qrnca-lens locate --method atp|dla|activation|logprob|random|kn|no-ica|with-common ... --out DIR [--top K]
+                      [--run QRNCA_DIR]
+    qrnca-lens evaluate DIR [--budget qrnca|own|K] [--group-by language|relation|group] [--executor ray ...]
     qrnca-lens reduce DIR [--t T] [--u U] [--v V]
-    qrnca-lens lens --model smollm2 --data builtin:facts --proxy cloze --out DIR [--top K] [--compare]
+    qrnca-lens lens ... --out DIR [--top K] [--compare]     (alias of locate --method logprob)
     qrnca-lens report DIR [--group-by language|relation|group]
     qrnca-lens bench --model smollm2
     qrnca-lens exhaustive DIR --query ID [--layers 26,27,28,29]
@@ -62,9 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_numerics_args(acc)
     acc.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, mean_target_prob, n")
 
-    loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons")
+    loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons; or any "
+                                        "other registered locator (--method)")
     add_proxy_args(loc)
     loc.add_argument("--out", required=True, help="the run directory (created, or resumed if it holds this run)")
+    loc.add_argument("--method", default="qrnca",
+                     help="the locator: qrnca (default), no-ica, with-common, kn, activation, atp, dla, logprob, "
+                          "random or a registered one; the IG path is --ig-method")
+    loc.add_argument("--top", type=int, default=None,
+                     help="neurons kept per query by a ranking --method (default: the method's; 200, logprob 20; "
+                          "random: QRNCA's count from --run)")
+    loc.add_argument("--layers", default=None, help="comma-separated layers searched (default: all)")
+    loc.add_argument("--run", default=None,
+                     help="a QRNCA run directory whose stored IG scores no-ica, with-common and kn reuse (and whose QR "
+                          "neuron counts random draws); without it they locate QRNCA first")
     loc.add_argument("--shard", default=None, help="I/N: do every N-th query starting at I (0-based)")
     add_options(loc, IG)
     add_selection_args(loc)
@@ -73,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
-    lens = sub.add_parser("lens", help="the log-probability-increase lens as a locator (neurons.json schema)")
+    lens = sub.add_parser("lens", help="alias of `locate --method logprob` (plus --compare): the log-probability-"
+                                       "increase lens as a locator")
     add_proxy_args(lens)
     lens.add_argument("--out", required=True)
     add_options(lens, LENS)
@@ -85,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
     ev.add_argument("out", help="a run directory made by locate")
     add_options(ev, EVAL)
+    from ..evaluation import EvalConfig
+
+    ev.add_argument("--budget", default=None, help=EvalConfig.field_help("budget"))
     add_numerics_args(ev, run=True)
     add_executor_args(ev)
     ev.add_argument("--quiet", action="store_true")
@@ -170,6 +187,13 @@ def _check_args_early(args: argparse.Namespace) -> None:
         check_model_name(args.model)
     if args.command in ("locate", "lens", "demo"):
         _check_writable_dir(args.out, "--out")
+    if args.command == "locate" and args.method != "qrnca":
+        from .commands import check_method
+
+        check_method(args.method)
+        if (Path(args.out) / "manifest.json").exists():
+            raise QrncaError(f"--out {args.out} holds a QRNCA run; write the {args.method} result to another directory "
+                             f"(its IG scores are reused with --run {args.out})")
     if args.command == "demo" and args.langs is not None:
         if not args.languages:
             raise QrncaError("--langs picks languages of the languages demo; add --languages")

@@ -25,7 +25,7 @@ from .groups import (
 )
 
 __all__ = ["cmd_accuracy", "cmd_locate", "cmd_reduce", "cmd_evaluate", "cmd_report", "cmd_bench", "shard",
-           "print_summary", "evaluation_doc"]
+           "print_summary", "evaluation_doc", "check_method", "load_located"]
 
 
 def shard(spec: str | None) -> tuple[int, int]:
@@ -54,10 +54,10 @@ def print_summary(res: Any, path: Any) -> None:
 
 
 def evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
-    """evaluation.json, recording which selection's neurons it judged (a later reduce warns when it differs)."""
-    doc = res.to_dict()
-    doc["meta"] = {**doc.get("meta", {}), "selection": run.config.selection.to_dict()}
-    return doc
+    """evaluation.json as ``evaluate`` writes it (``evaluation.evaluation_doc``): kept here for older imports."""
+    from ..evaluation import evaluation_doc as doc
+
+    return doc(res, run)
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
@@ -77,13 +77,41 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+IG_PATHS = ("fast", "reference", "auto")  # what --method meant before it named the locator (now --ig-method)
+
+
+def check_method(name: str) -> None:
+    """``--method``: a registered locator; an IG path (the option's old meaning) names ``--ig-method``.
+
+    Example:
+        >>> check_method("auto")
+        Traceback (most recent call last):
+        ...
+        qrnca_lens.errors.QrncaError: --method names the locator now (qrnca, atp, ...); the IG path is --ig-method auto
+    """
+    if name in IG_PATHS:
+        raise QrncaError(f"--method names the locator now (qrnca, atp, ...); the IG path is --ig-method {name}")
+    from ..locators import LOCATORS
+
+    if name not in LOCATORS:
+        raise QrncaError(f"--method {name!r} is not a registered locator; choose one of {sorted(LOCATORS)}")
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
-    """``qrnca-lens locate``: attribute every query into ``--out`` (resumable), then select the QR neurons."""
+    """``qrnca-lens locate``: QRNCA attributes every query into ``--out`` (resumable), then selects the QR neurons;
+    ``--method NAME`` runs another registered locator and writes its result to ``--out``."""
     from .. import models
     from ..locate import LocateConfig, locate
 
+    method = getattr(args, "method", None) or "qrnca"
+    check_method(method)
+    layers = _layers(getattr(args, "layers", None))
+    cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args), layers=layers)
+    if method != "qrnca" or getattr(args, "run", None):
+        return _locate_method(args, method, cfg)
+    if getattr(args, "top", None) is not None:
+        raise QrncaError("--top sets how many neurons a ranking --method keeps; QRNCA's count is its selection (--v)")
     where = shard(args.shard)
-    cfg = LocateConfig(proxy=proxy_config(args), ig=ig_config(args), selection=selection_config(args))
     queries, pool = queries_and_pool(args)
     kw = _resume_load_kwargs(args)
     model = models.load_model(args.model, verbose=not args.quiet, **kw)
@@ -97,6 +125,45 @@ def cmd_locate(args: argparse.Namespace) -> int:
             ex.shutdown()
     if res is not None:
         print_summary(res, Path(args.out) / "neurons.json")
+    return 0
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layers 0,1,5`` -> (0, 1, 5); a bad value names the option."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise QrncaError(f"--layers must be comma-separated layer numbers (e.g. 0,1,5), got {text!r}") from None
+
+
+def _locate_method(args: argparse.Namespace, method: str, base: Any) -> int:
+    """``locate --method NAME`` (or ``--run DIR``): the method's ``Located``, saved to ``--out``."""
+    from dataclasses import replace
+
+    from .. import models
+    from ..locate import locate, reduce
+    from ..locators import LOCATORS, coerce_config
+
+    if args.shard is not None or args.executor != "serial":
+        raise QrncaError(f"--shard and --executor apply to QRNCA's attribution only, not to --method {method}")
+    cfg = coerce_config(LOCATORS[method], base)
+    if getattr(args, "top", None) is not None:
+        if not hasattr(cfg, "top_k"):
+            raise QrncaError(f"--top does not apply to --method {method} (its count is the QRNCA selection's)")
+        cfg = replace(cfg, top_k=args.top)
+    run = reduce(args.run, write=False) if getattr(args, "run", None) else None
+    queries, pool = queries_and_pool(args)
+    kw = run_load_kwargs(args, args.run, run.dtype, note=False) if run is not None else load_kwargs(args)
+    model = models.load_model(args.model, verbose=not args.quiet, **kw)
+    t0 = time.perf_counter()
+    res = locate(model, queries, cfg, method=method, pool=pool, out=args.out, progress=not args.quiet,
+                 name=args.model, data=args.data, group_by=grouping_config(args).group_by, run=run)
+    assert res is not None  # only QRNCA's shards leave work to others
+    s = res.neurons_json()["summary"]
+    print(f"{method}: {s['n_queries']} queries, {s['mean_qr_neurons']:.1f} neurons per query on average "
+          f"({time.perf_counter() - t0:.1f} s); wrote {Path(args.out) / 'neurons.json'}")
     return 0
 
 
@@ -132,21 +199,35 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_located(out: str | Path) -> Any:
+    """The result in a directory: a QRNCA run (``reduce(out, write=False)``) or a saved ``RankedResult``.
+
+    Example:
+        >>> load_located("runs/nowhere")   # doctest: +SKIP
+        qrnca_lens.errors.StoreError: runs/nowhere/neurons.json does not exist: ...
+    """
+    from ..locate import reduce
+    from ..located import RankedResult
+
+    if (Path(out) / "manifest.json").exists() or not (Path(out) / "neurons.json").exists():
+        return reduce(out, write=False)  # a missing run is named by the run store, with the fix
+    return RankedResult.load(out)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``qrnca-lens evaluate``: judge every locator's neurons on the run's stored prompts; write evaluation.json."""
+    """``qrnca-lens evaluate``: judge the locators' neurons on the result's stored prompts; evaluate writes
+    evaluation.json into the directory (a QRNCA run, or a ``locate --method NAME`` result)."""
     from .. import models
     from ..evaluation import evaluate
-    from ..locate import reduce
-    from ..store import write_json_atomic
 
-    run = reduce(args.out, write=False)
-    # The run's stored prompts and queries, not its data file: editing or deleting that file after
+    cfg = eval_config(args)  # a bad option fails before the model loads
+    run = load_located(args.out)
+    # The result's stored prompts and queries, not its data file: editing or deleting that file after
     # locate changes nothing here.
     queries = run.stored_queries()
     kw = run_load_kwargs(args, args.out, run.dtype, note=False)  # evaluate itself says when the dtype is unknown
     model = models.load_model(run.model, verbose=not args.quiet, **kw)
     _say_device(args, run.device, str(models.model_device(model)))
-    cfg = eval_config(args)
     t0 = time.perf_counter()
     ex = executor(args, run.model, kw["dtype"])
     try:
@@ -156,17 +237,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if ex is not None:
             ex.shutdown()
     path = Path(args.out) / "evaluation.json"
-    write_json_atomic(path, evaluation_doc(res, run))
-    print(f"\n{run.model} ({res.meta['dtype']}, {res.meta['device']}) on {run.data} ({run.config.proxy.kind}), "
-          f"{len(queries)} queries; model accuracy on the "
+    print(f"\n{run.model} ({res.meta['dtype']}, {res.meta['device']}) on {getattr(run, 'data', None)} "
+          f"({run.proxy_config().kind}), {len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
     print(res.table())
+    print(f"neurons per query: {res.meta['budget_note']}")
+    empty = {m: n for m, n in res.meta["n_empty"].items() if n}
+    if empty:
+        print("left out, no neurons: " + ", ".join(f"{m} {n} quer{'y' if n == 1 else 'ies'}" for m, n in empty.items()))
     ff = res.free_form
-    if ff:
-        print(f"free-form (QR neurons ablated at every position): log-likelihood drop {ff['qrnca']['loglik_drop']:.3f} "
-              f"vs random {ff['random']['loglik_drop']:.3f} (ratio {ff['drop_ratio'] or float('nan'):.1f}); greedy exact "
-              f"match {ff['exact_match_before']:.2f} -> {ff['qrnca']['exact_match_after']:.2f} (random: "
-              f"{ff['random']['exact_match_after']:.2f})")
+    own = ff.get("drop_ratio_of", "qrnca") if ff else None
+    if ff and own is not None and ff[own]["loglik_drop"] is not None and ff["random"]["loglik_drop"] is not None:
+        print(f"free-form ({own}'s neurons ablated at every position): log-likelihood drop "
+              f"{ff[own]['loglik_drop']:.3f} vs random {ff['random']['loglik_drop']:.3f} (ratio "
+              f"{ff['drop_ratio'] or float('nan'):.1f}); greedy exact match {ff['exact_match_before']:.2f} -> "
+              f"{ff[own]['exact_match_after']:.2f} (random: {ff['random']['exact_match_after']:.2f})")
     npred = res.neuron_prediction
     if npred and npred.get("n"):
         print(f"neuron-based prediction ({npred['note']}): {npred['neuron_accuracy']:.2f} vs the model's own "

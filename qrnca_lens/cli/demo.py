@@ -11,7 +11,7 @@ from typing import Any
 from ..data import Query
 from ..errors import QrncaError
 from ..evaluation import DEFAULT_METHODS
-from .commands import evaluation_doc, print_summary
+from .commands import print_summary
 
 __all__ = ["cmd_demo", "cmd_demo_languages", "demo_defaults", "demo_languages", "DEMO_COMPETENCE", "DEMO_METHODS", "LANGUAGE_METHODS"]
 
@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, ground_truth=gtq > 0,
                                                              ground_truth_queries=gtq or None),
                        allow_dtype_change=allow)
-    write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
+    # evaluate wrote run_dir/evaluation.json (the run has a directory)
     print(verdict.table())
     t = lap("evaluate", t)
 
@@ -244,7 +244,7 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
     verdict = evaluate(model, run, queries, pool, EvalConfig(methods=methods, group_by="language"),
                        allow_dtype_change=allow)
-    write_json_atomic(run_dir / "evaluation.json", evaluation_doc(verdict, run))
+    # evaluate wrote run_dir/evaluation.json (the run has a directory)
     print(verdict.table())
     t = lap("evaluate", t)
 

@@ -8,6 +8,7 @@ are plain argparse options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from ..attribution import IGConfig
@@ -28,7 +29,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # models.DTYPES' names (kept
 PROXY = options(ProxyConfig, ["kind", "n_prompts", "n_shots", "seed", "prepend_bos", "chat_template"],
                 kind="--proxy", n_prompts="--templates", n_shots="--shots", prepend_bos="--bos",
                 chat_template="--chat")
-IG = options(IGConfig, ["steps", "alpha_schedule", "method", "max_batch_rows", "memory_budget_mb"])
+# locate's --method names the locator; the IG path is --ig-method.
+IG = options(IGConfig, ["steps", "alpha_schedule", "method", "max_batch_rows", "memory_budget_mb"], method="--ig-method")
 SELECTION = options(SelectionConfig, ["t", "u", "v", "cluster_mode", "use_ica", "remove_common"],
                     use_ica="--no-ica", remove_common="--keep-common")
 EVAL = options(EvalConfig, ["methods", "seed", "every_position", "n_boot", "batch_size", "group_by", "ground_truth",
@@ -134,8 +136,13 @@ def selection_config(args: argparse.Namespace, base: SelectionConfig | None = No
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
-    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size --group-by``."""
-    return build(EvalConfig, args, EVAL)
+    """``EvalConfig`` from ``--methods --seed --every-position --bootstrap --batch-size --group-by --budget``."""
+    cfg = build(EvalConfig, args, EVAL)
+    budget = getattr(args, "budget", None)
+    if budget is None:
+        return cfg
+    text = str(budget).strip()
+    return dataclasses.replace(cfg, budget=int(text) if text.lstrip("-").isdigit() else text)
 
 
 def grouping_config(args: argparse.Namespace) -> GroupingConfig:

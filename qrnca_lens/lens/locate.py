@@ -8,7 +8,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from ..located import Located
 from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
 from ..neurons import NeuronSet
 from ..protocols import HookedModel
-from ..proxies import Prompt, ProxyConfig, build_all_prompts
+from ..proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
 from ..versions import library_versions, model_identity
 from .cache import lens_cache, scoring_weights
 from .config import LensConfig
@@ -37,7 +38,9 @@ class LensResult(Located):
 
     ``certified[q]``: the top-k is certified exact (topk mode) or exact (exact mode); ``target_logprob[q]``: the
     model's mean log-probability of the first target token over the query's prompts. ``neurons_json()`` is the
-    ``neurons.json`` document (no common neurons: the method has no collection-level step).
+    ``neurons.json`` document (no common neurons: the method has no collection-level step). ``prompts`` and
+    ``query_records`` (the prompts scored, the queries as they were), ``dtype``/``device`` and ``costs``
+    (``seconds``, ``seconds_per_query``, ``passes``) are what ``evaluate`` reads to judge it as ``logprob``.
 
     Example:
         >>> res = lens_locate(model, queries, ProxyConfig("cloze"), top_k=5, progress=False)  # doctest: +SKIP
@@ -59,10 +62,43 @@ class LensResult(Located):
     data: str | None = None
     versions: dict[str, Any] = field(default_factory=library_versions)
     query_fields: dict[str, dict[str, str]] = field(default_factory=dict)  # per query: language, relation
+    prompts: dict[str, list[Prompt]] = field(default_factory=dict, repr=False)
+    query_records: dict[str, Query] = field(default_factory=dict, repr=False)
+    dtype: str | None = None
+    device: str | None = None
+    costs: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def query_ids(self) -> list[str]:
         return list(self.neurons)
+
+    def locator_name(self) -> str:
+        return "logprob"
+
+    def stored_prompts(self, query_ids: Iterable[str] | None = None) -> dict[str, list[Prompt]]:
+        ids = self.query_ids if query_ids is None else list(query_ids)
+        missing = [q for q in ids if q not in self.prompts]
+        if missing:
+            raise QrncaError(f"this LensResult holds no prompts for queries {missing[:3]} (made by hand, or before "
+                             "lens_locate kept them); run lens_locate again")
+        return {q: list(self.prompts[q]) for q in ids}
+
+    def stored_queries(self, query_ids: Iterable[str] | None = None) -> list[Query]:
+        ids = self.query_ids if query_ids is None else list(query_ids)
+        missing = [q for q in ids if q not in self.query_records]
+        if missing:
+            raise QrncaError(f"this LensResult holds no queries {missing[:3]}; run lens_locate again")
+        return [self.query_records[q] for q in ids]
+
+    def stored_tokenizers(self, query_ids: Iterable[str]) -> set[str]:
+        sha = self.tokenizer.get("vocab_sha256")
+        return {sha} if sha else set()
+
+    def proxy_config(self) -> ProxyConfig:
+        if not isinstance(self.config.get("proxy"), dict):
+            raise QrncaError("this LensResult records no proxy (its config has none); run lens_locate again")
+        return ProxyConfig.from_dict(self.config["proxy"])
 
     def group_of(self, query_id: str) -> str:
         return self.groups[query_id]
@@ -88,10 +124,21 @@ class LensResult(Located):
 
 
 def _query_top(model: HookedModel, prompts: Sequence[Prompt], top_k: int, cfg: LensConfig,
-               W_out: Tensor) -> tuple[NeuronSet, bool, list[float]]:
-    """The top_k neurons of a query by log-prob increase averaged over its prompts (exact; certified in topk mode)."""
+               W_out: Tensor, layers: Sequence[int] | None = None) -> tuple[NeuronSet, bool, list[float]]:
+    """The top_k neurons of a query by log-prob increase averaged over its prompts (exact; certified in topk mode).
+
+    ``layers``: only these layers are searched; every neuron of them is scored exactly (the top-k mode's
+    certificate ranks every layer's bounds together, so a subset is scored in full).
+    """
     L, dm = W_out.shape[0], W_out.shape[1]
     cache = lens_cache(model, prompts, check_tol=cfg.check_tol)
+    if layers is not None:
+        a = cache.coefficients
+        part = torch.stack([layer_neuron_scores(W_out[layer], cache.lens.U, cache.layer_logits(layer), a[:, layer],
+                                                cache.targets, cfg) for layer in layers], dim=1)
+        chosen = top_from_scores(part.mean(0), min(top_k, len(layers) * dm))
+        neurons = NeuronSet([(layers[i], n, x) for i, n, x in chosen.to_list()])
+        return neurons, True, cache.model_logp.cpu().tolist()
     k = min(top_k, L * dm)
     if cfg.mode == "exact":
         a = cache.coefficients
@@ -113,6 +160,7 @@ def lens_locate(
     progress: bool = True,
     cfg: LensConfig = LensConfig(mode="topk"),
     prompts: dict[str, list[Prompt]] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> LensResult:
     """The log-prob-increase locator: each query's top_k FFN neurons, as a ``LensResult``.
 
@@ -132,6 +180,7 @@ def lens_locate(
         cfg: ``mode="topk"`` (certified) or ``"exact"``, and the engine settings.
         prompts: query id -> its prompts, used as they are (e.g. the very prompts another locator ranked on);
             otherwise they are built with ``build_all_prompts(queries, proxy_cfg, ...)``.
+        layers: search only these layers (default: all); each of their neurons is scored exactly.
 
     Returns:
         A ``LensResult``: ``qr_neurons(q)``, ``certified[q]``, ``target_logprob[q]``; ``neurons_json()`` is the
@@ -159,6 +208,14 @@ def lens_locate(
         missing = [q for q in ids if not prompts.get(q)]
         if missing:
             raise QrncaError(f"no prompts given for queries {missing[:3]}; pass every query's prompts, or none")
+    L = n_layers(model)
+    if layers is not None:
+        layers = list(dict.fromkeys(int(x) for x in layers))
+        bad = [x for x in layers if not 0 <= x < L]
+        if not layers or bad:
+            raise QrncaError(f"layers {bad or 'none'} are not layers of this {L}-layer model; give layer numbers "
+                             f"0..{L - 1}, or None for all")
+    t0 = time.perf_counter()
     W_out = scoring_weights(model, [p for ps in prompts.values() for p in ps])
     it: Any = queries
     if progress:
@@ -171,7 +228,7 @@ def lens_locate(
     fields: dict[str, dict[str, str]] = {}
     with torch.no_grad():
         for q in it:
-            neurons[q.id], certified[q.id], logps = _query_top(model, prompts[q.id], top_k, cfg, W_out)
+            neurons[q.id], certified[q.id], logps = _query_top(model, prompts[q.id], top_k, cfg, W_out, layers)
             logp[q.id] = sum(logps) / len(logps)
             # The report regroups by these, so neurons.json carries them.
             fields[q.id] = {k: getattr(q, k) for k in ("language", "relation") if getattr(q, k)}
@@ -183,6 +240,15 @@ def lens_locate(
         "proxy": proxy.to_dict(),
         "lens": cfg.to_dict(),
     }
+    from ..locate import model_numerics
+
+    held = model_numerics(model)
+    seconds = time.perf_counter() - t0
+    n_prompts = sum(len(prompts[q]) for q in ids)
     return LensResult(config=config, model=model_name(model), model_identity=model_identity(model),
-                      layers=list(range(n_layers(model))), groups={q.id: q.group for q in queries},
-                      neurons=neurons, certified=certified, target_logprob=logp, query_fields=fields)
+                      layers=list(layers) if layers is not None else list(range(L)),
+                      groups={q.id: q.group for q in queries}, neurons=neurons, certified=certified,
+                      target_logprob=logp, query_fields=fields, prompts={q: list(prompts[q]) for q in ids},
+                      query_records={q.id: q for q in queries}, dtype=held["dtype"], device=held["device"],
+                      costs={"seconds": seconds, "seconds_per_query": seconds / len(ids), "passes": n_prompts},
+                      tokenizer=tokenizer_identity(tokenizer_of(model)))
