@@ -146,8 +146,11 @@ class _Part(Config, Mapping[str, Any]):
         return len(self._view())
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return self.to_dict() == _plain(dict(other))
+        if isinstance(other, Mapping):  # a field not measured (None) equals one left out of the dict
+            def measured(d: Mapping[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in d.items() if v is not None}
+
+            return measured(self.to_dict()) == measured(_plain(dict(other)))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
@@ -539,6 +542,13 @@ class EvaluationResult(Config):
     def notes(self) -> list[str]:
         """What the table's less obvious columns mean, for the parts this evaluation holds."""
         notes = []
+        budget = self.meta.get("budget_note")
+        if budget:
+            notes.append(f"neurons per query: {budget}")
+        empty = {m: n for m, n in (self.meta.get("n_empty") or {}).items() if n}
+        if empty:
+            notes.append("left out (no neurons for the query): "
+                         + ", ".join(f"{m} {n} of {self.meta.get('n_queries', '?')}" for m, n in empty.items()))
         if self.ground_truth:
             notes.append(f"GT: agreement with exact single-neuron zero-ablation on each query's candidates "
                          f"(union of the locators' top-{self.ground_truth.k} + as many random)")

@@ -310,7 +310,8 @@ def evaluate(
     if progress:
         print(f"evaluate: {len(items)} scored rows ({len(methods)} methods x boost/suppress x related/unrelated "
               f"+ {len(flat)} clean prompts); neurons per query: {_budget_note(budget)}")
-    scored = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size, engine=cfg.engine)
+    scored = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size, engine=cfg.engine,
+                            progress=progress)
     clean = scored[: len(flat)]
     before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
     correct_before = {(qid, i): s.correct for (qid, i, _), s in zip(flat, clean)}
@@ -375,7 +376,7 @@ def evaluate(
         own_sets = sets[own] if own in sets else cut_to({own: {i: located.qr_neurons(i) for i in ids}}, counts)[own]
         result.neuron_prediction = _neuron_prediction(model, queries, prompts, own_sets, cfg, own, progress)
     if cfg.symbol_binding and proxy.kind == "mcqa-letter":
-        result.symbol_binding = _symbol_binding(model, prompts, sets, empty, proxy, cfg, ex)
+        result.symbol_binding = _symbol_binding(model, prompts, sets, empty, proxy, cfg, ex, progress)
     if cfg.ground_truth:
         from .data import limit_per_group
         from .ground_truth import ground_truth
@@ -445,7 +446,8 @@ def _empty_sets(sets: dict[str, dict[str, NeuronSet]], ids: Sequence[str]) -> di
 
 
 def _symbol_binding(model: HookedModel, prompts: dict[str, list[Prompt]], sets: dict[str, dict[str, NeuronSet]],
-                    empty: dict[str, set[str]], proxy: ProxyConfig, cfg: EvalConfig, ex: Any) -> dict[str, Any]:
+                    empty: dict[str, set[str]], proxy: ProxyConfig, cfg: EvalConfig, ex: Any,
+                    progress: bool = False) -> dict[str, Any]:
     """The letter control on each method's non-empty queries: one call per distinct set of such queries."""
     from .symbol_binding import symbol_binding
 
@@ -458,7 +460,7 @@ def _symbol_binding(model: HookedModel, prompts: dict[str, list[Prompt]], sets: 
         if not ps:
             continue
         got = symbol_binding(model, ps, {m: {q: sets[m][q] for q in ps} for m in ms}, seed=cfg.seed, proxy=proxy,
-                             batch_size=cfg.batch_size, engine=cfg.engine, executor=ex).to_dict()
+                             batch_size=cfg.batch_size, engine=cfg.engine, executor=ex, progress=progress).to_dict()
         if not merged:
             merged = got
             continue
@@ -526,7 +528,7 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
         sets["random"] = neuron_sets(["random"], ctx)["random"]
     flat = [(q.id, p) for q in queries for p in prompts[q.id]]
     res: dict[str, Any] = {"intervention": "suppress (x0) at every position", "n_prompts": len(flat)}
-    base = score_items(model, [(p, None) for _, p in flat], batch_size=cfg.batch_size)
+    base = score_items(model, [(p, None) for _, p in flat], batch_size=cfg.batch_size, progress=progress)
     base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size, progress, "free-form greedy (clean)")
     res["exact_match_before"] = float(np.mean([g == tuple(p.target) for g, (_, p) in zip(base_gen, flat)]))
     drops: dict[str, float | None] = {}
@@ -542,7 +544,7 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
             res[name] = {"loglik_drop": None, "exact_match_after": None, "n_empty": len(queries)}
             continue
         items = [(flat[k][1], (sets[name][flat[k][0]], SUPPRESS)) for k in rows]
-        after = score_items(model, items, every_position=True, batch_size=cfg.batch_size)
+        after = score_items(model, items, every_position=True, batch_size=cfg.batch_size, progress=progress)
         gen = _greedy(model, items, cfg.batch_size, progress, f"free-form greedy ({name})")
         d = [base[k].target_logprob - a.target_logprob for k, a in zip(rows, after)]
         drops[name] = float(np.mean(d))

@@ -240,11 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\n{run.model} ({res.meta['dtype']}, {res.meta['device']}) on {getattr(run, 'data', None)} "
           f"({run.proxy_config().kind}), {len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
-    print(res.table())
-    print(f"neurons per query: {res.meta['budget_note']}")
-    empty = {m: n for m, n in res.meta["n_empty"].items() if n}
-    if empty:
-        print("left out, no neurons: " + ", ".join(f"{m} {n} quer{'y' if n == 1 else 'ies'}" for m, n in empty.items()))
+    print(res.table())  # its notes say the neuron budget and the queries left out for having no neurons
     ff = res.free_form
     own = ff.get("drop_ratio_of", "qrnca") if ff else None
     if ff and own is not None and ff[own]["loglik_drop"] is not None and ff["random"]["loglik_drop"] is not None:
