@@ -107,6 +107,18 @@ class Config:
         """JSON-ready fields: nested configs as dicts, tuples as lists."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    def _repr_html_(self) -> str:
+        """Notebook display: the class name and one row per field (long values cut; subclasses show more)."""
+        import html
+
+        def cell(v: Any) -> str:
+            text = repr(v)
+            return html.escape(text if len(text) <= 120 else text[:117] + "...")
+
+        rows = "".join(f"<tr><td>{f.name}</td><td><code>{cell(getattr(self, f.name))}</code></td></tr>"
+                       for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"<b>{type(self).__name__}</b><table>{rows}</table>"
+
     def to_record(self) -> dict[str, Any]:
         """``to_dict()`` plus the library version, for what is written to disk."""
         from .versions import PACKAGE_VERSION

@@ -371,6 +371,12 @@ class Selection:
     counts: Int[Tensor, "layer d_mlp"]
     n_clusters: int
 
+    def _repr_html_(self) -> str:
+        counts = [len(v[0]) for v in self.qr.values()]
+        mean = sum(counts) / len(counts) if counts else 0.0
+        return (f"<b>Selection</b>: {len(self.qr)} queries, {mean:.1f} QR neurons each on average, "
+                f"{len(self.common)} common neurons, {self.n_clusters} clusters")
+
     def qr_lists(self) -> dict[str, list[list[Any]]]:
         """``{query_id: [[layer, neuron, naica], ...]}`` with Python ints and floats (JSON-ready)."""
         return {q: [[int(a), int(b), float(x)] for (a, b), x in zip(idx.tolist(), val.tolist())]

@@ -341,3 +341,23 @@ def test_write_report_of_a_saved_result_reads_its_evaluation_json(tmp_path, tiny
     assert "<b>mine</b>" in shown and "<b>atp</b>" not in shown
     with pytest.raises(QrncaError, match="write_report takes a run directory or a located result"):
         write_report(42, out=tmp_path / "x.html")
+
+
+def test_every_result_type_displays_itself_in_a_notebook():
+    """A notebook shows any result as HTML: the Config base gives each config/result a field table; the
+    lens's TopNeurons and the Selection say what they hold."""
+    import torch
+
+    from qrnca_lens.ground_truth import GroundTruthResult
+    from qrnca_lens.lens.exact import top_from_scores
+    from qrnca_lens.locate import LocateConfig
+    from qrnca_lens.selection import Cluster, SelectionConfig, select
+
+    cfg_html = LocateConfig()._repr_html_()
+    assert cfg_html.startswith("<b>LocateConfig</b>") and "<td>proxy</td>" in cfg_html
+    assert hasattr(GroundTruthResult, "_repr_html_")
+    top = top_from_scores(torch.tensor([[0.0, 3.0], [2.0, 1.0]]), 2)
+    assert "certified" in top._repr_html_() and "<table" in top._repr_html_()
+    a = Cluster(torch.tensor([[0, 0], [1, 1]]), torch.tensor([3.0, 1.0]), shape=(2, 2))
+    sel = select({"a": a, "b": a}, SelectionConfig(u=0.5))
+    assert "2 queries" in sel._repr_html_() and "common neurons" in sel._repr_html_()

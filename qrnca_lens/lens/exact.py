@@ -159,6 +159,13 @@ class TopNeurons:
     def to_list(self) -> list[list[Any]]:
         return [[int(a), int(b), float(s)] for (a, b), s in zip(self.neurons.tolist(), self.scores.tolist())]
 
+    def _repr_html_(self) -> str:
+        from ..neurons import NeuronSet
+
+        head = (f"top {len(self.scores)} ({'certified' if self.certified else 'not certified'}, "
+                f"{self.rescored} rescored exactly, k-th score {self.threshold:.4g})")
+        return f"<b>TopNeurons</b> {head}" + NeuronSet(self.to_list())._repr_html_()
+
 
 def top_from_scores(scores: Float[Tensor, "layer d_mlp"], k: int) -> TopNeurons:
     """The top k of a full score table (certified: every neuron was scored)."""
