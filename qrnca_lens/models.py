@@ -47,6 +47,7 @@ __all__ = [
     "model_dtype",
     "DTYPES",
     "dtype_name",
+    "model_numerics",
     "parse_dtype",
     "W_out",
     "W_U",
@@ -530,6 +531,11 @@ def dtype_name(dtype: torch.dtype) -> str:
         'bfloat16'
     """
     return str(dtype).removeprefix("torch.")
+
+
+def model_numerics(model: HookedModel) -> dict[str, str]:
+    """``{"dtype": "bfloat16", "device": "cuda:0"}``: how the model's weights are held, as a run records it."""
+    return {"dtype": dtype_name(model_dtype(model)), "device": str(model_device(model))}
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..data import QueriesLike, Query, as_queries
 from ..errors import QrncaError
 from ..located import Located
-from ..models import default_prepend_bos, model_name, n_layers, tokenizer_of
+from ..models import default_prepend_bos, model_name, model_numerics, n_layers, tokenizer_of
 from ..neurons import NeuronSet
 from ..protocols import HookedModel
 from ..proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
@@ -193,6 +193,35 @@ def lens_locate(
         True
     """
     queries = as_queries(queries)
+    proxy, prompts, layers, L = _lens_inputs(model, queries, proxy_cfg, top_k=top_k, pool=pool, prompts=prompts,
+                                             layers=layers)
+    ids = [q.id for q in queries]
+    t0 = time.perf_counter()
+    neurons, certified, logp, fields = _rank_queries(model, queries, prompts, top_k, cfg, layers, progress)
+    config = {
+        "method": "logprob-increase",
+        "score": "log-probability increase of the first target token at the target position, averaged over "
+                 "the query's prompts",
+        "top_k": top_k,
+        "proxy": proxy.to_dict(),
+        "lens": cfg.to_dict(),
+    }
+    held = model_numerics(model)
+    seconds = time.perf_counter() - t0
+    n_prompts = sum(len(prompts[q]) for q in ids)
+    return LensResult(config=config, model=model_name(model), model_identity=model_identity(model),
+                      layers=list(layers) if layers is not None else list(range(L)),
+                      groups={q.id: q.group for q in queries}, neurons=neurons, certified=certified,
+                      target_logprob=logp, query_fields=fields, prompts={q: list(prompts[q]) for q in ids},
+                      query_records={q.id: q for q in queries}, dtype=held["dtype"], device=held["device"],
+                      costs={"seconds": seconds, "seconds_per_query": seconds / len(ids), "passes": n_prompts},
+                      tokenizer=tokenizer_identity(tokenizer_of(model)))
+
+
+def _lens_inputs(model: HookedModel, queries: list[Query], proxy_cfg: ProxyConfig, *, top_k: int,
+                 pool: Sequence[Query] | None, prompts: dict[str, list[Prompt]] | None,
+                 layers: Sequence[int] | None) -> tuple[ProxyConfig, dict[str, list[Prompt]], list[int] | None, int]:
+    """lens_locate's checked inputs: the proxy with BOS resolved, every query's prompts, the layers, the depth L."""
     if top_k < 1:
         raise QrncaError(f"top_k must be at least 1, got {top_k}")
     if not queries:
@@ -209,13 +238,20 @@ def lens_locate(
         if missing:
             raise QrncaError(f"no prompts given for queries {missing[:3]}; pass every query's prompts, or none")
     L = n_layers(model)
+    searched = None
     if layers is not None:
-        layers = list(dict.fromkeys(int(x) for x in layers))
-        bad = [x for x in layers if not 0 <= x < L]
-        if not layers or bad:
+        searched = list(dict.fromkeys(int(x) for x in layers))
+        bad = [x for x in searched if not 0 <= x < L]
+        if not searched or bad:
             raise QrncaError(f"layers {bad or 'none'} are not layers of this {L}-layer model; give layer numbers "
                              f"0..{L - 1}, or None for all")
-    t0 = time.perf_counter()
+    return proxy, prompts, searched, L
+
+
+def _rank_queries(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]], top_k: int,
+                  cfg: LensConfig, layers: list[int] | None, progress: bool,
+                  ) -> tuple[dict[str, NeuronSet], dict[str, bool], dict[str, float], dict[str, dict[str, str]]]:
+    """Each query's top_k neurons, whether certified, its mean target log-prob and its language/relation."""
     W_out = scoring_weights(model, [p for ps in prompts.values() for p in ps])
     it: Any = queries
     if progress:
@@ -232,23 +268,4 @@ def lens_locate(
             logp[q.id] = sum(logps) / len(logps)
             # The report regroups by these, so neurons.json carries them.
             fields[q.id] = {k: getattr(q, k) for k in ("language", "relation") if getattr(q, k)}
-    config = {
-        "method": "logprob-increase",
-        "score": "log-probability increase of the first target token at the target position, averaged over "
-                 "the query's prompts",
-        "top_k": top_k,
-        "proxy": proxy.to_dict(),
-        "lens": cfg.to_dict(),
-    }
-    from ..locate import model_numerics
-
-    held = model_numerics(model)
-    seconds = time.perf_counter() - t0
-    n_prompts = sum(len(prompts[q]) for q in ids)
-    return LensResult(config=config, model=model_name(model), model_identity=model_identity(model),
-                      layers=list(layers) if layers is not None else list(range(L)),
-                      groups={q.id: q.group for q in queries}, neurons=neurons, certified=certified,
-                      target_logprob=logp, query_fields=fields, prompts={q: list(prompts[q]) for q in ids},
-                      query_records={q.id: q for q in queries}, dtype=held["dtype"], device=held["device"],
-                      costs={"seconds": seconds, "seconds_per_query": seconds / len(ids), "passes": n_prompts},
-                      tokenizer=tokenizer_identity(tokenizer_of(model)))
+    return neurons, certified, logp, fields
