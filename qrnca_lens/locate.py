@@ -6,6 +6,13 @@ every query of the run is done, the collection-level reduce (clusters, ICA, comm
 from the stored scores and writes ``DIR/neurons.json``. ``reduce(DIR, selection)`` reruns just that step in
 seconds, with other t/u/v if asked (t re-thresholds the stored scores; nothing is re-attributed).
 
+``locate(..., method=NAME)`` runs any other registered locator (``locators.LOCATORS``: atp, dla, activation,
+logprob, random, kn, no-ica, with-common, or one of yours) and returns its ``Located`` (a ``RankedResult`` for
+the built-ins), saved to ``out`` when given (no resume: it is written once, at the end). ``cfg`` is then the
+method's config (``LOCATORS[method].config_class``: ``RankConfig`` for atp/dla/activation, ``RandomConfig``,
+``LogprobConfig``, ``LocateConfig`` for the IG-based ones), or any config with ``proxy`` and ``layers`` (e.g. a
+``LocateConfig``), whose proxy and layers it takes.
+
 Example:
     >>> from qrnca_lens import load_data, load_model
     >>> model = load_model("smollm2")                                        # doctest: +SKIP
@@ -39,10 +46,8 @@ from .models import (
     ModelRef,
     d_mlp,
     default_prepend_bos,
-    dtype_name,
-    model_device,
-    model_dtype,
     model_name,
+    model_numerics,  # re-exported: locators and the report still import it from here
     model_source,
     tokenizer_of,
 )
@@ -278,11 +283,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-def model_numerics(model: HookedModel) -> dict[str, str]:
-    """``{"dtype": "bfloat16", "device": "cuda:0"}``: how the model's weights are held, as a run records it."""
-    return {"dtype": dtype_name(model_dtype(model)), "device": str(model_device(model))}
-
-
 def _manifest(model: str, data: str | None, cfg: LocateConfig, layers: list[int], groups: dict[str, str],
               shape: list[int], identity: dict[str, Any] | None, pool: str | None = None,
               group_by: str = "group", numerics: Mapping[str, str | None] | None = None) -> dict[str, Any]:
@@ -374,12 +374,8 @@ def locate(
     collection. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With
     shards, the last one to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
 
-    Any other registered method (``locators.LOCATORS``: atp, dla, activation, logprob, random, kn, no-ica,
-    with-common, or one of yours) returns its ``Located`` (a ``RankedResult`` for the built-ins), saved to
-    ``out`` when given (no resume: it is written once, at the end). ``cfg`` is the method's config
-    (``LOCATORS[method].config_class``: ``RankConfig`` for atp/dla/activation, ``RandomConfig``,
-    ``LogprobConfig``, ``LocateConfig`` for the IG-based ones), or any config with ``proxy`` and ``layers``
-    (e.g. a ``LocateConfig``), whose proxy and layers it takes.
+    Any other registered method returns its ``Located``, saved to ``out`` when given (see the module docstring
+    for the methods and their configs).
 
     Args:
         model: the TL model.
@@ -417,18 +413,50 @@ def locate(
     """
     queries = as_queries(queries)
     if method != "qrnca" or run is not None:
-        if shard != (0, 1) or executor is not None:
-            raise QrncaError(f"shard= and executor= apply to QRNCA's attribution only, not to method {method!r}; "
-                             "leave them out")
-        from .locators import locate_with
-
-        given = {q: list(ps) for q, ps in prompts.items()} if prompts is not None else None
-        return locate_with(method, model, queries, cfg, pool=pool, out=out, progress=progress, name=name,
-                           data=data, group_by=group_by, prompts=given, run=run, seed=seed)
+        return _locate_other(method, model, queries, cfg, pool=pool, out=out, shard=shard, progress=progress,
+                             name=name, data=data, executor=executor, group_by=group_by, prompts=prompts, run=run,
+                             seed=seed)
     if not isinstance(cfg, LocateConfig):
         from .locators import LOCATORS, coerce_config
 
         cfg = coerce_config(LOCATORS["qrnca"], cfg)
+    cfg, built, records, store, name, by, held = _prepare_run(
+        model, queries, cfg, pool=pool, out=out, name=name, data=data, pool_spec=pool_spec, group_by=group_by,
+        allow_dtype_change=allow_dtype_change, prompts=prompts)
+    # One process per shard: a second one on the same shard is refused; other shards run alongside.
+    with store.shard_lock(*shard) if store else nullcontext():
+        return _attribute_and_reduce(model, queries, built, records, cfg, store, shard=shard, progress=progress,
+                                     executor=executor, name=name, data=data, group_by=by, held=held)
+
+
+def _locate_other(method: str, model: HookedModel, queries: list[Query], cfg: Any, *, pool: Sequence[Query] | None,
+                  out: str | Path | None, shard: tuple[int, int], progress: bool, name: str | None,
+                  data: str | None, executor: Executor | None, group_by: str | None,
+                  prompts: Mapping[str, Sequence[Prompt]] | None, run: LocateResult | None,
+                  seed: int) -> Located | None:
+    """locate with a registered method other than QRNCA (or QRNCA reusing ``run``): ``locators.locate_with``."""
+    if shard != (0, 1) or executor is not None:
+        raise QrncaError(f"shard= and executor= apply to QRNCA's attribution only, not to method {method!r}; "
+                         "leave them out")
+    from .locators import locate_with
+
+    given = {q: list(ps) for q, ps in prompts.items()} if prompts is not None else None
+    return locate_with(method, model, queries, cfg, pool=pool, out=out, progress=progress, name=name,
+                       data=data, group_by=group_by, prompts=given, run=run, seed=seed)
+
+
+def _prepare_run(model: HookedModel, queries: list[Query], cfg: LocateConfig, *, pool: Sequence[Query] | None,
+                 out: str | Path | None, name: str | None, data: str | None, pool_spec: str | None,
+                 group_by: str | None, allow_dtype_change: bool, prompts: Mapping[str, Sequence[Prompt]] | None,
+                 ) -> tuple[LocateConfig, dict[str, list[Prompt]], dict[str, dict[str, Any]], RunStore | None, str,
+                            str, dict[str, str]]:
+    """QRNCA's run before any attribution: checks, resolved layers and proxy, prompts, records, the open store.
+
+    Returns:
+        ``(cfg, prompts, records, store, name, group_by, numerics)``: the config as recorded (layers and BOS
+        resolved), each query's prompts and stored record, the run store (None without ``out``), the model's
+        name, the grouping and the model's dtype and device.
+    """
     _check_queries(queries)
     check_group_by(group_by)
     regroup(queries, by := group_by or "group")  # a query without the field fails now, not after the attribution
@@ -454,10 +482,7 @@ def locate(
                           allow_dtype_change=allow_dtype_change) if out else None
     # What each query file stores next to its scores: the very prompts attributed, the query, the proxy.
     records = {q.id: _prompt_record(by_id[q.id], built[q.id], proxy, tok_id) for q in queries}
-    # One process per shard: a second one on the same shard is refused; other shards run alongside.
-    with store.shard_lock(*shard) if store else nullcontext():
-        return _attribute_and_reduce(model, queries, built, records, cfg, store, shard=shard, progress=progress,
-                                     executor=executor, name=name, data=data, group_by=by, held=held)
+    return cfg, built, records, store, name, by, held
 
 
 def _attribute_and_reduce(model: HookedModel, queries: Sequence[Query], prompts: dict[str, Any],
