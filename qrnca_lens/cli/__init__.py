@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import QrncaError
 from .args import add_options
@@ -36,33 +37,17 @@ from .args import add_options
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``qrnca-lens`` parser; options that mirror a config field take their default from the dataclass.
-
-    Example:
-        >>> build_parser().parse_args(["reduce", "runs/facts", "--v", "5"]).v
-        5
-    """
-    from .demo import DEMO_METHODS, LANGUAGE_METHODS
-    from .groups import (
-        BENCH,
-        EVAL,
-        GROUPING,
-        IG,
-        LENS,
-        add_executor_args,
-        add_numerics_args,
-        add_proxy_args,
-        add_selection_args,
-    )
-
-    parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_accuracy(sub: Any) -> None:
+    from .groups import add_numerics_args, add_proxy_args
 
     acc = sub.add_parser("accuracy", help="is the model competent on a proxy? accuracy and mean target probability")
     add_proxy_args(acc)
     add_numerics_args(acc)
     acc.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, mean_target_prob, n")
+
+
+def _add_locate(sub: Any) -> None:
+    from .groups import GROUPING, IG, add_executor_args, add_numerics_args, add_proxy_args, add_selection_args
 
     loc = sub.add_parser("locate", help="QRNCA: attribute each query (resumable), then select QR neurons; or any "
                                         "other registered locator (--method)")
@@ -86,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_args(loc)
     loc.add_argument("--quiet", action="store_true")
 
+
+def _add_lens(sub: Any) -> None:
+    from .groups import LENS, add_numerics_args, add_proxy_args
+
     lens = sub.add_parser("lens", help="alias of `locate --method logprob` (plus --compare): the log-probability-"
                                        "increase lens as a locator")
     add_proxy_args(lens)
@@ -96,15 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write DIR/lens.json: the paper's 7 alternative scores, top-k ablated vs random")
     lens.add_argument("--quiet", action="store_true")
 
+
+def _add_evaluate(sub: Any) -> None:
+    from ..evaluation import EvalConfig
+    from .groups import EVAL, add_executor_args, add_numerics_args
+
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
     ev.add_argument("out", help="a run directory made by locate")
     add_options(ev, EVAL)
-    from ..evaluation import EvalConfig
-
     ev.add_argument("--budget", default=None, help=EvalConfig.field_help("budget"))
     add_numerics_args(ev, run=True)
     add_executor_args(ev)
     ev.add_argument("--quiet", action="store_true")
+
+
+def _add_report(sub: Any) -> None:
+    from .groups import GROUPING, add_numerics_args
 
     rep = sub.add_parser("report", help="write DIR/report.html: maps, projections, evaluation, circuitsvis views (offline)")
     rep.add_argument("out", help="the run directory")
@@ -114,10 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(rep, GROUPING)
     add_numerics_args(rep, run=True)
 
+
+def _add_reduce(sub: Any) -> None:
+    from .groups import add_selection_args
+
     red = sub.add_parser("reduce", help="rerun the collection-level selection from a run's stored scores; the "
                                         "flags change the run's recorded selection, which evaluate and report use")
     red.add_argument("out")
     add_selection_args(red, defaults=False)
+
+
+def _add_bench(sub: Any) -> None:
+    from .groups import BENCH, add_numerics_args
 
     bench = sub.add_parser("bench", help="fast vs reference IG on identical work; prints a JSON line last")
     bench.add_argument("--model", default="smollm2")
@@ -131,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(bench, BENCH[2:])  # --memory-budget-mb
     add_numerics_args(bench)
 
+
+def _add_exhaustive(sub: Any) -> None:
+    from .groups import add_numerics_args
+
     exh = sub.add_parser("exhaustive", help="ground truth for one prompt: every neuron of some layers zero-ablated")
     exh.add_argument("out", help="a run directory made by locate")
     exh.add_argument("--query", required=True, help="the query id (its stored prompts are used)")
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     exh.add_argument("--layers", default=None, help="comma-separated layers (default: the top 4; all is slow)")
     exh.add_argument("--top", type=int, default=10, help="neurons printed, by |effect|")
     add_numerics_args(exh, run=True)
+
+
+def _add_demo(sub: Any) -> None:
+    from .demo import DEMO_METHODS, LANGUAGE_METHODS
+    from .groups import add_numerics_args
 
     demo = sub.add_parser("demo", help="the main job on the embedded default model and the built-in data")
     # None: the English demo's defaults (smollm2, 6, runs/demo), or with --languages gemma3-270m, 1,
@@ -162,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --languages: comma-separated languages to run (default: all of builtin:languages; "
                            "each costs 5 queries of IG)")
     add_numerics_args(demo, allow=True)
+
+
+# The sub-commands in the order ``--help`` lists them; each adds its subparser and options.
+_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (
+    _add_accuracy, _add_locate, _add_lens, _add_evaluate, _add_report, _add_reduce, _add_bench, _add_exhaustive,
+    _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qrnca-lens`` parser; options that mirror a config field take their default from the dataclass.
+
+    Example:
+        >>> build_parser().parse_args(["reduce", "runs/facts", "--v", "5"]).v
+        5
+    """
+    parser = argparse.ArgumentParser(prog="qrnca-lens", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -101,6 +101,30 @@ def demo_languages(args: argparse.Namespace, pool: Sequence[Query]) -> list[str]
     return [x for x in have if x in asked]
 
 
+def _demo_competence(model: Any, out: Path, name: str, per: int) -> None:
+    """Stage 1 of the English demo: accuracy on every ``DEMO_COMPETENCE`` pair, written to ``out/accuracy.json``."""
+    from ..data import limit_per_group, load_data
+    from ..proxies import ProxyConfig
+    from ..scoring import accuracy
+    from ..store import write_json_atomic
+
+    print(f"\n== 1. Is the model competent on each proxy? (accuracy over prompts, first {per} queries per group; "
+          "--competence-per-group 10 for the full check)")
+    rows = []
+    for data, proxy in DEMO_COMPETENCE:
+        pool = load_data(data)
+        res = accuracy(model, limit_per_group(pool, per), ProxyConfig.from_dict({"kind": proxy}), pool=pool,
+                       progress=True)
+        row = res.to_dict()
+        row["proxy_config"] = row.pop("proxy")  # keep the full config; "proxy" names the proxy
+        rows.append({"data": data, "proxy": proxy, **row})
+    write_json_atomic(out / "accuracy.json", {"model": name, "runs": rows})
+    for r in rows:
+        chance = f"{r['chance']:.2f}" if r["chance"] is not None else "-"
+        print(f"  {r['data']:<16} {r['proxy']:<12} accuracy {r['accuracy']:.3f}  chance {chance:<5} "
+              f"mean p(target) {r['mean_target_prob']:.3f}  n {r['n']}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Competence on every proxy, then QRNCA on the proxy the model is competent at, proved and reported.
 
@@ -124,7 +148,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..locate import LocateConfig, locate
     from ..proxies import ProxyConfig
     from ..render.report import write_report
-    from ..scoring import accuracy
     from ..store import write_json_atomic
 
     t0 = time.perf_counter()
@@ -134,21 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = lap("load model", t0)
 
     per = args.competence_per_group
-    print(f"\n== 1. Is the model competent on each proxy? (accuracy over prompts, first {per} queries per group; "
-          "--competence-per-group 10 for the full check)")
-    rows = []
-    for data, proxy in DEMO_COMPETENCE:
-        pool = load_data(data)
-        res = accuracy(model, limit_per_group(pool, per), ProxyConfig.from_dict({"kind": proxy}), pool=pool,
-                       progress=True)
-        row = res.to_dict()
-        row["proxy_config"] = row.pop("proxy")  # keep the full config; "proxy" names the proxy
-        rows.append({"data": data, "proxy": proxy, **row})
-    write_json_atomic(out / "accuracy.json", {"model": args.model, "runs": rows})
-    for r in rows:
-        chance = f"{r['chance']:.2f}" if r["chance"] is not None else "-"
-        print(f"  {r['data']:<16} {r['proxy']:<12} accuracy {r['accuracy']:.3f}  chance {chance:<5} "
-              f"mean p(target) {r['mean_target_prob']:.3f}  n {r['n']}")
+    _demo_competence(model, out, args.model, per)
     t = lap("competence", t)
 
     print(f"\n== 2. QRNCA on builtin:facts with the cloze proxy ({args.limit} queries per relation)")
