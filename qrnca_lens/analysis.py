@@ -41,7 +41,7 @@ import numpy as np
 from jaxtyping import Float
 
 from .errors import QrncaError
-from .neurons import NeuronSet, NeuronsLike
+from .neurons import NeuronSet, NeuronsLike, top_pooled
 from .protocols import HookedModel
 
 __all__ = [
@@ -285,13 +285,9 @@ def most_shared_neurons(
 
 def top_group_neurons(doc: Mapping[str, Any], group: str | None = None, k: int = 5) -> list[tuple[Neuron, float]]:
     """A group's (or the run's) ``k`` neurons with the largest accumulated naica; ties (layer, neuron) ascending."""
-    acc: dict[Neuron, float] = {}
-    for e in _queries(doc).values():
-        if group is not None and str(e.get("group", "-")) != group:
-            continue
-        for layer, n, x in query_neurons(e):
-            acc[(layer, n)] = acc.get((layer, n), 0.0) + x
-    return sorted(acc.items(), key=lambda r: (-r[1], r[0]))[:k]
+    chosen = (query_neurons(e) for e in _queries(doc).values()
+              if group is None or str(e.get("group", "-")) == group)
+    return [((layer, n), x) for layer, n, x in top_pooled(chosen, k)]
 
 
 # ---------------------------------------------------------------- summaries

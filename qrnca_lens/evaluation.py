@@ -2,7 +2,15 @@
 
 ``evaluate(model, located)`` judges any ``Located``: a QRNCA ``LocateResult`` (methods default to
 ``DEFAULT_METHODS``), or another method's result (a ``RankedResult`` from ``locate(..., method="atp")``, a
-``LensResult``; methods default to its own and ``random``). Every stage reads the prompts the located stored.
+``LensResult``; methods default to its own and ``random``), whose own neurons are judged as it found them.
+Every stage reads the prompts the located stored when it located each query (``stored_prompts``), never
+rebuilt ones, so the data file may change or vanish after ``locate`` without changing the verdict (``pool``
+is therefore ignored).
+
+**Dtype.** A result is judged with a model of the dtype it records; another dtype is refused in one line
+unless ``allow_dtype_change`` (a result that predates recording its dtype is said to be unknown and not
+checked). The device may differ freely; both are recorded in ``meta`` (``dtype``, ``device``, ``run_dtype``,
+``run_device``).
 
 **Budget** (``EvalConfig.budget``, recorded in ``meta["budget"]``): how many neurons each method gets per
 query: ``"qrnca"`` QRNCA's count for that query (the paper's comparison; the default for a QRNCA run),
@@ -44,6 +52,8 @@ same language. Prompts are the stored ones either way (examples and distractors 
 Example:
     >>> res = evaluate(model, run, cfg=EvalConfig())   # the run's stored prompts  # doctest: +SKIP
     >>> print(res.table())                                        # doctest: +SKIP
+    >>> evaluate(model, locate(model, queries, cfg, method="atp")).meta["budget"]  # doctest: +SKIP
+    'own'
 """
 
 from __future__ import annotations
@@ -67,10 +77,10 @@ from .grouping import GroupBy, check_group_by, regroup
 from .interventions import BOOST, SUPPRESS, Intervention, row_factors, scale_rows
 from .locate import LocateResult
 from .located import Located
-from .locators import LocatorContext, cut_to, neuron_sets, qrnca_counts
+from .locators import LocatorContext, Ranked, cut_to, neuron_sets, qrnca_counts
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .models import dtype_name, mlp_hook_name, model_device, model_dtype, pad_batch, pad_token_id, tokenizer_of
-from .neurons import NeuronSet
+from .neurons import NeuronSet, top_pooled
 from .protocols import HookedModel
 from .proxies import Prompt, ProxyConfig, tokenizer_identity
 from .scoring import ItemScore, score_items
@@ -189,6 +199,28 @@ def _query_changes(before: dict[tuple[str, int], float], after: Sequence[float],
     return {o: float(np.mean(v)) for o, v in per.items()}
 
 
+@dataclass
+class _Plan:
+    """What ``_prepare`` settles before any scoring; every later stage of ``evaluate`` reads it."""
+
+    located: Located
+    qrnca: LocateResult | None  # the located when it is a QRNCA run
+    own: str  # the located's method name
+    methods: tuple[str, ...]
+    budget: str | int
+    dtype: str
+    device: str
+    ex: Any  # the Executor (annotated loosely: executors imports evaluation's neighbours)
+    ids: list[str]
+    by: str
+    queries: list[Query]  # regrouped by ``by``
+    prompts: dict[str, list[Prompt]]
+    controls: dict[str, str]
+    proxy: ProxyConfig
+    ctx: LocatorContext
+    counts: dict[str, int]
+
+
 def evaluate(
     model: HookedModel,
     run: Located,
@@ -203,27 +235,17 @@ def evaluate(
 ) -> EvaluationResult:
     """Judge every method's neurons on PCR, editing, neuron-based prediction and the free-form check.
 
-    ``run`` is any ``Located``: a QRNCA ``LocateResult`` or another method's result (a ``RankedResult``, a
-    ``LensResult``), whose own neurons are judged as it found them. Every stage reads the prompts it stored
-    when it located each query (``stored_prompts``), never rebuilt ones, so the data file may change or
-    vanish after ``locate`` without changing the verdict; ``pool`` is therefore ignored.
-
     Args:
         model: the TL model the result was made with.
-        run: the ``Located`` (from ``locate``, ``LocateResult.load``, ``RankedResult.load``, ``lens_locate``).
-        queries: queries or ids of the result to judge (default: all; their stored form is used); PCR needs
-            at least two groups.
+        run: any ``Located`` (from ``locate``, ``LocateResult.load``, ``RankedResult.load``, ``lens_locate``);
+            every stage reads the prompts it stored (see the module docstring).
+        queries: queries or ids of the result to judge (default: all); PCR needs at least two groups.
         pool: ignored (kept so that older calls keep working).
-        cfg: locators compared (default: ``DEFAULT_METHODS`` for a QRNCA run, else the result's own method and
-            ``random``), the neuron budget per query, seed, bootstrap size, batching, which checks run.
+        cfg: locators compared, the neuron budget per query, seed, bootstrap size, batching, which checks run.
         progress: show progress bars (each locator, the free-form check, neuron prediction).
         executor: where the batched scoring runs (default: this process).
-        allow_dtype_change: judge a result with a model of another dtype than the one it records (refused in
-            one line without it; one that predates recording its dtype is said to be unknown and not checked).
-            The device may differ freely; both are recorded in ``meta`` (``dtype``, ``device``, ``run_dtype``,
-            ``run_device``).
-        save: write ``evaluation.json`` into the result's directory when it has one (``run.run_dir``: a
-            ``LocateResult``'s ``out``, a saved ``RankedResult``'s); the command line writes it through this.
+        allow_dtype_change: judge with a model of another dtype than the result records (module docstring).
+        save: write ``evaluation.json`` into ``run.run_dir`` when it has one (the command line's way).
 
     Returns:
         An ``EvaluationResult``: PCR (boost/suppress, 95% CIs, ``n_empty``), editing rates, neuron-based
@@ -234,12 +256,35 @@ def evaluate(
         >>> res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "random")))   # doctest: +SKIP
         >>> sorted(res.pcr), sorted(res.pcr["qrnca"])[:2]                             # doctest: +SKIP
         (['qrnca', 'random'], ['boost', 'boost_ci'])
-        >>> evaluate(model, locate(model, queries, cfg, method="atp")).meta["budget"]  # doctest: +SKIP
-        'own'
     """
+    plan = _prepare(model, run, queries, cfg, progress, executor, allow_dtype_change)
+    uncut, sets, empty = _locate_all(plan, progress)
+    flat, blocks, scored, before, correct_before = _score_rows(plan, sets, empty, cfg, progress)
+    pcr_out, editing, per_group = _pcr_and_editing(plan, sets, empty, blocks, scored, before, correct_before, cfg,
+                                                   progress)
+    result = EvaluationResult(pcr=pcr_out, editing=editing, per_group=per_group,
+                              meta=_meta(model, plan, cfg, len(flat), before, correct_before, empty))
+    result.costs = {m: dict(plan.ctx.costs.get(m, {})) for m in plan.methods}
+    if cfg.free_form and plan.proxy.kind in ("cloze", "mcqa-text"):
+        result.free_form = _free_form(model, plan.queries, plan.prompts, sets, run, plan.ctx, cfg, progress)
+    if cfg.neuron_prediction:
+        result.neuron_prediction = _neuron_prediction(model, plan.queries, plan.prompts, _own_sets(plan, sets), cfg,
+                                                      plan.own, progress)
+    if cfg.symbol_binding and plan.proxy.kind == "mcqa-letter":
+        result.symbol_binding = _symbol_binding(model, plan.prompts, sets, empty, plan.proxy, cfg, plan.ex, progress)
+    if cfg.ground_truth:
+        result.ground_truth = _ground_truth(model, plan, uncut, cfg, progress)
+    if save and run.run_dir is not None:
+        write_json_atomic(run.run_dir / "evaluation.json", evaluation_doc(result, run))
+    return result
+
+
+def _prepare(model: HookedModel, located: Located, queries: Sequence[Query | str] | None, cfg: EvalConfig,
+             progress: bool, executor: Executor | None, allow_dtype_change: bool) -> _Plan:
+    """The methods and budget, the dtype and tokenizer checks, the judged queries regrouped with their stored
+    prompts, the controls and the locators' context (with each query's budget: QRNCA may be located here)."""
     from .executors import SerialExecutor
 
-    located = run
     qrnca = located if isinstance(located, LocateResult) else None
     own = located.locator_name()
     methods = tuple(cfg.methods) if cfg.methods is not None else (
@@ -258,40 +303,49 @@ def evaluate(
         raise QrncaError("none of the queries belongs to this run")
     by = cfg.group_by or located.group_by
     # The one relabelling: from here on a query's group is its ``by`` field (its prompts are the stored ones).
-    queries = regroup(located.stored_queries(ids), by)
+    judged = regroup(located.stored_queries(ids), by)
     prompts = located.stored_prompts(ids)
     _check_tokenizer(located, ids, model)
-    controls = control_queries(queries, cfg.seed)
+    controls = control_queries(judged, cfg.seed)
     proxy = located.proxy_config()
-    ctx = LocatorContext(model, queries, prompts, qrnca, cfg.seed, layers=list(located.layers), proxy=proxy,
+    ctx = LocatorContext(model, judged, prompts, qrnca, cfg.seed, layers=list(located.layers), proxy=proxy,
                          progress=progress)
     ctx.counts = counts = _budget_counts(budget, located, ctx, ids)
+    return _Plan(located, qrnca, own, methods, budget, dtype, device, ex, ids, by, judged, prompts, controls, proxy,
+                 ctx, counts)
+
+
+def _locate_all(plan: _Plan, progress: bool) -> tuple[dict[str, Ranked], dict[str, Ranked], dict[str, set[str]]]:
+    """Each method's whole ranking per query, the same cut to the budget, and the queries each left empty."""
     # Whole rankings once: ground truth compares each locator's top-k; every other judge gets the budget. The
     # evaluated result's own method is judged on the neurons it found, not located again.
-    given = qrnca is None and own in methods
-    uncut = neuron_sets([m for m in methods if not (given and m == own)], ctx, cut=False, progress=progress)
+    methods, own = plan.methods, plan.own
+    given = plan.qrnca is None and own in methods
+    uncut = neuron_sets([m for m in methods if not (given and m == own)], plan.ctx, cut=False, progress=progress)
     if given:
-        uncut[own] = {i: located.qr_neurons(i) for i in ids}
-        ctx.costs[own] = dict(getattr(located, "costs", None) or {})
+        uncut[own] = {i: plan.located.qr_neurons(i) for i in plan.ids}
+        plan.ctx.costs[own] = dict(getattr(plan.located, "costs", None) or {})
     uncut = {m: uncut[m] for m in methods}
-    sets = cut_to(uncut, counts)
-    empty = _empty_sets(sets, ids)
-    by_id = {q.id: q for q in queries}
+    sets = cut_to(uncut, plan.counts)
+    return uncut, sets, _empty_sets(sets, plan.ids)
 
-    def bar(it: Any, desc: str) -> Any:
-        if not progress:
-            return it
-        from tqdm.auto import tqdm
 
-        return tqdm(it, desc=desc, unit="step")
+_Block = tuple[str, str, int, list[tuple[str, int]], list[str], list[bool]]  # method, kind, start, keys, owners, related
 
-    # Every scored row of the evaluation in one call: the clean prompts, then each (method, boost/suppress)'s
-    # related and unrelated rows. The engine then runs each prompt's prefix once for all of them. A query
-    # with no neurons for a method has no rows of that method: it is left out, not scored as "no change".
+
+def _score_rows(plan: _Plan, sets: dict[str, Ranked], empty: dict[str, set[str]], cfg: EvalConfig, progress: bool
+                ) -> tuple[list[tuple[str, int, Prompt]], list[_Block], list[ItemScore], dict[tuple[str, int], float],
+                           dict[tuple[str, int], bool]]:
+    """Every scored row of the evaluation in one call: the clean prompts, then each (method, boost/suppress)'s
+    related and unrelated rows (a block each). Returns the clean prompts, the blocks, the scores and each clean
+    prompt's target log-probability and correctness, keyed by (query id, prompt index)."""
+    # The engine runs each prompt's prefix once for all the rows. A query with no neurons for a method has no
+    # rows of that method: it is left out, not scored as "no change".
+    queries, prompts, controls = plan.queries, plan.prompts, plan.controls
     flat = [(q.id, i, p) for q in queries for i, p in enumerate(prompts[q.id])]
     items: list[tuple[Prompt, Any]] = [(p, None) for _, _, p in flat]
-    blocks = []
-    steps = [(m, f) for m in methods for f in ("boost", "suppress")]
+    blocks: list[_Block] = []
+    steps = [(m, f) for m in plan.methods for f in ("boost", "suppress")]
     for m, kind in steps:
         factor = BOOST if kind == "boost" else SUPPRESS
         keys, owners, related = [], [], []
@@ -308,90 +362,116 @@ def evaluate(
                     related.append(is_rel)
         blocks.append((m, kind, start, keys, owners, related))
     if progress:
-        print(f"evaluate: {len(items)} scored rows ({len(methods)} methods x boost/suppress x related/unrelated "
-              f"+ {len(flat)} clean prompts); neurons per query: {_budget_note(budget)}")
-    scored = ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size, engine=cfg.engine,
-                            progress=progress)
+        print(f"evaluate: {len(items)} scored rows ({len(plan.methods)} methods x boost/suppress x related/unrelated "
+              f"+ {len(flat)} clean prompts); neurons per query: {_budget_note(plan.budget)}")
+    scored = plan.ex.score_items(items, every_position=cfg.every_position, batch_size=cfg.batch_size,
+                                 engine=cfg.engine, progress=progress)
     clean = scored[: len(flat)]
     before = {(qid, i): s.target_logprob for (qid, i, _), s in zip(flat, clean)}
     correct_before = {(qid, i): s.correct for (qid, i, _), s in zip(flat, clean)}
+    return flat, blocks, scored, before, correct_before
 
+
+def _pcr_and_editing(plan: _Plan, sets: dict[str, Ranked], empty: dict[str, set[str]], blocks: Sequence[_Block],
+                     scored: Sequence[ItemScore], before: dict[tuple[str, int], float],
+                     correct_before: dict[tuple[str, int], bool], cfg: EvalConfig, progress: bool
+                     ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """PCR per method (overall and per group) from each block's rows, editing from the related rows.
+
+    Returns:
+        ``(pcr, editing, per_group)`` as ``EvaluationResult`` holds them.
+    """
+    groups = groups_of(plan.queries)
     pcr_out: dict[str, dict[str, Any]] = {}
     edit_out: dict[str, dict[str, Any]] = {}
-    group_out: dict[str, dict[str, Any]] = {g: {"pcr": {}, "editing": {}} for g in groups_of(queries)}
-    for m, kind, start, keys, owners, related in bar(blocks, "evaluate"):
+    group_out: dict[str, dict[str, Any]] = {g: {"pcr": {}, "editing": {}} for g in groups}
+    for m, kind, start, keys, owners, related in _bar(blocks, "evaluate", progress):
         scores = scored[start : start + len(keys)]
         after = [s.target_logprob for s in scores]
         rel_idx = [i for i, r in enumerate(related) if r]
         unr_idx = [i for i, r in enumerate(related) if not r]
         rel = _query_changes(before, [after[i] for i in rel_idx], [keys[i] for i in rel_idx], [owners[i] for i in rel_idx])
         unr = _query_changes(before, [after[i] for i in unr_idx], [keys[i] for i in unr_idx], [owners[i] for i in unr_idx])
-        kept = [i for i in ids if i not in empty[m]]
-        r_vals, u_vals = [rel[i] for i in kept], [unr[i] for i in kept]
+        kept = [i for i in plan.ids if i not in empty[m]]
         entry = pcr_out.setdefault(m, {"mean_neurons": float(np.mean([len(sets[m][i]) for i in kept])) if kept else 0.0,
                                        "n_empty": len(empty[m]), "empty_queries": sorted(empty[m])})
-        if kept:
-            entry[kind] = pcr(r_vals, u_vals)
-            ci = bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed)
-            entry[f"{kind}_ci"], entry[f"{kind}_ci_dropped"] = list(ci), ci.dropped
-            entry[f"{kind}_related_mean"] = float(np.mean(r_vals))
-            entry[f"{kind}_unrelated_mean"] = float(np.mean(u_vals))
-            entry[f"{kind}_related_abs"] = float(np.mean(np.abs(r_vals)))
-            entry[f"{kind}_unrelated_abs"] = float(np.mean(np.abs(u_vals)))
-        else:  # no query had a neuron: nothing to measure, said as None rather than a number
-            entry.update({kind: None, f"{kind}_ci": None, f"{kind}_ci_dropped": 0, f"{kind}_related_mean": None,
-                          f"{kind}_unrelated_mean": None, f"{kind}_related_abs": None, f"{kind}_unrelated_abs": None})
+        entry.update(_pcr_numbers(kind, [rel[i] for i in kept], [unr[i] for i in kept], cfg))
         # Editing: the related rows only.
-        flips = {(keys[i]): scores[i].correct for i in rel_idx}
-        edit_out.setdefault(m, {})[kind] = flips
-        for g, members in groups_of(queries).items():
+        edit_out.setdefault(m, {})[kind] = {(keys[i]): scores[i].correct for i in rel_idx}
+        for g, members in groups.items():
             gid = [q.id for q in members if q.id in rel]
             gr, gu = [rel[i] for i in gid], [unr[i] for i in gid]
             group_out[g]["pcr"].setdefault(m, {})[kind] = pcr(gr, gu) if gu else None
-            group_out[g]["pcr"][m][f"{kind}_related_mean"] = float(np.mean(gr)) if gr else None
+            group_out[g]["pcr"][m][f"{kind}_related_mean"] = mean_or_none(gr)
+    by_id = {q.id: q for q in plan.queries}
     editing: dict[str, dict[str, Any]] = {}
     for m, d in edit_out.items():
         ks = sorted(d["boost"])
         editing[m] = editing_rates([correct_before[k] for k in ks], [d["boost"][k] for k in ks],
                                    [d["suppress"][k] for k in ks])
-        for g in groups_of(queries):
+        for g in groups:
             gk = [k for k in ks if by_id[k[0]].group == g]
             group_out[g]["editing"][m] = editing_rates([correct_before[k] for k in gk],
                                                        [d["boost"][k] for k in gk], [d["suppress"][k] for k in gk])
-    result = EvaluationResult(
-        pcr=pcr_out, editing=editing, per_group=group_out,
-        meta={"config": cfg.to_dict(), "n_queries": len(queries), "n_prompts": len(flat),
-              "model_accuracy": float(np.mean(list(correct_before.values()))),
-              "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
-              "proxy": proxy.kind, "controls": controls, "group_by": by,
-              "versions": library_versions(), "model_identity": model_identity(model),
-              "dtype": dtype, "device": device, "run_dtype": located.dtype, "run_device": located.device,
-              "located": own, "methods": list(methods), "budget": budget, "budget_note": _budget_note(budget),
-              "n_empty": {m: len(empty[m]) for m in methods}},
-    )
-    result.costs = {m: dict(ctx.costs.get(m, {})) for m in methods}
-    if cfg.free_form and proxy.kind in ("cloze", "mcqa-text"):
-        result.free_form = _free_form(model, queries, prompts, sets, located, ctx, cfg, progress)
-    if cfg.neuron_prediction:
-        own_sets = sets[own] if own in sets else cut_to({own: {i: located.qr_neurons(i) for i in ids}}, counts)[own]
-        result.neuron_prediction = _neuron_prediction(model, queries, prompts, own_sets, cfg, own, progress)
-    if cfg.symbol_binding and proxy.kind == "mcqa-letter":
-        result.symbol_binding = _symbol_binding(model, prompts, sets, empty, proxy, cfg, ex, progress)
-    if cfg.ground_truth:
-        from .data import limit_per_group
-        from .ground_truth import ground_truth
+    return pcr_out, editing, group_out
 
-        chosen = limit_per_group(queries, cfg.ground_truth_queries)
-        if progress:
-            print(f"ground truth: {len(chosen)} queries, each locator's top-{cfg.ground_truth_k} + as many random "
-                  "neurons, zero-ablated and doubled one at a time")
-        gt = ground_truth(model, chosen, {q.id: prompts[q.id] for q in chosen},
-                          {m: {q.id: uncut[m][q.id] for q in chosen} for m in methods},
-                          k=cfg.ground_truth_k, seed=cfg.seed, layers=located.layers, progress=progress)
-        result.ground_truth = gt.to_dict()
-    if save and located.run_dir is not None:
-        write_json_atomic(located.run_dir / "evaluation.json", evaluation_doc(result, located))
-    return result
+
+def _pcr_numbers(kind: str, r_vals: list[float], u_vals: list[float], cfg: EvalConfig) -> dict[str, Any]:
+    """One method's PCR numbers for ``kind`` over its kept queries' related and unrelated changes."""
+    if not r_vals:  # no query had a neuron: nothing to measure, said as None rather than a number
+        return {kind: None, f"{kind}_ci": None, f"{kind}_ci_dropped": 0, f"{kind}_related_mean": None,
+                f"{kind}_unrelated_mean": None, f"{kind}_related_abs": None, f"{kind}_unrelated_abs": None}
+    value = pcr(r_vals, u_vals)
+    ci = bootstrap_ci(r_vals, u_vals, n_boot=cfg.n_boot, seed=cfg.seed)
+    return {kind: value, f"{kind}_ci": list(ci), f"{kind}_ci_dropped": ci.dropped,
+            f"{kind}_related_mean": float(np.mean(r_vals)), f"{kind}_unrelated_mean": float(np.mean(u_vals)),
+            f"{kind}_related_abs": float(np.mean(np.abs(r_vals))),
+            f"{kind}_unrelated_abs": float(np.mean(np.abs(u_vals)))}
+
+
+def _meta(model: HookedModel, plan: _Plan, cfg: EvalConfig, n_prompts: int, before: dict[tuple[str, int], float],
+          correct_before: dict[tuple[str, int], bool], empty: dict[str, set[str]]) -> dict[str, Any]:
+    """``EvaluationResult.meta``: the config, counts, clean accuracy, controls, versions, dtypes and the budget."""
+    located = plan.located
+    return {"config": cfg.to_dict(), "n_queries": len(plan.queries), "n_prompts": n_prompts,
+            "model_accuracy": float(np.mean(list(correct_before.values()))),
+            "mean_target_prob": float(np.mean([np.exp(v) for v in before.values()])),
+            "proxy": plan.proxy.kind, "controls": plan.controls, "group_by": plan.by,
+            "versions": library_versions(), "model_identity": model_identity(model),
+            "dtype": plan.dtype, "device": plan.device, "run_dtype": located.dtype, "run_device": located.device,
+            "located": plan.own, "methods": list(plan.methods), "budget": plan.budget,
+            "budget_note": _budget_note(plan.budget), "n_empty": {m: len(empty[m]) for m in plan.methods}}
+
+
+def _own_sets(plan: _Plan, sets: dict[str, Ranked]) -> Ranked:
+    """The located's own neurons to the budget (neuron-based prediction reads them even when not compared)."""
+    own = plan.own
+    return sets[own] if own in sets else cut_to({own: {i: plan.located.qr_neurons(i) for i in plan.ids}},
+                                                plan.counts)[own]
+
+
+def _ground_truth(model: HookedModel, plan: _Plan, uncut: dict[str, Ranked], cfg: EvalConfig,
+                  progress: bool) -> dict[str, Any]:
+    """Each locator's whole ranking against single-neuron ablations on the first queries of each group."""
+    from .data import limit_per_group
+    from .ground_truth import ground_truth
+
+    chosen = limit_per_group(plan.queries, cfg.ground_truth_queries)
+    if progress:
+        print(f"ground truth: {len(chosen)} queries, each locator's top-{cfg.ground_truth_k} + as many random "
+              "neurons, zero-ablated and doubled one at a time")
+    gt = ground_truth(model, chosen, {q.id: plan.prompts[q.id] for q in chosen},
+                      {m: {q.id: uncut[m][q.id] for q in chosen} for m in plan.methods},
+                      k=cfg.ground_truth_k, seed=cfg.seed, layers=plan.located.layers, progress=progress)
+    return gt.to_dict()
+
+
+def _bar(it: Any, desc: str, progress: bool) -> Any:
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="step")
 
 
 def evaluation_doc(res: EvaluationResult, located: Located) -> dict[str, Any]:
@@ -441,7 +521,7 @@ def _empty_sets(sets: dict[str, dict[str, NeuronSet]], ids: Sequence[str]) -> di
             shown = [i for i in ids if i in e]
             warnings.warn(f"evaluate: {m!r} has no neurons for {len(e)} of {len(ids)} queries ({', '.join(shown[:5])}"
                           f"{', ...' if len(shown) > 5 else ''}); they are left out of its numbers "
-                          f"(pcr[{m!r}]['n_empty'])", stacklevel=3)
+                          f"(pcr[{m!r}]['n_empty'])", stacklevel=4)
     return empty
 
 
@@ -577,7 +657,7 @@ def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: di
         groups = tqdm(groups, desc="neuron prediction", unit="group")
     for g, members in groups:
         train, test = members[0::2], members[1::2]
-        group = _group_neurons([own_sets[q.id] for q in train], cfg.group_neurons)
+        group = top_pooled([own_sets[q.id] for q in train], cfg.group_neurons)
         if not group or not test:
             continue
         by_layer = group.by_layer()
@@ -619,16 +699,6 @@ def _neuron_prediction(model: HookedModel, queries: Sequence[Query], prompts: di
         "neuron_accuracy": mean_or_none(totals["neuron"]), "model_accuracy": mean_or_none(totals["model"]),
         "agreement": mean_or_none(totals["agree"]), "n": len(totals["neuron"]), "per_group": per_group,
     }
-
-
-def _group_neurons(sets: Sequence[NeuronSet], k: int) -> NeuronSet:
-    """The ``k`` neurons with the largest summed score over ``sets`` (ties: (layer, neuron) ascending)."""
-    pooled: dict[tuple[int, int], float] = {}
-    for ns in sets:
-        for layer, n, x in ns:
-            pooled[(layer, n)] = pooled.get((layer, n), 0.0) + x
-    top = sorted(pooled, key=lambda key: (-pooled[key], key))[:k]
-    return NeuronSet([(layer, n, pooled[(layer, n)]) for layer, n in top])
 
 
 def _cloze_candidates(p: Prompt) -> list[tuple[int, ...]]:

@@ -35,7 +35,7 @@ from .data import Query
 from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, run_rows
 from .errors import QrncaError
 from .interventions import check_neurons
-from .metrics import NEAR_ZERO, false_negative_rate, precision_at_k, recall_at_k, spearman
+from .metrics import NEAR_ZERO, false_negative_rate, mean_or_none, precision_at_k, recall_at_k, spearman
 from .models import d_mlp, n_layers
 from .neurons import NeuronSet, NeuronsLike
 from .protocols import HookedModel
@@ -310,6 +310,20 @@ def ground_truth(
     width = d_mlp(model)
     lays = tuple(range(n_layers(model))) if layers is None else tuple(int(x) for x in layers)
     ids = [q if isinstance(q, str) else q.id for q in queries]
+    _check_inputs(ids, prompts, sets)
+    per_query = {qid: _query_truth(model, qid, prompts[qid], {m: per[qid] for m, per in sets.items()}, k=k, seed=seed,
+                                   layers=lays, width=width, factors=facs, exhaustive=exhaustive,
+                                   memory_budget_mb=memory_budget_mb, progress=progress)
+                 for qid in progress_bar(ids, len(ids), "ground truth (single-neuron ablations)", enabled=progress,
+                                         unit="query")}
+    methods = {m: _means([per_query[q]["metrics"][m] for q in ids]) for m in sets}
+    return GroundTruthResult(k=k, seed=seed, factors=facs, layers=lays, exhaustive=exhaustive, queries=per_query,
+                             methods=methods, meta={"n_queries": len(ids), "near_zero": NEAR_ZERO})
+
+
+def _check_inputs(ids: Sequence[str], prompts: Mapping[str, Sequence[Prompt]],
+                  sets: Mapping[str, Mapping[str, NeuronsLike]]) -> None:
+    """Every method has neurons, and every query prompts, for every judged query."""
     for m, per in sets.items():
         missing = [q for q in ids if q not in per]
         if missing:
@@ -317,26 +331,27 @@ def ground_truth(
     missing = [q for q in ids if not prompts.get(q)]
     if missing:
         raise QrncaError(f"no prompts for queries {missing[:3]}; pass every query's prompts")
-    per_query: dict[str, dict[str, Any]] = {}
-    for qid in progress_bar(ids, len(ids), "ground truth (single-neuron ablations)", enabled=progress, unit="query"):
-        if exhaustive:
-            eff, n_union = _every_neuron(model, prompts[qid], lays, width, facs, memory_budget_mb, progress), 0
-        else:
-            cands, n_union = candidate_neurons({m: per[qid] for m, per in sets.items()}, qid, k=k, layers=lays,
-                                               width=width, seed=seed)
-            eff = neuron_effects(model, prompts[qid], cands, facs, memory_budget_mb=memory_budget_mb)
-        importance = eff.of(0.0).abs().numpy()
-        order = sorted(range(len(eff.neurons)), key=lambda i: -importance[i])  # stable: ties in candidate order
-        true_top = [eff.neurons[i] for i in order[:k]]
-        per_query[qid] = {
-            "neurons": [list(p) for p in eff.neurons], "n_union": n_union,
-            "effects": eff.effects.tolist(), "clean_logprob": eff.clean.tolist(),
-            "true_top": [list(p) for p in true_top],
-            "metrics": {m: _locator_metrics(per[qid], eff.neurons, importance, true_top, k) for m, per in sets.items()},
-        }
-    methods = {m: _means([per_query[q]["metrics"][m] for q in ids]) for m in sets}
-    return GroundTruthResult(k=k, seed=seed, factors=facs, layers=lays, exhaustive=exhaustive, queries=per_query,
-                             methods=methods, meta={"n_queries": len(ids), "near_zero": NEAR_ZERO})
+
+
+def _query_truth(model: HookedModel, qid: str, prompts: Sequence[Prompt], mine: Mapping[str, NeuronsLike], *,
+                 k: int, seed: int, layers: tuple[int, ...], width: int, factors: tuple[float, ...],
+                 exhaustive: bool, memory_budget_mb: int, progress: bool) -> dict[str, Any]:
+    """One query's entry of ``GroundTruthResult.queries``: its candidates measured, the true top-k, and each
+    method's agreement (``mine``: method -> its neurons for this query)."""
+    if exhaustive:
+        eff, n_union = _every_neuron(model, prompts, layers, width, factors, memory_budget_mb, progress), 0
+    else:
+        cands, n_union = candidate_neurons(mine, qid, k=k, layers=layers, width=width, seed=seed)
+        eff = neuron_effects(model, prompts, cands, factors, memory_budget_mb=memory_budget_mb)
+    importance = eff.of(0.0).abs().numpy()
+    order = sorted(range(len(eff.neurons)), key=lambda i: -importance[i])  # stable: ties in candidate order
+    true_top = [eff.neurons[i] for i in order[:k]]
+    return {
+        "neurons": [list(p) for p in eff.neurons], "n_union": n_union,
+        "effects": eff.effects.tolist(), "clean_logprob": eff.clean.tolist(),
+        "true_top": [list(p) for p in true_top],
+        "metrics": {m: _locator_metrics(ns, eff.neurons, importance, true_top, k) for m, ns in mine.items()},
+    }
 
 
 def _every_neuron(model: HookedModel, prompts: Sequence[Prompt], layers: Sequence[int], width: int,
@@ -355,6 +370,6 @@ def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n_queries": {}}
     for key in (*METRICS, "n_ranked"):
         vals = [float(r[key]) for r in rows if r[key] is not None]
-        out[key] = float(np.mean(vals)) if vals else None
+        out[key] = mean_or_none(vals)
         out["n_queries"][key] = len(vals)
     return out

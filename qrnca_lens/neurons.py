@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .errors import QrncaError
 
-__all__ = ["NeuronSet", "NeuronsLike", "DEFAULT_SCORE"]
+__all__ = ["NeuronSet", "NeuronsLike", "DEFAULT_SCORE", "top_pooled"]
 
 DEFAULT_SCORE = 1.0  # an entry given as (layer, neuron) weighs 1, as a pair row of neurons.json always has
 HTML_ROWS = 10  # entries a notebook shows of a set (its size is always shown)
@@ -266,6 +266,22 @@ class NeuronSet(Sequence):
 # What a public function accepts where it needs neurons (converted with ``NeuronSet(x)``). Defined after the
 # class, not as a forward reference, so that runtime type checks resolve it from any importing module.
 NeuronsLike = Union[NeuronSet, Tensor, Iterable[Sequence[Any]]]
+
+
+def top_pooled(sets: Iterable[NeuronSet], k: int) -> NeuronSet:
+    """The ``k`` neurons with the largest summed score over ``sets`` (a group's pooled neurons: a neuron in
+    several sets adds up its scores), best first; ties (layer, neuron) ascending.
+
+    Example:
+        >>> top_pooled([NeuronSet([(0, 1, 1.0), (2, 3, 0.5)]), NeuronSet([(0, 1, 0.5), (1, 0, 0.5)])], 2)
+        NeuronSet([(0, 1, 1.5), (1, 0, 0.5)])
+    """
+    pooled: dict[tuple[int, int], float] = {}
+    for ns in sets:
+        for layer, n, x in ns:
+            pooled[(layer, n)] = pooled.get((layer, n), 0.0) + x
+    top = sorted(pooled, key=lambda key: (-pooled[key], key))[:k]
+    return NeuronSet([(layer, n, pooled[(layer, n)]) for layer, n in top])
 
 
 def _short(x: float) -> str:

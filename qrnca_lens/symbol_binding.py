@@ -340,6 +340,36 @@ def symbol_binding(
     """
     tok = tokenizer if tokenizer is not None else tokenizer_of(model)
     tol = check_tolerance(model_dtype(model)) if tol is None else float(tol)
+    flat, items, starts = _rows(prompts_by_query, sets, factor, seed, tok, proxy)
+    if executor is not None:
+        scored = executor.score_items(items, every_position=every_position, batch_size=batch_size, engine=engine,
+                                      progress=progress)
+    else:
+        from .scoring import score_items
+
+        scored = score_items(model, items, every_position=every_position, batch_size=batch_size, engine=engine,
+                             progress=progress)
+    lp = np.array([s.target_logprob for s in scored], dtype=np.float64).reshape(-1, 3)  # rows: (orig, new, old)
+    per_method, per_query, per_prompt = _summaries(flat, lp, starts, prompts_by_query, tol)
+    n = len(flat)
+    acc = [s.correct for s in scored[: 3 * n]]
+    meta = {"factor": float(factor), "seed": seed, "tol": tol, "every_position": every_position,
+            "n_queries": len(prompts_by_query), "n_prompts": n, "methods": list(sets),
+            "proxy": (proxy or ProxyConfig("mcqa-letter")).to_dict(),
+            "model_accuracy_original": float(np.mean(acc[0::3])), "model_accuracy_relettered": float(np.mean(acc[1::3])),
+            "statistic": "content_share = sum max(d_new,0) / (sum max(d_new,0) + sum max(d_old,0)), changes within "
+                         "tol nats set to 0; 1 = follows the content, 0 = follows the letter"}
+    return SymbolBindingResult(per_method=per_method, per_query=per_query, per_prompt=per_prompt, meta=meta)
+
+
+_Flat = list[tuple[str, Prompt, Prompt]]  # (query id, original prompt, re-lettered prompt)
+
+
+def _rows(prompts_by_query: Mapping[str, Sequence[Prompt]], sets: Mapping[str, Mapping[str, NeuronSet]],
+          factor: float, seed: int, tok: Any, proxy: ProxyConfig | None
+          ) -> tuple[_Flat, list[tuple[Prompt, Any]], dict[str, int]]:
+    """Every prompt re-lettered, and the rows to score: three views of each prompt clean, then the same boosted
+    per method. Returns the prompts, the rows and where each method's rows start."""
     for m, per in sets.items():
         missing = [q for q in prompts_by_query if q not in per]
         if missing:
@@ -361,19 +391,18 @@ def symbol_binding(
         for (q, _, _), trio in zip(flat, views):
             iv = (per[q], float(factor))
             items.extend((v, iv) for v in trio)
-    if executor is not None:
-        scored = executor.score_items(items, every_position=every_position, batch_size=batch_size, engine=engine,
-                                      progress=progress)
-    else:
-        from .scoring import score_items
+    return flat, items, starts
 
-        scored = score_items(model, items, every_position=every_position, batch_size=batch_size, engine=engine,
-                             progress=progress)
-    lp = np.array([s.target_logprob for s in scored], dtype=np.float64).reshape(-1, 3)  # rows: (orig, new, old)
+
+def _summaries(flat: _Flat, lp: Float[np.ndarray, "row 3"], starts: Mapping[str, int],
+               prompts_by_query: Mapping[str, Sequence[Prompt]], tol: float
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """Per method, per method and query, and per prompt: the statistic from the scored log-probabilities
+    (``lp``: one row per prompt view, columns (orig, new, old); the first ``len(flat)`` rows clean)."""
     n = len(flat)
     clean = lp[:n]
     per_method, per_query, per_prompt = {}, {}, []
-    for m in sets:
+    for m in starts:
         boosted = lp[starts[m] // 3 : starts[m] // 3 + n]
         both = np.stack([clean, boosted], axis=-1)  # [prompt, (orig, new, old), (before, after)]
         probs = np.exp(both)
@@ -393,11 +422,4 @@ def symbol_binding(
                 **{f"p_{name}_{when}": float(probs[i, k, w]) for k, name in enumerate(("orig", "new", "old"))
                    for w, when in enumerate(("before", "after"))},
             })
-    acc = [s.correct for s in scored[: 3 * n]]
-    meta = {"factor": float(factor), "seed": seed, "tol": tol, "every_position": every_position,
-            "n_queries": len(prompts_by_query), "n_prompts": n, "methods": list(sets),
-            "proxy": (proxy or ProxyConfig("mcqa-letter")).to_dict(),
-            "model_accuracy_original": float(np.mean(acc[0::3])), "model_accuracy_relettered": float(np.mean(acc[1::3])),
-            "statistic": "content_share = sum max(d_new,0) / (sum max(d_new,0) + sum max(d_old,0)), changes within "
-                         "tol nats set to 0; 1 = follows the content, 0 = follows the letter"}
-    return SymbolBindingResult(per_method=per_method, per_query=per_query, per_prompt=per_prompt, meta=meta)
+    return per_method, per_query, per_prompt

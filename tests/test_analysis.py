@@ -113,6 +113,27 @@ def test_top_group_neurons():
     assert A.top_group_neurons(DOC, "C") == []
 
 
+def test_top_pooled_is_the_group_neurons_of_both_the_report_and_the_evaluation():
+    """One computation (neurons.top_pooled) behind analysis.top_group_neurons and the evaluation's group
+    neurons, against a plain sum-and-sort; ties (equal sums) go (layer, neuron) ascending."""
+    import random
+
+    from qrnca_lens.neurons import NeuronSet, top_pooled
+
+    rng = random.Random(0)
+    sets = [NeuronSet([(rng.randrange(3), rng.randrange(4), rng.choice([0.25, 0.5, 1.0])) for _ in range(6)])
+            for _ in range(5)]
+    plain: dict = {}
+    for ns in sets:
+        for layer, n, x in ns:
+            plain[(layer, n)] = plain.get((layer, n), 0.0) + x
+    want = sorted(plain.items(), key=lambda kv: (-kv[1], kv[0]))[:7]
+    assert [((a, b), x) for a, b, x in top_pooled(sets, 7)] == want
+    assert any(want[i][1] == want[i + 1][1] for i in range(len(want) - 1))  # the draw has ties to order
+    doc = {"queries": {f"q{i}": {"group": "G", "qr_neurons": ns.to_list()} for i, ns in enumerate(sets)}}
+    assert A.top_group_neurons(doc, "G", 7) == want
+
+
 def test_group_summaries_by_hand():
     rows = {r["group"]: r for r in A.group_summaries(DOC)}
     assert rows["A"] == {"group": "A", "n_queries": 2, "mean_qr_neurons": 2.0, "empty_queries": 0,
