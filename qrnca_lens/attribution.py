@@ -60,7 +60,7 @@ from .engine.checks import fast_path_broken, gap_to_plain, off_rows, plain_logpr
 from .errors import QrncaError
 from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
-from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .protocols import HookedModel
 from .proxies import Prompt, as_prompt, as_prompts
 from .readout import final_residual, head32
@@ -105,11 +105,11 @@ class IGConfig(Config):
                                           "copies; auto: fast, falling back without a warning"})
     max_batch_rows: int = field(default=240, metadata={"help": "at most this many rows per forward/backward"})
     require_gated: bool = False
-    # Peak working memory of one pass (prefix or row chunk), estimated by ``_chunk_bytes``/``_prefix_bytes``:
-    # chunks shrink (and a query's prompts split into several passes) as prompts grow. 1 GB keeps a
-    # 2,000-token prompt on SmolLM2 (30 layers, float32) under 4 GB RSS with the model loaded.
+    # Peak working memory of one pass (prefix or row chunk), estimated by ``plan.chunk_bytes``/``plan.prefix_bytes``:
+    # chunks shrink (and a query's prompts split into several passes) as prompts grow.
     memory_budget_mb: int = field(
-        default=1024, metadata={"help": "estimated peak memory of one pass; chunks shrink as prompts grow"})
+        default=DEFAULT_MEMORY_BUDGET_MB,
+        metadata={"help": "estimated peak memory of one pass; chunks shrink as prompts grow"})
 
     def validate(self) -> None:
         if self.steps < 1:
