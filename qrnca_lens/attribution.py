@@ -55,7 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .config import Config
-from .engine import Prefix, Row, backend_of, skipping_is_exact
+from .engine import Backend, Prefix, Row, backend_of, choose_backend, skipping_is_exact
 from .engine.checks import fast_path_broken, gap_to_plain, off_rows, plain_logprobs
 from .errors import QrncaError
 from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
@@ -349,10 +349,16 @@ def reference_ig(
 # ---------------------------------------------------------------- fast path: rows of the engine
 
 
-def fast_backend(model: HookedModel) -> str | None:
-    """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers: packed rows),
-    ``"batch"`` (HookedTransformer), or None (reference only)."""
-    return {"packed": "sequence", "batch": "batch"}.get(backend_of(model))
+def fast_backend(model: HookedModel) -> Backend | None:
+    """The engine ``Backend`` IG's fast path runs on for this model: ``"packed"`` (bridge over transformers),
+    ``"batch"`` (HookedTransformer), or None (reference only).
+
+    Example:
+        >>> fast_backend(model)   # doctest: +SKIP
+        'packed'
+    """
+    backend = backend_of(model)
+    return None if backend == "full" else backend
 
 
 # ---------------------------------------------------------------- public API
@@ -431,18 +437,17 @@ def attribute_prompts(
     if not prompts:
         raise QrncaError("no prompts to attribute")
     chosen, names = _layers_and_names(model, layers, cfg.require_gated)
-    method, backend = cfg.method, fast_backend(model)
-    if method in ("fast", "auto") and backend is None:
-        if method == "fast":
-            warnings.warn(
-                f"no fast IG path for {type(model).__name__} over {type(getattr(model, 'original_model', None)).__name__}; "
-                "using the reference path (exact, slower)", stacklevel=2,
-            )
-        method = "reference"
-    if method == "auto" and hooked_points(model):
-        method = "reference"  # the caller's hooks would see the rows' layout; the reference path honours them
+    # "full" here is the reference path (``reference_ig``, the authors' full-sequence copies): IG's oracle.
+    backend = choose_backend(model, fast=cfg.method != "reference")
+    if backend == "full" and cfg.method == "fast":
+        warnings.warn(
+            f"no fast IG path for {type(model).__name__} over {type(getattr(model, 'original_model', None)).__name__}; "
+            "using the reference path (exact, slower)", stacklevel=2,
+        )
+    if backend != "full" and cfg.method == "auto" and hooked_points(model):
+        backend = "full"  # the caller's hooks would see the rows' layout; the reference path honours them
     dtype = model_dtype(model)
-    if method == "reference":
+    if backend == "full":
         return torch.stack([
             _check_nonzero(torch.stack([reference_ig(model, p, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
                                                      require_gated=cfg.require_gated) for layer in chosen]),
@@ -457,12 +462,11 @@ def attribute_prompts(
     for i, p in enumerate(prompts):
         groups.setdefault(len(p.target), []).append(i)
     d, budget = Dims.of(model), cfg.memory_budget_mb * 2**20
-    eng = "packed" if backend == "sequence" else "batch"
     for same_t in groups.values():
         lengths = [len(prompts[i].tokens) - 1 for i in same_t]
-        for part in plan_groups(lengths, d, eng, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
+        for part in plan_groups(lengths, d, backend, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
             batch = [same_t[j] for j in part]
-            scores, probs = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, eng)
+            scores, probs = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, backend)
             for i, sc, prob in zip(batch, scores, probs):
                 out[i] = _check_nonzero(_check_finite(sc, prompts[i]), prompts[i], chosen, prob, dtype)
     return torch.stack([x for x in out if x is not None])
@@ -475,7 +479,7 @@ def _plain_logprobs(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tens
 
 
 def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
-          backend: str) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
+          backend: Backend) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
     """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer;
     also each prompt's clean P(target) (its α = 1 row)."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))

@@ -196,7 +196,7 @@ def test_backends(tiny_model):
     if name == "HookedTransformer":
         assert kind == "batch"
     elif type(tiny_model.original_model).__module__.startswith("transformers"):
-        assert kind == "sequence"
+        assert kind == "packed"
     else:
         assert kind is None
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from builders import build_tiny, tiny_gemma3_bridge
-from qrnca_lens.engine import Prefix, Row, backend_of, run_rows, skipping_is_exact
+from qrnca_lens.engine import Backend, Prefix, Row, backend_of, choose_backend, run_rows, skipping_is_exact
 from qrnca_lens.plan import Dims, plan_groups
 from qrnca_lens.errors import QrncaError
 from qrnca_lens.hooks import active_hook_count
@@ -159,3 +159,19 @@ def test_plan_groups_respects_the_prefix_cap(tiny_llama):
     assert groups == [[0, 1, 2], [3], [4]]
     assert plan_groups([5, 5], d, "batch", 2**30) == [[0], [1]]
     assert backend_of(tiny_llama) == "packed"
+
+
+# ---------------------------------------------------------------- one backend vocabulary
+
+
+def test_backends_are_one_literal_and_the_oracle_is_full(tiny_llama, tiny_tokenizer):
+    from typing import get_args
+
+    from qrnca_lens.attribution import fast_backend
+
+    assert get_args(Backend) == ("packed", "batch", "full")
+    assert choose_backend(tiny_llama) == backend_of(tiny_llama) == fast_backend(tiny_llama) == "packed"
+    assert choose_backend(tiny_llama, fast=False) == "full"
+    prompts = _prompts(3, [7, 10], len(tiny_tokenizer), seed=8)
+    _check_rows(tiny_llama, prompts, _rows(tiny_llama, prompts, 8, seed=8), backend=choose_backend(tiny_llama, fast=False))
+

@@ -13,7 +13,7 @@ from ..hooks import refuse_caller_hooks
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from ..protocols import HookedModel
 from .checks import ENGINE_WAY_OUT, check_against_plain, skipping_is_exact
-from .prefix import Prefix, Row, backend_of
+from .prefix import Backend, Prefix, Row, backend_of
 
 __all__ = ["run_rows", "Reduce"]
 
@@ -31,14 +31,15 @@ def run_rows(
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
     max_rows: int = 256,
     max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
-    backend: str | None = None,
+    backend: Backend | None = None,
     check: bool = True,
 ) -> list[Any]:
     """``reduce(row, logprobs [T, vocab], acts {name: [T, width]})`` for every row, in row order (no gradient).
 
     Rows of each prompt group run behind one prefix pass, sorted by start layer into chunks planned by the
     memory budget; identical rows run once; clean rows come from the clean pass that also records the
-    residuals the other rows start from.
+    residuals the other rows start from. ``backend``: the model's own by default (``backend_of``); ``"full"``
+    runs every row as a full sequence (the oracle).
     """
     if not rows:
         return []
