@@ -55,8 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .config import Config
-from .engine import Backend, Prefix, Row, backend_of, choose_backend, skipping_is_exact
-from .engine.checks import fast_path_broken, gap_to_plain, off_rows, plain_logprobs
+from .engine import Backend, CleanRowCheck, Prefix, Row, backend_of, choose_backend, skipping_is_exact
 from .errors import QrncaError
 from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
@@ -472,12 +471,6 @@ def attribute_prompts(
     return torch.stack([x for x in out if x is not None])
 
 
-def _plain_logprobs(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
-    """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
-    intervention): the self-check's reference where the prefix pass cannot give it (HookedTransformer)."""
-    return torch.stack([plain_logprobs(model, p.tokens, (p.tokens[-1], *p.target[:-1])) for p in prompts])
-
-
 def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
           backend: Backend) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
     """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer;
@@ -485,16 +478,15 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
     prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend,
                     continuations=[p.target[:-1] for p in prompts])
-    # The self-check's reference: the prefix pass's own logits on a bridge, else one ordinary forward each.
-    plain = torch.stack(prefix.plain) if prefix.plain is not None else _plain_logprobs(model, prompts)
+    # The α = 1 rows re-create the clean prompts: the self-check's evidence, against the prefix pass's own
+    # logits on a bridge (no second forward), else one ordinary forward per prompt.
+    self_check = CleanRowCheck(prefix, "IGConfig(method='reference') (exact, slower)")
     full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
     B, T = len(prompts), len(prompts[0].target)
     fbar = torch.stack([prefix.clean[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
     # Accumulated on the model's device: the host sees the scores once per prompt group, not once per chunk.
     grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32, device=a.device)
     clean_p = torch.zeros(B, dtype=torch.float32, device=a.device)
-    gaps: list[Tensor] = []
-    checked: list[tuple[int, int]] = []
     tokens = [(p.tokens[-1], *p.target[:-1]) for p in prompts]
     skip = skipping_is_exact(prefix)
     # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
@@ -521,11 +513,12 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                 leaves[chosen[li]] = (mine, leaf)
             start = min(chosen[li] for _, li, _ in chunk) if skip else 0
             logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)
-            with torch.no_grad():  # the α = 1 rows re-create the clean prompts: the self-check's evidence
+            with torch.no_grad():
                 for r, (b, li, k) in enumerate(chunk):
                     if k == full_step:
-                        gaps.append(gap_to_plain(logp[r].detach(), plain[b], prompts[b].target))
-                        checked.append((b, li))
+                        self_check.add(b, logp[r], tokens[b], f"for query {prompts[b].query_id!r} (template "
+                                       f"{prompts[b].template}) the unscaled row at layer {chosen[li]}",
+                                       targets=prompts[b].target)
             idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
             # P_r * d log P_r: the gradient through a half-precision model is that of log P (see _prob_grad)
             logP = logp.gather(-1, targets[idx][..., None])[..., 0].sum(-1)  # [rows], float32
@@ -539,11 +532,6 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
             for r, (b, _, k) in enumerate(chunk):
                 if k == full_step:
                     clean_p[b] = P[r]
-    dtype = model_dtype(model)
-    for i, diff, tol in off_rows(torch.stack(gaps), dtype)[:1]:
-        b, li = checked[i]
-        raise fast_path_broken(
-            f"for query {prompts[b].query_id!r} (template {prompts[b].template}) the unscaled row at layer "
-            f"{chosen[li]}", diff, tol, dtype, "IGConfig(method='reference') (exact, slower)")
+    self_check.verify()
     probs = [float(p) for p in clean_p.cpu()]
     return fbar.cpu() * grads.cpu() / cfg.steps, probs

@@ -12,7 +12,7 @@ from ..errors import QrncaError
 from ..hooks import refuse_caller_hooks
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from ..protocols import HookedModel
-from .checks import ENGINE_WAY_OUT, check_against_plain, skipping_is_exact
+from .checks import ENGINE_WAY_OUT, CleanRowCheck, skipping_is_exact
 from .prefix import Backend, Prefix, Row, backend_of
 
 __all__ = ["run_rows", "Reduce"]
@@ -75,10 +75,11 @@ def run_rows(
             # The clean pass: clean rows' results, and the residuals every other row starts from.
             clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
             if check:
+                self_check = CleanRowCheck(prefix, ENGINE_WAY_OUT)
                 for b in (range(len(members)) if prefix.plain is not None else [0]):
                     s, T = clean_at[firsts[b]]
-                    check_against_plain(prefix, b, clean_lp[s : s + T], firsts[b].tokens,
-                                        f"the clean row of prompt {members[b]}")
+                    self_check.add(b, clean_lp[s : s + T], firsts[b].tokens, f"the clean row of prompt {members[b]}")
+                self_check.verify()
             skip = skipping_is_exact(prefix)
             by_start: dict[int, list[int]] = {}
             for i, r in lrows.items():
