@@ -55,11 +55,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .config import Config
-from .engine import Backend, CleanRowCheck, Prefix, Row, backend_of, choose_backend, skipping_is_exact
+from .engine import Backend, CleanRowCheck, Prefix, Row, backend_of, choose_backend, plan_row_chunks, skipping_is_exact
 from .errors import QrncaError
 from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
-from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_groups
 from .protocols import HookedModel
 from .proxies import Prompt, as_prompt, as_prompts
 from .readout import final_residual, head32
@@ -489,20 +489,15 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
     clean_p = torch.zeros(B, dtype=torch.float32, device=a.device)
     tokens = [(p.tokens[-1], *p.target[:-1]) for p in prompts]
     skip = skipping_is_exact(prefix)
-    # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
-    # prompts grow; max_batch_rows stays the upper bound. Rows go layer by layer, deepest first, so a chunk
-    # holds rows of neighbouring layers and starts at the lowest of them.
-    cached = prefix.C if backend == "packed" else max(prefix.P)
-    per = rows_per_chunk(Dims.of(model), backend, cached, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20,
-                         grad=True)
-    # Rows of a layer start at that layer; chunks are cut where mixing depths would cost more than a forward.
-    by_layer = [[(b, li, k) for k in range(cfg.steps) for b in range(B)] for li in range(len(chosen))]
-    starts = [(chosen[li] if skip else 0, len(by_layer[li])) for li in range(len(chosen))]
-    chunks = [[row for g, first, n in piece for row in by_layer[g][first : first + n]]
-              for piece in plan_chunks(starts, n_layers(model), per)]
+    # Rows of a layer start at that layer. The engine's planner cuts them into chunks: rows per chunk from the
+    # memory plan with a backward through them (attention grows with rows x (prefix + rows), so chunks shrink
+    # as prompts grow; max_batch_rows stays the upper bound), depths mixed where that costs less than a forward.
+    by_layer = [(chosen[li] if skip else 0, [(b, li, k) for k in range(cfg.steps) for b in range(B)])
+                for li in range(len(chosen))]
+    chunks = plan_row_chunks(prefix, by_layer, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20, grad=True)
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with gradients_on(model):
-        for chunk in chunks:
+        for start, chunk in chunks:
             rows = [Row(b, tokens[b]) for b, _, _ in chunk]
             leaves: dict[int, tuple[list[int], Tensor]] = {}
             for li in sorted({li for _, li, _ in chunk}):
@@ -511,7 +506,6 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                 ks = torch.tensor([chunk[r][2] for r in mine], device=a.device)
                 leaf = (a[ks, None] * fbar[bs, li]).detach().requires_grad_(True)
                 leaves[chosen[li]] = (mine, leaf)
-            start = min(chosen[li] for _, li, _ in chunk) if skip else 0
             logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)
             with torch.no_grad():
                 for r, (b, li, k) in enumerate(chunk):

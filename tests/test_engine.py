@@ -9,9 +9,9 @@ import torch
 
 from builders import build_tiny, tiny_gemma3_bridge
 from qrnca_lens.engine import (Backend, CleanRowCheck, Prefix, Row, backend_of, check_against_plain, choose_backend,
-                               run_rows, skipping_is_exact)
+                               plan_row_chunks, run_rows, skipping_is_exact)
 from qrnca_lens.engine import checks
-from qrnca_lens.plan import Dims, plan_groups
+from qrnca_lens.plan import Dims, plan_groups, rows_per_chunk
 from qrnca_lens.errors import FastPathError, QrncaError
 from qrnca_lens.hooks import active_hook_count
 from qrnca_lens.models import d_mlp, mlp_hook_name, n_layers
@@ -163,7 +163,7 @@ def test_plan_groups_respects_the_prefix_cap(tiny_llama):
     assert backend_of(tiny_llama) == "packed"
 
 
-# ---------------------------------------------------------------- one backend vocabulary, one check
+# ---------------------------------------------------------------- one backend vocabulary, one planner, one check
 
 
 def test_backends_are_one_literal_and_the_oracle_is_full(tiny_llama, tiny_tokenizer):
@@ -176,6 +176,24 @@ def test_backends_are_one_literal_and_the_oracle_is_full(tiny_llama, tiny_tokeni
     assert choose_backend(tiny_llama, fast=False) == "full"
     prompts = _prompts(3, [7, 10], len(tiny_tokenizer), seed=8)
     _check_rows(tiny_llama, prompts, _rows(tiny_llama, prompts, 8, seed=8), backend=choose_backend(tiny_llama, fast=False))
+
+
+def test_one_planner_cuts_rows_by_depth_within_the_memory_plan(tiny_llama, tiny_tokenizer):
+    prompts = _prompts(2, [200, 150], len(tiny_tokenizer), seed=6)
+    prefix = Prefix(tiny_llama, prompts)
+    by_start = [(2, list(range(0, 50))), (0, list(range(50, 80))), (1, list(range(80, 200)))]
+    start_of = {r: s for s, rows in by_start for r in rows}
+    budget, n_chunks = 2 * 2**20, {}
+    for grad in (True, False):
+        per = rows_per_chunk(Dims.of(tiny_llama), "packed", prefix.C, 2, 1000, budget, grad=grad)
+        chunks = plan_row_chunks(prefix, by_start, 2, 1000, budget, grad=grad)
+        assert sorted(r for _, rows in chunks for r in rows) == list(range(200))  # every row once
+        for start, rows in chunks:
+            assert 0 < len(rows) <= per
+            assert start == min(start_of[r] for r in rows)  # a chunk starts at its lowest row
+        n_chunks[grad] = len(chunks)
+    # A backward keeps every layer's activations: the same budget holds fewer rows per chunk.
+    assert n_chunks[True] > n_chunks[False] >= 200 // 32
 
 
 def test_the_self_check_names_the_first_row_off_the_plain_forward(tiny_llama, tiny_tokenizer):

@@ -37,8 +37,8 @@ Example:
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB
 from .checks import CleanRowCheck, check_against_plain, skipping_is_exact
 from .prefix import Backend, Prefix, Row, Scale, backend_of, choose_backend
-from .run import Reduce, run_rows
+from .run import Reduce, plan_row_chunks, run_rows
 
-__all__ = ["Row", "Scale", "Prefix", "Backend", "run_rows", "Reduce", "backend_of", "choose_backend",
+__all__ = ["Row", "Scale", "Prefix", "Backend", "run_rows", "Reduce", "plan_row_chunks", "backend_of", "choose_backend",
            "skipping_is_exact", "check_against_plain", "CleanRowCheck", "DEFAULT_MEMORY_BUDGET_MB",
            "DEFAULT_MAX_PREFIX_TOKENS"]
