@@ -55,12 +55,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .config import Config
-from .engine import Prefix, Row, backend_of, skipping_is_exact
-from .engine.checks import fast_path_broken, gap_to_plain, off_rows, plain_logprobs
+from .engine import Backend, CleanRowCheck, Prefix, Row, backend_of, choose_backend, plan_row_chunks, skipping_is_exact
 from .errors import QrncaError
 from .hooks import capture, hooked, hooked_points, refuse_caller_hooks
 from .models import d_mlp, mlp_hook_name, model_device, model_dtype, n_layers
-from .plan import DEFAULT_MAX_PREFIX_TOKENS, Dims, plan_chunks, plan_groups, rows_per_chunk
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_groups
 from .protocols import HookedModel
 from .proxies import Prompt, as_prompt, as_prompts
 from .readout import final_residual, head32
@@ -105,11 +104,11 @@ class IGConfig(Config):
                                           "copies; auto: fast, falling back without a warning"})
     max_batch_rows: int = field(default=240, metadata={"help": "at most this many rows per forward/backward"})
     require_gated: bool = False
-    # Peak working memory of one pass (prefix or row chunk), estimated by ``_chunk_bytes``/``_prefix_bytes``:
-    # chunks shrink (and a query's prompts split into several passes) as prompts grow. 1 GB keeps a
-    # 2,000-token prompt on SmolLM2 (30 layers, float32) under 4 GB RSS with the model loaded.
+    # Peak working memory of one pass (prefix or row chunk), estimated by ``plan.chunk_bytes``/``plan.prefix_bytes``:
+    # chunks shrink (and a query's prompts split into several passes) as prompts grow.
     memory_budget_mb: int = field(
-        default=1024, metadata={"help": "estimated peak memory of one pass; chunks shrink as prompts grow"})
+        default=DEFAULT_MEMORY_BUDGET_MB,
+        metadata={"help": "estimated peak memory of one pass; chunks shrink as prompts grow"})
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -349,10 +348,16 @@ def reference_ig(
 # ---------------------------------------------------------------- fast path: rows of the engine
 
 
-def fast_backend(model: HookedModel) -> str | None:
-    """Which fast-path backend fits this model: ``"sequence"`` (bridge over transformers: packed rows),
-    ``"batch"`` (HookedTransformer), or None (reference only)."""
-    return {"packed": "sequence", "batch": "batch"}.get(backend_of(model))
+def fast_backend(model: HookedModel) -> Backend | None:
+    """The engine ``Backend`` IG's fast path runs on for this model: ``"packed"`` (bridge over transformers),
+    ``"batch"`` (HookedTransformer), or None (reference only).
+
+    Example:
+        >>> fast_backend(model)   # doctest: +SKIP
+        'packed'
+    """
+    backend = backend_of(model)
+    return None if backend == "full" else backend
 
 
 # ---------------------------------------------------------------- public API
@@ -431,18 +436,17 @@ def attribute_prompts(
     if not prompts:
         raise QrncaError("no prompts to attribute")
     chosen, names = _layers_and_names(model, layers, cfg.require_gated)
-    method, backend = cfg.method, fast_backend(model)
-    if method in ("fast", "auto") and backend is None:
-        if method == "fast":
-            warnings.warn(
-                f"no fast IG path for {type(model).__name__} over {type(getattr(model, 'original_model', None)).__name__}; "
-                "using the reference path (exact, slower)", stacklevel=2,
-            )
-        method = "reference"
-    if method == "auto" and hooked_points(model):
-        method = "reference"  # the caller's hooks would see the rows' layout; the reference path honours them
+    # "full" here is the reference path (``reference_ig``, the authors' full-sequence copies): IG's oracle.
+    backend = choose_backend(model, fast=cfg.method != "reference")
+    if backend == "full" and cfg.method == "fast":
+        warnings.warn(
+            f"no fast IG path for {type(model).__name__} over {type(getattr(model, 'original_model', None)).__name__}; "
+            "using the reference path (exact, slower)", stacklevel=2,
+        )
+    if backend != "full" and cfg.method == "auto" and hooked_points(model):
+        backend = "full"  # the caller's hooks would see the rows' layout; the reference path honours them
     dtype = model_dtype(model)
-    if method == "reference":
+    if backend == "full":
         return torch.stack([
             _check_nonzero(torch.stack([reference_ig(model, p, layer, steps=cfg.steps, alpha_schedule=cfg.alpha_schedule,
                                                      require_gated=cfg.require_gated) for layer in chosen]),
@@ -457,56 +461,43 @@ def attribute_prompts(
     for i, p in enumerate(prompts):
         groups.setdefault(len(p.target), []).append(i)
     d, budget = Dims.of(model), cfg.memory_budget_mb * 2**20
-    eng = "packed" if backend == "sequence" else "batch"
     for same_t in groups.values():
         lengths = [len(prompts[i].tokens) - 1 for i in same_t]
-        for part in plan_groups(lengths, d, eng, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
+        for part in plan_groups(lengths, d, backend, budget, max(DEFAULT_MAX_PREFIX_TOKENS, max(lengths))):
             batch = [same_t[j] for j in part]
-            scores, probs = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, eng)
+            scores, probs = _fast(model, [prompts[i] for i in batch], chosen, names, cfg, backend)
             for i, sc, prob in zip(batch, scores, probs):
                 out[i] = _check_nonzero(_check_finite(sc, prompts[i]), prompts[i], chosen, prob, dtype)
     return torch.stack([x for x in out if x is not None])
 
 
-def _plain_logprobs(model: HookedModel, prompts: Sequence[Prompt]) -> Float[Tensor, "prompt n_target vocab"]:
-    """Each prompt's log-probabilities at its target positions from an ordinary forward (no cache, no
-    intervention): the self-check's reference where the prefix pass cannot give it (HookedTransformer)."""
-    return torch.stack([plain_logprobs(model, p.tokens, (p.tokens[-1], *p.target[:-1])) for p in prompts])
-
-
 def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], names: Sequence[str], cfg: IGConfig,
-          backend: str) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
+          backend: Backend) -> tuple[Float[Tensor, "prompt layer d_mlp"], list[float]]:
     """IG rows of every (prompt, layer, step) behind one prefix pass, each row starting at its own layer;
     also each prompt's clean P(target) (its α = 1 row)."""
     a = alphas(cfg.steps, cfg.alpha_schedule).to(model_device(model))
     prefix = Prefix(model, [list(p.tokens) for p in prompts], record=names, backend=backend,
                     continuations=[p.target[:-1] for p in prompts])
-    # The self-check's reference: the prefix pass's own logits on a bridge, else one ordinary forward each.
-    plain = torch.stack(prefix.plain) if prefix.plain is not None else _plain_logprobs(model, prompts)
+    # The α = 1 rows re-create the clean prompts: the self-check's evidence, against the prefix pass's own
+    # logits on a bridge (no second forward), else one ordinary forward per prompt.
+    self_check = CleanRowCheck(prefix, "IGConfig(method='reference') (exact, slower)")
     full_step = int(torch.nonzero(a == 1.0)[-1])  # both schedules end at α = 1
     B, T = len(prompts), len(prompts[0].target)
     fbar = torch.stack([prefix.clean[n].float() for n in names], dim=1)  # [prompt, layer, d_mlp]
     # Accumulated on the model's device: the host sees the scores once per prompt group, not once per chunk.
     grads = torch.zeros(B, len(chosen), d_mlp(model), dtype=torch.float32, device=a.device)
     clean_p = torch.zeros(B, dtype=torch.float32, device=a.device)
-    gaps: list[Tensor] = []
-    checked: list[tuple[int, int]] = []
     tokens = [(p.tokens[-1], *p.target[:-1]) for p in prompts]
     skip = skipping_is_exact(prefix)
-    # Rows per chunk from the memory plan: attention grows with rows x (prefix + rows), so chunks shrink as
-    # prompts grow; max_batch_rows stays the upper bound. Rows go layer by layer, deepest first, so a chunk
-    # holds rows of neighbouring layers and starts at the lowest of them.
-    cached = prefix.C if backend == "packed" else max(prefix.P)
-    per = rows_per_chunk(Dims.of(model), backend, cached, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20,
-                         grad=True)
-    # Rows of a layer start at that layer; chunks are cut where mixing depths would cost more than a forward.
-    by_layer = [[(b, li, k) for k in range(cfg.steps) for b in range(B)] for li in range(len(chosen))]
-    starts = [(chosen[li] if skip else 0, len(by_layer[li])) for li in range(len(chosen))]
-    chunks = [[row for g, first, n in piece for row in by_layer[g][first : first + n]]
-              for piece in plan_chunks(starts, n_layers(model), per)]
+    # Rows of a layer start at that layer. The engine's planner cuts them into chunks: rows per chunk from the
+    # memory plan with a backward through them (attention grows with rows x (prefix + rows), so chunks shrink
+    # as prompts grow; max_batch_rows stays the upper bound), depths mixed where that costs less than a forward.
+    by_layer = [(chosen[li] if skip else 0, [(b, li, k) for k in range(cfg.steps) for b in range(B)])
+                for li in range(len(chosen))]
+    chunks = plan_row_chunks(prefix, by_layer, T, cfg.max_batch_rows, cfg.memory_budget_mb * 2**20, grad=True)
     targets = torch.tensor([list(p.target) for p in prompts], device=a.device)  # [prompt, T]
     with gradients_on(model):
-        for chunk in chunks:
+        for start, chunk in chunks:
             rows = [Row(b, tokens[b]) for b, _, _ in chunk]
             leaves: dict[int, tuple[list[int], Tensor]] = {}
             for li in sorted({li for _, li, _ in chunk}):
@@ -515,13 +506,13 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
                 ks = torch.tensor([chunk[r][2] for r in mine], device=a.device)
                 leaf = (a[ks, None] * fbar[bs, li]).detach().requires_grad_(True)
                 leaves[chosen[li]] = (mine, leaf)
-            start = min(chosen[li] for _, li, _ in chunk) if skip else 0
             logp = prefix.forward(rows, start=start, writes=leaves).view(len(chunk), T, -1)
-            with torch.no_grad():  # the α = 1 rows re-create the clean prompts: the self-check's evidence
+            with torch.no_grad():
                 for r, (b, li, k) in enumerate(chunk):
                     if k == full_step:
-                        gaps.append(gap_to_plain(logp[r].detach(), plain[b], prompts[b].target))
-                        checked.append((b, li))
+                        self_check.add(b, logp[r], tokens[b], f"for query {prompts[b].query_id!r} (template "
+                                       f"{prompts[b].template}) the unscaled row at layer {chosen[li]}",
+                                       targets=prompts[b].target)
             idx = torch.tensor([b for b, _, _ in chunk], device=a.device)
             # P_r * d log P_r: the gradient through a half-precision model is that of log P (see _prob_grad)
             logP = logp.gather(-1, targets[idx][..., None])[..., 0].sum(-1)  # [rows], float32
@@ -535,11 +526,6 @@ def _fast(model: HookedModel, prompts: Sequence[Prompt], chosen: Sequence[int], 
             for r, (b, _, k) in enumerate(chunk):
                 if k == full_step:
                     clean_p[b] = P[r]
-    dtype = model_dtype(model)
-    for i, diff, tol in off_rows(torch.stack(gaps), dtype)[:1]:
-        b, li = checked[i]
-        raise fast_path_broken(
-            f"for query {prompts[b].query_id!r} (template {prompts[b].template}) the unscaled row at layer "
-            f"{chosen[li]}", diff, tol, dtype, "IGConfig(method='reference') (exact, slower)")
+    self_check.verify()
     probs = [float(p) for p in clean_p.cpu()]
     return fbar.cpu() * grads.cpu() / cfg.steps, probs

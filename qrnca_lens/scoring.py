@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .config import Config
 from .data import QueriesLike, Query, as_queries, groups_of
-from .engine import DEFAULT_MEMORY_BUDGET_MB, Row, Scale, backend_of, run_rows
+from .engine import DEFAULT_MEMORY_BUDGET_MB, Backend, Row, Scale, backend_of, choose_backend, run_rows
 from .errors import ProxyError
 from .interventions import Intervention, check_neurons, row_factors, scale_rows
 from .models import default_prepend_bos, model_device, pad_batch, pad_token_id, tokenizer_of
@@ -158,11 +158,12 @@ def score_items(
     """
     check_context(model, [pr for pr, _ in items])
     # Models without a prefix cache (TL-native bridges) gain nothing from rows: full sequences, logits only
-    # at the positions read.
-    if every_position or not engine or backend_of(model) == "full":
+    # at the positions read. An intervention at every position is not a row's.
+    backend = choose_backend(model, fast=engine and not every_position)
+    if backend == "full":
         return _score_items_full(model, items, every_position=every_position, batch_size=batch_size,
                                  max_batch_tokens=max_batch_tokens, progress=progress)
-    return _score_items_rows(model, items, memory_budget_mb, progress)
+    return _score_items_rows(model, items, memory_budget_mb, progress, backend)
 
 
 def _scale_of(model: HookedModel, iv: Intervention) -> Scale:
@@ -172,15 +173,16 @@ def _scale_of(model: HookedModel, iv: Intervention) -> Scale:
     return tuple((layer, tuple(idx), float(factor)) for layer, idx in sorted(check_neurons(model, neurons).items()))
 
 
-def _engine_steps(model: HookedModel, prompts: Sequence[Sequence[int]], memory_budget_mb: int) -> list[list[int]]:
+def _engine_steps(model: HookedModel, prompts: Sequence[Sequence[int]], memory_budget_mb: int,
+                  backend: Backend | None = None) -> list[list[int]]:
     """The engine's own prefix groups of these prompts (``plan_groups``, as ``run_rows`` plans them): running
     one group per ``run_rows`` call computes exactly what one call over all of them does, step by step."""
-    return plan_groups([len(p) - 1 for p in prompts], Dims.of(model), backend_of(model), memory_budget_mb * 2**20,
-                       DEFAULT_MAX_PREFIX_TOKENS)
+    return plan_groups([len(p) - 1 for p in prompts], Dims.of(model), backend or backend_of(model),
+                       memory_budget_mb * 2**20, DEFAULT_MAX_PREFIX_TOKENS)
 
 
 def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], memory_budget_mb: int,
-                      progress: bool = False) -> list[ItemScore]:
+                      progress: bool = False, backend: Backend | None = None) -> list[ItemScore]:
     """Every item as engine rows: one row per distinct teacher-forced prefix of its target and options."""
     prompt_ids: dict[tuple[int, ...], int] = {}
     rows: list[Row] = []
@@ -207,12 +209,12 @@ def _score_items_rows(model: HookedModel, items: Sequence[tuple[Prompt, Interven
         tok = torch.tensor([w[1] for w in want], device=lp.device)
         return dict(zip(want, lp[t, tok].tolist())), int(lp[0].argmax())
 
-    steps = _engine_steps(model, prompts, memory_budget_mb) if progress else [list(range(len(prompts)))]
+    steps = _engine_steps(model, prompts, memory_budget_mb, backend) if progress else [list(range(len(prompts)))]
     got: dict[Row, Any] = {}
     for group in progress_bar(steps, len(steps), "scoring", enabled=progress, unit="prefix"):
         members = set(group)
         mine = list(dict.fromkeys(r for r in rows if r.prompt in members))
-        got.update(zip(mine, run_rows(model, prompts, mine, reduce, memory_budget_mb=memory_budget_mb)))
+        got.update(zip(mine, run_rows(model, prompts, mine, reduce, memory_budget_mb=memory_budget_mb, backend=backend)))
     out = []
     for (pr, _), plan in zip(items, plans):
         vals = [sum(got[row][0][(t, tok)] for t, tok in enumerate(cont)) for row, cont in plan]

@@ -196,7 +196,7 @@ def test_backends(tiny_model):
     if name == "HookedTransformer":
         assert kind == "batch"
     elif type(tiny_model.original_model).__module__.startswith("transformers"):
-        assert kind == "sequence"
+        assert kind == "packed"
     else:
         assert kind is None
 
@@ -312,10 +312,10 @@ def test_self_check_fails_loudly_on_a_broken_cache(tiny_model, tiny_tokenizer, f
 def test_self_check_costs_no_extra_forward_on_a_bridge(tiny_gated, tiny_tokenizer, facts, monkeypatch):
     """The prefix pass runs each prompt's target tokens too, so its own logits are the check's reference:
     one forward of the prompts (the prefix pass), not a second plain one per prompt."""
-    from qrnca_lens import attribution as attr
+    from qrnca_lens.engine import checks
 
     calls = []
-    monkeypatch.setattr(attr, "_plain_logprobs", lambda m, ps: calls.append(len(ps)))
+    monkeypatch.setattr(checks, "plain_logprobs", lambda m, prompt, row: calls.append(len(prompt)))
     prompts = build_prompts(facts[0], ProxyConfig("cloze", n_prompts=3, n_shots=1), tiny_tokenizer, pool=facts)
     embeds = []
     # A torch hook on the embedding module, not a TL hook point: the fast path refuses a caller's hook points.

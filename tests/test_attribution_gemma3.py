@@ -52,7 +52,7 @@ def _layers(model):
 @pytest.mark.parametrize("n_tokens", [None, 650])
 def test_fast_equals_reference_and_the_plain_loop_on_gemma3(gemma3, facts, n_tokens):
     cfg = gemma3.original_model.config
-    assert fast_backend(gemma3) == "sequence"
+    assert fast_backend(gemma3) == "packed"
     prompt = _cloze(gemma3, facts) if n_tokens is None else _long(gemma3, facts, n_tokens)
     if n_tokens is not None:
         assert len(prompt.tokens) == n_tokens > cfg.sliding_window  # the local layers must drop the far prefix

@@ -120,3 +120,20 @@ def test_field_help_comes_from_the_metadata():
 def test_cluster_from_dict_still_names_missing_keys():
     with pytest.raises(QrncaError, match="lacks keys.*'shape'"):
         Cluster.from_dict({"indices": [], "raw": []})
+
+
+def test_every_memory_budget_default_is_the_one_constant():
+    """IG, the row engine and scoring plan their passes with one default budget (``plan.DEFAULT_MEMORY_BUDGET_MB``)."""
+    import inspect
+
+    from qrnca_lens.engine import run_rows
+    from qrnca_lens.plan import DEFAULT_MEMORY_BUDGET_MB
+    from qrnca_lens.scoring import score_items
+
+    assert IGConfig().memory_budget_mb == DEFAULT_MEMORY_BUDGET_MB
+    for fn in (run_rows, score_items):
+        assert inspect.signature(fn).parameters["memory_budget_mb"].default == DEFAULT_MEMORY_BUDGET_MB
+    # A stored IG config of before keeps its meaning: the same fields, the same default.
+    stored = {"steps": 16, "alpha_schedule": "riemann", "method": "fast", "max_batch_rows": 240,
+              "require_gated": False, "memory_budget_mb": 1024}
+    assert IGConfig.from_dict(stored) == IGConfig() and IGConfig().to_dict() == stored

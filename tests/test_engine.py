@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from builders import build_tiny, tiny_gemma3_bridge
-from qrnca_lens.engine import Prefix, Row, backend_of, run_rows, skipping_is_exact
-from qrnca_lens.plan import Dims, plan_groups
-from qrnca_lens.errors import QrncaError
+from qrnca_lens.engine import (Backend, CleanRowCheck, Prefix, Row, backend_of, check_against_plain, choose_backend,
+                               plan_row_chunks, run_rows, skipping_is_exact)
+from qrnca_lens.engine import checks
+from qrnca_lens.plan import Dims, plan_groups, rows_per_chunk
+from qrnca_lens.errors import FastPathError, QrncaError
 from qrnca_lens.hooks import active_hook_count
 from qrnca_lens.models import d_mlp, mlp_hook_name, n_layers
 
@@ -159,3 +161,77 @@ def test_plan_groups_respects_the_prefix_cap(tiny_llama):
     assert groups == [[0, 1, 2], [3], [4]]
     assert plan_groups([5, 5], d, "batch", 2**30) == [[0], [1]]
     assert backend_of(tiny_llama) == "packed"
+
+
+# ---------------------------------------------------------------- one backend vocabulary, one planner, one check
+
+
+def test_backends_are_one_literal_and_the_oracle_is_full(tiny_llama, tiny_tokenizer):
+    from typing import get_args
+
+    from qrnca_lens.attribution import fast_backend
+
+    assert get_args(Backend) == ("packed", "batch", "full")
+    assert choose_backend(tiny_llama) == backend_of(tiny_llama) == fast_backend(tiny_llama) == "packed"
+    assert choose_backend(tiny_llama, fast=False) == "full"
+    prompts = _prompts(3, [7, 10], len(tiny_tokenizer), seed=8)
+    _check_rows(tiny_llama, prompts, _rows(tiny_llama, prompts, 8, seed=8), backend=choose_backend(tiny_llama, fast=False))
+
+
+def test_one_planner_cuts_rows_by_depth_within_the_memory_plan(tiny_llama, tiny_tokenizer):
+    prompts = _prompts(2, [200, 150], len(tiny_tokenizer), seed=6)
+    prefix = Prefix(tiny_llama, prompts)
+    by_start = [(2, list(range(0, 50))), (0, list(range(50, 80))), (1, list(range(80, 200)))]
+    start_of = {r: s for s, rows in by_start for r in rows}
+    budget, n_chunks = 2 * 2**20, {}
+    for grad in (True, False):
+        per = rows_per_chunk(Dims.of(tiny_llama), "packed", prefix.C, 2, 1000, budget, grad=grad)
+        chunks = plan_row_chunks(prefix, by_start, 2, 1000, budget, grad=grad)
+        assert sorted(r for _, rows in chunks for r in rows) == list(range(200))  # every row once
+        for start, rows in chunks:
+            assert 0 < len(rows) <= per
+            assert start == min(start_of[r] for r in rows)  # a chunk starts at its lowest row
+        n_chunks[grad] = len(chunks)
+    # A backward keeps every layer's activations: the same budget holds fewer rows per chunk.
+    assert n_chunks[True] > n_chunks[False] >= 200 // 32
+
+
+def test_the_self_check_names_the_first_row_off_the_plain_forward(tiny_llama, tiny_tokenizer):
+    prompts = _prompts(2, [9, 6], len(tiny_tokenizer), seed=7)
+    rows = [Row(b, (prompts[b][-1], 21)) for b in range(2)]
+    prefix = Prefix(tiny_llama, prompts, continuations=[r.tokens[1:] for r in rows])
+    with torch.no_grad():
+        lp, _, at = prefix.clean_pass(rows)
+    own = [lp[at[r][0] : at[r][0] + 2] for r in rows]
+    check = CleanRowCheck(prefix)
+    for b, r in enumerate(rows):
+        # The reference is the prefix pass's own logits: they are an ordinary forward's.
+        plain = checks.plain_logprobs(tiny_llama, prompts[b], r.tokens)
+        assert torch.allclose(check.reference(b, r.tokens), plain, atol=1e-5)
+        check.add(b, own[b], r.tokens, f"row {b}")
+    check.verify()  # intact rows pass
+    bent = own[1].clone()
+    bent[0, int(own[1][0].argmax())] += 0.5
+    check.add(1, bent, rows[1].tokens, "the bent row")
+    check.add(0, own[0] + 1.0, rows[0].tokens, "the shifted row")
+    with pytest.raises(FastPathError, match=r": the bent row differs .* by 0\.5 nats"):
+        check.verify()
+    with pytest.raises(FastPathError, match="the bent row"):
+        check_against_plain(prefix, 1, bent, rows[1].tokens, "the bent row")
+
+
+def test_the_self_check_runs_one_plain_forward_per_prompt_and_row(tiny_llama, tiny_tokenizer, monkeypatch):
+    """Without the prefix pass's logits (``Prefix.plain`` is None) the reference is an ordinary forward, once."""
+    prompts = _prompts(2, [8, 5], len(tiny_tokenizer), seed=9)
+    prefix = Prefix(tiny_llama, prompts, backend="full")
+    assert prefix.plain is None
+    calls = []
+    plain = checks.plain_logprobs
+    monkeypatch.setattr(checks, "plain_logprobs", lambda *a: calls.append(a[1:]) or plain(*a))
+    check = CleanRowCheck(prefix)
+    rows = [Row(b, (prompts[b][-1],)) for b in (0, 1, 0, 1, 0)]
+    with torch.no_grad():
+        for r in rows:
+            check.add(r.prompt, prefix.forward([r]), r.tokens, f"row of prompt {r.prompt}")
+    check.verify()
+    assert len(calls) == 2

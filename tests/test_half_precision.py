@@ -77,7 +77,7 @@ def test_the_gap_covers_live_tokens_and_the_target_whatever_its_probability():
 @pytest.mark.parametrize("kind", ["llama-bridge", "gpt2-bridge"])
 def test_a_broken_cache_is_caught_in_every_dtype(kind, tiny_tokenizer, facts, monkeypatch, how, dtype):
     model = build_tiny(kind, tiny_tokenizer).to(dtype)
-    assert fast_backend(model) == "sequence"
+    assert fast_backend(model) == "packed"
     prompt = _prompt(facts, tiny_tokenizer)
     attribute_prompt(model, prompt, IGConfig(steps=3))  # the intact cache passes its check in this dtype
     original = Prefix.__init__

@@ -13,7 +13,7 @@ leaves every earlier position identical to the clean run in every layer, because
    clean residual (``blocks.l.hook_resid_pre`` of its tokens, recorded from the clean row once) and the
    blocks below are not run at all.
 
-Backends (``backend_of``):
+Backends (the ``Backend`` literal; ``backend_of`` gives a model's own, ``choose_backend`` maps a fast/full choice):
 
 - ``"packed"``, a TL 4.x ``TransformerBridge`` over a transformers model: the group's prefixes are
   concatenated along the sequence of one cache; rows follow along the sequence, each seeing its own
@@ -35,9 +35,10 @@ Example:
 """
 
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB
-from .checks import check_against_plain, skipping_is_exact
-from .prefix import Prefix, Row, Scale, backend_of
-from .run import Reduce, run_rows
+from .checks import CleanRowCheck, check_against_plain, skipping_is_exact
+from .prefix import Backend, Prefix, Row, Scale, backend_of, choose_backend
+from .run import Reduce, plan_row_chunks, run_rows
 
-__all__ = ["Row", "Scale", "Prefix", "run_rows", "Reduce", "backend_of", "skipping_is_exact", "check_against_plain",
-           "DEFAULT_MEMORY_BUDGET_MB", "DEFAULT_MAX_PREFIX_TOKENS"]
+__all__ = ["Row", "Scale", "Prefix", "Backend", "run_rows", "Reduce", "plan_row_chunks", "backend_of", "choose_backend",
+           "skipping_is_exact", "check_against_plain", "CleanRowCheck", "DEFAULT_MEMORY_BUDGET_MB",
+           "DEFAULT_MAX_PREFIX_TOKENS"]

@@ -16,8 +16,8 @@ from ..protocols import HookedModel
 from ..readout import logprobs_at
 from .prefix import Prefix, Row
 
-__all__ = ["skipping_is_exact", "check_against_plain", "plain_logprobs", "check_tolerance", "gap_to_plain", "off_rows",
-           "fast_path_broken", "CHECK_TOL", "NOISE_K"]
+__all__ = ["skipping_is_exact", "check_against_plain", "CleanRowCheck", "plain_logprobs", "check_tolerance",
+           "gap_to_plain", "off_rows", "fast_path_broken", "CHECK_TOL", "NOISE_K", "LIVE_LOGPROB", "ENGINE_WAY_OUT"]
 
 
 _SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
@@ -30,7 +30,11 @@ CHECK_TOL_LOW = 5e-2  # float16 / bfloat16, for a caller that has no log-probabi
 # bf16/fp16 forward moves live log-probabilities by up to 0.72 eps * spread (SmolLM2, measured: a packed row
 # against the plain forward); an emptied prefix cache moves them by 49-59 eps * spread.
 NOISE_K = 2.0
-LIVE = -13.8  # log(1e-6): the far tail's float error says nothing about the cache
+# log(1e-6) ~ -13.8: the self-checks compare only the tokens the plain forward gives p > 1e-6 (and the target,
+# whatever its probability). The far tail carries no probability any result reads, and its float error would
+# set the tolerance by noise rather than by the cache; a broken cache moves the live tokens anyway. (-13.8, not
+# math.log(1e-6) = -13.816: the set of compared tokens stays what it was.)
+LIVE_LOGPROB = -13.8
 
 
 def check_tolerance(dtype: torch.dtype, spread: float | None = None) -> float:
@@ -60,7 +64,7 @@ def gap_to_plain(row_lp: Float[Tensor, "tokens vocab"], plain: Float[Tensor, "to
     Live tokens: those the plain forward gives at least 1e-6 probability; ``targets`` (one token per
     position) are compared whatever their probability. No host sync: callers batch the verdicts."""
     plain = plain.to(row_lp.device)
-    keep = plain > LIVE
+    keep = plain > LIVE_LOGPROB
     if targets is not None:
         idx = torch.tensor(list(targets), device=plain.device)[:, None]
         keep = keep.scatter(-1, idx, True)
@@ -129,18 +133,60 @@ def plain_logprobs(model: HookedModel, prompt: Sequence[int], row_tokens: Sequen
 ENGINE_WAY_OUT = "the reference paths (IGConfig(method='reference'); engine=False for scoring)"
 
 
-def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
-    """A clean row must reproduce the plain forward of its prompt: else the cache contract changed.
+class CleanRowCheck:
+    """The fast path's self-check: clean rows must reproduce the plain forward of their prompt, else the cache
+    contract changed. The one check of ``run_rows`` and of IG's fast path.
 
-    The reference is the prefix pass's own logits when it ran the row's tokens (``Prefix.plain``), else an
-    ordinary forward of the prompt and row. Tolerance: ``check_tolerance``."""
-    known = prefix.plain[b] if prefix.plain is not None else None
-    if known is not None and known.shape[0] == len(row_tokens):
-        plain = known.to(row_lp.device)
-    else:
-        plain = plain_logprobs(prefix.model, prefix.prompts[b], row_tokens).to(row_lp.device)
-    if not torch.isfinite(plain).all():
-        return  # the model itself overflows; the callers' finiteness checks name that and its fix
-    dtype = model_dtype(prefix.model)
-    for _, diff, tol in off_rows(gap_to_plain(row_lp, plain)[None], dtype):
-        raise fast_path_broken(what, diff, tol, dtype, ENGINE_WAY_OUT)
+    ``add`` records a clean row's gap on the device (``gap_to_plain``; no host sync), ``verify`` raises
+    ``fast_path_broken`` for the first row off its tolerance (``check_tolerance``), one host sync for all. The
+    reference is the prefix pass's own logits when it ran the row's tokens (``Prefix.plain``), else an ordinary
+    forward of the prompt and row (``plain_logprobs``, once per prompt and tokens).
+
+    Example:
+        >>> check = CleanRowCheck(prefix)                                   # doctest: +SKIP
+        >>> check.add(0, row_lp, row_tokens, "the clean row of prompt 0")   # doctest: +SKIP
+        >>> check.verify()                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, prefix: Prefix, way_out: str = ENGINE_WAY_OUT) -> None:
+        self.prefix, self.way_out = prefix, way_out
+        self._gaps: list[Tensor] = []
+        self._whats: list[str] = []
+        self._plain: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+
+    def reference(self, b: int, row_tokens: Sequence[int]) -> Float[Tensor, "tokens vocab"]:
+        """The plain forward's log-probabilities at the clean row ``row_tokens`` of prompt ``b``."""
+        key = (b, tuple(row_tokens))
+        if key not in self._plain:
+            known = self.prefix.plain[b] if self.prefix.plain is not None else None
+            if known is not None and known.shape[0] == len(row_tokens):
+                self._plain[key] = known
+            else:
+                self._plain[key] = plain_logprobs(self.prefix.model, self.prefix.prompts[b], row_tokens)
+        return self._plain[key]
+
+    def add(self, b: int, row_lp: Float[Tensor, "tokens vocab"], row_tokens: Sequence[int], what: str,
+            targets: Sequence[int] | None = None) -> None:
+        """Record clean row ``row_lp`` of prompt ``b`` (``targets``: compared whatever their probability);
+        ``what`` names it in the error."""
+        self._gaps.append(gap_to_plain(row_lp.detach(), self.reference(b, row_tokens), targets))
+        self._whats.append(what)
+
+    def verify(self) -> None:
+        """Raise ``FastPathError`` naming the first recorded row whose gap exceeds its tolerance."""
+        if not self._gaps:
+            return
+        dtype = model_dtype(self.prefix.model)
+        for i, diff, tol in off_rows(torch.stack(self._gaps), dtype)[:1]:
+            raise fast_path_broken(self._whats[i], diff, tol, dtype, self.way_out)
+
+
+def check_against_plain(prefix: Prefix, b: int, row_lp: Tensor, row_tokens: Sequence[int], what: str) -> None:
+    """One clean row's ``CleanRowCheck``: it must reproduce the plain forward of its prompt.
+
+    Example:
+        >>> check_against_plain(prefix, 0, row_lp, row_tokens, "the clean row of prompt 0")   # doctest: +SKIP
+    """
+    check = CleanRowCheck(prefix)
+    check.add(b, row_lp, row_tokens, what)
+    check.verify()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -19,7 +19,19 @@ from ..models import d_mlp, hf_model, mlp_hook_name, model_device, model_dtype, 
 from ..protocols import HookedModel
 from ..readout import StopForward, final_residual_hook, head32
 
-__all__ = ["Row", "Scale", "Prefix", "backend_of"]
+__all__ = ["Row", "Scale", "Prefix", "Backend", "backend_of", "choose_backend"]
+
+Backend = Literal["packed", "batch", "full"]
+"""How rows run (the one spelling of "fast path or full-sequence oracle", for the engine, IG and scoring):
+
+- ``"packed"``: a TL 4.x ``TransformerBridge`` over a transformers model; a group's prefixes share one cache,
+  rows follow along the sequence behind a 4D mask.
+- ``"batch"``: a TL 3.x ``HookedTransformer``; rows of one prompt go along the batch behind its frozen cache.
+- ``"full"``: every row is a full sequence (prompt + row), no cache: exact and slow. The oracle, and the only
+  backend of other models (TL-native bridges).
+
+``backend_of(model)`` is a model's fastest; ``choose_backend(model, fast=False)`` asks for the oracle.
+"""
 
 Scale = tuple[tuple[int, tuple[int, ...], float], ...]  # (layer, neurons, factor), at the row's first token
 
@@ -56,8 +68,9 @@ def _stop_at_final(store: dict[str, Tensor]) -> Any:
 # ---------------------------------------------------------------- backends
 
 
-def backend_of(model: HookedModel) -> str:
-    """``"packed"`` (bridge over transformers), ``"batch"`` (HookedTransformer) or ``"full"``."""
+def backend_of(model: HookedModel) -> Backend:
+    """The fastest ``Backend`` of this model: ``"packed"`` (bridge over transformers), ``"batch"``
+    (HookedTransformer) or ``"full"``."""
     original = getattr(model, "original_model", None)
     if original is not None:
         try:
@@ -70,6 +83,18 @@ def backend_of(model: HookedModel) -> str:
     except ImportError:
         return "full"
     return "batch" if isinstance(model, HookedTransformer) else "full"
+
+
+def choose_backend(model: HookedModel, fast: bool = True) -> Backend:
+    """The backend a caller's choice runs on: the model's own (``backend_of``) for the fast path, ``"full"`` for
+    the full-sequence oracle (``IGConfig(method="reference")``, ``EvalConfig(engine=False)``,
+    ``score_items(engine=False)`` all mean ``fast=False``).
+
+    Example:
+        >>> choose_backend(model, fast=False)   # doctest: +SKIP
+        'full'
+    """
+    return backend_of(model) if fast else "full"
 
 
 # ---------------------------------------------------------------- one prefix group
@@ -95,7 +120,7 @@ class Prefix:
     """
 
     def __init__(self, model: HookedModel, prompts: Sequence[Sequence[int]], *, record: Sequence[str] = (),
-                 backend: str | None = None, continuations: Sequence[Sequence[int]] | None = None) -> None:
+                 backend: Backend | None = None, continuations: Sequence[Sequence[int]] | None = None) -> None:
         if not prompts or any(len(p) < 1 for p in prompts):
             raise QrncaError("every prompt needs at least one token")
         self.model, self.backend = model, backend or backend_of(model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -12,13 +12,36 @@ from ..errors import QrncaError
 from ..hooks import refuse_caller_hooks
 from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from ..protocols import HookedModel
-from .checks import ENGINE_WAY_OUT, check_against_plain, skipping_is_exact
-from .prefix import Prefix, Row, backend_of
+from .checks import ENGINE_WAY_OUT, CleanRowCheck, skipping_is_exact
+from .prefix import Backend, Prefix, Row, backend_of
 
-__all__ = ["run_rows", "Reduce"]
+__all__ = ["run_rows", "Reduce", "plan_row_chunks"]
 
 
 Reduce = Callable[[Row, Tensor, dict[str, Tensor]], Any]
+R = TypeVar("R")
+
+
+def plan_row_chunks(prefix: Prefix, by_start: Sequence[tuple[int, Sequence[R]]], tokens_per_row: int, max_rows: int,
+                    budget: int, *, grad: bool) -> list[tuple[int, list[R]]]:
+    """The chunks rows behind ``prefix`` run in, one forward each: ``(start layer, rows)`` per chunk.
+
+    ``by_start``: (start layer, rows) per group of rows that start at the same layer. A chunk holds at most the
+    rows the memory plan allows: ``rows_per_chunk`` for rows of ``tokens_per_row`` tokens against the prefix's
+    cached positions within ``budget`` bytes, ``grad`` when a backward runs through them (IG keeps every
+    layer's activations for it, so its chunks are smaller), never more than ``max_rows``. A chunk starts at
+    the lowest start of its rows; depths mix where that costs less than another forward (``plan_chunks``).
+    The one planner of ``run_rows`` and IG's fast path.
+
+    Example:
+        >>> plan_row_chunks(prefix, [(2, ["a", "b"]), (0, ["c"])], 1, 240, 2**30, grad=False)  # doctest: +SKIP
+        [(2, ['a', 'b']), (0, ['c'])]
+    """
+    cached = prefix.C if prefix.backend == "packed" else max(prefix.P)
+    per = rows_per_chunk(Dims.of(prefix.model), prefix.backend, cached, tokens_per_row, max_rows, budget, grad=grad)
+    pieces = plan_chunks([(start, len(rows)) for start, rows in by_start], prefix.L, per)
+    return [(min(by_start[g][0] for g, _, _ in piece),
+             [row for g, first, n in piece for row in by_start[g][1][first : first + n]]) for piece in pieces]
 
 
 def run_rows(
@@ -31,14 +54,15 @@ def run_rows(
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
     max_rows: int = 256,
     max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
-    backend: str | None = None,
+    backend: Backend | None = None,
     check: bool = True,
 ) -> list[Any]:
     """``reduce(row, logprobs [T, vocab], acts {name: [T, width]})`` for every row, in row order (no gradient).
 
     Rows of each prompt group run behind one prefix pass, sorted by start layer into chunks planned by the
     memory budget; identical rows run once; clean rows come from the clean pass that also records the
-    residuals the other rows start from.
+    residuals the other rows start from. ``backend``: the model's own by default (``backend_of``); ``"full"``
+    runs every row as a full sequence (the oracle).
     """
     if not rows:
         return []
@@ -74,10 +98,11 @@ def run_rows(
             # The clean pass: clean rows' results, and the residuals every other row starts from.
             clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
             if check:
+                self_check = CleanRowCheck(prefix, ENGINE_WAY_OUT)
                 for b in (range(len(members)) if prefix.plain is not None else [0]):
                     s, T = clean_at[firsts[b]]
-                    check_against_plain(prefix, b, clean_lp[s : s + T], firsts[b].tokens,
-                                        f"the clean row of prompt {members[b]}")
+                    self_check.add(b, clean_lp[s : s + T], firsts[b].tokens, f"the clean row of prompt {members[b]}")
+                self_check.verify()
             skip = skipping_is_exact(prefix)
             by_start: dict[int, list[int]] = {}
             for i, r in lrows.items():
@@ -90,17 +115,13 @@ def run_rows(
                 continue
             # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
             tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
-            cached = prefix.C if backend == "packed" else max(prefix.P)
-            per = rows_per_chunk(d, backend, cached, tokens_per_row, max_rows, budget, grad=False)
-            keys = sorted(by_start)
             for i_list in by_start.values():
                 i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
-            for piece in plan_chunks([(k, len(by_start[k])) for k in keys], prefix.L, per):
-                chunk = [i for g, first, n in piece for i in by_start[keys[g]][first : first + n]]
+            for start, chunk in plan_row_chunks(prefix, sorted(by_start.items()), tokens_per_row, max_rows, budget,
+                                                grad=False):
                 crow = [lrows[i] for i in chunk]
                 acts = {}
-                lp = prefix.forward(crow, start=min(keys[g] for g, _, _ in piece), capture_names=capture_names,
-                                    acts_out=acts)
+                lp = prefix.forward(crow, start=start, capture_names=capture_names, acts_out=acts)
                 k = 0
                 for i, r in zip(chunk, crow):
                     T = len(r.tokens)
