@@ -11,7 +11,7 @@ import os
 import torch
 
 import qrnca_lens as ql
-from qrnca_lens.data import limit_per_group
+from qrnca_lens.data.queries import limit_per_group
 
 model_name = os.environ.get("QRNCA_EXAMPLE_MODEL", "smollm2")
 run_dir = os.environ.get("QRNCA_EXAMPLE_RUN", "runs/example")

@@ -8,7 +8,7 @@ import os
 import sys
 
 import qrnca_lens as ql
-from qrnca_lens import analysis
+from qrnca_lens.render import analysis
 
 run_dir = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("QRNCA_EXAMPLE_RUN", "runs/example")
 run = ql.LocateResult.load(run_dir)                   # scores, clusters and QR neurons from the run store

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformer_lens.model_bridge import TransformerBridge
 
 import qrnca_lens as ql
-from qrnca_lens.hooks import active_hook_count
-from qrnca_lens.models import EMBEDDED_MODELS, cache_root
+from qrnca_lens.model.hooks import active_hook_count
+from qrnca_lens.model.loading import EMBEDDED_MODELS, cache_root
 
 tokenizer_dir = os.environ.get("QRNCA_EXAMPLE_MODEL", "smollm2")   # any local tokenizer directory works
 if tokenizer_dir in EMBEDDED_MODELS:

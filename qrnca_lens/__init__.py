@@ -17,6 +17,7 @@ import sys
 import types
 from typing import Any
 
+from . import _legacy
 from .versions import PACKAGE_VERSION as __version__
 
 # name -> submodule that defines it
@@ -25,50 +26,51 @@ _EXPORTS = {
     "QrncaError": "errors", "DataError": "errors", "ModelError": "errors", "ProxyError": "errors",
     "StoreError": "errors", "FastPathError": "errors",
     # models
-    "load_model": "models", "EMBEDDED_MODELS": "models", "HookedModel": "protocols",
+    "load_model": "model.loading", "EMBEDDED_MODELS": "model.loading", "HookedModel": "protocols",
     # data
-    "Query": "data", "load_data": "data", "load_jsonl": "data", "load_mlama": "data",
-    "load_mmlu_csv": "data", "load_authors_json": "data", "as_queries": "data",
+    "Query": "data.queries", "load_data": "data.queries", "load_jsonl": "data.queries", "load_mlama": "data.queries",
+    "load_mmlu_csv": "data.queries", "load_authors_json": "data.queries", "as_queries": "data.queries",
     # proxies
-    "ProxyConfig": "proxies", "Prompt": "proxies", "build_prompts": "proxies", "PROXIES": "proxies",
+    "ProxyConfig": "data.prompts", "Prompt": "data.prompts", "build_prompts": "data.prompts", "PROXIES": "data.prompts",
     # hooks
-    "hooked": "hooks", "capture": "hooks", "set_neurons": "hooks",
+    "hooked": "model.hooks", "capture": "model.hooks", "set_neurons": "model.hooks",
     # scoring
-    "accuracy": "scoring", "AccuracyResult": "scoring", "score_prompts": "scoring", "PromptScore": "scoring",
+    "accuracy": "evaluation.scoring", "AccuracyResult": "evaluation.scoring", "score_prompts": "evaluation.scoring", "PromptScore": "evaluation.scoring",
     # attribution
-    "IGConfig": "attribution", "attribute_prompt": "attribution", "attribute_prompts": "attribution",
-    "reference_ig": "attribution", "resolve_layers": "attribution",
+    "IGConfig": "qrnca.ig", "attribute_prompt": "qrnca.ig", "attribute_prompts": "qrnca.ig",
+    "reference_ig": "qrnca.ig", "resolve_layers": "qrnca.ig",
     # selection
-    "SelectionConfig": "selection", "Cluster": "selection", "Selection": "selection", "select": "selection",
-    "query_cluster": "selection",
+    "SelectionConfig": "qrnca.selection", "Cluster": "qrnca.selection", "Selection": "qrnca.selection", "select": "qrnca.selection",
+    "query_cluster": "qrnca.selection",
     # locate and the run store
-    "LocateConfig": "locate", "LocateResult": "locate", "locate": "locate", "reduce": "locate",
+    "LocateConfig": "qrnca.locate", "LocateResult": "qrnca.locate", "locate": "qrnca.locate", "reduce": "qrnca.locate",
     "Located": "located", "RankedResult": "located",
-    "RunStore": "store",
+    "RunStore": "qrnca.store",
     # neuron sets, interventions, locators, evaluation
     "NeuronSet": "neurons",
-    "boost": "interventions", "suppress": "interventions", "intervene": "interventions",
-    "register_locator": "locators", "LOCATORS": "locators", "Locator": "locators", "LocatorContext": "locators",
-    "RankConfig": "locators", "RandomConfig": "locators", "LogprobConfig": "locators",
+    "boost": "model.interventions", "suppress": "model.interventions", "intervene": "model.interventions",
+    "register_locator": "locators.registry", "LOCATORS": "locators.registry", "Locator": "locators.registry", "LocatorContext": "locators.registry",
+    "RankConfig": "locators.registry", "RandomConfig": "locators.registry", "LogprobConfig": "locators.registry",
     # first-order neuron scores (the atp / dla locators)
-    "atp_scores": "first_order", "dla_scores": "first_order",
-    "EvalConfig": "evaluation", "EvaluationResult": "evaluation", "evaluate": "evaluation",
-    "SerialExecutor": "executors", "RayExecutor": "executors",
+    "atp_scores": "locators.first_order", "dla_scores": "locators.first_order",
+    "EvalConfig": "evaluation.judge", "EvaluationResult": "evaluation.judge", "evaluate": "evaluation.judge",
+    "SerialExecutor": "qrnca.executors", "RayExecutor": "qrnca.executors",
     # the log-probability-increase lens
     "LensConfig": "lens", "LensResult": "lens", "lens_locate": "lens",
     # grouping by language/relation, maps and the report
-    "regroup": "grouping", "group_specificity": "analysis",
+    "regroup": "data.grouping", "group_specificity": "render.analysis",
     "write_report": "render.report",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-# Public names that are also submodule names (``locate``). Importing ``qrnca_lens.locate`` (directly, or
-# through any other export it defines) makes the import system bind the *module* as the package attribute,
-# after which ``ql.locate(...)`` fails with "'module' object is not callable". The package's class keeps
-# the function there instead; ``from qrnca_lens.locate import ...`` still reaches the module.
-_SHADOWED = frozenset(_EXPORTS) & {m.name for m in pkgutil.iter_modules(__path__)}
+# Old module paths (``qrnca_lens.locate``, ``qrnca_lens.models``, ...) resolve for one release, with a
+# DeprecationWarning (``_legacy``). Importing one binds the *module* as the package attribute of that name, after
+# which ``ql.locate(...)`` would fail with "'module' object is not callable": for public names that are also
+# (old) module names the package's class keeps the function there instead.
+_legacy.install()
+_SHADOWED = frozenset(_EXPORTS) & ({m.name for m in pkgutil.iter_modules(__path__)} | set(_legacy.MOVED))
 
 
 class _Package(types.ModuleType):

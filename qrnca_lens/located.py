@@ -32,8 +32,8 @@ from .errors import QrncaError, StoreError
 from .neurons import NeuronSet
 
 if TYPE_CHECKING:  # proxies and data load torch and tokenizers; the annotations alone need them
-    from .data import Query
-    from .proxies import Prompt, ProxyConfig
+    from .data.prompts import Prompt, ProxyConfig
+    from .data.queries import Query
 
 __all__ = ["Located", "RankedResult", "RANKED_FORMAT"]
 
@@ -289,8 +289,8 @@ class RankedResult(Located):
             >>> RankedResult.load("runs/atp").locator   # doctest: +SKIP
             'atp'
         """
-        from .data import Query
-        from .proxies import Prompt, ProxyConfig
+        from .data.prompts import Prompt, ProxyConfig
+        from .data.queries import Query
 
         root = Path(out)
         path = root / "neurons.json"

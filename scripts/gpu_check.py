@@ -30,7 +30,7 @@ def main() -> int:
         return tests.returncode
 
     import qrnca_lens as ql
-    from qrnca_lens.bench import run_bench
+    from qrnca_lens.bench.ig import run_bench
 
     model = ql.load_model("smollm2", device="cuda")
     res = run_bench(model, steps=16, reference_layers=3, repeats=3, name="smollm2 (cuda)")

@@ -25,7 +25,7 @@ def has_hooked_transformer() -> bool:
 def _corpus() -> list[str]:
     lines = []
     for name in ("domains", "facts"):
-        text = resources.files("qrnca_lens").joinpath("builtin").joinpath(f"{name}.jsonl").read_text()
+        text = resources.files("qrnca_lens.data").joinpath("builtin").joinpath(f"{name}.jsonl").read_text()
         for row in map(json.loads, text.splitlines()):
             lines.append(" ".join([row["question"], row["answer"], *row.get("options", [])]))
     lines += ["Question: Answer: The correct option is A B C D (A) (B) A) B) Choices: Facts: Q: A:"] * 5

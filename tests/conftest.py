@@ -87,7 +87,7 @@ def tiny_gated(tiny_llama):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from qrnca_lens.models import load_model
+    from qrnca_lens.model.loading import load_model
 
     return load_model("smollm2")
 
@@ -95,7 +95,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     """The real Gemma 3 270M (embedded GGUF): sliding-window and global layers, post-norms, (1 + w) RMSNorm."""
-    from qrnca_lens.models import load_model
+    from qrnca_lens.model.loading import load_model
 
     return load_model("gemma3-270m")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qrnca_lens import analysis as A
+from qrnca_lens.render import analysis as A
 from qrnca_lens.errors import QrncaError
 
 # Groups A (2 queries), B (1), C (1, no QR neuron). Pooled: A = {(0,1), (1,2), (2,3)}, B = {(0,1), (2,4)}, C = {}.
@@ -237,7 +237,7 @@ def test_project_neurons_keeps_the_order_asked():
 
 
 def test_project_neurons_on_a_tiny_model_matches_the_matrix_product(tiny_gated):
-    from qrnca_lens.models import W_U, W_out
+    from qrnca_lens.model.access import W_U, W_out
 
     neurons = [(2, 7), (0, 3), (2, 40)]
     ps = A.project_neurons(tiny_gated, neurons, k=4)
@@ -258,7 +258,7 @@ def test_projections_go_through_gemmas_own_final_norm(tiny_tokenizer):
     """Gemma's RMSNorm scales by 1 + w: the projection must equal the model's own post-feedforward norm and
     final norm applied in turn, not w alone."""
     from builders import tiny_gemma3_bridge
-    from qrnca_lens.models import W_U, W_out
+    from qrnca_lens.model.access import W_U, W_out
 
     model = tiny_gemma3_bridge(tiny_tokenizer)
     neurons = [(0, 5), (1, 30)]

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from builders import has_hooked_transformer, tiny_hooked_transformer
-from qrnca_lens.attribution import IGConfig, alphas, attribute_prompt, attribute_prompts, fast_backend, reference_ig
-from qrnca_lens.data import load_data
+from qrnca_lens.qrnca.ig import IGConfig, alphas, attribute_prompt, attribute_prompts, fast_backend, reference_ig
+from qrnca_lens.data.queries import load_data
 from qrnca_lens.errors import ModelError, QrncaError
-from qrnca_lens.hooks import active_hook_count, hooked
-from qrnca_lens.models import is_gated, mlp_hook_name, n_layers
-from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.model.hooks import active_hook_count, hooked
+from qrnca_lens.model.access import is_gated, mlp_hook_name, n_layers
+from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ _SMOLLM2 = dict(n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_model=576, d_
 
 
 def test_row_chunks_shrink_with_the_prefix_and_fit_the_budget():
-    from qrnca_lens.plan import Dims, chunk_bytes, plan_groups, prefix_bytes, rows_per_chunk
+    from qrnca_lens.engine.plan import Dims, chunk_bytes, plan_groups, prefix_bytes, rows_per_chunk
 
     d, budget, cap = Dims(**_SMOLLM2), IGConfig().memory_budget_mb * 2**20, IGConfig().max_batch_rows
     plan = {}
@@ -361,7 +361,7 @@ def test_row_chunks_shrink_with_the_prefix_and_fit_the_budget():
 
 
 def _long_prompt(n_tokens: int, seed: int = 0):
-    from qrnca_lens.proxies import Prompt
+    from qrnca_lens.data.prompts import Prompt
 
     g = torch.Generator().manual_seed(seed)
     return Prompt("long", "g", 0, "", tuple(torch.randint(3, 500, (n_tokens,), generator=g).tolist()), (7,))
@@ -443,7 +443,7 @@ def test_peak_rss_of_a_long_prompt_follows_the_budget():
 
 
 def test_long_prompt_bench_reports_the_plan_and_peak_rss(tiny_gated):
-    from qrnca_lens.bench import run_long_prompt_bench
+    from qrnca_lens.bench.ig import run_long_prompt_bench
 
     res = run_long_prompt_bench(tiny_gated, 300, steps=4, memory_budget_mb=2, name="tiny")
     assert res["long_prompt_tokens"] == [300, 300, 300]

@@ -14,10 +14,10 @@ from dataclasses import replace
 import pytest
 from test_attribution import _loop_oracle
 
-from qrnca_lens.attribution import IGConfig, attribute_prompts, fast_backend, reference_ig
-from qrnca_lens.data import load_data
-from qrnca_lens.models import default_prepend_bos
-from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.qrnca.ig import IGConfig, attribute_prompts, fast_backend, reference_ig
+from qrnca_lens.data.queries import load_data
+from qrnca_lens.model.access import default_prepend_bos
+from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
 STEPS = 4
 

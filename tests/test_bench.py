@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from qrnca_lens.bench import _eval_items, _neuron_sets, run_eval_bench
-from qrnca_lens.data import load_data
-from qrnca_lens.models import d_mlp, n_layers
-from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.bench.ig import _eval_items, _neuron_sets, run_eval_bench
+from qrnca_lens.data.queries import load_data
+from qrnca_lens.model.access import d_mlp, n_layers
+from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
 
 def test_eval_bench_compares_identical_items(tiny_gated, tiny_tokenizer):

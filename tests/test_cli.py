@@ -7,14 +7,15 @@ import re
 
 import pytest
 
+import qrnca_lens.model.access as access
 from qrnca_lens import cli
-from qrnca_lens.store import dtype_refusal
+from qrnca_lens.qrnca.store import dtype_refusal
 
 
 @pytest.fixture
 def cli_model(monkeypatch, tiny_gated):
     """Run the CLI in-process on a tiny model instead of loading SmolLM2."""
-    import qrnca_lens.models as models
+    import qrnca_lens.model.loading as models
 
     monkeypatch.setattr(models, "load_model", lambda name, **kw: tiny_gated)
     return tiny_gated
@@ -134,7 +135,7 @@ def test_languages_demo_maps_by_language_on_a_tiny_model(cli_model, capsys, tmp_
     (["--langs", "en"], "add --languages"),
 ])
 def test_demo_langs_is_checked_before_the_model_loads(argv, msg, capsys, tmp_path, monkeypatch):
-    from qrnca_lens import models
+    from qrnca_lens.model import loading as models
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before --langs was checked")
@@ -196,7 +197,7 @@ def _error_line(capsys) -> str:
 
 def _never_load(monkeypatch):
     """Fail the test if the CLI gets as far as loading a model: these checks must come first."""
-    import qrnca_lens.models as models
+    import qrnca_lens.model.loading as models
 
     def load(*a, **kw):
         raise AssertionError("the model was loaded before the bad argument was reported")
@@ -255,7 +256,7 @@ def test_a_model_directory_that_is_not_a_checkpoint_is_named(monkeypatch, capsys
 def test_a_broken_checkpoint_is_named(tmp_path):
     """config.json present but no weights: transformers' error becomes a ModelError naming the directory."""
     from qrnca_lens.errors import ModelError
-    from qrnca_lens.models import load_model
+    from qrnca_lens.model.loading import load_model
 
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match=rf"{re.escape(str(tmp_path))} does not load as a transformers"):
@@ -266,7 +267,7 @@ def test_a_broken_checkpoint_is_named(tmp_path):
 
 
 def _facts_jsonl(path, groups=("capital", "language"), n=5, ids=None, answers=None):
-    from qrnca_lens.data import limit_per_group, load_data
+    from qrnca_lens.data.queries import limit_per_group, load_data
 
     rows = [q for q in limit_per_group(load_data("builtin:facts"), n) if q.group in groups]
     with open(path, "w") as f:
@@ -322,7 +323,7 @@ def test_pool_supplies_examples_for_a_small_file(cli_model, capsys, tmp_path):
     capsys.readouterr()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["pool"] == "builtin:facts" and manifest["data"] == data
-    from qrnca_lens.locate import reduce
+    from qrnca_lens.qrnca.locate import reduce
 
     prompts = reduce(run, write=False).stored_prompts()
     assert set(prompts) == set(ids.values())
@@ -362,11 +363,11 @@ def test_every_config_option_takes_the_dataclass_default():
 
 
 def test_the_options_build_the_dataclass_defaults():
-    from qrnca_lens.attribution import IGConfig
+    from qrnca_lens.qrnca.ig import IGConfig
     from qrnca_lens.cli.groups import eval_config, ig_config, proxy_config, selection_config
-    from qrnca_lens.evaluation import EvalConfig
-    from qrnca_lens.proxies import ProxyConfig
-    from qrnca_lens.selection import SelectionConfig
+    from qrnca_lens.evaluation.judge import EvalConfig
+    from qrnca_lens.data.prompts import ProxyConfig
+    from qrnca_lens.qrnca.selection import SelectionConfig
 
     parser = cli.build_parser()
     loc = parser.parse_args(["locate", "--data", "d", "--out", "o"])
@@ -408,8 +409,8 @@ def test_a_bad_shard_names_the_option(monkeypatch, capsys, tmp_path):
 def test_group_by_is_generated_on_locate_evaluate_and_report():
     """--group-by comes from GroupingConfig / EvalConfig.group_by: choices and default by construction."""
     from qrnca_lens.cli.groups import eval_config, grouping_config
-    from qrnca_lens.evaluation import EvalConfig
-    from qrnca_lens.grouping import GroupingConfig
+    from qrnca_lens.evaluation.judge import EvalConfig
+    from qrnca_lens.data.grouping import GroupingConfig
 
     subs = _subparsers()
     for command, cls in (("locate", GroupingConfig), ("evaluate", EvalConfig), ("report", GroupingConfig)):
@@ -438,7 +439,7 @@ def test_accuracy_json_carries_per_group_competence(cli_model, capsys):
 
 
 def test_locate_group_by_reaches_locate_and_fails_before_any_work(cli_model, capsys, tmp_path, monkeypatch):
-    import qrnca_lens.executors as executors
+    import qrnca_lens.qrnca.executors as executors
 
     monkeypatch.setattr(executors.SerialExecutor, "attribute", lambda *a, **k: pytest.fail("attributed"))
     assert cli.main(["locate", "--data", "builtin:facts", "--out", str(tmp_path / "run"), "--limit", "1",
@@ -480,13 +481,13 @@ def dtype_model(monkeypatch, tiny_llama):
 
     import torch
 
-    import qrnca_lens.models as models
+    import qrnca_lens.model.loading as models
 
     copies = {"float32": tiny_llama}
     calls = []
 
     def load(name, *, dtype="float32", device=None, **kw):
-        key = models.dtype_name(models.parse_dtype(dtype))
+        key = access.dtype_name(access.parse_dtype(dtype))
         calls.append((key, device))
         if key not in copies:
             copies[key] = copy.deepcopy(tiny_llama).to(getattr(torch, key))

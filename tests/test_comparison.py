@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.comparison import COLUMNS, EvaluationResult, comparison_rows
-from qrnca_lens.data import limit_per_group, load_data
-from qrnca_lens.evaluation import EvalConfig, evaluate
-from qrnca_lens.ground_truth import ground_truth
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.locators import LocatorContext, cut_to_qrnca, neuron_sets
-from qrnca_lens.proxies import ProxyConfig
-from qrnca_lens.selection import SelectionConfig
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.evaluation.result import COLUMNS, EvaluationResult, comparison_rows
+from qrnca_lens.data.queries import limit_per_group, load_data
+from qrnca_lens.evaluation.judge import EvalConfig, evaluate
+from qrnca_lens.evaluation.ground_truth import ground_truth
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.locators.registry import LocatorContext, cut_to_qrnca, neuron_sets
+from qrnca_lens.data.prompts import ProxyConfig
+from qrnca_lens.qrnca.selection import SelectionConfig
 
 
 def _result():
@@ -107,7 +107,7 @@ def test_ground_truth_options_are_validated():
 
 
 def test_evaluate_runs_the_symbol_binding_control_on_letter_runs(tiny_llama):
-    from qrnca_lens.symbol_binding import symbol_binding
+    from qrnca_lens.evaluation.symbol_binding import symbol_binding
 
     pool = load_data("builtin:domains")
     queries = limit_per_group(pool, 1)[:3]
@@ -132,7 +132,7 @@ def test_evaluate_runs_the_symbol_binding_control_on_letter_runs(tiny_llama):
 
 def test_an_evaluate_result_is_typed_and_saves_and_loads_itself(run_setup, tmp_path):
     """evaluate() assigns plain dicts to its result; they arrive typed, and the result round-trips through disk."""
-    from qrnca_lens.comparison import FreeFormPart, LocatorCost
+    from qrnca_lens.evaluation.result import FreeFormPart, LocatorCost
 
     model, _, run = run_setup
     res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "atp", "random"), n_boot=20, neuron_prediction=False),

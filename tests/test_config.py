@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from qrnca_lens import __version__
-from qrnca_lens.attribution import IGConfig
+from qrnca_lens.qrnca.ig import IGConfig
 from qrnca_lens.config import VERSION_KEY, Config
-from qrnca_lens.data import Query
+from qrnca_lens.data.queries import Query
 from qrnca_lens.errors import ProxyError, QrncaError
-from qrnca_lens.evaluation import EvalConfig, EvaluationResult
-from qrnca_lens.locate import LocateConfig
-from qrnca_lens.proxies import Prompt, ProxyConfig, Template
-from qrnca_lens.scoring import AccuracyResult
-from qrnca_lens.selection import Cluster, SelectionConfig
+from qrnca_lens.evaluation.judge import EvalConfig, EvaluationResult
+from qrnca_lens.qrnca.locate import LocateConfig
+from qrnca_lens.data.prompts import Prompt, ProxyConfig, Template
+from qrnca_lens.evaluation.scoring import AccuracyResult
+from qrnca_lens.qrnca.selection import Cluster, SelectionConfig
 
 TEMPLATE = Template("Go.\n", "{question}\n{options}\nAns:", option_format="<{letter}> {text}", option_sep=" ")
 PROMPT = Prompt("q1", "geo", 1, "Q: capital?\nA:", (1, 5, 9), (7,), options=((7,), (8,), (4, 2)), correct=0,
@@ -127,8 +127,8 @@ def test_every_memory_budget_default_is_the_one_constant():
     import inspect
 
     from qrnca_lens.engine import run_rows
-    from qrnca_lens.plan import DEFAULT_MEMORY_BUDGET_MB
-    from qrnca_lens.scoring import score_items
+    from qrnca_lens.engine.plan import DEFAULT_MEMORY_BUDGET_MB
+    from qrnca_lens.evaluation.scoring import score_items
 
     assert IGConfig().memory_budget_mb == DEFAULT_MEMORY_BUDGET_MB
     for fn in (run_rows, score_items):

@@ -31,22 +31,22 @@ def cuda_llama(tiny_tokenizer):
 
 
 def _prompts(tok, kind="mcqa-letter", n=2):
-    from qrnca_lens.data import load_data
-    from qrnca_lens.proxies import ProxyConfig, build_prompts
+    from qrnca_lens.data.queries import load_data
+    from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
     facts = load_data("builtin:facts")
     return build_prompts(facts[0], ProxyConfig(kind, n_prompts=n, n_shots=1), tok, pool=facts)
 
 
 def test_the_model_is_on_the_gpu(cuda_llama):
-    from qrnca_lens.models import model_device
+    from qrnca_lens.model.access import model_device
 
     assert model_device(cuda_llama).type == "cuda"
 
 
 @pytest.mark.parametrize("kind", ["mcqa-letter", "cloze"])
 def test_fast_equals_reference_on_cuda(cuda_llama, tiny_tokenizer, kind):
-    from qrnca_lens.attribution import IGConfig, attribute_prompts
+    from qrnca_lens.qrnca.ig import IGConfig, attribute_prompts
 
     prompts = _prompts(tiny_tokenizer, kind)
     fast = attribute_prompts(cuda_llama, prompts, IGConfig(steps=6, max_batch_rows=7))
@@ -58,7 +58,7 @@ def test_fast_equals_reference_on_cuda(cuda_llama, tiny_tokenizer, kind):
 
 
 def test_bench_runs_on_cuda(cuda_llama):
-    from qrnca_lens.bench import run_bench
+    from qrnca_lens.bench.ig import run_bench
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # captum's own deprecations are not ours
@@ -71,10 +71,10 @@ def test_bench_runs_on_cuda(cuda_llama):
 def test_bf16_locate_of_one_query_on_cuda():
     """The researchers' setting: SmolLM2 in bfloat16 on the GPU, one query end to end."""
     import qrnca_lens as ql
-    from qrnca_lens.attribution import IGConfig
-    from qrnca_lens.locate import LocateConfig
-    from qrnca_lens.models import d_mlp, model_device, model_dtype, n_layers
-    from qrnca_lens.proxies import ProxyConfig
+    from qrnca_lens.qrnca.ig import IGConfig
+    from qrnca_lens.qrnca.locate import LocateConfig
+    from qrnca_lens.model.access import d_mlp, model_device, model_dtype, n_layers
+    from qrnca_lens.data.prompts import ProxyConfig
 
     model = ql.load_model("smollm2", device=DEVICE, dtype=torch.bfloat16)
     assert model_device(model).type == "cuda" and model_dtype(model) == torch.bfloat16

@@ -1,4 +1,4 @@
-"""Tests for qrnca_lens.data: the built-in sets, every loader, their error messages and load_data dispatch."""
+"""Tests for qrnca_lens.data.queries: the built-in sets, every loader, their error messages and load_data dispatch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qrnca_lens.data import (
+from qrnca_lens.data.queries import (
     Query,
     builtin_names,
     groups_of,
@@ -146,7 +146,7 @@ def test_query_answer_sep(question, sep):
 
 
 def test_builtin_languages_cloze_prompts_build_for_every_group(languages, tiny_tokenizer):
-    from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+    from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
 
     cfg = ProxyConfig("cloze")
     prompts = build_all_prompts(languages, cfg, tiny_tokenizer)

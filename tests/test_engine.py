@@ -11,10 +11,10 @@ from builders import build_tiny, tiny_gemma3_bridge
 from qrnca_lens.engine import (Backend, CleanRowCheck, Prefix, Row, backend_of, check_against_plain, choose_backend,
                                plan_row_chunks, run_rows, skipping_is_exact)
 from qrnca_lens.engine import checks
-from qrnca_lens.plan import Dims, plan_groups, rows_per_chunk
+from qrnca_lens.engine.plan import Dims, plan_groups, rows_per_chunk
 from qrnca_lens.errors import FastPathError, QrncaError
-from qrnca_lens.hooks import active_hook_count
-from qrnca_lens.models import d_mlp, mlp_hook_name, n_layers
+from qrnca_lens.model.hooks import active_hook_count
+from qrnca_lens.model.access import d_mlp, mlp_hook_name, n_layers
 
 
 def _oracle(model, prompt, row):
@@ -169,7 +169,7 @@ def test_plan_groups_respects_the_prefix_cap(tiny_llama):
 def test_backends_are_one_literal_and_the_oracle_is_full(tiny_llama, tiny_tokenizer):
     from typing import get_args
 
-    from qrnca_lens.attribution import fast_backend
+    from qrnca_lens.qrnca.ig import fast_backend
 
     assert get_args(Backend) == ("packed", "batch", "full")
     assert choose_backend(tiny_llama) == backend_of(tiny_llama) == fast_backend(tiny_llama) == "packed"

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.evaluation import EvalConfig, control_queries, evaluate, score_items
-from qrnca_lens.hooks import hooked
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.locators import LOCATORS, LocatorContext, neuron_sets, register_locator
-from qrnca_lens.metrics import pcr
-from qrnca_lens.models import mlp_hook_name
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+from qrnca_lens.evaluation.judge import EvalConfig, control_queries, evaluate, score_items
+from qrnca_lens.model.hooks import hooked
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.locators.registry import LOCATORS, LocatorContext, neuron_sets, register_locator
+from qrnca_lens.evaluation.metrics import pcr
+from qrnca_lens.model.access import mlp_hook_name
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_evaluate_judges_the_prompts_the_run_stored(setup, pool, monkeypatch):
     from dataclasses import replace
 
     import qrnca_lens.lens as lens_mod
-    from qrnca_lens.executors import SerialExecutor
+    from qrnca_lens.qrnca.executors import SerialExecutor
     from qrnca_lens.lens import LensResult
     from qrnca_lens.neurons import NeuronSet
 
@@ -204,7 +204,7 @@ def test_evaluate_judges_the_prompts_the_run_stored(setup, pool, monkeypatch):
 def test_evaluate_refuses_another_tokenizer(setup, monkeypatch):
     import copy
 
-    import qrnca_lens.evaluation as evaluation_mod
+    import qrnca_lens.evaluation.judge as evaluation_mod
 
     model, tok, queries, run = setup
     other = copy.deepcopy(tok)
@@ -273,7 +273,7 @@ def lang_run(tiny_llama, pool, tmp_path_factory):
 
 
 def test_neurons_json_carries_language_relation_and_the_runs_group_by(lang_run):
-    from qrnca_lens.locate import reduce
+    from qrnca_lens.qrnca.locate import reduce
 
     _, queries, run, out = lang_run
     doc = json.loads((out / "neurons.json").read_text())
@@ -321,7 +321,7 @@ def _light(**kw):
 
 def test_evaluate_a_ranked_result_judges_its_own_neurons_to_its_own_count(setup):
     import qrnca_lens as ql
-    from qrnca_lens.locators import RankConfig
+    from qrnca_lens.locators.registry import RankConfig
 
     model, tok, queries, run = setup
     atp = ql.locate(model, queries, RankConfig(top_k=5), method="atp", run=run, progress=False)  # the run's prompts
@@ -418,9 +418,9 @@ def test_a_query_without_neurons_is_named_counted_and_left_out(setup):
 
 def test_evaluate_writes_evaluation_json_into_the_results_directory(setup, tmp_path):
     import qrnca_lens as ql
-    from qrnca_lens.evaluation import evaluation_doc
+    from qrnca_lens.evaluation.judge import evaluation_doc
     from qrnca_lens.located import RankedResult
-    from qrnca_lens.locators import RandomConfig
+    from qrnca_lens.locators.registry import RandomConfig
 
     model, tok, queries, run = setup
     ql.locate(model, queries, RandomConfig(top_k=3), method="random", run=run, progress=False, out=tmp_path / "r")

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.evaluation import EvalConfig, evaluate
-from qrnca_lens.executors import RayExecutor, SerialExecutor
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.proxies import ProxyConfig
+from qrnca_lens.evaluation.judge import EvalConfig, evaluate
+from qrnca_lens.qrnca.executors import RayExecutor, SerialExecutor
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.data.prompts import ProxyConfig
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
 EVAL = EvalConfig(methods=("qrnca", "random"), n_boot=50, free_form=False, neuron_prediction=False)
@@ -67,7 +67,7 @@ def queries(pool):
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
-    from qrnca_lens.models import load_model
+    from qrnca_lens.model.loading import load_model
 
     return load_model(str(tiny_checkpoint))
 
@@ -143,7 +143,7 @@ def test_locate_and_evaluate_match_serial(executor, model, queries, pool, serial
 
 
 def test_score_items_keeps_input_order(executor, model, queries, pool, serial):
-    from qrnca_lens.proxies import build_all_prompts
+    from qrnca_lens.data.prompts import build_all_prompts
 
     run = serial[0]
     prompts = build_all_prompts(queries, run.config.proxy, model.tokenizer, pool=pool)
@@ -157,7 +157,7 @@ def test_score_items_keeps_input_order(executor, model, queries, pool, serial):
 
 
 def _items(model, queries, pool, run):
-    from qrnca_lens.proxies import build_all_prompts
+    from qrnca_lens.data.prompts import build_all_prompts
 
     prompts = build_all_prompts(queries, run.config.proxy, model.tokenizer, pool=pool)
     iv = ([(a, b) for a, b, _ in run.qr_neurons(queries[0].id)], 2.0)
@@ -165,7 +165,7 @@ def _items(model, queries, pool, run):
 
 
 def test_the_serial_executor_passes_progress_through(model, capsys):
-    from qrnca_lens.proxies import build_all_prompts
+    from qrnca_lens.data.prompts import build_all_prompts
 
     pool = load_data("builtin:facts")
     prompts = build_all_prompts(limit_per_group(pool, 3), ProxyConfig("cloze"), model.tokenizer, pool=pool)
@@ -187,7 +187,7 @@ def test_ray_scoring_shows_a_bar_over_the_workers_chunks_on_the_driver(executor,
 
 def test_a_worker_loads_a_runs_model_by_its_reference(_executors, model, queries, pool, tmp_path):
     """The CLI hands run.model (a ModelRef) to the executor: the workers load the recorded checkpoint from it."""
-    from qrnca_lens.locate import LocateResult
+    from qrnca_lens.qrnca.locate import LocateResult
 
     if "ex" in _executors:  # the 2-CPU cluster holds one executor at a time: the shared one is remade after
         _executors["ex"].shutdown()
@@ -245,7 +245,7 @@ def test_worker_lost_for_good_its_queries_move_to_the_survivor(ray_cluster, exec
     assert _neurons(out) == serial[1]
     assert ex.resubmitted > resubmitted and len(ex.actors) == 1  # its queries went to the survivor
     # scoring goes on with the one worker left
-    from qrnca_lens.proxies import build_all_prompts
+    from qrnca_lens.data.prompts import build_all_prompts
 
     prompts = build_all_prompts(queries[:3], serial[0].config.proxy, model.tokenizer, pool=pool)
     items = [(p, None) for ps in prompts.values() for p in ps]

@@ -12,15 +12,15 @@ import pytest
 import torch
 from builders import build_tiny, randomise_norms_and_biases
 
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.first_order import atp_scores, dla_scores
-from qrnca_lens.hooks import active_hook_count, hooked, set_neurons
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.locators import LOCATORS, LocatorContext, neuron_sets, register_locator, report_passes
-from qrnca_lens.models import mlp_hook_name, n_layers, post_hook_name
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+from qrnca_lens.locators.first_order import atp_scores, dla_scores
+from qrnca_lens.model.hooks import active_hook_count, hooked, set_neurons
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.locators.registry import LOCATORS, LocatorContext, neuron_sets, register_locator, report_passes
+from qrnca_lens.model.access import mlp_hook_name, n_layers, post_hook_name
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
 
 _FRESH: dict[tuple[str, str], object] = {}
 

@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.ground_truth import (
+from qrnca_lens.evaluation.ground_truth import (
     GroundTruthResult,
     candidate_neurons,
     exhaustive_effects,
     ground_truth,
     neuron_effects,
 )
-from qrnca_lens.hooks import active_hook_count, hooked
-from qrnca_lens.metrics import false_negative_rate, precision_at_k, rankdata, recall_at_k, spearman
-from qrnca_lens.models import d_mlp, mlp_hook_name, n_layers
+from qrnca_lens.model.hooks import active_hook_count, hooked
+from qrnca_lens.evaluation.metrics import false_negative_rate, precision_at_k, rankdata, recall_at_k, spearman
+from qrnca_lens.model.access import d_mlp, mlp_hook_name, n_layers
 from qrnca_lens.neurons import NeuronSet
-from qrnca_lens.proxies import Prompt
+from qrnca_lens.data.prompts import Prompt
 
 
 def _prompts(model, lengths=(7, 11), seed=0):
@@ -297,8 +297,8 @@ def test_ground_truth_refuses_what_it_cannot_judge(tiny_llama, truth):
 def test_docstring_examples_run():
     import doctest
 
-    from qrnca_lens import ground_truth as gt
-    from qrnca_lens import metrics
+    from qrnca_lens.evaluation import ground_truth as gt
+    from qrnca_lens.evaluation import metrics
 
     for mod in (gt, metrics):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from qrnca_lens import analysis as A
-from qrnca_lens.competence import at_chance, chance_margin, competence_record, group_competence
-from qrnca_lens.data import Query
+from qrnca_lens.render import analysis as A
+from qrnca_lens.render.competence import at_chance, chance_margin, competence_record, group_competence
+from qrnca_lens.data.queries import Query
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.analysis import group_specificity
-from qrnca_lens.grouping import GROUP_BY, group_key, regroup
+from qrnca_lens.render.analysis import group_specificity
+from qrnca_lens.data.grouping import GROUP_BY, group_key, regroup
 
 # Two relations x two languages, one query each; each query group (relation-language) is one language.
 # By language, pooled: en = {(0,1), (1,2), (2,3)}, fr = {(0,1), (2,5), (1,7)}; (0,1) is in both.

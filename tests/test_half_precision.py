@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from builders import build_tiny
-from qrnca_lens.attribution import IGConfig, _check_nonzero, attribute_prompt, fast_backend
-from qrnca_lens.data import load_data
+from qrnca_lens.qrnca.ig import IGConfig, _check_nonzero, attribute_prompt, fast_backend
+from qrnca_lens.data.queries import load_data
 from qrnca_lens.engine import Prefix, Row, run_rows
 from qrnca_lens.engine.checks import check_tolerance, gap_to_plain, off_rows
 from qrnca_lens.errors import FastPathError, QrncaError
-from qrnca_lens.hooks import active_hook_count, hooked_points
-from qrnca_lens.models import load_model
-from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.model.hooks import active_hook_count, hooked_points
+from qrnca_lens.model.loading import load_model
+from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 from test_attribution import _break_prefix
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -137,7 +137,7 @@ def test_an_unlikely_multi_token_target_does_not_underflow_in_float16(tiny_llama
     base = _prompt(facts, tiny_tokenizer)
     prompt = dataclasses.replace(base, target=(7, 11, 13))
     model16 = _as(tiny_llama, torch.float16, tok=tiny_tokenizer)
-    from qrnca_lens.readout import logprobs_at
+    from qrnca_lens.model.readout import logprobs_at
 
     seq = torch.tensor([list(prompt.tokens) + list(prompt.target[:-1])])
     lp = logprobs_at(tiny_llama, seq, [range(prompt.target_position, prompt.target_position + 3)])[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qrnca_lens.errors import ModelError
-from qrnca_lens.hooks import active_hook_count, capture, hooked, set_neurons
-from qrnca_lens.models import mlp_hook_name
+from qrnca_lens.model.hooks import active_hook_count, capture, hooked, set_neurons
+from qrnca_lens.model.access import mlp_hook_name
 
 
 def _tokens(model):

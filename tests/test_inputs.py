@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 
-from qrnca_lens.attribution import IGConfig, attribute_prompt, attribute_prompts, resolve_layers
-from qrnca_lens.data import Query, as_queries, load_data
+from qrnca_lens.qrnca.ig import IGConfig, attribute_prompt, attribute_prompts, resolve_layers
+from qrnca_lens.data.queries import Query, as_queries, load_data
 from qrnca_lens.errors import DataError, ProxyError, QrncaError
-from qrnca_lens.first_order import atp_scores
-from qrnca_lens.ground_truth import exhaustive_effects
+from qrnca_lens.locators.first_order import atp_scores
+from qrnca_lens.evaluation.ground_truth import exhaustive_effects
 from qrnca_lens.lens.locate import lens_locate
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.models import default_prepend_bos, n_layers
-from qrnca_lens.proxies import Prompt, ProxyConfig, as_prompts, build_prompts
-from qrnca_lens.scoring import accuracy
-from qrnca_lens.selection import SelectionConfig
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.model.access import default_prepend_bos, n_layers
+from qrnca_lens.data.prompts import Prompt, ProxyConfig, as_prompts, build_prompts
+from qrnca_lens.evaluation.scoring import accuracy
+from qrnca_lens.qrnca.selection import SelectionConfig
 
 TEXT = "The capital city of France is"
 IG = IGConfig(steps=3)

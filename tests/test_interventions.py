@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qrnca_lens.errors import ModelError
-from qrnca_lens.hooks import active_hook_count, capture, hooked
-from qrnca_lens.interventions import boost, row_factors, scale_rows, suppress
-from qrnca_lens.models import mlp_hook_name
+from qrnca_lens.model.hooks import active_hook_count, capture, hooked
+from qrnca_lens.model.interventions import boost, row_factors, scale_rows, suppress
+from qrnca_lens.model.access import mlp_hook_name
 
 
 def _acts(model, toks, layer, ctx=None):
@@ -80,7 +80,7 @@ def test_a_padded_batch_is_intervened_at_each_rows_last_real_token(tiny_model):
 
 
 def test_a_prompt_names_its_own_target_position(tiny_model):
-    from qrnca_lens.proxies import Prompt
+    from qrnca_lens.data.prompts import Prompt
 
     toks = torch.tensor([[3, 9, 27, 81, 4]])
     prompt = Prompt("q", "g", 0, "x", (3, 9, 27), (5,))  # a prompt whose target sits at position 2

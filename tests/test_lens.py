@@ -17,9 +17,9 @@ import torch
 
 from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer, randomise_norms_and_biases
 from qrnca_lens import lens as lens_mod
-from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.hooks import hooked
+from qrnca_lens.model.hooks import hooked
 from qrnca_lens.lens import (
     BASELINES,
     LensConfig,
@@ -37,8 +37,8 @@ from qrnca_lens.lens import (
     top_neurons,
     value_keys,
 )
-from qrnca_lens.models import is_gated, n_layers, post_hook_name
-from qrnca_lens.proxies import Prompt, ProxyConfig, build_all_prompts
+from qrnca_lens.model.access import is_gated, n_layers, post_hook_name
+from qrnca_lens.data.prompts import Prompt, ProxyConfig, build_all_prompts
 
 KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
 _FRESH: dict[str, object] = {}

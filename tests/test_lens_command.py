@@ -9,7 +9,7 @@ from qrnca_lens.cli import lens as lens_mod
 
 
 def test_cmd_lens_writes_neurons_and_comparison(tiny_checkpoint, tmp_path, monkeypatch):
-    from qrnca_lens import models
+    from qrnca_lens.model import loading as models
     from qrnca_lens.cli import build_parser
 
     real = models.load_model

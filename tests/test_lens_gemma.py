@@ -16,7 +16,7 @@ import torch
 from test_lens import _acts, _clean_logp, _frozen_logp, _pre_names, _prompts
 
 from qrnca_lens.errors import ModelError
-from qrnca_lens.hooks import hooked
+from qrnca_lens.model.hooks import hooked
 from qrnca_lens.lens import (
     LensConfig,
     head_vectors,
@@ -28,12 +28,12 @@ from qrnca_lens.lens import (
     value_keys,
 )
 from qrnca_lens.lens.weights import gain_offset, post_norm_gains
-from qrnca_lens.models import n_layers, post_hook_name
+from qrnca_lens.model.access import n_layers, post_hook_name
 
 
 @pytest.fixture(scope="module")
 def facts():
-    from qrnca_lens.data import load_data
+    from qrnca_lens.data.queries import load_data
 
     return load_data("builtin:facts")
 
@@ -95,7 +95,7 @@ def test_bridge_keeps_gemmas_raw_weight_and_flags_the_offset(tiny_gemma3):
 def test_vocab_projection_applies_one_plus_w_by_hand(tiny_gemma3):
     """project_neurons = (W_out[l, i] ⊙ (1 + w_post[l]) ⊙ (1 + w)) @ W_U: the block's post-feedforward norm, then
     the final norm, each with the checkpoint's own weight w and Gemma's offset."""
-    from qrnca_lens.analysis import project_neurons
+    from qrnca_lens.render.analysis import project_neurons
 
     hf = tiny_gemma3.original_model
     gain = 1 + hf.model.norm.weight.detach().float()
@@ -207,7 +207,7 @@ def test_final_logit_softcapping_is_refused(tiny_tokenizer, facts):
 
 
 def test_gemma_lens_locate_is_the_exact_top_k_of_the_mean_score(tiny_gemma3, tiny_tokenizer, facts):
-    from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+    from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
 
     proxy = ProxyConfig("cloze", n_prompts=2, n_shots=1, prepend_bos=True)
     prompts = build_all_prompts(facts[:2], proxy, tiny_tokenizer, pool=facts)
@@ -226,7 +226,7 @@ def test_gemma3_270m_lens_self_check_and_top_neurons(gemma3, facts):
     """The real Gemma 3: the frozen-norm lens reproduces its log-probabilities (self-check) and the certified
     top-k equals the exact top-k of one prompt."""
     from qrnca_lens.lens import top_neurons
-    from qrnca_lens.proxies import ProxyConfig, build_prompts
+    from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
     cfg = gemma3.original_model.config
     assert getattr(cfg, "final_logit_softcapping", None) is None

@@ -14,13 +14,13 @@ import pytest
 import torch
 from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, has_hooked_transformer, randomise_norms_and_biases
 
-from qrnca_lens.data import load_data
+from qrnca_lens.data.queries import load_data
 from qrnca_lens.errors import ModelError
 from qrnca_lens.lens import LensConfig, ablation_metrics, lens_cache, neuron_scores, top_neurons
 from qrnca_lens.lens import cache as cache_mod
-from qrnca_lens.models import W_U, n_layers
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
-from qrnca_lens.readout import logprobs_at
+from qrnca_lens.model.access import W_U, n_layers
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
+from qrnca_lens.model.readout import logprobs_at
 
 KINDS = TINY_KINDS_BRIDGE + (TINY_KINDS_HT if has_hooked_transformer() else ())
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -189,7 +189,7 @@ def smollm2_fp32_top20(smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_smollm2_lens_in_half_precision_agrees_with_float32(dtype, smollm2_fp32_top20):
-    from qrnca_lens.models import load_model
+    from qrnca_lens.model.loading import load_model
 
     prompts, ref = smollm2_fp32_top20
     model = load_model("smollm2", dtype=dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qrnca_lens.errors import ModelError
-from qrnca_lens.hooks import active_hook_count
+from qrnca_lens.model.hooks import active_hook_count
 from qrnca_lens.lens import (
     ablation_metrics,
     attention_source_scores,

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import qrnca_lens.executors as executors_mod
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
+import qrnca_lens.qrnca.executors as executors_mod
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError, StoreError
-from qrnca_lens.locate import LocateConfig, LocateResult, locate, parse_shard, reduce
-from qrnca_lens.selection import degenerate_selection
-from qrnca_lens.proxies import ProxyConfig
-from qrnca_lens.selection import SelectionConfig, query_cluster, select
-from qrnca_lens.evaluation import EvalConfig, evaluate
-from qrnca_lens.store import RunStore, dtype_refusal, query_filename
+from qrnca_lens.qrnca.locate import LocateConfig, LocateResult, locate, parse_shard, reduce
+from qrnca_lens.qrnca.selection import degenerate_selection
+from qrnca_lens.data.prompts import ProxyConfig
+from qrnca_lens.qrnca.selection import SelectionConfig, query_cluster, select
+from qrnca_lens.evaluation.judge import EvalConfig, evaluate
+from qrnca_lens.qrnca.store import RunStore, dtype_refusal, query_filename
 
 CFG = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=2, n_shots=1), ig=IGConfig(steps=4))
 
@@ -187,11 +187,11 @@ def test_locate_one_builtin_query_on_smollm2_fast_equals_reference(smollm2):
     against a plain forward), and its stored scores equal the reference path's on a few layers."""
     import warnings as _w
 
-    from qrnca_lens.attribution import IGConfig, attribute_prompts
-    from qrnca_lens.data import load_data
-    from qrnca_lens.locate import LocateConfig, locate, scores_of
-    from qrnca_lens.proxies import ProxyConfig, build_all_prompts
-    from qrnca_lens.selection import SelectionConfig
+    from qrnca_lens.qrnca.ig import IGConfig, attribute_prompts
+    from qrnca_lens.data.queries import load_data
+    from qrnca_lens.qrnca.locate import LocateConfig, locate, scores_of
+    from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
+    from qrnca_lens.qrnca.selection import SelectionConfig
 
     pool = load_data("builtin:facts")
     cfg = LocateConfig(proxy=ProxyConfig("cloze"), ig=IGConfig(steps=8), selection=SelectionConfig(use_ica=False))
@@ -264,8 +264,8 @@ def test_rerun_with_fewer_or_regrouped_queries_names_the_difference(tiny_gated, 
 
 
 def test_every_stage_uses_the_selection_of_the_latest_reduce(run_copy, tiny_gated, monkeypatch):
-    import qrnca_lens.evaluation as evaluation_mod
-    import qrnca_lens.models as models_mod
+    import qrnca_lens.evaluation.judge as evaluation_mod
+    import qrnca_lens.model.loading as models_mod
     from qrnca_lens import cli
 
     (run_copy / "evaluation.json").write_text(json.dumps({"meta": {"selection": SelectionConfig().to_dict()}}))
@@ -357,7 +357,7 @@ def test_truncated_query_file_is_named_and_recomputed(tiny_gated, pool, base_run
 
 
 def test_a_second_process_on_the_same_shard_is_refused(tiny_gated, pool, run_copy):
-    hold = ("import sys; from qrnca_lens.store import RunStore\n"
+    hold = ("import sys; from qrnca_lens.qrnca.store import RunStore\n"
             "with RunStore.load(sys.argv[1]).shard_lock(0, 1):\n"
             "    print('held', flush=True); sys.stdin.read()\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's qrnca_lens
@@ -379,8 +379,8 @@ def test_a_second_process_on_the_same_shard_is_refused(tiny_gated, pool, run_cop
 
 
 def test_each_query_stores_the_prompts_it_was_attributed_on(tiny_gated, queries, pool, tmp_path):
-    from qrnca_lens.models import tokenizer_of
-    from qrnca_lens.proxies import build_all_prompts, tokenizer_identity
+    from qrnca_lens.model.access import tokenizer_of
+    from qrnca_lens.data.prompts import build_all_prompts, tokenizer_identity
 
     disk = locate(tiny_gated, queries, CFG, pool=pool, out=tmp_path / "run", progress=False)
     want = build_all_prompts(queries, disk.config.proxy, tokenizer_of(tiny_gated), pool=pool)
@@ -398,7 +398,7 @@ def test_each_query_stores_the_prompts_it_was_attributed_on(tiny_gated, queries,
 
 def test_a_run_without_stored_prompts_names_the_fix(tiny_gated, queries, pool, tmp_path):
     """Runs made before prompts were stored: a clear error, never a silent rebuild."""
-    from qrnca_lens.store import RunStore
+    from qrnca_lens.qrnca.store import RunStore
 
     out = tmp_path / "run"
     locate(tiny_gated, queries, CFG, pool=pool, out=out, progress=False)

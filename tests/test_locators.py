@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import qrnca_lens as ql
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError, StoreError
-from qrnca_lens.first_order import atp_scores, dla_scores
+from qrnca_lens.locators.first_order import atp_scores, dla_scores
 from qrnca_lens.lens import LensConfig, lens_locate, neuron_scores
-from qrnca_lens.locate import LocateConfig, LocateResult, locate
+from qrnca_lens.qrnca.locate import LocateConfig, LocateResult, locate
 from qrnca_lens.located import Located, RankedResult
-from qrnca_lens.locators import (
+from qrnca_lens.locators.registry import (
     LOCATORS,
     TOP,
     ContextLocator,
@@ -27,9 +27,9 @@ from qrnca_lens.locators import (
     coerce_config,
     register_locator,
 )
-from qrnca_lens.models import d_mlp, model_name, n_layers
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
-from qrnca_lens.selection import SelectionConfig
+from qrnca_lens.model.access import d_mlp, model_name, n_layers
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
+from qrnca_lens.qrnca.selection import SelectionConfig
 
 PROXY = ProxyConfig("cloze", n_prompts=2, n_shots=1)
 CFG = LocateConfig(PROXY, IGConfig(steps=2))
@@ -95,7 +95,7 @@ def test_a_locator_object_registers_under_its_own_name(tiny_llama, queries, run)
         register_locator("other-name", obj)
     register_locator("test-object", obj)
     try:
-        from qrnca_lens.locators import LocatorContext, neuron_sets
+        from qrnca_lens.locators.registry import LocatorContext, neuron_sets
 
         # evaluate's context reaches an object's own locate, on the context's prompts.
         sets = neuron_sets(["test-object"], LocatorContext(tiny_llama, queries, run.stored_prompts(), run), cut=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.metrics import bootstrap_ci, editing_rates, pcr, relative_change, relative_change_log
+from qrnca_lens.evaluation.metrics import bootstrap_ci, editing_rates, pcr, relative_change, relative_change_log
 
 
 def test_relative_change_by_hand():

@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from qrnca_lens.errors import ModelError
-from qrnca_lens.models import (
-    EMBEDDED_MODELS, ModelRef, d_mlp, default_prepend_bos, is_gated, load_model, mlp_hook_name, model_dtype, model_name,
-    model_source, n_layers, post_hook_name, resolve_model,
+from qrnca_lens.model.loading import EMBEDDED_MODELS, ModelRef, load_model, model_source, resolve_model
+from qrnca_lens.model.access import (
+    d_mlp,
+    default_prepend_bos,
+    is_gated,
+    mlp_hook_name,
+    model_dtype,
+    model_name,
+    n_layers,
+    post_hook_name,
 )
 
 
@@ -49,8 +56,8 @@ def test_smollm2_loads_offline_and_matches_its_config(smollm2):
 @pytest.mark.slow
 def test_smollm2_bos_is_explicit(smollm2):
     """TL's to_tokens prepends <|im_start|> for SmolLM2; our default follows the model's own tokenizer (no BOS)."""
-    from qrnca_lens.data import load_data
-    from qrnca_lens.proxies import ProxyConfig, build_prompts
+    from qrnca_lens.data.queries import load_data
+    from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 
     tok = smollm2.tokenizer
     assert smollm2.to_tokens("Paris")[0, 0].item() == tok.bos_token_id == tok.convert_tokens_to_ids("<|im_start|>")
@@ -73,7 +80,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 @pytest.mark.slow
 def test_second_load_in_a_new_process_reuses_the_cache(smollm2):
     """A fresh process loads the dequantised cache instead of re-parsing the GGUF (timing is printed, not asserted)."""
-    from qrnca_lens.models import cache_root
+    from qrnca_lens.model.loading import cache_root
 
     marker = cache_root() / "smollm2" / "qrnca_source.json"
     before = marker.stat().st_mtime_ns
@@ -177,7 +184,7 @@ class _Routed(Exception):
 
 def test_load_model_of_a_python_runs_model_name_loads_the_embedded_file(tmp_path, monkeypatch):
     """A run made from Python records TL's name, the HF id: load_model takes it to the embedded GGUF's cache."""
-    import qrnca_lens.models as models
+    import qrnca_lens.model.loading as models
 
     def stop(spec, cache):
         raise _Routed(spec.name, cache)
@@ -238,10 +245,10 @@ def test_an_unresolvable_ref_says_what_the_run_recorded_and_how_to_pass_a_model(
 
 
 def _tiny_run(model_dir, out=None, name=None):
-    from qrnca_lens.attribution import IGConfig
-    from qrnca_lens.data import limit_per_group, load_data
-    from qrnca_lens.locate import LocateConfig, locate
-    from qrnca_lens.proxies import ProxyConfig
+    from qrnca_lens.qrnca.ig import IGConfig
+    from qrnca_lens.data.queries import limit_per_group, load_data
+    from qrnca_lens.qrnca.locate import LocateConfig, locate
+    from qrnca_lens.data.prompts import ProxyConfig
 
     pool = load_data("builtin:facts")
     cfg = LocateConfig(proxy=ProxyConfig("cloze", n_prompts=1, n_shots=1), ig=IGConfig(steps=2))
@@ -252,7 +259,7 @@ def _tiny_run(model_dir, out=None, name=None):
 def test_load_model_of_run_model_reloads_a_checkpoint_run_in_its_dtype(tiny_checkpoint, tmp_path, monkeypatch):
     """The issue's call: load_model(run.model) on a run made from Python with a checkpoint loaded by a relative path,
     from memory and from its directory, from another working directory."""
-    from qrnca_lens.locate import LocateResult
+    from qrnca_lens.qrnca.locate import LocateResult
 
     monkeypatch.chdir(tiny_checkpoint.parent)
     mem = _tiny_run(tiny_checkpoint.name)
@@ -269,7 +276,7 @@ def test_load_model_of_run_model_reloads_a_checkpoint_run_in_its_dtype(tiny_chec
 
 def test_an_old_run_without_a_model_source_still_loads(tiny_checkpoint, tmp_path, monkeypatch):
     """A manifest from before model_source: its embedded identity, else its model name, is what reloads."""
-    from qrnca_lens.locate import LocateResult
+    from qrnca_lens.qrnca.locate import LocateResult
 
     _tiny_run(str(tiny_checkpoint), out=tmp_path / "run")
     path = tmp_path / "run" / "manifest.json"
@@ -285,7 +292,7 @@ def test_an_old_run_without_a_model_source_still_loads(tiny_checkpoint, tmp_path
 
 
 def test_a_run_given_its_own_name_still_reloads_its_checkpoint(tiny_checkpoint, tmp_path):
-    from qrnca_lens.locate import LocateResult
+    from qrnca_lens.qrnca.locate import LocateResult
 
     mem = _tiny_run(str(tiny_checkpoint), name="my-tiny")
     _tiny_run(str(tiny_checkpoint), out=tmp_path / "run", name="my-tiny")

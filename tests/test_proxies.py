@@ -1,4 +1,4 @@
-"""Tests for qrnca_lens.proxies: prompt texts, target tokens, distractors, examples, configs and their errors."""
+"""Tests for qrnca_lens.data.prompts: prompt texts, target tokens, distractors, examples, configs and their errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import string
 
 import pytest
 
-from qrnca_lens.data import Query, groups_of, load_data
+from qrnca_lens.data.queries import Query, groups_of, load_data
 from qrnca_lens.errors import ProxyError
-from qrnca_lens.proxies import (
-    TEMPLATES, Prompt, ProxyConfig, Template, build_all_prompts, build_prompts, cloze_chance, encode,
+from qrnca_lens.data.prompts import (
+    TEMPLATES,
+    Prompt,
+    ProxyConfig,
+    Template,
+    build_all_prompts,
+    build_prompts,
+    cloze_chance,
+    encode,
     tokenizer_identity,
 )
 

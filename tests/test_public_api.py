@@ -27,11 +27,11 @@ def test_functions_named_like_their_module_stay_functions():
     code = """
 import importlib, pkgutil, types
 import qrnca_lens as ql
-ql.LocateConfig                                    # loads qrnca_lens.locate first, through another name
+ql.LocateConfig                                    # loads qrnca_lens.qrnca.locate first, through another name
 for m in pkgutil.walk_packages(ql.__path__, "qrnca_lens."):
     importlib.import_module(m.name)
 modules = sorted(n for n in ql.__all__ if isinstance(getattr(ql, n), types.ModuleType))
-print(modules, callable(ql.locate), ql.locate is importlib.import_module("qrnca_lens.locate").locate)
+print(modules, callable(ql.locate), ql.locate is importlib.import_module("qrnca_lens.qrnca.locate").locate)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "[] True True"
@@ -101,7 +101,7 @@ CALLS = ("attribute_prompt", "attribute_prompt-reference", "attribute_prompts", 
 @pytest.mark.parametrize("when", ["first forward", "while hooked", "while parameters are frozen"])
 def test_a_call_that_fails_mid_forward_leaves_no_hook_and_no_grad_flag(tiny_llama, sweep_setup, name, when):
     """An exception inside any public call: no hook is left and every requires_grad is what it was."""
-    from qrnca_lens.hooks import active_hook_count
+    from qrnca_lens.model.hooks import active_hook_count
 
     model = tiny_llama
     call, attaches_hooks, freezes = _public_calls(model, *sweep_setup)[name]
@@ -192,9 +192,10 @@ def test_the_docstring_rule_reports_missing_sections():
 # Modules whose examples run (the others' need a model or a run, and are marked +SKIP). selection's doctests
 # run in tests/test_selection.py; pytest is not configured with --doctest-modules, so nothing else runs these.
 DOCTEST_MODULES = (
-    "analysis", "attribution", "cli", "cli.args", "cli.commands", "config", "data", "errors", "evaluation",
-    "hooks", "lens", "lens.config", "locate", "locators", "metrics", "models", "neurons", "plan", "proxies",
-    "render", "render.figures", "render.views", "scoring", "store", "versions",
+    "_legacy", "cli", "cli.args", "cli.commands", "config", "data.prompts", "data.queries", "engine.plan",
+    "errors", "evaluation.judge", "evaluation.metrics", "evaluation.scoring", "lens", "lens.config",
+    "locators.registry", "model.hooks", "model.loading", "neurons", "qrnca.ig", "qrnca.locate", "qrnca.store",
+    "render", "render.analysis", "render.figures", "render.views", "versions",
 )
 
 

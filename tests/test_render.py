@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from qrnca_lens import analysis as A
-from qrnca_lens.data import load_data
+from qrnca_lens.render import analysis as A
+from qrnca_lens.data.queries import load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.proxies import ProxyConfig, build_prompts
+from qrnca_lens.data.prompts import ProxyConfig, build_prompts
 from qrnca_lens.render import figures as F
 from qrnca_lens.render import views as V
 from qrnca_lens.cli.commands import cmd_report
@@ -91,7 +91,7 @@ def test_view_html_is_offline_and_well_formed(tmp_path):
 
 
 def test_neuron_activations_read_hook_post_through_the_door(tiny_gated):
-    from qrnca_lens.hooks import active_hook_count, capture, hooked
+    from qrnca_lens.model.hooks import active_hook_count, capture, hooked
 
     ids = [[5, 17, 40, 2], [9, 9, 100]]
     neurons = [(2, 7), (0, 3), (2, 40)]
@@ -273,9 +273,9 @@ def test_report_notes_prompts_it_cannot_rebuild(tmp_path, tiny_gated):
 def test_report_shows_the_prompts_the_run_stored_after_the_data_is_gone(tmp_path, tiny_gated):
     import html as html_mod
 
-    from qrnca_lens.attribution import IGConfig
-    from qrnca_lens.data import limit_per_group
-    from qrnca_lens.locate import LocateConfig, locate
+    from qrnca_lens.qrnca.ig import IGConfig
+    from qrnca_lens.data.queries import limit_per_group
+    from qrnca_lens.qrnca.locate import LocateConfig, locate
 
     facts = [q for q in limit_per_group(load_data("builtin:facts"), 4) if q.group in ("capital", "color")]
     data = tmp_path / "facts.jsonl"
@@ -299,7 +299,7 @@ def test_report_flags_prompts_it_had_to_rebuild(tmp_path, tiny_gated):
 
 
 def test_cmd_report_loads_the_runs_model(tmp_path, tiny_gated, monkeypatch, capsys):
-    import qrnca_lens.models as models
+    import qrnca_lens.model.loading as models
 
     asked = []
     monkeypatch.setattr(models, "load_model", lambda name, **kw: asked.append(name) or tiny_gated)

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from qrnca_lens import comparison
-from qrnca_lens.comparison import (
+from qrnca_lens.evaluation import result as comparison
+from qrnca_lens.evaluation.result import (
     BindingScores,
     EvaluationResult,
     FreeFormPart,
@@ -284,10 +284,10 @@ def test_evaluation_result_displays_as_an_html_table():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_llama):
-    from qrnca_lens.attribution import IGConfig
-    from qrnca_lens.data import limit_per_group, load_data
-    from qrnca_lens.locate import LocateConfig, locate
-    from qrnca_lens.proxies import ProxyConfig
+    from qrnca_lens.qrnca.ig import IGConfig
+    from qrnca_lens.data.queries import limit_per_group, load_data
+    from qrnca_lens.qrnca.locate import LocateConfig, locate
+    from qrnca_lens.data.prompts import ProxyConfig
 
     facts = [q for q in limit_per_group(load_data("builtin:facts"), 2) if q.group in ("capital", "color")]
     cfg = LocateConfig(ProxyConfig("cloze", n_prompts=2, n_shots=1), IGConfig(steps=2))
@@ -320,10 +320,10 @@ def test_write_report_of_a_result_in_memory_shows_its_evaluation(tmp_path, tiny_
 
 def test_write_report_of_a_saved_result_reads_its_evaluation_json(tmp_path, tiny_run):
     from qrnca_lens.render.report import write_report
-    from qrnca_lens.selection import SelectionConfig
+    from qrnca_lens.qrnca.selection import SelectionConfig
 
     tiny_run.save(tmp_path / "run")
-    from qrnca_lens.locate import LocateResult
+    from qrnca_lens.qrnca.locate import LocateResult
 
     run = LocateResult.load(tmp_path / "run")
     assert "id=evaluation" not in write_report(run).read_text()  # no evaluation yet: no section
@@ -348,10 +348,10 @@ def test_every_result_type_displays_itself_in_a_notebook():
     lens's TopNeurons and the Selection say what they hold."""
     import torch
 
-    from qrnca_lens.ground_truth import GroundTruthResult
+    from qrnca_lens.evaluation.ground_truth import GroundTruthResult
     from qrnca_lens.lens.exact import top_from_scores
-    from qrnca_lens.locate import LocateConfig
-    from qrnca_lens.selection import Cluster, SelectionConfig, select
+    from qrnca_lens.qrnca.locate import LocateConfig
+    from qrnca_lens.qrnca.selection import Cluster, SelectionConfig, select
 
     cfg_html = LocateConfig()._repr_html_()
     assert cfg_html.startswith("<b>LocateConfig</b>") and "<td>proxy</td>" in cfg_html

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import qrnca_lens.selection as selection
+import qrnca_lens.qrnca.selection as selection
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.selection import (
+from qrnca_lens.qrnca.selection import (
     Cluster,
     Selection,
     SelectionConfig,

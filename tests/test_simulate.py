@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qrnca_lens.plan import Dims, model_bytes, plan_query, weight_bytes
-from qrnca_lens.simulate import SHAPES
+from qrnca_lens.engine.plan import Dims, model_bytes, plan_query, weight_bytes
+from qrnca_lens.bench.simulate import SHAPES
 
 
 def _is_bias(name):
@@ -43,7 +43,7 @@ def test_plan_query_follows_the_budget():
 
 @pytest.mark.scale  # ~2.5 GB of bf16 weights built and run on the CPU in a child process: 10-30 minutes
 def test_llama_1b_shaped_locate_stays_within_25_percent_of_the_plan():
-    from qrnca_lens.simulate import simulate
+    from qrnca_lens.bench.simulate import simulate
 
     r = simulate("llama-3.2-1b", steps=4, prompts=2, threads=torch.get_num_threads())
     assert r["scores_nonzero"] > 0

@@ -10,7 +10,7 @@ import pytest
 
 from qrnca_lens.cli import lens
 from qrnca_lens.errors import StoreError
-from qrnca_lens.store import RunStore, check_run_dtype, dtype_refusal, write_json_atomic
+from qrnca_lens.qrnca.store import RunStore, check_run_dtype, dtype_refusal, write_json_atomic
 from qrnca_lens.render.report import write_report
 
 from test_render import _tiny_run

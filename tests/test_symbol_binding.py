@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from qrnca_lens.data import Query, load_data
+from qrnca_lens.data.queries import Query, load_data
 from qrnca_lens.errors import ProxyError, QrncaError
-from qrnca_lens.hooks import hooked
-from qrnca_lens.models import mlp_hook_name
+from qrnca_lens.model.hooks import hooked
+from qrnca_lens.model.access import mlp_hook_name
 from qrnca_lens.neurons import NeuronSet
-from qrnca_lens.proxies import Prompt, ProxyConfig, build_all_prompts, build_prompts, encode
-from qrnca_lens.symbol_binding import (
+from qrnca_lens.data.prompts import Prompt, ProxyConfig, build_all_prompts, build_prompts, encode
+from qrnca_lens.evaluation.symbol_binding import (
     RELETTER_KEY,
     SymbolBindingResult,
     binding_summary,

@@ -7,10 +7,10 @@ from importlib import metadata
 
 import pytest
 
-from qrnca_lens.attribution import IGConfig
-from qrnca_lens.data import limit_per_group, load_data
-from qrnca_lens.locate import LocateConfig, locate
-from qrnca_lens.proxies import ProxyConfig
+from qrnca_lens.qrnca.ig import IGConfig
+from qrnca_lens.data.queries import limit_per_group, load_data
+from qrnca_lens.qrnca.locate import LocateConfig, locate
+from qrnca_lens.data.prompts import ProxyConfig
 from qrnca_lens.versions import library_versions, model_identity, versions_line
 
 
@@ -52,7 +52,7 @@ def test_embedded_model_identity_hashes_its_gguf(smollm2):
 
 
 def test_evaluation_lens_and_report_record_versions(tiny_gated, tmp_path):
-    from qrnca_lens.evaluation import EvalConfig, evaluate
+    from qrnca_lens.evaluation.judge import EvalConfig, evaluate
     from qrnca_lens.lens import lens_locate
     from qrnca_lens.render.report import write_report
 

@@ -87,7 +87,7 @@ def _add_lens(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    from ..evaluation import EvalConfig
+    from ..evaluation.judge import EvalConfig
     from .groups import EVAL, add_executor_args, add_numerics_args
 
     ev = sub.add_parser("evaluate", help="prove the neurons: PCR, editing, neuron prediction, free-form check")
@@ -215,7 +215,7 @@ def _check_writable_dir(path: str, what: str) -> None:
 def _check_args_early(args: argparse.Namespace) -> None:
     """Bad paths fail in a second, before the data or the model is loaded, not after a long run."""
     if getattr(args, "model", None):  # report's --model is optional
-        from ..models import check_model_name
+        from ..model.loading import check_model_name
 
         check_model_name(args.model)
     if args.command in ("locate", "lens", "demo"):
@@ -230,7 +230,7 @@ def _check_args_early(args: argparse.Namespace) -> None:
     if args.command == "demo" and args.langs is not None:
         if not args.languages:
             raise QrncaError("--langs picks languages of the languages demo; add --languages")
-        from ..data import load_data
+        from ..data.queries import load_data
         from .demo import demo_languages
 
         demo_languages(args, load_data("builtin:languages"))

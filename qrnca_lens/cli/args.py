@@ -13,7 +13,7 @@ the library. How a field's type becomes an option:
 
 Example:
     >>> import argparse
-    >>> from qrnca_lens.selection import SelectionConfig
+    >>> from qrnca_lens.qrnca.selection import SelectionConfig
     >>> opts = options(SelectionConfig, ["v", "use_ica"], use_ica="--no-ica")
     >>> p = argparse.ArgumentParser()
     >>> add_options(p, opts)
@@ -128,7 +128,7 @@ def options(cls: type[Config], names: Sequence[str], **flags: str) -> tuple[Opti
         One ``Option`` per name.
 
     Example:
-        >>> from qrnca_lens.proxies import ProxyConfig
+        >>> from qrnca_lens.data.prompts import ProxyConfig
         >>> [o.flag for o in options(ProxyConfig, ["kind", "seed"], kind="--proxy")]
         ['--proxy', '--seed']
     """
@@ -143,7 +143,7 @@ def add_options(parser: Any, opts: Sequence[Option], *, defaults: bool = True) -
     """Add ``opts`` to ``parser`` (or an argument group); ``defaults=False``: value options default to None.
 
     Example:
-        >>> from qrnca_lens.selection import SelectionConfig
+        >>> from qrnca_lens.qrnca.selection import SelectionConfig
         >>> p = argparse.ArgumentParser()
         >>> add_options(p, options(SelectionConfig, ["t"]), defaults=False)
         >>> p.parse_args([]).t is None

@@ -35,7 +35,7 @@ def shard(spec: str | None) -> tuple[int, int]:
         >>> shard("1/4")
         (1, 4)
     """
-    from ..locate import parse_shard
+    from ..qrnca.locate import parse_shard
 
     try:
         return parse_shard(spec)
@@ -55,15 +55,15 @@ def print_summary(res: Any, path: Any) -> None:
 
 def evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
     """evaluation.json as ``evaluate`` writes it (``evaluation.evaluation_doc``): kept here for older imports."""
-    from ..evaluation import evaluation_doc as doc
+    from ..evaluation.judge import evaluation_doc as doc
 
     return doc(res, run)
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
     """``qrnca-lens accuracy``: the model's accuracy and mean target probability on a proxy."""
-    from .. import models
-    from ..scoring import accuracy
+    from ..evaluation.scoring import accuracy
+    from ..model import loading as models
 
     cfg = proxy_config(args)
     queries, pool = queries_and_pool(args)
@@ -91,7 +91,7 @@ def check_method(name: str) -> None:
     """
     if name in IG_PATHS:
         raise QrncaError(f"--method names the locator now (qrnca, atp, ...); the IG path is --ig-method {name}")
-    from ..locators import LOCATORS
+    from ..locators.registry import LOCATORS
 
     if name not in LOCATORS:
         raise QrncaError(f"--method {name!r} is not a registered locator; choose one of {sorted(LOCATORS)}")
@@ -100,8 +100,8 @@ def check_method(name: str) -> None:
 def cmd_locate(args: argparse.Namespace) -> int:
     """``qrnca-lens locate``: QRNCA attributes every query into ``--out`` (resumable), then selects the QR neurons;
     ``--method NAME`` runs another registered locator and writes its result to ``--out``."""
-    from .. import models
-    from ..locate import LocateConfig, locate
+    from ..model import loading as models
+    from ..qrnca.locate import LocateConfig, locate
 
     method = getattr(args, "method", None) or "qrnca"
     check_method(method)
@@ -142,9 +142,9 @@ def _locate_method(args: argparse.Namespace, method: str, base: Any) -> int:
     """``locate --method NAME`` (or ``--run DIR``): the method's ``Located``, saved to ``--out``."""
     from dataclasses import replace
 
-    from .. import models
-    from ..locate import locate, reduce
-    from ..locators import LOCATORS, coerce_config
+    from ..locators.registry import LOCATORS, coerce_config
+    from ..model import loading as models
+    from ..qrnca.locate import locate, reduce
 
     if args.shard is not None or args.executor != "serial":
         raise QrncaError(f"--shard and --executor apply to QRNCA's attribution only, not to --method {method}")
@@ -171,7 +171,7 @@ def _resume_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """locate's ``load_model`` keywords: a run to resume in ``--out`` gives the default dtype (and a refusal early,
     before the model loads, if ``--dtype`` names another without ``--allow-dtype-change``)."""
     from ..errors import StoreError
-    from ..store import RunStore
+    from ..qrnca.store import RunStore
 
     if not (Path(args.out) / "manifest.json").exists():
         return load_kwargs(args)
@@ -187,9 +187,9 @@ def _resume_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     """``qrnca-lens reduce``: reselect from the stored scores; options left out keep the recorded selection."""
-    from ..locate import reduce
-    from ..selection import SelectionConfig
-    from ..store import RunStore
+    from ..qrnca.locate import reduce
+    from ..qrnca.selection import SelectionConfig
+    from ..qrnca.store import RunStore
 
     t0 = time.perf_counter()
     base = SelectionConfig.from_dict(RunStore.load(args.out).manifest["selection"])
@@ -206,8 +206,8 @@ def load_located(out: str | Path) -> Any:
         >>> load_located("runs/nowhere")   # doctest: +SKIP
         qrnca_lens.errors.StoreError: runs/nowhere/neurons.json does not exist: ...
     """
-    from ..locate import reduce
     from ..located import RankedResult
+    from ..qrnca.locate import reduce
 
     if (Path(out) / "manifest.json").exists() or not (Path(out) / "neurons.json").exists():
         return reduce(out, write=False)  # a missing run is named by the run store, with the fix
@@ -217,8 +217,9 @@ def load_located(out: str | Path) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``qrnca-lens evaluate``: judge the locators' neurons on the result's stored prompts; evaluate writes
     evaluation.json into the directory (a QRNCA run, or a ``locate --method NAME`` result)."""
-    from .. import models
-    from ..evaluation import evaluate
+    from ..evaluation.judge import evaluate
+    from ..model import access
+    from ..model import loading as models
 
     cfg = eval_config(args)  # a bad option fails before the model loads
     run = load_located(args.out)
@@ -227,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     queries = run.stored_queries()
     kw = run_load_kwargs(args, args.out, run.dtype, note=False)  # evaluate itself says when the dtype is unknown
     model = models.load_model(run.model, verbose=not args.quiet, **kw)
-    _say_device(args, run.device, str(models.model_device(model)))
+    _say_device(args, run.device, str(access.model_device(model)))
     t0 = time.perf_counter()
     ex = executor(args, run.model, kw["dtype"])
     try:
@@ -268,7 +269,7 @@ def cmd_report(args: Any) -> int:
         0; a model that cannot be loaded only drops the projections and views, with a message.
     """
     from ..errors import ModelError
-    from ..models import load_model
+    from ..model.loading import load_model
     from ..render.report import load_run, write_report
 
     doc, _, manifest = load_run(args.out)
@@ -290,8 +291,8 @@ def cmd_report(args: Any) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``qrnca-lens bench``: fast vs reference IG (or, with ``--long-prompt-tokens``, memory); a JSON line last."""
-    from .. import models
-    from ..bench import run_bench, run_long_prompt_bench
+    from ..bench.ig import run_bench, run_long_prompt_bench
+    from ..model import loading as models
 
     model = models.load_model(args.model, **load_kwargs(args))
     if args.long_prompt_tokens:
@@ -316,15 +317,16 @@ def cmd_exhaustive(args: argparse.Namespace) -> int:
 
     Prints the cost (seconds, rows) and the neurons with the largest |effect|; writes ``DIR/exhaustive-ID.json``.
     """
-    from .. import models
-    from ..ground_truth import exhaustive_effects
-    from ..locate import reduce
-    from ..store import write_json_atomic
+    from ..evaluation.ground_truth import exhaustive_effects
+    from ..model import access
+    from ..model import loading as models
+    from ..qrnca.locate import reduce
+    from ..qrnca.store import write_json_atomic
 
     run = reduce(args.out, write=False)
     prompts = run.stored_prompts([args.query])[args.query]
     model = models.load_model(run.model, verbose=False, **run_load_kwargs(args, args.out, run.dtype))
-    L = models.n_layers(model)
+    L = access.n_layers(model)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(L - 4, L))
     t0 = time.perf_counter()
     eff = exhaustive_effects(model, prompts[args.prompt], layers, progress=True)

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import Query
+from ..data.queries import Query
 from ..errors import QrncaError
-from ..evaluation import DEFAULT_METHODS
+from ..evaluation.judge import DEFAULT_METHODS
 from .commands import print_summary
 
 __all__ = ["cmd_demo", "cmd_demo_languages", "demo_defaults", "demo_languages", "DEMO_COMPETENCE", "DEMO_METHODS", "LANGUAGE_METHODS"]
@@ -44,7 +44,7 @@ def _lap(stages: dict[str, float]) -> Any:
 
 def _start(args: argparse.Namespace) -> tuple[Path, Any]:
     """The demo's output directory (created) and its model."""
-    from .. import models
+    from ..model import loading as models
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def demo_languages(args: argparse.Namespace, pool: Sequence[Query]) -> list[str]
         The languages, in ``pool``'s order.
 
     Example:
-        >>> from qrnca_lens.data import load_data
+        >>> from qrnca_lens.data.queries import load_data
         >>> demo_languages(argparse.Namespace(langs="zh,en"), load_data("builtin:languages"))
         ['en', 'zh']
     """
@@ -103,10 +103,10 @@ def demo_languages(args: argparse.Namespace, pool: Sequence[Query]) -> list[str]
 
 def _demo_competence(model: Any, out: Path, name: str, per: int) -> None:
     """Stage 1 of the English demo: accuracy on every ``DEMO_COMPETENCE`` pair, written to ``out/accuracy.json``."""
-    from ..data import limit_per_group, load_data
-    from ..proxies import ProxyConfig
-    from ..scoring import accuracy
-    from ..store import write_json_atomic
+    from ..data.prompts import ProxyConfig
+    from ..data.queries import limit_per_group, load_data
+    from ..evaluation.scoring import accuracy
+    from ..qrnca.store import write_json_atomic
 
     print(f"\n== 1. Is the model competent on each proxy? (accuracy over prompts, first {per} queries per group; "
           "--competence-per-group 10 for the full check)")
@@ -142,13 +142,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args = demo_defaults(args)
     if getattr(args, "languages", False):
         return cmd_demo_languages(args)
-    from ..attribution import IGConfig
-    from ..data import limit_per_group, load_data
-    from ..evaluation import EvalConfig, evaluate
-    from ..locate import LocateConfig, locate
-    from ..proxies import ProxyConfig
+    from ..data.prompts import ProxyConfig
+    from ..data.queries import limit_per_group, load_data
+    from ..evaluation.judge import EvalConfig, evaluate
+    from ..qrnca.ig import IGConfig
+    from ..qrnca.locate import LocateConfig, locate
+    from ..qrnca.store import write_json_atomic
     from ..render.report import write_report
-    from ..store import write_json_atomic
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -208,14 +208,14 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     Returns:
         0; everything is written under ``args.out``.
     """
-    from ..attribution import IGConfig
-    from ..data import limit_per_group, load_data
-    from ..evaluation import EvalConfig, evaluate
-    from ..locate import LocateConfig, locate
-    from ..proxies import ProxyConfig
+    from ..data.prompts import ProxyConfig
+    from ..data.queries import limit_per_group, load_data
+    from ..evaluation.judge import EvalConfig, evaluate
+    from ..evaluation.scoring import accuracy
+    from ..qrnca.ig import IGConfig
+    from ..qrnca.locate import LocateConfig, locate
+    from ..qrnca.store import write_json_atomic
     from ..render.report import write_report
-    from ..scoring import accuracy
-    from ..store import write_json_atomic
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}

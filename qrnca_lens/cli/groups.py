@@ -11,13 +11,13 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..attribution import IGConfig
+from ..data.grouping import GroupingConfig
+from ..data.prompts import ProxyConfig
 from ..errors import QrncaError
-from ..evaluation import EvalConfig
-from ..grouping import GroupingConfig
+from ..evaluation.judge import EvalConfig
 from ..lens.config import LensRunConfig
-from ..proxies import ProxyConfig
-from ..selection import SelectionConfig
+from ..qrnca.ig import IGConfig
+from ..qrnca.selection import SelectionConfig
 from .args import add_options, build, options
 
 __all__ = ["PROXY", "IG", "SELECTION", "EVAL", "BENCH", "LENS", "GROUPING", "add_proxy_args", "add_selection_args",
@@ -108,7 +108,7 @@ def run_load_kwargs(args: argparse.Namespace, where: Any, recorded: str | None, 
     loaded, unless ``--allow-dtype-change``. A run that records none loads in ``--dtype`` or float32; ``note``
     prints a line saying its dtype is unknown (evaluate leaves that to ``evaluate``'s own warning).
     """
-    from ..store import check_run_dtype
+    from ..qrnca.store import check_run_dtype
 
     asked = getattr(args, "dtype", None)
     if recorded is None:
@@ -152,7 +152,7 @@ def grouping_config(args: argparse.Namespace) -> GroupingConfig:
 
 def queries_and_pool(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     """The queries (--data, --limit per group) and where their examples and distractors come from."""
-    from ..data import limit_per_group, load_data
+    from ..data.queries import limit_per_group, load_data
 
     data = load_data(args.data)
     pool = load_data(args.pool) if args.pool else data
@@ -165,7 +165,7 @@ def executor(args: argparse.Namespace, model_name: str, dtype: str = "float32") 
         if args.address is not None or args.gpus_per_worker or args.threads is not None:
             raise QrncaError("--address, --gpus-per-worker and --threads only apply with --executor ray")
         return None
-    from ..executors import RayExecutor
+    from ..qrnca.executors import RayExecutor
 
     return RayExecutor(model_name, address=args.address, workers=args.workers,
                        gpus_per_worker=args.gpus_per_worker, threads=args.threads, dtype=dtype)

@@ -34,8 +34,8 @@ Example:
     >>> out = run_rows(model, [prompt_tokens], rows, lambda row, lp, acts: float(lp[0, target]))  # doctest: +SKIP
 """
 
-from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB
 from .checks import CleanRowCheck, check_against_plain, skipping_is_exact
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB
 from .prefix import Backend, Prefix, Row, Scale, backend_of, choose_backend
 from .run import Reduce, plan_row_chunks, run_rows
 

@@ -11,9 +11,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import FastPathError
-from ..models import model_device, model_dtype
+from ..model.access import model_device, model_dtype
+from ..model.readout import logprobs_at
 from ..protocols import HookedModel
-from ..readout import logprobs_at
 from .prefix import Prefix, Row
 
 __all__ = ["skipping_is_exact", "check_against_plain", "CleanRowCheck", "plain_logprobs", "check_tolerance",

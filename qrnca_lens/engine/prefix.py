@@ -14,10 +14,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import QrncaError
-from ..hooks import capture, hooked, prefix_cache_kwarg, skip_blocks
-from ..models import d_mlp, hf_model, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
+from ..model.access import d_mlp, hf_model, mlp_hook_name, model_device, model_dtype, n_layers, pad_batch
+from ..model.hooks import capture, hooked
+from ..model.readout import StopForward, final_residual_hook, head32
+from ..model.surgery import prefix_cache_kwarg, skip_blocks
 from ..protocols import HookedModel
-from ..readout import StopForward, final_residual_hook, head32
 
 __all__ = ["Row", "Scale", "Prefix", "Backend", "backend_of", "choose_backend"]
 

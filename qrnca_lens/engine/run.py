@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..errors import QrncaError
-from ..hooks import refuse_caller_hooks
-from ..plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
+from ..model.hooks import refuse_caller_hooks
 from ..protocols import HookedModel
 from .checks import ENGINE_WAY_OUT, CleanRowCheck, skipping_is_exact
+from .plan import DEFAULT_MAX_PREFIX_TOKENS, DEFAULT_MEMORY_BUDGET_MB, Dims, plan_chunks, plan_groups, rows_per_chunk
 from .prefix import Backend, Prefix, Row, backend_of
 
 __all__ = ["run_rows", "Reduce", "plan_row_chunks"]

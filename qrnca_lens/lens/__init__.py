@@ -39,10 +39,10 @@ refused with an error. Every forward pass checks that the lens reproduces the mo
 that the residual stream decomposes as assumed.
 
 Example:
-    >>> from qrnca_lens.data import load_data
+    >>> from qrnca_lens.data.queries import load_data
     >>> from qrnca_lens.lens import LensConfig, neuron_scores, query_neurons, top_neurons
-    >>> from qrnca_lens.models import load_model
-    >>> from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+    >>> from qrnca_lens.model.loading import load_model
+    >>> from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
     >>> pool = load_data("builtin:facts")
     >>> model = load_model("smollm2")                                          # doctest: +SKIP
     >>> prompts = build_all_prompts(pool[:2], ProxyConfig("cloze"), model.tokenizer, pool=pool)  # doctest: +SKIP
@@ -64,7 +64,7 @@ The package, in the order the data flows (each module holds what its name says):
 - ``query_neurons``: the query neurons of a value neuron.
 - ``baselines``: the paper's 7 alternative scores and the ablation comparison.
 - ``locate``: the lens as a locator (``neurons.json``).
-- ``bench``: the benchmark (``python -m qrnca_lens.lens.bench``); the ``qrnca-lens lens`` handler lives in ``qrnca_lens.cli.lens``.
+- ``bench``: the benchmark (``python -m qrnca_lens.bench.lens``); the ``qrnca-lens lens`` handler lives in ``qrnca_lens.cli.lens``.
 """
 
 from __future__ import annotations

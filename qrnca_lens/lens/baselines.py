@@ -19,12 +19,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data.prompts import Prompt
 from ..errors import QrncaError
-from ..hooks import hooked
-from ..models import d_mlp, model_device, model_dtype, model_name, n_layers, post_hook_name
+from ..model.access import d_mlp, model_device, model_dtype, model_name, n_layers, post_hook_name
+from ..model.hooks import hooked
+from ..model.readout import StopForward, final_residual_hook, head32
 from ..protocols import HookedModel
-from ..proxies import Prompt
-from ..readout import StopForward, final_residual_hook, head32
 from ..versions import library_versions, model_identity
 from .cache import HALF, batches, check_prompts, lens_cache, padded, scoring_weights
 from .config import LensConfig

@@ -19,21 +19,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..data.prompts import Prompt
 from ..errors import ModelError, QrncaError
-from ..hooks import hooked
-from ..models import (
-    blocks,
-    d_mlp,
-    final_norm,
-    model_device,
-    model_dtype,
-    model_name,
-    n_layers,
-    post_hook_name,
-)
+from ..model.access import blocks, d_mlp, final_norm, model_device, model_dtype, model_name, n_layers, post_hook_name
+from ..model.hooks import hooked
+from ..model.readout import StopForward, head, head32
 from ..protocols import HookedModel
-from ..proxies import Prompt
-from ..readout import StopForward, head, head32
 from .weights import FrozenLens, Weights, ffn_out, frozen_lens, post_norm_gains
 
 __all__ = ["LensCache", "lens_cache", "check_prompts", "padded", "batches", "scoring_weights"]

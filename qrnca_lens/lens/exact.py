@@ -21,10 +21,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..data.prompts import Prompt
 from ..errors import QrncaError
-from ..models import d_mlp, n_layers
+from ..model.access import d_mlp, n_layers
 from ..protocols import HookedModel
-from ..proxies import Prompt
 from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
 from .lse import BLOCK, layer_neuron_scores, lse_

@@ -19,11 +19,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data.prompts import Prompt
 from ..errors import ModelError
-from ..hooks import hooked
-from ..models import model_device, model_name, n_layers
+from ..model.access import model_device, model_name, n_layers
+from ..model.hooks import hooked
 from ..protocols import HookedModel
-from ..proxies import Prompt
 from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
 from .weights import Weights, post_norm_gains, value_constants

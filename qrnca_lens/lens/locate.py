@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..data import QueriesLike, Query, as_queries
+from ..data.prompts import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
+from ..data.queries import QueriesLike, Query, as_queries
 from ..errors import QrncaError
 from ..located import Located
-from ..models import default_prepend_bos, model_name, model_numerics, n_layers, tokenizer_of
+from ..model.access import default_prepend_bos, model_name, model_numerics, n_layers, tokenizer_of
 from ..neurons import NeuronSet
 from ..protocols import HookedModel
-from ..proxies import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
 from ..versions import library_versions, model_identity
 from .cache import lens_cache, scoring_weights
 from .config import LensConfig

@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data.prompts import Prompt
 from ..errors import QrncaError
 from ..protocols import HookedModel
-from ..proxies import Prompt
 from .cache import lens_cache, scoring_weights
 from .config import LensConfig
 from .exact import score_triples

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import ModelError, QrncaError
-from ..models import block, blocks, d_mlp, final_norm, is_gated, model_device, model_name, n_layers
+from ..model.access import block, blocks, d_mlp, final_norm, is_gated, model_device, model_name, n_layers
 from ..protocols import HookedModel
 
 __all__ = ["FrozenLens", "Weights", "frozen_lens", "ffn_out", "gain_offset", "post_norm_gains", "value_constants",

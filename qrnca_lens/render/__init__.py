@@ -1,5 +1,5 @@
 """Rendering a run: matplotlib figures (``figures``), circuitsvis views saved offline (``views``) and the one-file
-HTML report (``report``). Each submodule takes the outputs of ``qrnca_lens.analysis``; heavy libraries load
+HTML report (``report``). Each submodule takes the outputs of ``qrnca_lens.render.analysis``; heavy libraries load
 inside the functions that need them.
 
 Example:

@@ -1,10 +1,10 @@
 """Matplotlib figures of a run's maps: geographical heatmaps, layer distributions, the overlap matrix.
 
-Every function takes ``qrnca_lens.analysis`` outputs and returns a ``matplotlib.figure.Figure`` drawn on the
+Every function takes ``qrnca_lens.render.analysis`` outputs and returns a ``matplotlib.figure.Figure`` drawn on the
 Agg canvas (no pyplot, no GUI, no global backend switch); ``png_bytes(fig)`` turns it into PNG bytes.
 
 Example:
-    >>> from qrnca_lens import analysis as A
+    >>> from qrnca_lens.render import analysis as A
     >>> maps = {g: A.heatmap(doc, 30, 1536, group=g) for g in A.groups(doc)}   # doctest: +SKIP
     >>> Path("map.png").write_bytes(png_bytes(heatmap_figure(maps)))          # doctest: +SKIP
 """
@@ -66,7 +66,7 @@ def heatmap_figure(
     from matplotlib import rc_context
     from matplotlib.colors import PowerNorm
 
-    from ..analysis import bin_columns
+    from .analysis import bin_columns
 
     names = list(maps)
     rows, cols = _grid(max(len(names), 1), ncols)

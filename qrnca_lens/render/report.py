@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from .. import analysis as A
 from ..atomic import write_text_atomic
-from ..competence import competence_record, group_competence
+from ..data.grouping import check_group_by, regroup
 from ..errors import QrncaError
-from ..grouping import check_group_by, regroup
 from ..protocols import HookedModel
+from ..render import analysis as A
+from .competence import competence_record, group_competence
 from .groups import group_labels, group_maps_section, relabel, relabel_evaluation
 from .html import esc, html_note
 from .sections import (
@@ -124,7 +124,7 @@ def _provenance(manifest: Mapping[str, Any] | None, model: HookedModel | None) -
     m = manifest or {}
     now_identity = model_identity(model) if model is not None else None
     if model is not None:
-        from ..locate import model_numerics
+        from ..qrnca.locate import model_numerics
 
         now_identity = {**(now_identity or {}), **model_numerics(model)}
     run_identity = m.get("model_identity")
@@ -136,7 +136,7 @@ def _provenance(manifest: Mapping[str, Any] | None, model: HookedModel | None) -
 
 
 def _shape(doc: Mapping[str, Any], model: HookedModel | None, manifest: Mapping[str, Any] | None) -> tuple[tuple[int, int], str]:
-    from ..models import d_mlp, n_layers
+    from ..model.access import d_mlp, n_layers
 
     used = A.infer_n_layers(doc)
     top_neuron = max([int(r[1]) for e in doc["queries"].values() for r in (e.get("qr_neurons") or [])] +
@@ -176,7 +176,7 @@ def _memory_manifest(run: Any, doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _evaluation_doc(evaluation: Any) -> dict[str, Any]:
-    from ..comparison import EvaluationResult
+    from ..evaluation.result import EvaluationResult
 
     if isinstance(evaluation, (str, Path)):
         return EvaluationResult.load(evaluation).to_dict()

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import analysis as A
 from ..errors import QrncaError
 from ..protocols import HookedModel
+from ..render import analysis as A
 from .html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 
 __all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "comparison_table", "evaluation_section", "with_ci", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
@@ -22,7 +22,7 @@ def summary_section(doc: Mapping[str, Any], shape: tuple[int, int], shape_note: 
     s = A.run_summary(doc)
     shots = proxy.get("n_shots")
     if shots is None and proxy.get("kind"):
-        from ..proxies import DEFAULT_SHOTS
+        from ..data.prompts import DEFAULT_SHOTS
 
         shots = DEFAULT_SHOTS.get(proxy["kind"])
     layers = doc.get("layers") or []
@@ -142,11 +142,11 @@ def comparison_table(res: Any) -> str:
     locator, the ``COLUMNS`` someone measured, PCR with its interval. "" when no locator was judged.
 
     Example:
-        >>> from qrnca_lens.comparison import EvaluationResult
+        >>> from qrnca_lens.evaluation.result import EvaluationResult
         >>> "<b>qrnca</b>" in comparison_table(EvaluationResult(pcr={"qrnca": {"boost": 2.0}}, editing={}, per_group={}))
         True
     """
-    from ..comparison import COLUMNS, INTERVALS, comparison_rows
+    from ..evaluation.result import COLUMNS, INTERVALS, comparison_rows
 
     comp = comparison_rows(res)
     if not comp:
@@ -168,7 +168,7 @@ def evaluation_section(ev: Mapping[str, Any] | None) -> str:
     out = ["<h2 id=evaluation>Evaluation</h2>"]
     if "_error" in ev:
         return out[0] + html_note(esc(ev["_error"]))
-    from ..comparison import EvaluationResult
+    from ..evaluation.result import EvaluationResult
 
     known = {k: ev[k] for k in EvaluationResult.__dataclass_fields__ if isinstance(ev.get(k), Mapping)}
     try:
@@ -292,8 +292,8 @@ def stored_prompts(run_dir: str | Path | Any, ids: Sequence[str]) -> dict[str, A
 
     ``run_dir`` is the run directory, or a result in memory that stores its prompts (``LocateResult``).
     """
-    from ..locate import prompts_from_info
-    from ..store import RunStore
+    from ..qrnca.locate import prompts_from_info
+    from ..qrnca.store import RunStore
 
     if not isinstance(run_dir, (str, Path)):
         read = getattr(run_dir, "stored_prompts", None)
@@ -310,9 +310,9 @@ def stored_prompts(run_dir: str | Path | Any, ids: Sequence[str]) -> dict[str, A
 
 def rebuild_prompts(doc: Mapping[str, Any], model: HookedModel, ids: Sequence[str], queries: Any, pool: Any) -> tuple[dict[str, Any], str]:
     """The shown queries' prompts, rebuilt as locate built them (recorded proxy config, the given pool)."""
-    from ..data import load_data
-    from ..models import default_prepend_bos, tokenizer_of
-    from ..proxies import ProxyConfig, build_all_prompts
+    from ..data.prompts import ProxyConfig, build_all_prompts
+    from ..data.queries import load_data
+    from ..model.access import default_prepend_bos, tokenizer_of
 
     try:
         if queries is None:
@@ -333,7 +333,7 @@ def rebuild_prompts(doc: Mapping[str, Any], model: HookedModel, ids: Sequence[st
 
 def queries_section(run_dir: str | Path | Any, doc: Mapping[str, Any], model: HookedModel | None, ids: Sequence[str], queries: Any,
                      pool: Any, projs: Mapping[A.Neuron, A.VocabProjection]) -> str:
-    from ..models import tokenizer_of
+    from ..model.access import tokenizer_of
 
     out = [f"<h2 id=queries>Queries ({len(ids)} of {len(doc['queries'])})</h2>"]
     prompts: dict[str, Any] = {}

@@ -256,7 +256,7 @@ def neuron_labels(neurons: NeuronsLike) -> list[str]:
 
 def _act_hook(model: HookedModel, layer: int, which: str) -> str:
     from ..errors import ModelError
-    from ..models import mlp_hook_name, post_hook_name
+    from ..model.access import mlp_hook_name, post_hook_name
 
     if which == "post":
         try:
@@ -276,8 +276,8 @@ def _forward(
     """
     import torch
 
-    from ..hooks import capture, hooked
-    from ..models import model_device, pad_batch
+    from ..model.access import model_device, pad_batch
+    from ..model.hooks import capture, hooked
 
     if which not in ("post", "attributed"):
         raise QrncaError(f"which must be 'post' or 'attributed', got {which!r}")
@@ -375,7 +375,7 @@ def target_view(
     import torch
     from circuitsvis.logits import token_log_probs
 
-    from ..models import model_device, tokenizer_of
+    from ..model.access import model_device, tokenizer_of
 
     tok = tokenizer_of(model)
     seq = torch.tensor(list(tokens) + list(target), dtype=torch.long)
@@ -409,7 +409,7 @@ def query_views(model: HookedModel, prompts: Sequence[Any], neurons: NeuronsLike
         >>> views = query_views(model, prompts, [(29, 1498), (24, 1005)])   # doctest: +SKIP
     """
     neurons = NeuronSet(neurons)
-    from ..models import tokenizer_of
+    from ..model.access import tokenizer_of
 
     if not prompts:
         return Views()

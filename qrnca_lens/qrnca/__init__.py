@@ -1,0 +1,1 @@
+"""QRNCA itself: IG attribution (``ig``), selection (clusters, ICA, common neurons), the resumable run (``locate``), its directory (``store``) and executors."""
