@@ -43,7 +43,7 @@ _EXPORTS = {
     "SelectionConfig": "qrnca.selection", "Cluster": "qrnca.selection", "Selection": "qrnca.selection", "select": "qrnca.selection",
     "query_cluster": "qrnca.selection",
     # locate and the run store
-    "LocateConfig": "qrnca.locate", "LocateResult": "qrnca.locate", "locate": "qrnca.locate", "reduce": "qrnca.locate",
+    "LocateConfig": "qrnca.locate", "LocateResult": "qrnca.locate", "locate": "locators.registry", "reduce": "qrnca.locate",
     "Located": "located", "RankedResult": "located",
     "RunStore": "qrnca.store",
     # neuron sets, interventions, locators, evaluation
@@ -76,7 +76,7 @@ _SHADOWED = frozenset(_EXPORTS) & ({m.name for m in pkgutil.iter_modules(__path_
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _SHADOWED and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
+            value = __getattr__(name)  # the public object (``ql.locate`` is the dispatcher, not a module's)
         super().__setattr__(name, value)
 
 

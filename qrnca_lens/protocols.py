@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["HookedModel"]
+__all__ = ["HookedModel", "Positioned"]
 
 
 @runtime_checkable
@@ -53,3 +53,19 @@ class HookedModel(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[Any]: ...
 
     def modules(self) -> Iterator[Any]: ...
+
+
+@runtime_checkable
+class Positioned(Protocol):
+    """Anything that names the position to act at: a ``Prompt`` (its target position) is one. The model layer
+    takes this shape, not ``Prompt`` itself, so it needs nothing from ``data/``.
+
+    Example:
+        >>> class At:
+        ...     target_position = 4
+        >>> isinstance(At(), Positioned), isinstance(4, Positioned)
+        (True, False)
+    """
+
+    @property
+    def target_position(self) -> int: ...

@@ -23,15 +23,19 @@ def test_import_is_lazy():
 
 
 def test_functions_named_like_their_module_stay_functions():
-    """ql.locate is the function even after its submodule was imported (by an export, or directly)."""
+    """ql.locate is the dispatcher even after a module of that name was imported (its old path, or an export)."""
     code = """
 import importlib, pkgutil, types
 import qrnca_lens as ql
+import warnings
 ql.LocateConfig                                    # loads qrnca_lens.qrnca.locate first, through another name
 for m in pkgutil.walk_packages(ql.__path__, "qrnca_lens."):
     importlib.import_module(m.name)
+with warnings.catch_warnings():                    # the old module path, bound as the package attribute
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import qrnca_lens.locate
 modules = sorted(n for n in ql.__all__ if isinstance(getattr(ql, n), types.ModuleType))
-print(modules, callable(ql.locate), ql.locate is importlib.import_module("qrnca_lens.qrnca.locate").locate)
+print(modules, callable(ql.locate), ql.locate is importlib.import_module("qrnca_lens.locators.registry").locate)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "[] True True"

@@ -142,9 +142,9 @@ def _locate_method(args: argparse.Namespace, method: str, base: Any) -> int:
     """``locate --method NAME`` (or ``--run DIR``): the method's ``Located``, saved to ``--out``."""
     from dataclasses import replace
 
-    from ..locators.registry import LOCATORS, coerce_config
+    from ..locators.registry import LOCATORS, coerce_config, locate
     from ..model import loading as models
-    from ..qrnca.locate import locate, reduce
+    from ..qrnca.locate import reduce
 
     if args.shard is not None or args.executor != "serial":
         raise QrncaError(f"--shard and --executor apply to QRNCA's attribution only, not to --method {method}")

@@ -30,9 +30,8 @@ def cmd_lens(args: argparse.Namespace) -> int:
     options generated from ``LensRunConfig`` (``--top``, ``--lens-mode``, ``--compare-prompts``, ``--compare-k``).
     OUT then holds the ``RankedResult`` that ``qrnca-lens evaluate OUT`` judges.
     """
-    from ..locators.registry import LogprobConfig
+    from ..locators.registry import LogprobConfig, locate
     from ..model import loading as models
-    from ..qrnca.locate import locate
 
     print(f"[qrnca-lens] {REPLACED_BY}", file=sys.stderr)
     quiet = bool(args.quiet)

@@ -37,11 +37,12 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from ..config import VERSION_KEY, Config, _plain, type_hints
 from ..errors import QrncaError, StoreError
+from ..html import esc, html_fmt, html_table
 
 __all__ = [
     "EvaluationResult", "comparison_rows", "COLUMNS", "EVALUATION_FILE",
     "GroundTruthPart", "GroundTruthScores", "SymbolBindingPart", "BindingScores", "FreeFormPart", "FreeFormScores",
-    "LocatorCost", "interval",
+    "LocatorCost", "interval", "comparison_table", "with_ci",
 ]
 
 EVALUATION_FILE = "evaluation.json"
@@ -652,8 +653,6 @@ class EvaluationResult(Config):
     # ------------------------------------------------------------ notebook
 
     def _repr_html_(self) -> str:
-        from ..render.sections import comparison_table
-
         notes = "<br>".join(_html_escape(n) for n in self.notes())
         n = self.meta.get("n_queries") if isinstance(self.meta, Mapping) else None
         head = f"<b>EvaluationResult</b>{f': {n} queries' if n is not None else ''}"
@@ -707,3 +706,34 @@ def _html_escape(s: str) -> str:
     import html
 
     return html.escape(s)
+
+
+# ---------------------------------------------------------------- the table as HTML
+
+
+def with_ci(x: Any, ci: Any) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{html_fmt(x, '{:.2f}')} <span class=muted>[{html_fmt(ci[0], '{:.2f}')}, {html_fmt(ci[1], '{:.2f}')}]</span>"
+    return html_fmt(x, "{:.2f}")
+
+
+def comparison_table(res: Any) -> str:
+    """The comparison table of an ``EvaluationResult`` as HTML (the report's and the notebook's): one row per
+    locator, the ``COLUMNS`` someone measured, PCR with its interval. "" when no locator was judged.
+
+    Example:
+        >>> "<b>qrnca</b>" in comparison_table(EvaluationResult(pcr={"qrnca": {"boost": 2.0}}, editing={}, per_group={}))
+        True
+    """
+    comp = comparison_rows(res)
+    if not comp:
+        return ""
+    shown = [c for c in COLUMNS if any(r[c[0]] is not None for r in comp)]
+    cells = []
+    for r in comp:
+        line = [f"<b>{esc(str(r['method']))}</b>"]
+        for k, _, fmt in shown:
+            ci = r.get(k.replace("pcr_", "") + "_ci") if k in INTERVALS else None
+            line.append(with_ci(r[k], ci) if k in INTERVALS else html_fmt(r[k], fmt))
+        cells.append(line)
+    return html_table(["method"] + [h for _, h, _ in shown], cells, [False] + [True] * len(shown))

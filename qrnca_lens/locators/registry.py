@@ -2,7 +2,7 @@
 
 **One shape.** A locator is a ``Locator``: a ``name``, a ``config_class`` (its config dataclass) and
 ``locate(model, queries, cfg, *, prompts=None, run=None, progress=True, seed=0) -> Located``. Every registered
-one is reached through ``qrnca_lens.qrnca.locate(model, queries, cfg, method=NAME)``: ``"qrnca"`` gives a
+one is reached through ``locate(model, queries, cfg, method=NAME)`` (``qrnca_lens.locate``): ``"qrnca"`` gives a
 ``LocateResult``, every other method a ``RankedResult`` (its neurons with scores, the prompts used, the layers,
 the proxy, its cost), which ``evaluate`` judges and ``save``/``load`` keep on disk.
 
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..data.prompts import Prompt, ProxyConfig, build_all_prompts, tokenizer_identity
-from ..data.queries import Query
+from ..data.queries import QueriesLike, Query, as_queries
 from ..errors import QrncaError
 from ..lens.config import LensConfig
 from ..located import Located, RankedResult
@@ -66,7 +66,7 @@ from .first_order import atp_scores, dla_scores
 
 __all__ = ["Locator", "ContextLocator", "LocatorContext", "LocatorRegistry", "LOCATORS", "register_locator",
            "neuron_sets", "cut_to", "cut_to_qrnca", "qrnca_counts", "report_passes", "coerce_config",
-           "locate_with", "RankConfig", "RandomConfig", "LogprobConfig", "IG_BASED", "KN_SHARE", "TOP", "LENS_TOP"]
+           "locate", "locate_with", "RankConfig", "RandomConfig", "LogprobConfig", "IG_BASED", "KN_SHARE", "TOP", "LENS_TOP"]
 
 Ranked = dict[str, NeuronSet]  # query id -> its neurons, best first
 # A registered ranking function may return plain (layer, neuron[, score]) lists per query; they are converted.
@@ -577,6 +577,50 @@ def _ranked_result(loc: ContextLocator, model: HookedModel, queries: Sequence[Qu
         model_identity=model_identity(model), tokenizer=tokenizer_identity(tokenizer_of(model)),
         versions=library_versions(), meta=meta,
     )
+
+
+def locate(model: HookedModel, queries: QueriesLike, cfg: Any = None, *, method: str = "qrnca",
+           run: LocateResult | None = None, seed: int = 0, **kwargs: Any) -> Located | None:
+    """Locate every query's neurons with any registered ``method`` (``qrnca_lens.locate``).
+
+    ``method="qrnca"`` (the default) is QRNCA's resumable, shardable run (``qrnca.locate.locate``: every keyword
+    of it, e.g. ``out``, ``shard``, ``executor``, ``pool``); any other method returns its ``Located`` (a
+    ``RankedResult`` for the built-ins), saved to ``out`` when given (no resume: written once, at the end).
+    ``cfg`` is the method's config (``LOCATORS[method].config_class``: ``LocateConfig`` for the IG-based ones,
+    ``RankConfig`` for atp/dla/activation, ``RandomConfig``, ``LogprobConfig``) or any config with ``proxy`` and
+    ``layers``, whose proxy and layers it takes.
+
+    Args:
+        model, queries: the TL model and the queries (``Query`` objects, dicts or a DataFrame; distinct ids).
+        cfg: the method's config (default: its own default).
+        method: a registered locator name.
+        run: a QRNCA run the IG-based methods (no-ica, with-common, kn) and random reuse (its stored prompts and
+            scores; its QR neuron count per query for random); without it they locate QRNCA first.
+        seed: seeds the methods that draw (random).
+        kwargs: ``pool``, ``out``, ``progress``, ``name``, ``data``, ``group_by``, ``prompts`` (every method);
+            ``shard``, ``executor``, ``pool_spec``, ``allow_dtype_change`` (QRNCA's run only).
+
+    Returns:
+        QRNCA: the ``LocateResult`` (None when ``out`` is given and other shards still have queries to do);
+        another method: its ``Located``.
+
+    Example:
+        >>> run = locate(model, pool[:10], LocateConfig(ProxyConfig("cloze")), pool=pool)      # doctest: +SKIP
+        >>> atp = locate(model, pool[:10], RankConfig(ProxyConfig("cloze")), method="atp")    # doctest: +SKIP
+    """
+    from ..qrnca.locate import locate as qrnca_locate
+
+    queries = as_queries(queries)
+    if method == "qrnca" and run is None:
+        return qrnca_locate(model, queries, coerce_config(_locator("qrnca"), cfg), **kwargs)
+    if kwargs.get("shard", (0, 1)) != (0, 1) or kwargs.get("executor") is not None:
+        raise QrncaError(f"shard= and executor= apply to QRNCA's attribution only, not to method {method!r}; "
+                         "leave them out")
+    prompts = kwargs.pop("prompts", None)
+    given = {q: list(ps) for q, ps in prompts.items()} if prompts is not None else None
+    for k in ("shard", "executor", "pool_spec", "allow_dtype_change"):
+        kwargs.pop(k, None)
+    return locate_with(method, model, queries, cfg, prompts=given, run=run, seed=seed, **kwargs)
 
 
 def locate_with(method: str, model: HookedModel, queries: Sequence[Query], cfg: Any = None, *,

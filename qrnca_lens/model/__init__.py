@@ -1,1 +1,1 @@
-"""Everything that touches a TransformerLens model: loading, accessors, the hook door, surgery, positions, readout, interventions. It imports nothing above it but ``data.prompts`` (a ``Prompt`` names a position)."""
+"""Everything that touches a TransformerLens model: loading, accessors, the hook door, surgery, positions, readout, interventions. It imports nothing above it (a ``Prompt`` is taken as ``protocols.Positioned``)."""

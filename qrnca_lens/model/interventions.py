@@ -24,10 +24,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..data.prompts import Prompt
 from ..errors import ModelError, QrncaError
 from ..neurons import NeuronSet, NeuronsLike
-from ..protocols import HookedModel
+from ..protocols import HookedModel, Positioned
 from .access import d_mlp, mlp_hook_name, model_device
 from .hooks import hooked, set_neurons
 from .positions import LAST, Position, last_real_positions, positions_from_mask
@@ -40,7 +39,7 @@ __all__ = [
 BOOST, SUPPRESS = 2.0, 0.0
 
 Neuron = tuple[int, int]
-Where = int | Sequence[int] | Tensor | Prompt | Sequence[Prompt] | None
+Where = int | Sequence[int] | Tensor | Positioned | Sequence[Positioned] | None
 # One scored row's intervention: (its neurons, the factor they are multiplied by), or None for a clean row.
 Intervention = tuple[NeuronsLike, float] | None
 
@@ -95,10 +94,10 @@ def resolve_positions(
              if v is not None]
     if len(given) > 1:
         raise ModelError(f"pass only one of positions=, tokens=, attention_mask= (got {', '.join(given)})")
-    if isinstance(positions, Prompt):
+    if isinstance(positions, Positioned):
         return [positions.target_position]
-    if isinstance(positions, Sequence) and positions and all(isinstance(p, Prompt) for p in positions):
-        return [p.target_position for p in positions if isinstance(p, Prompt)]
+    if isinstance(positions, Sequence) and positions and all(isinstance(p, Positioned) for p in positions):
+        return [p.target_position for p in positions if isinstance(p, Positioned)]
     if positions is not None:
         return positions  # type: ignore[return-value]  # ints, one int per row, or a tensor: all Positions
     if attention_mask is not None:

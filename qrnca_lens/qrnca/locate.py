@@ -6,12 +6,8 @@ every query of the run is done, the collection-level reduce (clusters, ICA, comm
 from the stored scores and writes ``DIR/neurons.json``. ``reduce(DIR, selection)`` reruns just that step in
 seconds, with other t/u/v if asked (t re-thresholds the stored scores; nothing is re-attributed).
 
-``locate(..., method=NAME)`` runs any other registered locator (``locators.LOCATORS``: atp, dla, activation,
-logprob, random, kn, no-ica, with-common, or one of yours) and returns its ``Located`` (a ``RankedResult`` for
-the built-ins), saved to ``out`` when given (no resume: it is written once, at the end). ``cfg`` is then the
-method's config (``LOCATORS[method].config_class``: ``RankConfig`` for atp/dla/activation, ``RandomConfig``,
-``LogprobConfig``, ``LocateConfig`` for the IG-based ones), or any config with ``proxy`` and ``layers`` (e.g. a
-``LocateConfig``), whose proxy and layers it takes.
+Other locators (atp, dla, the lens, ...) are reached through ``qrnca_lens.locate(..., method=NAME)``
+(``locators.registry.locate``), which calls this ``locate`` for QRNCA.
 
 Example:
     >>> from qrnca_lens import load_data, load_model
@@ -30,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, ClassVar
 
 from jaxtyping import Float
 from torch import Tensor
@@ -320,26 +316,11 @@ def _check_queries(queries: Sequence[Query]) -> None:
         raise QrncaError("query ids repeat; every query needs its own id")
 
 
-@overload
-def locate(model: HookedModel, queries: QueriesLike, cfg: LocateConfig = ..., *,
-           method: Literal["qrnca"] = ..., pool: Sequence[Query] | None = ..., out: str | Path | None = ...,
-           shard: tuple[int, int] = ..., progress: bool = ..., name: str | None = ..., data: str | None = ...,
-           executor: Executor | None = ..., pool_spec: str | None = ..., group_by: str | None = ...,
-           allow_dtype_change: bool = ..., prompts: Mapping[str, Sequence[Prompt]] | None = ...,
-           run: LocateResult | None = ..., seed: int = ...) -> LocateResult | None: ...
-@overload
-def locate(model: HookedModel, queries: QueriesLike, cfg: Any = ..., *,
-           method: str, pool: Sequence[Query] | None = ..., out: str | Path | None = ...,
-           shard: tuple[int, int] = ..., progress: bool = ..., name: str | None = ..., data: str | None = ...,
-           executor: Executor | None = ..., pool_spec: str | None = ..., group_by: str | None = ...,
-           allow_dtype_change: bool = ..., prompts: Mapping[str, Sequence[Prompt]] | None = ...,
-           run: LocateResult | None = ..., seed: int = ...) -> Located | None: ...
 def locate(
     model: HookedModel,
     queries: QueriesLike,
-    cfg: Any = LocateConfig(),
+    cfg: LocateConfig = LocateConfig(),
     *,
-    method: str = "qrnca",
     pool: Sequence[Query] | None = None,
     out: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -351,61 +332,41 @@ def locate(
     group_by: str | None = None,
     allow_dtype_change: bool = False,
     prompts: Mapping[str, Sequence[Prompt]] | None = None,
-    run: LocateResult | None = None,
-    seed: int = 0,
-) -> Located | None:
-    """Locate every query's neurons with ``method``; QRNCA (the default) attributes, resumes and selects.
+) -> LocateResult | None:
+    """QRNCA: attribute every query (resuming from ``out`` if given) and select the QR neurons of the collection.
 
-    ``method="qrnca"``: attribute every query (resuming from ``out`` if given) and select the QR neurons of the
-    collection. Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With
-    shards, the last one to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
-
-    Any other registered method returns its ``Located``, saved to ``out`` when given (see the module docstring
-    for the methods and their configs).
+    Each query's prompts are stored with its scores (``LocateResult.stored_prompts``). With shards, the last one
+    to finish writes ``neurons.json`` (``reduce(out)`` can also be run by hand).
 
     Args:
         model: the TL model.
         queries: the queries to locate (distinct ids); together they are the collection N.
-        cfg: proxy, IG and selection settings, and the layers (default: all); another method's config.
-        method: a registered locator name.
+        cfg: proxy, IG and selection settings, and the layers (default: all).
         pool: in-context examples and distractors (default: ``queries``).
-        out: run directory: QRNCA stores scores per query and an interrupted run resumes (None: in memory); any
-            other method saves its result there.
-        shard: ``(i, n)``: this process attributes the i-th of n disjoint shares of the queries (QRNCA only).
+        out: run directory: scores are stored per query and an interrupted run resumes (None: in memory).
+        shard: ``(i, n)``: this process attributes the i-th of n disjoint shares of the queries.
         progress: show a progress bar.
         name: the model's name in the manifest (default: from the model).
         data: the data spec recorded in the manifest (e.g. ``"builtin:facts"``).
-        executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``; QRNCA only).
+        executor: where attribution runs (default: this process, on ``model``; or a ``RayExecutor``).
         pool_spec: the pool's data spec, recorded in the manifest.
         group_by: ``"group"`` (default), ``"language"`` or ``"relation"``: recorded as the run's mapping.
         allow_dtype_change: extend a run made in another dtype (e.g. a float32 run with a bfloat16 model);
             without it that is refused in one line. The change is recorded in the manifest's ``dtype_changes``
             and every query file records its own dtype and device.
         prompts: query id -> its prompts, used as they are instead of building them (every query needs its own).
-        run: a QRNCA run the IG-based methods (no-ica, with-common, kn) and random reuse (its stored prompts and
-            scores; its QR neuron count per query for random); without it they locate QRNCA first.
-        seed: seeds the methods that draw (random).
 
     Returns:
-        QRNCA: the ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards
-        still have queries to do. Another method: its ``Located``.
+        The ``LocateResult`` (QR neurons of every query), or None when ``out`` is given and other shards still
+        have queries to do.
 
     Example:
         >>> cfg = LocateConfig(ProxyConfig("cloze"), IGConfig(steps=8))
         >>> run = locate(model, pool[:10], cfg, pool=pool, out="runs/facts")   # doctest: +SKIP
         >>> len(run.qr_neurons(pool[0].id)) <= cfg.selection.v               # doctest: +SKIP
         True
-        >>> atp = locate(model, pool[:10], cfg, method="atp", pool=pool)      # doctest: +SKIP
     """
     queries = as_queries(queries)
-    if method != "qrnca" or run is not None:
-        return _locate_other(method, model, queries, cfg, pool=pool, out=out, shard=shard, progress=progress,
-                             name=name, data=data, executor=executor, group_by=group_by, prompts=prompts, run=run,
-                             seed=seed)
-    if not isinstance(cfg, LocateConfig):
-        from ..locators.registry import LOCATORS, coerce_config
-
-        cfg = coerce_config(LOCATORS["qrnca"], cfg)
     cfg, built, records, store, name, by, held = _prepare_run(
         model, queries, cfg, pool=pool, out=out, name=name, data=data, pool_spec=pool_spec, group_by=group_by,
         allow_dtype_change=allow_dtype_change, prompts=prompts)
@@ -413,22 +374,6 @@ def locate(
     with store.shard_lock(*shard) if store else nullcontext():
         return _attribute_and_reduce(model, queries, built, records, cfg, store, shard=shard, progress=progress,
                                      executor=executor, name=name, data=data, group_by=by, held=held)
-
-
-def _locate_other(method: str, model: HookedModel, queries: list[Query], cfg: Any, *, pool: Sequence[Query] | None,
-                  out: str | Path | None, shard: tuple[int, int], progress: bool, name: str | None,
-                  data: str | None, executor: Executor | None, group_by: str | None,
-                  prompts: Mapping[str, Sequence[Prompt]] | None, run: LocateResult | None,
-                  seed: int) -> Located | None:
-    """locate with a registered method other than QRNCA (or QRNCA reusing ``run``): ``locators.locate_with``."""
-    if shard != (0, 1) or executor is not None:
-        raise QrncaError(f"shard= and executor= apply to QRNCA's attribution only, not to method {method!r}; "
-                         "leave them out")
-    from ..locators.registry import locate_with
-
-    given = {q: list(ps) for q, ps in prompts.items()} if prompts is not None else None
-    return locate_with(method, model, queries, cfg, pool=pool, out=out, progress=progress, name=name,
-                       data=data, group_by=group_by, prompts=given, run=run, seed=seed)
 
 
 def _prepare_run(model: HookedModel, queries: list[Query], cfg: LocateConfig, *, pool: Sequence[Query] | None,

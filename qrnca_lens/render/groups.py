@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..html import esc, html_fmt, html_note, html_table
 from ..render import analysis as A
 from .analysis import group_specificity
 from .competence import Z_MARGIN, chance_margin
-from .html import esc, html_fmt, html_note, html_table
 
 __all__ = ["AT_CHANCE", "group_labels", "relabel", "relabel_evaluation", "group_maps_section"]
 

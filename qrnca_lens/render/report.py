@@ -35,11 +35,11 @@ from typing import Any, Union
 from ..atomic import write_text_atomic
 from ..data.grouping import check_group_by, regroup
 from ..errors import QrncaError
+from ..html import esc, html_note
 from ..protocols import HookedModel
 from ..render import analysis as A
 from .competence import competence_record, group_competence
 from .groups import group_labels, group_maps_section, relabel, relabel_evaluation
-from .html import esc, html_note
 from .sections import (
     evaluation_section,
     groups_section,

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QrncaError
+from ..evaluation.result import comparison_table
+from ..html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 from ..protocols import HookedModel
 from ..render import analysis as A
-from .html import esc, html_fmt, html_img, html_kv, html_neuron, html_note, html_table, html_tok
 
-__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "comparison_table", "evaluation_section", "with_ci", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
+__all__ = ["summary_section", "maps_section", "projection_cells", "neuron_projections", "vocab_section", "evaluation_section", "generic", "all_maps", "rows_table", "groups_section", "pick_queries", "run_prompts", "stored_prompts", "rebuild_prompts", "queries_section"]
 
 
 def summary_section(doc: Mapping[str, Any], shape: tuple[int, int], shape_note: str) -> str:
@@ -137,31 +138,6 @@ def vocab_section(doc: Mapping[str, Any], model: HookedModel | None, k: int, pro
     return "\n".join(out)
 
 
-def comparison_table(res: Any) -> str:
-    """The comparison table of an ``EvaluationResult`` as HTML (the report's and the notebook's): one row per
-    locator, the ``COLUMNS`` someone measured, PCR with its interval. "" when no locator was judged.
-
-    Example:
-        >>> from qrnca_lens.evaluation.result import EvaluationResult
-        >>> "<b>qrnca</b>" in comparison_table(EvaluationResult(pcr={"qrnca": {"boost": 2.0}}, editing={}, per_group={}))
-        True
-    """
-    from ..evaluation.result import COLUMNS, INTERVALS, comparison_rows
-
-    comp = comparison_rows(res)
-    if not comp:
-        return ""
-    shown = [c for c in COLUMNS if any(r[c[0]] is not None for r in comp)]
-    cells = []
-    for r in comp:
-        line = [f"<b>{esc(str(r['method']))}</b>"]
-        for k, _, fmt in shown:
-            ci = r.get(k.replace("pcr_", "") + "_ci") if k in INTERVALS else None
-            line.append(with_ci(r[k], ci) if k in INTERVALS else html_fmt(r[k], fmt))
-        cells.append(line)
-    return html_table(["method"] + [h for _, h, _ in shown], cells, [False] + [True] * len(shown))
-
-
 def evaluation_section(ev: Mapping[str, Any] | None) -> str:
     if ev is None:
         return ""
@@ -206,12 +182,6 @@ def evaluation_section(ev: Mapping[str, Any] | None) -> str:
         out.append(html_note("evaluation.json holds none of the parts this report knows (pcr, editing, per_group, "
                          "free_form, neuron_prediction)."))
     return "\n".join(out)
-
-
-def with_ci(x: Any, ci: Any) -> str:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        return f"{html_fmt(x, '{:.2f}')} <span class=muted>[{html_fmt(ci[0], '{:.2f}')}, {html_fmt(ci[1], '{:.2f}')}]</span>"
-    return html_fmt(x, "{:.2f}")
 
 
 def generic(d: Mapping[str, Any]) -> str:

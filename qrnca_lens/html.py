@@ -1,4 +1,5 @@
-"""Small HTML helpers of the report: escaping, numbers, tables, notes, inline images, tokens."""
+"""Small HTML helpers of every display (the report, notebook views of results): escaping, numbers, tables, notes,
+inline images, tokens. Pure string functions at the ground floor, so results below render/ can show themselves."""
 
 from __future__ import annotations
 
