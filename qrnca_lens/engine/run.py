@@ -86,48 +86,54 @@ def run_rows(
     with torch.no_grad():
         for g in groups:
             members = [used[j] for j in g]
-            local = {p: k for k, p in enumerate(members)}
-            mine = [i for p in members for i in by_prompt[p]]
-            lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
-            # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
-            firsts: dict[int, Row] = {}
-            for r in lrows.values():
-                firsts.setdefault(r.prompt, r.clean())
-            prefix = Prefix(model, [prompts[p] for p in members], backend=backend,
-                            continuations=[firsts[b].tokens[1:] for b in range(len(members))])
-            # The clean pass: clean rows' results, and the residuals every other row starts from.
-            clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
-            if check:
-                self_check = CleanRowCheck(prefix, ENGINE_WAY_OUT)
-                for b in (range(len(members)) if prefix.plain is not None else [0]):
-                    s, T = clean_at[firsts[b]]
-                    self_check.add(b, clean_lp[s : s + T], firsts[b].tokens, f"the clean row of prompt {members[b]}")
-                self_check.verify()
-            skip = skipping_is_exact(prefix)
-            by_start: dict[int, list[int]] = {}
-            for i, r in lrows.items():
-                if r.start is None:
-                    s, T = clean_at[r.clean()]
-                    results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
-                else:
-                    by_start.setdefault(r.start if skip else 0, []).append(i)
-            if not by_start:
-                continue
-            # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
-            tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
-            for i_list in by_start.values():
-                i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
-            for start, chunk in plan_row_chunks(prefix, sorted(by_start.items()), tokens_per_row, max_rows, budget,
-                                                grad=False):
-                crow = [lrows[i] for i in chunk]
-                acts = {}
-                lp = prefix.forward(crow, start=start, capture_names=capture_names, acts_out=acts)
-                k = 0
-                for i, r in zip(chunk, crow):
-                    T = len(r.tokens)
-                    results[i] = reduce(unique[i], lp[k : k + T], {n: acts[n][k : k + T] for n in capture_names})
-                    k += T
-            del prefix
+            _run_group(model, prompts, members, [i for p in members for i in by_prompt[p]], unique, results, reduce,
+                       capture_names=capture_names, backend=backend, check=check, max_rows=max_rows, budget=budget)
     for j, row in enumerate(rows):
         out[j] = results[where[row]]
     return out
+
+
+def _run_group(model: HookedModel, prompts: Sequence[Sequence[int]], members: list[int], mine: list[int],
+               unique: list[Row], results: list[Any], reduce: Reduce, *, capture_names: Sequence[str],
+               backend: Backend, check: bool, max_rows: int, budget: int) -> None:
+    """One prompt group of ``run_rows``: its prefix pass, the self-check, then its rows chunk by chunk into
+    ``results`` (indexed like ``unique``)."""
+    local = {p: k for k, p in enumerate(members)}
+    lrows = {i: Row(local[unique[i].prompt], unique[i].tokens, unique[i].scale) for i in mine}
+    # Each prompt's first row's tokens ride along in the prefix pass: its plain logits check that row.
+    firsts: dict[int, Row] = {}
+    for r in lrows.values():
+        firsts.setdefault(r.prompt, r.clean())
+    prefix = Prefix(model, [prompts[p] for p in members], backend=backend,
+                    continuations=[firsts[b].tokens[1:] for b in range(len(members))])
+    # The clean pass: clean rows' results, and the residuals every other row starts from.
+    clean_lp, acts, clean_at = prefix.clean_pass(list(lrows.values()), capture_names)
+    if check:
+        self_check = CleanRowCheck(prefix, ENGINE_WAY_OUT)
+        for b in (range(len(members)) if prefix.plain is not None else [0]):
+            s, T = clean_at[firsts[b]]
+            self_check.add(b, clean_lp[s : s + T], firsts[b].tokens, f"the clean row of prompt {members[b]}")
+        self_check.verify()
+    skip = skipping_is_exact(prefix)
+    by_start: dict[int, list[int]] = {}
+    for i, r in lrows.items():
+        if r.start is None:
+            s, T = clean_at[r.clean()]
+            results[i] = reduce(unique[i], clean_lp[s : s + T], {n: acts[n][s : s + T] for n in capture_names})
+        else:
+            by_start.setdefault(r.start if skip else 0, []).append(i)
+    if not by_start:
+        return
+    # Rows of similar depth and length share a chunk; the memory plan bounds its rows.
+    tokens_per_row = max(len(lrows[i].tokens) for ids in by_start.values() for i in ids)
+    for i_list in by_start.values():
+        i_list.sort(key=lambda i: (lrows[i].prompt, len(lrows[i].tokens)))
+    for start, chunk in plan_row_chunks(prefix, sorted(by_start.items()), tokens_per_row, max_rows, budget, grad=False):
+        crow = [lrows[i] for i in chunk]
+        chunk_acts: dict[str, Tensor] = {}
+        lp = prefix.forward(crow, start=start, capture_names=capture_names, acts_out=chunk_acts)
+        k = 0
+        for i, r in zip(chunk, crow):
+            T = len(r.tokens)
+            results[i] = reduce(unique[i], lp[k : k + T], {n: chunk_acts[n][k : k + T] for n in capture_names})
+            k += T
