@@ -35,7 +35,7 @@ _EXPORTS = {
     # hooks
     "hooked": "model.hooks", "capture": "model.hooks", "set_neurons": "model.hooks",
     # scoring
-    "accuracy": "evaluation.scoring", "AccuracyResult": "evaluation.scoring", "score_prompts": "evaluation.scoring", "PromptScore": "evaluation.scoring",
+    "accuracy": "engine.scoring", "AccuracyResult": "engine.scoring", "score_prompts": "engine.scoring", "PromptScore": "engine.scoring",
     # attribution
     "IGConfig": "qrnca.ig", "attribute_prompt": "qrnca.ig", "attribute_prompts": "qrnca.ig",
     "reference_ig": "qrnca.ig", "resolve_layers": "qrnca.ig",

@@ -36,7 +36,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "store": ("qrnca.store",), "executors": ("qrnca.executors",), "first_order": ("locators.first_order",),
     "comparison": ("evaluation.result",), "metrics": ("evaluation.metrics",),
     "ground_truth": ("evaluation.ground_truth",), "symbol_binding": ("evaluation.symbol_binding",),
-    "scoring": ("evaluation.scoring",), "analysis": ("render.analysis",), "competence": ("render.competence",),
+    "scoring": ("engine.scoring",), "analysis": ("render.analysis",), "competence": ("render.competence",),
     "simulate": ("bench.simulate",), "lens.bench": ("bench.lens",),
 }
 _ROOT = __name__.rpartition(".")[0]

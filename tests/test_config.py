@@ -15,7 +15,7 @@ from qrnca_lens.errors import ProxyError, QrncaError
 from qrnca_lens.evaluation.judge import EvalConfig, EvaluationResult
 from qrnca_lens.qrnca.locate import LocateConfig
 from qrnca_lens.data.prompts import Prompt, ProxyConfig, Template
-from qrnca_lens.evaluation.scoring import AccuracyResult
+from qrnca_lens.engine.scoring import AccuracyResult
 from qrnca_lens.qrnca.selection import Cluster, SelectionConfig
 
 TEMPLATE = Template("Go.\n", "{question}\n{options}\nAns:", option_format="<{letter}> {text}", option_sep=" ")
@@ -128,7 +128,7 @@ def test_every_memory_budget_default_is_the_one_constant():
 
     from qrnca_lens.engine import run_rows
     from qrnca_lens.engine.plan import DEFAULT_MEMORY_BUDGET_MB
-    from qrnca_lens.evaluation.scoring import score_items
+    from qrnca_lens.engine.scoring import score_items
 
     assert IGConfig().memory_budget_mb == DEFAULT_MEMORY_BUDGET_MB
     for fn in (run_rows, score_items):

@@ -17,7 +17,7 @@ from qrnca_lens.lens.locate import lens_locate
 from qrnca_lens.qrnca.locate import LocateConfig, locate
 from qrnca_lens.model.access import default_prepend_bos, n_layers
 from qrnca_lens.data.prompts import Prompt, ProxyConfig, as_prompts, build_prompts
-from qrnca_lens.evaluation.scoring import accuracy
+from qrnca_lens.engine.scoring import accuracy
 from qrnca_lens.qrnca.selection import SelectionConfig
 
 TEXT = "The capital city of France is"

@@ -197,7 +197,7 @@ def test_the_docstring_rule_reports_missing_sections():
 # run in tests/test_selection.py; pytest is not configured with --doctest-modules, so nothing else runs these.
 DOCTEST_MODULES = (
     "_legacy", "cli", "cli.args", "cli.commands", "config", "data.prompts", "data.queries", "engine.plan",
-    "errors", "evaluation.judge", "evaluation.metrics", "evaluation.scoring", "lens", "lens.config",
+    "errors", "evaluation.judge", "evaluation.metrics", "engine.scoring", "lens", "lens.config",
     "locators.registry", "model.hooks", "model.loading", "neurons", "qrnca.ig", "qrnca.locate", "qrnca.store",
     "render", "render.analysis", "render.figures", "render.views", "versions",
 )

@@ -10,7 +10,7 @@ import torch
 from qrnca_lens.data.queries import load_data
 from qrnca_lens.errors import ProxyError
 from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
-from qrnca_lens.evaluation.scoring import accuracy, pad_batch, score_prompts
+from qrnca_lens.engine.scoring import accuracy, pad_batch, score_prompts
 
 
 def _oracle_logprob(model, prefix, cont):
@@ -97,7 +97,7 @@ def test_right_padding_is_exact(tiny_model):
 
 
 def test_logprobs_at_equals_the_full_forward(tiny_model):
-    from qrnca_lens.evaluation.scoring import logprobs_at
+    from qrnca_lens.engine.scoring import logprobs_at
 
     ids = torch.randint(3, 500, (2, 23))
     positions = [[0, 7, 22], [15]]
@@ -130,7 +130,7 @@ def test_scoring_unembeds_only_the_positions_it_reads(tiny_model, tiny_tokenizer
 
 
 def test_batch_plan_budgets_padded_tokens():
-    from qrnca_lens.evaluation.scoring import batch_plan
+    from qrnca_lens.engine.scoring import batch_plan
 
     lengths = [10, 300, 40, 250, 30, 1000, 20]
     plan = batch_plan(lengths, max_rows=8, max_tokens=600)
@@ -189,7 +189,7 @@ def _cloze_prompts(tokenizer, per_group=3):
 
 def test_score_items_shows_a_bar_per_engine_step_and_keeps_its_numbers(tiny_gated, tiny_tokenizer, capsys):
     from qrnca_lens.engine import DEFAULT_MEMORY_BUDGET_MB
-    from qrnca_lens.evaluation.scoring import _engine_steps, score_items
+    from qrnca_lens.engine.scoring import _engine_steps, score_items
 
     prompts = _cloze_prompts(tiny_tokenizer)
     items = [(p, None) for p in prompts] + [(p, ([(1, 3), (2, 5)], 2.0)) for p in prompts]
@@ -205,7 +205,7 @@ def test_score_items_shows_a_bar_per_engine_step_and_keeps_its_numbers(tiny_gate
 
 
 def test_full_sequence_scoring_shows_a_bar_per_batch(tiny_gated, tiny_tokenizer, capsys):
-    from qrnca_lens.evaluation.scoring import score_items
+    from qrnca_lens.engine.scoring import score_items
 
     items = [(p, None) for p in _cloze_prompts(tiny_tokenizer, 1)]  # 15 prompts: 4 batches of at most 4
     quiet = score_items(tiny_gated, items, engine=False, batch_size=4, progress=False)

@@ -1,5 +1,7 @@
 """Benchmarks: IG fast vs reference (``ig``), the lens (``lens``), the scale simulation (``simulate``).
 
+It imports ``evaluation/`` and everything below it.
+
 Names of the former module ``bench.py`` still resolve here for one release, with a
 ``DeprecationWarning`` naming their new home (``qrnca_lens.bench.ig``)."""
 

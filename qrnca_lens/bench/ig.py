@@ -116,7 +116,7 @@ def run_eval_bench(model: HookedModel, queries: Sequence[Sequence[Any]], control
     """Evaluation of ``queries`` (7 neuron sets x boost/suppress x related/unrelated + clean, each query the
     control of another, as in ``evaluate``) through the row engine vs full-sequence scoring, on identical
     items: times, ratio, and the largest log-probability difference."""
-    from ..evaluation.scoring import score_items
+    from ..engine.scoring import score_items
 
     items = _eval_items(queries, controls, _neuron_sets(scores))
     score_items(model, items[:4], progress=False)  # warm-up; no bars inside the timings

@@ -62,7 +62,7 @@ def evaluation_doc(res: Any, run: Any) -> dict[str, Any]:
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
     """``qrnca-lens accuracy``: the model's accuracy and mean target probability on a proxy."""
-    from ..evaluation.scoring import accuracy
+    from ..engine.scoring import accuracy
     from ..model import loading as models
 
     cfg = proxy_config(args)

@@ -105,7 +105,7 @@ def _demo_competence(model: Any, out: Path, name: str, per: int) -> None:
     """Stage 1 of the English demo: accuracy on every ``DEMO_COMPETENCE`` pair, written to ``out/accuracy.json``."""
     from ..data.prompts import ProxyConfig
     from ..data.queries import limit_per_group, load_data
-    from ..evaluation.scoring import accuracy
+    from ..engine.scoring import accuracy
     from ..qrnca.store import write_json_atomic
 
     print(f"\n== 1. Is the model competent on each proxy? (accuracy over prompts, first {per} queries per group; "
@@ -210,8 +210,8 @@ def cmd_demo_languages(args: argparse.Namespace) -> int:
     """
     from ..data.prompts import ProxyConfig
     from ..data.queries import limit_per_group, load_data
+    from ..engine.scoring import accuracy
     from ..evaluation.judge import EvalConfig, evaluate
-    from ..evaluation.scoring import accuracy
     from ..qrnca.ig import IGConfig
     from ..qrnca.locate import LocateConfig, locate
     from ..qrnca.store import write_json_atomic

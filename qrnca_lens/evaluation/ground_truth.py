@@ -33,6 +33,7 @@ from ..config import Config
 from ..data.prompts import Prompt
 from ..data.queries import Query
 from ..engine import DEFAULT_MEMORY_BUDGET_MB, Row, run_rows
+from ..engine.scoring import progress_bar
 from ..errors import QrncaError
 from ..model.access import d_mlp, n_layers
 from ..model.interventions import check_neurons
@@ -40,7 +41,6 @@ from ..neurons import NeuronSet, NeuronsLike
 from ..protocols import HookedModel
 from ..qrnca.ig import resolve_layers
 from .metrics import NEAR_ZERO, false_negative_rate, mean_or_none, precision_at_k, recall_at_k, spearman
-from .scoring import progress_bar
 
 __all__ = ["NeuronEffects", "neuron_effects", "exhaustive_effects", "candidate_neurons", "ground_truth",
            "GroundTruthResult", "METRICS", "DEFAULT_EXHAUSTIVE_LAYERS"]

@@ -73,6 +73,7 @@ from ..data.grouping import GroupBy, check_group_by, regroup
 from ..data.prompts import Prompt, ProxyConfig, tokenizer_identity
 from ..data.queries import Query, groups_of
 from ..engine import Row, run_rows
+from ..engine.scoring import ItemScore, score_items
 from ..errors import QrncaError
 from ..located import Located
 from ..locators.registry import LocatorContext, Ranked, cut_to, neuron_sets, qrnca_counts
@@ -85,9 +86,8 @@ from ..qrnca.store import check_run_dtype
 from ..versions import library_versions, model_identity
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .result import EvaluationResult
-from .scoring import ItemScore, score_items
 
-if TYPE_CHECKING:  # executors imports evaluation's neighbours; the class is only needed for the annotation
+if TYPE_CHECKING:  # only the annotation needs the class; the executors load on first use
     from ..qrnca.executors import Executor
 
 __all__ = ["EvalConfig", "EvaluationResult", "evaluate", "evaluation_doc", "control_queries", "score_items",

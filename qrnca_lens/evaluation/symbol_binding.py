@@ -53,7 +53,7 @@ from ..model.interventions import BOOST
 from ..neurons import NeuronSet
 from ..protocols import HookedModel
 
-if TYPE_CHECKING:  # the executors import scoring, which this module's callers already hold
+if TYPE_CHECKING:  # only the annotation needs the class; the executors load on first use
     from ..qrnca.executors import Executor
 
 __all__ = ["RELETTER_KEY", "derangement", "reletter", "reletter_all", "binding_summary", "SymbolBindingResult",
@@ -345,7 +345,7 @@ def symbol_binding(
         scored = executor.score_items(items, every_position=every_position, batch_size=batch_size, engine=engine,
                                       progress=progress)
     else:
-        from .scoring import score_items
+        from ..engine.scoring import score_items
 
         scored = score_items(model, items, every_position=every_position, batch_size=batch_size, engine=engine,
                              progress=progress)

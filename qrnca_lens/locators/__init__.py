@@ -1,5 +1,7 @@
 """Locators: the one ``Locator`` protocol, its registry and the built-in baselines (``registry``), first-order neuron scores (``first_order``).
 
+It imports ``qrnca/``, ``lens/``, ``engine/``, ``model/``, ``data/`` and the root modules.
+
 Names of the former module ``locators.py`` still resolve here for one release, with a
 ``DeprecationWarning`` naming their new home (``qrnca_lens.locators.registry``)."""
 

@@ -37,7 +37,7 @@ Job = tuple[str, Sequence[Prompt]]
 
 def attribute_query(model: HookedModel, prompts: Sequence[Prompt], ig: IGConfig, layers: Sequence[int]) -> tuple[Tensor, dict[str, Any]]:
     """One query's work: IG scores of its prompts, and how the model did on them (stored with the scores)."""
-    from ..evaluation.scoring import score_prompts
+    from ..engine.scoring import score_prompts
 
     t0 = time.perf_counter()
     scores = attribute_prompts(model, prompts, ig, layers=list(layers))
@@ -82,7 +82,7 @@ class SerialExecutor:
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
                     engine: bool = True, progress: bool = True) -> list[Any]:
-        from ..evaluation.scoring import score_items
+        from ..engine.scoring import score_items
 
         return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine,
                            progress=progress)
@@ -124,7 +124,7 @@ class _Worker:
         return qid, scores.detach().cpu(), info
 
     def score_items(self, items: Sequence[Any], every_position: bool, batch_size: int, engine: bool = True) -> list[Any]:
-        from ..evaluation.scoring import score_items
+        from ..engine.scoring import score_items
 
         # The driver shows the bar (over the workers' chunks); a worker's own would only clutter its log.
         return score_items(self.model, items, every_position=every_position, batch_size=batch_size, engine=engine,
@@ -247,7 +247,7 @@ class RayExecutor:
 
     def score_items(self, items: Sequence[Any], *, every_position: bool = False, batch_size: int = 8,
                     engine: bool = True, progress: bool = True) -> list[Any]:
-        from ..evaluation.scoring import progress_bar
+        from ..engine.scoring import progress_bar
 
         items = list(items)
         if not items:
