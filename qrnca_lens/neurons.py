@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .errors import QrncaError
 
-__all__ = ["NeuronSet", "NeuronsLike", "DEFAULT_SCORE", "top_pooled"]
+__all__ = ["NeuronSet", "NeuronsLike", "Neuron", "DEFAULT_SCORE", "top_pooled"]
 
 DEFAULT_SCORE = 1.0  # an entry given as (layer, neuron) weighs 1, as a pair row of neurons.json always has
 HTML_ROWS = 10  # entries a notebook shows of a set (its size is always shown)
@@ -266,6 +266,7 @@ class NeuronSet(Sequence):
 # What a public function accepts where it needs neurons (converted with ``NeuronSet(x)``). Defined after the
 # class, not as a forward reference, so that runtime type checks resolve it from any importing module.
 NeuronsLike = Union[NeuronSet, Tensor, Iterable[Sequence[Any]]]
+Neuron = tuple[int, int]  # (layer, neuron)
 
 
 def top_pooled(sets: Iterable[NeuronSet], k: int) -> NeuronSet:

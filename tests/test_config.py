@@ -12,7 +12,8 @@ from qrnca_lens.qrnca.ig import IGConfig
 from qrnca_lens.config import VERSION_KEY, Config
 from qrnca_lens.data.queries import Query
 from qrnca_lens.errors import ProxyError, QrncaError
-from qrnca_lens.evaluation.judge import EvalConfig, EvaluationResult
+from qrnca_lens.evaluation.judge import EvalConfig
+from qrnca_lens.evaluation.result import EvaluationResult
 from qrnca_lens.qrnca.locate import LocateConfig
 from qrnca_lens.data.prompts import Prompt, ProxyConfig, Template
 from qrnca_lens.engine.scoring import AccuracyResult

@@ -13,7 +13,8 @@ import torch
 from qrnca_lens.qrnca.ig import IGConfig
 from qrnca_lens.data.queries import limit_per_group, load_data
 from qrnca_lens.errors import QrncaError
-from qrnca_lens.evaluation.judge import EvalConfig, control_queries, evaluate, score_items
+from qrnca_lens.engine.scoring import score_items
+from qrnca_lens.evaluation.judge import EvalConfig, control_queries, evaluate
 from qrnca_lens.model.hooks import hooked
 from qrnca_lens.qrnca.locate import LocateConfig, locate
 from qrnca_lens.locators.registry import LOCATORS, LocatorContext, neuron_sets, register_locator

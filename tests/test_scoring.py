@@ -10,7 +10,8 @@ import torch
 from qrnca_lens.data.queries import load_data
 from qrnca_lens.errors import ProxyError
 from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
-from qrnca_lens.engine.scoring import accuracy, pad_batch, score_prompts
+from qrnca_lens.engine.scoring import accuracy, score_prompts
+from qrnca_lens.model.access import pad_batch
 
 
 def _oracle_logprob(model, prefix, cont):
@@ -97,7 +98,7 @@ def test_right_padding_is_exact(tiny_model):
 
 
 def test_logprobs_at_equals_the_full_forward(tiny_model):
-    from qrnca_lens.engine.scoring import logprobs_at
+    from qrnca_lens.model.readout import logprobs_at
 
     ids = torch.randint(3, 500, (2, 23))
     positions = [[0, 7, 22], [15]]

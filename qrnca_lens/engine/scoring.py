@@ -44,8 +44,8 @@ from ..model.readout import logprobs_at
 from ..protocols import HookedModel
 
 __all__ = [
-    "PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy", "pad_batch",
-    "batch_plan", "check_context", "logprobs_at", "progress_bar", "DEFAULT_MAX_BATCH_TOKENS",
+    "PromptScore", "ItemScore", "AccuracyResult", "score_prompts", "score_items", "accuracy",
+    "batch_plan", "check_context", "progress_bar", "DEFAULT_MAX_BATCH_TOKENS",
 ]
 
 T = TypeVar("T")

@@ -90,8 +90,7 @@ from .result import EvaluationResult
 if TYPE_CHECKING:  # only the annotation needs the class; the executors load on first use
     from ..qrnca.executors import Executor
 
-__all__ = ["EvalConfig", "EvaluationResult", "evaluate", "evaluation_doc", "control_queries", "score_items",
-           "ItemScore", "DEFAULT_METHODS", "BUDGETS"]
+__all__ = ["EvalConfig", "evaluate", "evaluation_doc", "control_queries", "DEFAULT_METHODS", "BUDGETS"]
 
 DEFAULT_METHODS = ("qrnca", "no-ica", "with-common", "kn", "activation", "random")
 BUDGETS = ("qrnca", "own")

@@ -538,7 +538,7 @@ def _ranked_result(loc: ContextLocator, model: HookedModel, queries: Sequence[Qu
                    prompts: dict[str, list[Prompt]] | None, run: LocateResult | None, progress: bool,
                    seed: int) -> RankedResult:
     """Rank with ``loc`` on a context built from these arguments, and keep everything evaluate needs."""
-    from ..qrnca.locate import model_numerics
+    from ..model.access import model_numerics
 
     held = model_numerics(model)
     queries = list(queries)

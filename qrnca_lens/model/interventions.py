@@ -38,7 +38,6 @@ __all__ = [
 
 BOOST, SUPPRESS = 2.0, 0.0
 
-Neuron = tuple[int, int]
 Where = int | Sequence[int] | Tensor | Positioned | Sequence[Positioned] | None
 # One scored row's intervention: (its neurons, the factor they are multiplied by), or None for a clean row.
 Intervention = tuple[NeuronsLike, float] | None

@@ -41,7 +41,7 @@ import numpy as np
 from jaxtyping import Float
 
 from ..errors import QrncaError
-from ..neurons import NeuronSet, NeuronsLike, top_pooled
+from ..neurons import Neuron, NeuronSet, NeuronsLike, top_pooled
 from ..protocols import HookedModel
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
     "project_neurons",
 ]
 
-Neuron = tuple[int, int]
 
 
 # ---------------------------------------------------------------- reading a neurons.json dict

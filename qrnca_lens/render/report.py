@@ -124,7 +124,7 @@ def _provenance(manifest: Mapping[str, Any] | None, model: HookedModel | None) -
     m = manifest or {}
     now_identity = model_identity(model) if model is not None else None
     if model is not None:
-        from ..qrnca.locate import model_numerics
+        from ..model.access import model_numerics
 
         now_identity = {**(now_identity or {}), **model_numerics(model)}
     run_identity = m.get("model_identity")
