@@ -96,7 +96,7 @@ gpu-check:
 
 ## The 1B-shaped bf16 simulation: locate of one query on the CPU, peak RSS against the memory planner (10-30 min).
 scale-check: setup
-	$(PY) -m pytest -q -p no:xdist --scale -m scale tests/test_simulate.py
+	$(PY) -m pytest -q -p no:xdist --scale -m scale tests/unit/bench/test_simulate.py
 
 ## Regenerate the locks from the ranges in pyproject.toml (newest allowed releases), then run `make test`.
 lock:

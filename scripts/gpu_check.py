@@ -24,7 +24,7 @@ def main() -> int:
     t0 = time.perf_counter()
     print(f"gpu-check: {torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda})")
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-m", "cuda",
-                            str(ROOT / "tests" / "test_cuda.py")], cwd=ROOT)
+                            str(ROOT / "tests" / "integration" / "test_cuda.py")], cwd=ROOT)
     if tests.returncode != 0:
         print(f"gpu-check: FAILED (CUDA tests, exit {tests.returncode}) after {time.perf_counter() - t0:.0f} s")
         return tests.returncode

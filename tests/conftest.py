@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+# builders.py, and the test modules whose helpers other test files import (``from test_lens import _prompts``),
+# are importable whatever order pytest collects the folders in.
+sys.path[:0] = [str(Path(__file__).parent)] + sorted(
+    str(d) for d in Path(__file__).parent.rglob("*") if d.is_dir() and any(d.glob("test_*.py")))
 from builders import TINY_KINDS_BRIDGE, TINY_KINDS_HT, build_tiny, build_tiny_tokenizer, has_hooked_transformer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,7 +12,7 @@ import torch
 
 import qrnca_lens as ql
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _facts() -> list[dict[str, str]]:

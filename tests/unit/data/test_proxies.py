@@ -242,7 +242,7 @@ def test_building_prompts_leaves_global_random_state_unchanged(tiny_tokenizer):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]  # the repository: tests/unit/data/this file
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", _STATE_SCRIPT, tiny_tokenizer.name_or_path], cwd=root,
                          capture_output=True, text=True, timeout=120, env=env)

@@ -138,7 +138,7 @@ def test_reletter_leaves_the_global_random_state_unchanged(tiny_tokenizer):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]  # the repository: tests/unit/evaluation/this file
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", _STATE_SCRIPT, tiny_tokenizer.name_or_path], cwd=root,
                          capture_output=True, text=True, timeout=300, env=env)

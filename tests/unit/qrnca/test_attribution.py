@@ -427,7 +427,7 @@ def _rss_growth_mb(budget_mb: int) -> float:
     import sys
     from pathlib import Path
 
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[2])  # tests/, where builders.py lives
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(tests=tests, budget=budget_mb)], env=env,
                          capture_output=True, text=True, check=True, timeout=600)
