@@ -221,7 +221,7 @@ _STATE_SCRIPT = """
 import random, sys
 from transformers import AutoTokenizer
 from qrnca_lens.data import load_data
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 facts, domains = load_data("builtin:facts"), load_data("builtin:domains")
 random.seed(123)

@@ -118,8 +118,8 @@ _STATE_SCRIPT = """
 import random, sys
 from transformers import AutoTokenizer
 from qrnca_lens.data import load_data
-from qrnca_lens.proxies import ProxyConfig, build_all_prompts
-from qrnca_lens.symbol_binding import reletter_all
+from qrnca_lens.data.prompts import ProxyConfig, build_all_prompts
+from qrnca_lens.evaluation.symbol_binding import reletter_all
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 domains = load_data("builtin:domains")
 prompts = build_all_prompts(domains[:10], ProxyConfig("mcqa-letter"), tok, pool=domains)

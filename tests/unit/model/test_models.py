@@ -108,7 +108,7 @@ def test_embedded_registry_names():
 _RACE = r"""
 import json, os, shutil, sys, time, types
 from pathlib import Path
-import qrnca_lens.models as models
+import qrnca_lens.model.loading as models
 
 work = Path(sys.argv[1])
 log = work / "log"

@@ -395,10 +395,10 @@ def test_peak_memory_of_a_long_prompt_stays_within_the_budget(tiny_gated):
 _RSS_SCRIPT = """
 import sys, tempfile, torch
 from pathlib import Path
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 from builders import build_tiny_tokenizer, tiny_llama_bridge
 from test_attribution import _long_prompt
-from qrnca_lens.attribution import IGConfig, attribute_prompt
+from qrnca_lens.qrnca.ig import IGConfig, attribute_prompt
 torch.set_num_threads(1)
 model = tiny_llama_bridge(build_tiny_tokenizer(Path(tempfile.mkdtemp())))
 prompt = _long_prompt(500)
@@ -429,7 +429,7 @@ def _rss_growth_mb(budget_mb: int) -> float:
 
     tests = str(Path(__file__).resolve().parents[2])  # tests/, where builders.py lives
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(tests=tests, budget=budget_mb)], env=env,
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(tests=tests, here=str(Path(__file__).resolve().parent), budget=budget_mb)], env=env,
                          capture_output=True, text=True, check=True, timeout=600)
     return float(out.stdout.strip().splitlines()[-1])
 
