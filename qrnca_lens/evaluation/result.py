@@ -8,10 +8,11 @@ content (the symbol-binding control, letter MCQA only), and cost. ``comparison_r
 cannot disagree.
 
 The parts that other modules fill are typed: ``ground_truth`` (``GroundTruthPart``), ``symbol_binding``
-(``SymbolBindingPart``), ``free_form`` (``FreeFormPart``) and ``costs`` (``{method: LocatorCost}``). Each
+(``SymbolBindingPart``), ``free_form`` (``FreeFormPart``), ``costs`` (``{method: LocatorCost}``) and
+``timings`` (``StageTimings``: the seconds of each stage of ``evaluate``, the last note of ``table()``). Each
 is built from the plain dict evaluation.json holds, in the constructor and on assignment
 (``res.costs = {...}`` converts), and each still reads as that dict (``res.free_form["qrnca"]["loglik_drop"]``),
-so evaluation.json keeps its format and files written before the parts were typed load as they are.
+so evaluation.json keeps its format and files written before the parts were typed (or timed) load as they are.
 
 Example:
     >>> res = EvaluationResult(pcr={"qrnca": {"boost": 3.0, "suppress": 2.0, "mean_neurons": 12.0}},
@@ -42,7 +43,7 @@ from ..html import esc, html_fmt, html_table
 __all__ = [
     "EvaluationResult", "comparison_rows", "COLUMNS", "EVALUATION_FILE",
     "GroundTruthPart", "GroundTruthScores", "SymbolBindingPart", "BindingScores", "FreeFormPart", "FreeFormScores",
-    "LocatorCost", "interval", "comparison_table", "with_ci",
+    "LocatorCost", "StageTimings", "interval", "comparison_table", "with_ci",
 ]
 
 EVALUATION_FILE = "evaluation.json"
@@ -353,6 +354,64 @@ class LocatorCost(_Part):
     stored_attribution_seconds: float | None = None
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class StageTimings(_Part):
+    """Wall-clock seconds (``time.perf_counter``) of each stage of one ``evaluate`` call; None where the stage
+    did not run. ``locate`` is every locator together (each one's own seconds are in ``costs``);
+    ``free_form_greedy`` is the greedy decoding inside ``free_form``, not a stage of its own; ``total`` is
+    the whole call before evaluation.json is written. Empty (``{}``) in files written before it was measured.
+
+    Example:
+        >>> t = StageTimings(locate=2.0, scored_rows=1.0, free_form=0.5, free_form_greedy=0.25, total=3.6)
+        >>> t.stages()
+        {'locate': 2.0, 'scored_rows': 1.0, 'free_form': 0.5}
+        >>> t.line()
+        'seconds: total 3.60; locate 2.00, scored rows 1.00, free form 0.50 (greedy 0.25)'
+    """
+
+    _empty_is_absent: ClassVar[bool] = True
+    # (field, label) of the stages, in the order evaluate runs them; they do not overlap.
+    _stages: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("prepare", "prepare"), ("locate", "locate"), ("scored_rows", "scored rows"), ("pcr_editing", "PCR/editing"),
+        ("free_form", "free form"), ("neuron_prediction", "neuron prediction"), ("symbol_binding", "symbol binding"),
+        ("ground_truth", "ground truth"))
+
+    prepare: float | None = None
+    locate: float | None = None
+    scored_rows: float | None = None
+    pcr_editing: float | None = None
+    free_form: float | None = None
+    free_form_greedy: float | None = None
+    neuron_prediction: float | None = None
+    symbol_binding: float | None = None
+    ground_truth: float | None = None
+    total: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name in self._names():
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise QrncaError(f"StageTimings.{name} must be seconds >= 0 or None, got {value!r}")
+
+    def stages(self) -> dict[str, float]:
+        """The stages that ran, ``{name: seconds}`` in order: disjoint, so their sum is at most ``total``."""
+        return {k: float(getattr(self, k)) for k, _ in self._stages if getattr(self, k) is not None}
+
+    def line(self) -> str:
+        """One line: the total, then each stage that ran ("" when nothing was measured)."""
+        if self._is_empty():
+            return ""
+        parts = []
+        for k, label in self._stages:
+            v = getattr(self, k)
+            if v is not None:
+                greedy = self.free_form_greedy if k == "free_form" else None
+                parts.append(f"{label} {v:.2f}" + (f" (greedy {greedy:.2f})" if greedy is not None else ""))
+        head = f"seconds: total {self.total:.2f}" if self.total is not None else "seconds:"
+        return f"{head}; {', '.join(parts)}" if parts else head
+
+
 # ---------------------------------------------------------------- fields that convert what is assigned
 
 P = TypeVar("P")
@@ -499,8 +558,8 @@ class EvaluationResult(Config):
 
     ``pcr`` / ``editing`` / ``neuron_prediction`` are the dicts ``evaluate`` fills (``pcr[m]``: boost, suppress,
     their ``_ci`` intervals and related/unrelated means; ``per_group[g]``: ``{"pcr": {m: ...}, "editing":
-    {m: ...}}``). ``ground_truth`` / ``symbol_binding`` / ``free_form`` are typed parts and ``costs`` is
-    ``{method: LocatorCost}``: give them, or assign them, as plain dicts and they convert (see the module
+    {m: ...}}``). ``ground_truth`` / ``symbol_binding`` / ``free_form`` / ``timings`` are typed parts and
+    ``costs`` is ``{method: LocatorCost}``: give them, or assign them, as plain dicts and they convert (see the module
     docstring). ``to_dict`` / ``from_dict`` keep evaluation.json's format (unknown top-level keys refused,
     the version key accepted).
 
@@ -522,6 +581,7 @@ class EvaluationResult(Config):
     symbol_binding: _Converted[SymbolBindingPart] = _Converted(_part(SymbolBindingPart, "symbol_binding"))
     costs: _Converted[dict[str, LocatorCost]] = _Converted(_costs)
     meta: dict[str, Any] = field(default_factory=dict)
+    timings: _Converted[StageTimings] = _Converted(_part(StageTimings, "timings"))
 
     # ------------------------------------------------------------ text
 
@@ -559,6 +619,8 @@ class EvaluationResult(Config):
         if self.symbol_binding:
             notes.append("content share: share of a boost's rise that follows the content, not the letter "
                          "(re-lettered options; 1 = content, 0 = letter)")
+        if self.timings:
+            notes.append(self.timings.line())
         return notes
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ from qrnca_lens.evaluation.result import (
     GroundTruthPart,
     GroundTruthScores,
     LocatorCost,
+    StageTimings,
     SymbolBindingPart,
 )
 from qrnca_lens.errors import QrncaError, StoreError
@@ -159,6 +160,38 @@ def test_keys_a_part_does_not_name_are_kept_and_bad_values_named():
         res.free_form = 3  # type: ignore[assignment]
     with pytest.raises(QrncaError, match=r"unknown EvaluationResult keys \['zz'\]"):
         EvaluationResult.from_dict({**OLD_FILE, "zz": 1})
+
+
+def test_stage_timings_are_a_part_of_disjoint_stages_that_refuses_negative_seconds():
+    t = StageTimings.from_dict({"prepare": 0.5, "locate": 2.0, "scored_rows": 1.5, "free_form": 1.0,
+                                "free_form_greedy": 0.75, "total": 5.5})
+    # The greedy decoding is inside free form and the total is no stage: neither is in the disjoint stages.
+    assert t.stages() == {"prepare": 0.5, "locate": 2.0, "scored_rows": 1.5, "free_form": 1.0}
+    assert sum(t.stages().values()) == 5.0 <= t.total
+    assert t.line() == "seconds: total 5.50; prepare 0.50, locate 2.00, scored rows 1.50, free form 1.00 (greedy 0.75)"
+    assert t["locate"] == 2.0 and t.ground_truth is None and t == json.loads(json.dumps(t.to_dict()))
+    assert not StageTimings() and StageTimings().to_dict() == {} and StageTimings().line() == ""
+    with pytest.raises(QrncaError, match=r"^StageTimings.locate must be seconds >= 0 or None, got -1.0$"):
+        StageTimings(locate=-1.0)
+    with pytest.raises(QrncaError, match=r"^StageTimings.total must be a number or None, got 'long'$"):
+        StageTimings.from_dict({"total": "long"})
+
+
+def test_timings_save_and_load_and_an_old_file_without_them_loads(tmp_path):
+    old = _old()
+    assert "timings" not in OLD_FILE and not old.timings and old.timings.total is None
+    assert old.to_dict()["timings"] == {} and "seconds:" not in old.table()
+    res = _old()
+    res.timings = {"prepare": 0.01, "locate": 1.25, "scored_rows": 2.5, "pcr_editing": 0.125, "total": 4.0}
+    assert isinstance(res.timings, StageTimings) and res.timings.scored_rows == 2.5
+    # The last note of the table, after the explanations.
+    assert res.table().splitlines()[-1] == ("seconds: total 4.00; prepare 0.01, locate 1.25, scored rows 2.50, "
+                                            "PCR/editing 0.12")
+    assert res.table().splitlines()[:-1] == old.table().splitlines()
+    back = EvaluationResult.load(res.save(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["timings"]["locate"] == 1.25
+    assert isinstance(back.timings, StageTimings) and back.timings == res.timings and back.table() == res.table()
+    assert "seconds: total 4.00" in back._repr_html_()
 
 
 def test_comparison_examples_run():
