@@ -42,6 +42,10 @@ For each method and query (neurons cut to the budget):
 
 Every number is computed per group and overall. Interventions run batched, one neuron set per row.
 
+**Profile.** Each stage's wall-clock seconds land in ``EvaluationResult.timings`` (``StageTimings``: prepare,
+locate, scored rows, PCR/editing, free form with its greedy decoding, neuron prediction, symbol binding,
+ground truth, total), saved in evaluation.json and printed as the last note of ``table()``.
+
 **Groups.** ``EvalConfig.group_by`` (default: the run's recorded ``LocateResult.group_by``) picks the query field
 that makes the groups: ``group``, ``language`` or ``relation`` (``grouping.regroup``). It decides the per-group
 numbers, the group neurons of neuron-based prediction, and where unrelated controls come from: grouped by
@@ -59,10 +63,12 @@ Example:
 from __future__ import annotations
 
 import random
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -85,7 +91,7 @@ from ..qrnca.locate import LocateResult
 from ..qrnca.store import check_run_dtype
 from ..versions import library_versions, model_identity
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
-from .result import EvaluationResult
+from .result import EvaluationResult, StageTimings
 
 if TYPE_CHECKING:  # only the annotation needs the class; the executors load on first use
     from ..qrnca.executors import Executor
@@ -94,6 +100,7 @@ __all__ = ["EvalConfig", "evaluate", "evaluation_doc", "control_queries", "DEFAU
 
 DEFAULT_METHODS = ("qrnca", "no-ica", "with-common", "kn", "activation", "random")
 BUDGETS = ("qrnca", "own")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,45 @@ def _query_changes(before: dict[tuple[str, int], float], after: Sequence[float],
     return {o: float(np.mean(v)) for o, v in per.items()}
 
 
+class _Clock:
+    """Wall-clock seconds (``time.perf_counter``) per stage of one ``evaluate`` call, and its total.
+
+    Example:
+        >>> clock = _Clock()
+        >>> with clock.stage("locate"):
+        ...     pass
+        >>> t = clock.done()
+        >>> 0 <= t.locate <= t.total
+        True
+    """
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block into ``name`` (added to what ``name`` already holds: a stage may run in parts)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def timed(self, name: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` with every call timed into ``name``."""
+        def call(*args: Any, **kwargs: Any) -> T:
+            with self.stage(name):
+                return fn(*args, **kwargs)
+
+        return call
+
+    def done(self) -> StageTimings:
+        """The stages timed so far and the total since the clock started."""
+        seconds: dict[str, Any] = {**self.seconds, "total": time.perf_counter() - self._start}
+        return StageTimings(**seconds)  # a stage name StageTimings does not know is a TypeError, not lost
+
+
 @dataclass
 class _Plan:
     """What ``_prepare`` settles before any scoring; every later stage of ``evaluate`` reads it."""
@@ -249,30 +295,43 @@ def evaluate(
     Returns:
         An ``EvaluationResult``: PCR (boost/suppress, 95% CIs, ``n_empty``), editing rates, neuron-based
         prediction and the free-form check per method, overall and per group; ``meta["budget"]`` and
-        ``meta["budget_note"]`` say how many neurons each method got.
+        ``meta["budget_note"]`` say how many neurons each method got; ``timings`` (``StageTimings``) the
+        wall-clock seconds of each stage and the total.
 
     Example:
         >>> res = evaluate(model, run, cfg=EvalConfig(methods=("qrnca", "random")))   # doctest: +SKIP
         >>> sorted(res.pcr), sorted(res.pcr["qrnca"])[:2]                             # doctest: +SKIP
         (['qrnca', 'random'], ['boost', 'boost_ci'])
     """
-    plan = _prepare(model, run, queries, cfg, progress, executor, allow_dtype_change)
-    uncut, sets, empty = _locate_all(plan, progress)
-    flat, blocks, scored, before, correct_before = _score_rows(plan, sets, empty, cfg, progress)
-    pcr_out, editing, per_group = _pcr_and_editing(plan, sets, empty, blocks, scored, before, correct_before, cfg,
-                                                   progress)
+    clock = _Clock()
+    with clock.stage("prepare"):
+        plan = _prepare(model, run, queries, cfg, progress, executor, allow_dtype_change)
+    with clock.stage("locate"):
+        uncut, sets, empty = _locate_all(plan, progress)
+    with clock.stage("scored_rows"):
+        flat, blocks, scored, before, correct_before = _score_rows(plan, sets, empty, cfg, progress)
+    with clock.stage("pcr_editing"):
+        pcr_out, editing, per_group = _pcr_and_editing(plan, sets, empty, blocks, scored, before, correct_before,
+                                                       cfg, progress)
     result = EvaluationResult(pcr=pcr_out, editing=editing, per_group=per_group,
                               meta=_meta(model, plan, cfg, len(flat), before, correct_before, empty))
     result.costs = {m: dict(plan.ctx.costs.get(m, {})) for m in plan.methods}
     if cfg.free_form and plan.proxy.kind in ("cloze", "mcqa-text"):
-        result.free_form = _free_form(model, plan.queries, plan.prompts, sets, run, plan.ctx, cfg, progress)
+        with clock.stage("free_form"):
+            result.free_form = _free_form(model, plan.queries, plan.prompts, sets, run, plan.ctx, cfg, progress,
+                                          clock=clock)
     if cfg.neuron_prediction:
-        result.neuron_prediction = _neuron_prediction(model, plan.queries, plan.prompts, _own_sets(plan, sets), cfg,
-                                                      plan.own, progress)
+        with clock.stage("neuron_prediction"):
+            result.neuron_prediction = _neuron_prediction(model, plan.queries, plan.prompts, _own_sets(plan, sets),
+                                                          cfg, plan.own, progress)
     if cfg.symbol_binding and plan.proxy.kind == "mcqa-letter":
-        result.symbol_binding = _symbol_binding(model, plan.prompts, sets, empty, plan.proxy, cfg, plan.ex, progress)
+        with clock.stage("symbol_binding"):
+            result.symbol_binding = _symbol_binding(model, plan.prompts, sets, empty, plan.proxy, cfg, plan.ex,
+                                                    progress)
     if cfg.ground_truth:
-        result.ground_truth = _ground_truth(model, plan, uncut, cfg, progress)
+        with clock.stage("ground_truth"):
+            result.ground_truth = _ground_truth(model, plan, uncut, cfg, progress)
+    result.timings = clock.done()  # before the write: evaluation.json holds them
     if save and run.run_dir is not None:
         write_json_atomic(run.run_dir / "evaluation.json", evaluation_doc(result, run))
     return result
@@ -593,8 +652,10 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
 
 def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, list[Prompt]],
                sets: dict[str, dict[str, NeuronSet]], located: Located, ctx: LocatorContext, cfg: EvalConfig,
-               progress: bool = False) -> dict[str, Any]:
-    """Every method's neurons ablated at every position: log-likelihood drop, exact match (own vs random too)."""
+               progress: bool = False, clock: _Clock | None = None) -> dict[str, Any]:
+    """Every method's neurons ablated at every position: log-likelihood drop, exact match (own vs random too);
+    ``clock`` times the greedy decoding into ``free_form_greedy``."""
+    greedy = clock.timed("free_form_greedy", _greedy) if clock is not None else _greedy
     # The evaluated method (QRNCA for a run) and random are always compared (drop_ratio); taken from the
     # evaluated methods or located here, to the same budget.
     own = located.locator_name()
@@ -608,7 +669,7 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
     flat = [(q.id, p) for q in queries for p in prompts[q.id]]
     res: dict[str, Any] = {"intervention": "suppress (x0) at every position", "n_prompts": len(flat)}
     base = score_items(model, [(p, None) for _, p in flat], batch_size=cfg.batch_size, progress=progress)
-    base_gen = _greedy(model, [(p, None) for _, p in flat], cfg.batch_size, progress, "free-form greedy (clean)")
+    base_gen = greedy(model, [(p, None) for _, p in flat], cfg.batch_size, progress, "free-form greedy (clean)")
     res["exact_match_before"] = float(np.mean([g == tuple(p.target) for g, (_, p) in zip(base_gen, flat)]))
     drops: dict[str, float | None] = {}
     names: Any = list(sets)
@@ -624,7 +685,7 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
             continue
         items = [(flat[k][1], (sets[name][flat[k][0]], SUPPRESS)) for k in rows]
         after = score_items(model, items, every_position=True, batch_size=cfg.batch_size, progress=progress)
-        gen = _greedy(model, items, cfg.batch_size, progress, f"free-form greedy ({name})")
+        gen = greedy(model, items, cfg.batch_size, progress, f"free-form greedy ({name})")
         d = [base[k].target_logprob - a.target_logprob for k, a in zip(rows, after)]
         drops[name] = float(np.mean(d))
         res[name] = {"loglik_drop": drops[name],

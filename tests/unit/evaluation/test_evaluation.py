@@ -228,7 +228,7 @@ def test_engine_and_full_sequence_paths_give_the_same_evaluation(setup, pool):
         if isinstance(a, dict):
             assert set(a) == set(b), path
             for k in a:
-                if path == "" and k == "costs":  # wall-clock seconds: measured, never the same twice
+                if path == "" and k in ("costs", "timings"):  # wall-clock seconds: never the same twice
                     assert set(a[k]) == set(b[k])
                     continue
                 close(a[k], b[k], f"{path}.{k}")
@@ -445,3 +445,56 @@ def test_evaluate_shows_a_bar_per_stage_and_is_quiet_without_progress(setup, cap
     for desc in ("locate qrnca", "locate random", "free-form greedy (clean)", "free-form greedy (qrnca)",
                  "free-form", "neuron prediction"):
         assert desc in err, desc
+
+
+# ---------------------------------------------------------------- the profile: seconds per stage
+
+
+def test_evaluate_times_each_stage_and_the_times_are_saved(setup, tmp_path, monkeypatch):
+    import time
+
+    from qrnca_lens.evaluation import judge
+    from qrnca_lens.evaluation.result import EvaluationResult
+
+    model, tok, queries, run = setup
+    # A known delay inside two stages: each must land in its own stage (greedy inside free form), not elsewhere.
+    greedy, npred = judge._greedy, judge._neuron_prediction
+    calls = []
+
+    def slow_greedy(*a, **k):
+        calls.append(1)
+        time.sleep(0.05)
+        return greedy(*a, **k)
+
+    def slow_npred(*a, **k):
+        time.sleep(0.2)
+        return npred(*a, **k)
+
+    monkeypatch.setattr(judge, "_greedy", slow_greedy)
+    monkeypatch.setattr(judge, "_neuron_prediction", slow_npred)
+    cfg = EvalConfig(methods=("qrnca", "random"), n_boot=20, group_neurons=5, ground_truth=True, ground_truth_k=2,
+                     ground_truth_queries=1)
+    t0 = time.perf_counter()
+    res = evaluate(model, run, cfg=cfg, progress=False)
+    wall = time.perf_counter() - t0
+    t = res.timings
+    assert list(t.stages()) == ["prepare", "locate", "scored_rows", "pcr_editing", "free_form", "neuron_prediction",
+                                "ground_truth"]
+    assert t.symbol_binding is None  # a cloze run has no letters to re-letter
+    assert all(v >= 0 for v in t.to_dict().values() if v is not None)
+    assert sum(t.stages().values()) <= t.total + 1e-6 and t.total <= wall
+    assert len(calls) == 3 and 0.15 <= t.free_form_greedy <= t.free_form  # clean, qrnca, random
+    assert t.neuron_prediction >= 0.2
+    # The locators' own seconds (costs) are inside the locate stage.
+    assert sum(c.seconds for c in res.costs.values()) <= t.locate + 1e-6
+    assert res.table().splitlines()[-1] == t.line()
+    back = EvaluationResult.load(res.save(tmp_path))
+    assert back.timings == t and back.timings.to_dict() == t.to_dict()
+
+
+def test_a_stage_that_does_not_run_has_no_seconds(setup):
+    model, tok, queries, run = setup
+    t = evaluate(model, run, cfg=_light(methods=("qrnca", "random")), progress=False).timings
+    assert list(t.stages()) == ["prepare", "locate", "scored_rows", "pcr_editing"]
+    assert (t.free_form, t.free_form_greedy, t.neuron_prediction, t.ground_truth) == (None, None, None, None)
+    assert sum(t.stages().values()) <= t.total + 1e-6

@@ -104,11 +104,11 @@ def _neurons(out):
 
 def _close(a, b, path="", rel=REL_TOL):
     """Nested dicts/lists equal; floats within ``rel`` relative (1e-9 absolute near zero); an evaluation's
-    ``costs`` (wall-clock seconds, never the same twice) only name the same methods."""
+    ``costs`` and ``timings`` (wall-clock seconds, never the same twice) only name the same methods / stages."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), path
         for k in a:
-            if path == "" and k == "costs":
+            if path == "" and k in ("costs", "timings"):
                 assert set(a[k]) == set(b[k]), path
                 continue
             _close(a[k], b[k], f"{path}.{k}", rel)
