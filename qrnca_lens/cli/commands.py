@@ -241,7 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\n{run.model} ({res.meta['dtype']}, {res.meta['device']}) on {getattr(run, 'data', None)} "
           f"({run.proxy_config().kind}), {len(queries)} queries; model accuracy on the "
           f"prompts {res.meta['model_accuracy']:.2f}, mean target p {res.meta['mean_target_prob']:.3f}")
-    print(res.table())  # its notes say the neuron budget and the queries left out for having no neurons
+    # Its notes say the neuron budget, the queries left out for having no neurons and, last, each stage's seconds.
+    print(res.table())
     ff = res.free_form
     own = ff.get("drop_ratio_of", "qrnca") if ff else None
     if ff and own is not None and ff[own]["loglik_drop"] is not None and ff["random"]["loglik_drop"] is not None:

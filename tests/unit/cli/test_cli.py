@@ -282,6 +282,7 @@ def _evaluate_json(run, capsys):
     capsys.readouterr()
     doc = json.loads((run / "evaluation.json").read_text())
     assert set(doc.pop("costs")) == {"qrnca", "random"}  # wall-clock seconds: measured, never the same twice
+    assert doc.pop("timings")["total"] > 0  # the same: each stage's seconds
     return doc
 
 
@@ -622,3 +623,20 @@ def test_a_bad_budget_is_refused_before_the_model_loads(monkeypatch, capsys, tmp
     _never_load(monkeypatch)
     assert cli.main(["evaluate", str(tmp_path), "--budget", "most"]) == 2
     assert "budget must be 'qrnca', 'own' or a number of neurons >= 1, got 'most'" in _error_line(capsys)
+
+
+def test_evaluate_prints_each_stages_seconds_in_one_line_after_the_table(cli_model, capsys, tmp_path):
+    from qrnca_lens.evaluation.result import EvaluationResult
+
+    run = tmp_path / "run"
+    assert cli.main(["locate", "--data", "builtin:facts", "--proxy", "cloze", "--limit", "1", "--templates", "2",
+                     "--shots", "1", "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--methods", "qrnca,random", "--bootstrap", "20", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    timings = EvaluationResult.load(run).timings  # what evaluation.json holds is what was printed
+    timed = [line for line in lines if line.startswith("seconds:")]
+    assert timed == [timings.line()] and timings.total is not None
+    assert timed[0].startswith("seconds: total ") and "free form" in timed[0] and "(greedy " in timed[0]
+    last_row = max(i for i, line in enumerate(lines) if line.startswith(("qrnca ", "random ")))
+    assert lines.index(timed[0]) > last_row  # after the table's rows
