@@ -9,10 +9,13 @@ prompt's whole sequence), which is different math from QRNCA's last-position IG,
 Evaluation is measured the same way: four queries' scored rows as ``evaluate`` builds them (7 neuron sets x
 boost/suppress x each query's own prompts and its control's, every query the control of another, plus the
 clean prompts) through the row engine and through full-sequence scoring, on identical items
-(``eval_speedup``, ``eval_s`` per query, ``max_abs_logprob_diff``).
+(``eval_speedup``, ``eval_s`` per query, ``max_abs_logprob_diff``). Then the whole commands on those four
+queries and their prompts: ``locate`` (IG, m steps) and ``evaluate`` with its default locators and checks
+(``locate_s_per_query``, ``evaluate_s_per_query``, and evaluate's seconds per stage, ``evaluate_stage_s``).
 
-The last line printed is one JSON object (``speedup``, ``fast_s``, ``reference_s``, ``reference_layers``,
-``max_rel_diff``, ``eval_speedup``, ``eval_s``, ``peak_rss_mb``, ...). This is a benchmark, not a test:
+The last line printed is one JSON object (``speedup``, ``fast_s``, ``locate_s_per_query``,
+``evaluate_s_per_query``, ``reference_s``, ``reference_layers``, ``max_rel_diff``, ``eval_speedup``,
+``eval_s``, ``peak_rss_mb``, ``evaluate_stage_s``, ...). This is a benchmark, not a test:
 numbers depend on the machine; the ratios are measured side by side in one run.
 
 ``--long-prompt-tokens N`` measures memory instead: one query of 3 prompts of N tokens (built-in facts as
@@ -34,7 +37,7 @@ import torch
 
 from ..protocols import HookedModel
 
-__all__ = ["run_bench", "run_long_prompt_bench", "run_eval_bench"]
+__all__ = ["run_bench", "run_long_prompt_bench", "run_eval_bench", "run_evaluate_bench"]
 
 
 def _rss_mb() -> float:
@@ -134,6 +137,33 @@ def run_eval_bench(model: HookedModel, queries: Sequence[Sequence[Any]], control
             "eval_same_predictions": same == len(items)}
 
 
+def run_evaluate_bench(model: HookedModel, queries: Sequence[Any], prompts: dict[str, Sequence[Any]], proxy: Any, *,
+                       steps: int = 16, max_batch_rows: int = 240, n_boot: int = 1000) -> dict[str, Any]:
+    """``locate`` then ``evaluate`` (its default locators and checks) on ``queries`` and their ``prompts``, as
+    the command line runs them: seconds per query of each, and evaluate's seconds per stage (``timings``).
+
+    Example:
+        >>> run_evaluate_bench(model, queries, prompts, ProxyConfig("mcqa-letter"))["evaluate_s_per_query"]  # doctest: +SKIP
+        41.2
+    """
+    from ..evaluation.judge import EvalConfig, evaluate
+    from ..qrnca.ig import IGConfig
+    from ..qrnca.locate import LocateConfig, locate
+
+    t0 = time.perf_counter()
+    run = locate(model, queries, LocateConfig(proxy, IGConfig(steps=steps, max_batch_rows=max_batch_rows)),
+                 prompts=prompts, progress=False)
+    locate_s = time.perf_counter() - t0
+    assert run is not None  # in memory, unsharded: locate always returns the result
+    res = evaluate(model, run, cfg=EvalConfig(n_boot=n_boot), progress=False, save=False)
+    t, n = res.timings, len(queries)
+    assert t.total is not None  # evaluate always measures its total
+    print(f"locate + evaluate of {n} queries ({', '.join(res.meta['methods'])}): locate {locate_s / n:.2f} s per "
+          f"query, evaluate {t.total / n:.2f} s per query; evaluate's {t.line()}")
+    return {"locate_s_per_query": locate_s / n, "evaluate_s_per_query": t.total / n,
+            "evaluate_stage_s": t.to_dict(), "evaluate_queries": n}
+
+
 def run_bench(model: HookedModel, *, steps: int = 16, reference_layers: int = 3, repeats: int = 3,
               captum: bool = True, max_batch_rows: int = 240, name: str = "model") -> dict[str, Any]:
     from ..data.prompts import ProxyConfig, build_prompts
@@ -173,9 +203,15 @@ def run_bench(model: HookedModel, *, steps: int = 16, reference_layers: int = 3,
     eval_queries = [prompts] + [build_prompts(q, cfg, model.tokenizer, pool=pool, prepend_bos=default_prepend_bos(model))
                                 for q in [a_group[1], *b_group]]
     evaluation = run_eval_bench(model, eval_queries, [2, 3, 0, 1], all_scores, repeats)
+    chosen = [pool[0], a_group[1], *b_group]
+    whole = run_evaluate_bench(model, chosen, {q.id: ps for q, ps in zip(chosen, eval_queries)}, cfg, steps=steps,
+                               max_batch_rows=max_batch_rows)
     result = {
         "speedup": ref_s / fast_sub_s,
         "fast_s": fast_all_s,
+        # The whole commands on the four evaluation queries: locate (IG) and evaluate, seconds per query.
+        "locate_s_per_query": whole.pop("locate_s_per_query"),
+        "evaluate_s_per_query": whole.pop("evaluate_s_per_query"),
         "reference_s": ref_s,
         "reference_layers": subset,
         "fast_subset_s": fast_sub_s,
@@ -189,6 +225,7 @@ def run_bench(model: HookedModel, *, steps: int = 16, reference_layers: int = 3,
         "steps": steps,
         "model": name,
         **evaluation,
+        **whole,
     }
     print(f"speed-up on identical work: {result['speedup']:.0f}x; max |fast - reference| / max|reference| = {diff:.2e}; "
           f"peak RSS of the fast path {fast_rss:.0f} MB (whole bench, reference and captum included: "
