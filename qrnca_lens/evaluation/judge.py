@@ -567,7 +567,149 @@ def _check_tokenizer(located: Located, ids: Sequence[str], model: HookedModel) -
 
 def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int,
             progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
-    """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
+    """Greedy continuation of each prompt, as many tokens as its target, intervening at every position.
+
+    Incremental: each chunk runs its prompts once into a key/value cache, then one token per step behind it,
+    the neurons scaled at every position (the new tokens too). Prompts of one length share a chunk (no
+    padding, so no per-row positions), at most ``batch_size`` of them. The same tokens as the full-sequence
+    loop (``_greedy_full``), which runs instead for a model without a cache path (``backend_of`` is
+    ``"full"``) or with hooks of the caller's on it (a cached step shows them other positions). One row per
+    call is checked against a full forward; a cache that does not reproduce it falls back to the loop.
+
+    Example:
+        >>> _greedy(model, [(prompt, (neurons, SUPPRESS))], batch_size=8)   # doctest: +SKIP
+        [(412, 9, 2)]
+    """
+    from ..engine import backend_of
+    from ..model.hooks import hooked_points
+
+    backend = backend_of(model)
+    if backend == "full" or hooked_points(model):
+        return _greedy_full(model, items, batch_size, progress, desc)
+    by_length: dict[int, list[int]] = {}
+    for i, (p, _) in enumerate(items):
+        by_length.setdefault(len(p.tokens), []).append(i)
+    chunks: Any = [ids[s : s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=desc, unit="batch")
+    out: list[tuple[int, ...]] = [()] * len(items)
+    checked = False
+    for chunk in chunks:
+        part = [items[i] for i in chunk]
+        gen, steps = _greedy_cached(model, backend, part)
+        if not checked and len(gen[0]) > 1:
+            checked = True
+            gap = _greedy_gap(model, part[0], gen[0], steps)
+            if gap is not None:
+                warnings.warn(f"free-form greedy: the cached decoding differs from a full forward by {gap[0]:.3g} "
+                              f"nats (tolerance {gap[1]:.3g}); the full-sequence loop runs instead "
+                              f"(slower, same tokens). Report the versions: {_versions()}", stacklevel=3)
+                return _greedy_full(model, items, batch_size, progress, desc)
+        for i, g in zip(chunk, gen):
+            out[i] = tuple(g)
+    return out
+
+
+def _versions() -> str:
+    from ..versions import versions_line
+
+    return versions_line()
+
+
+def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Prompt, Intervention]]
+                   ) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens of prompts of one length, one cached step per token; and row 0's log-probabilities at
+    each of its steps ([len(target), vocab], float32), for the self-check.
+
+    The cache holds ``tokens[:-1]`` (that pass stops before the unembedding); every step, the first included,
+    feeds one token per row, so the logits are always the model's own at one position."""
+    from ..model.hooks import hooked
+    from ..model.readout import StopForward, final_residual_hook
+    from ..model.surgery import prefix_cache_kwarg
+
+    device = model_device(model)
+    ids = torch.tensor([list(p.tokens) for p, _ in chunk], device=device)
+    k, P = ids.shape
+    n_new = [len(p.target) for p, _ in chunk]
+    gen: list[list[int]] = [[] for _ in chunk]
+    row0: list[torch.Tensor] = []
+    if backend == "packed":
+        from transformers import DynamicCache
+
+        # No config: every layer keeps all its keys (as the row engine's prefix cache); the sliding window
+        # is applied by the model's own mask.
+        hf_cache: Any = DynamicCache()
+
+        def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
+            pos = torch.arange(at, at + x.shape[1], device=device)[None].expand(k, -1)
+            with prefix_cache_kwarg(model) as keyword:
+                return model(x, return_type="logits" if logits else None, position_ids=pos, **{keyword: hf_cache})
+    else:
+        tl_cache = _tl_cache_class().init_cache(model.cfg, device, batch_size=k)
+
+        def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
+            return model(x, return_type="logits" if logits else None, past_kv_cache=tl_cache)
+
+    def stop(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        raise StopForward  # the cache is filled; the last prompt token's logits come from the first step
+
+    factors = row_factors(model, [iv for _, iv in chunk])
+    with torch.no_grad(), scale_rows(model, factors, None):
+        if P > 1:
+            try:
+                with hooked(model, fwd=[(final_residual_hook(model), stop)]):
+                    run(ids[:, :-1], 0, False)
+            except StopForward:
+                pass
+        x = ids[:, -1:]
+        for step in range(max(n_new)):
+            logits = run(x, P - 1 + step, True)
+            assert logits is not None
+            last = logits[:, -1]
+            nxt = last.argmax(-1)
+            row0.append(torch.log_softmax(last[0].float(), dim=-1))
+            for b, t in enumerate(nxt.tolist()):
+                if step < n_new[b]:
+                    gen[b].append(int(t))
+            x = nxt[:, None]
+    return gen, torch.stack(row0[: n_new[0]])
+
+
+def _tl_cache_class() -> Any:
+    """TL's own key/value cache class (named ``TransformerLensKeyValueCache`` since TL 4, as the row engine
+    imports it; ``HookedTransformerKeyValueCache`` in TL 3's ``past_key_value_caching``)."""
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    except ImportError:  # pragma: no cover - TL 3.x
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache
+
+        return HookedTransformerKeyValueCache
+    return TransformerLensKeyValueCache
+
+
+def _greedy_gap(model: HookedModel, item: tuple[Prompt, Intervention], gen: Sequence[int],
+                steps: torch.Tensor) -> tuple[float, float] | None:
+    """(gap, tolerance) if the cached steps of one row differ from a full forward of its prompt and tokens with
+    the same intervention (a cache that stayed empty, or positions that shifted), else None."""
+    from ..engine.checks import check_tolerance, gap_to_plain
+
+    p, iv = item
+    seq = list(p.tokens) + list(gen[:-1])
+    P = len(p.tokens)
+    with torch.no_grad(), scale_rows(model, row_factors(model, [iv]), None):
+        logits = model(torch.tensor([seq], device=model_device(model)), return_type="logits")
+    plain = torch.log_softmax(logits[0, P - 1 :].float(), dim=-1)
+    diff, spread = gap_to_plain(steps, plain, gen).tolist()
+    tol = check_tolerance(model_dtype(model), spread)
+    return None if diff <= tol else (diff, tol)
+
+
+def _greedy_full(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int,
+                 progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
+    """``_greedy`` by the full-sequence loop: the whole right-padded batch runs once per new token (the oracle,
+    and the path of a model without a cache)."""
     device, pad = model_device(model), pad_token_id(model)
     out: list[tuple[int, ...]] = []
     starts: Any = range(0, len(items), batch_size)
