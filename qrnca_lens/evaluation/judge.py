@@ -569,12 +569,14 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
             progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, as many tokens as its target, intervening at every position.
 
-    Incremental: each chunk runs its prompts once into a key/value cache, then one token per step behind it,
-    the neurons scaled at every position (the new tokens too). Prompts of one length share a chunk (no
-    padding, so no per-row positions), at most ``batch_size`` of them. The same tokens as the full-sequence
-    loop (``_greedy_full``), which runs instead for a model without a cache path (``backend_of`` is
-    ``"full"``) or with hooks of the caller's on it (a cached step shows them other positions). One row per
-    call is checked against a full forward; a cache that does not reproduce it falls back to the loop.
+    Incremental: a chunk of at most ``batch_size`` prompts runs once into a key/value cache, then one token
+    per step behind it, the neurons scaled at every position (the new tokens too). On a bridge over
+    transformers (``backend_of``: ``"packed"``) a chunk is any prompts (sorted by length), left-padded behind
+    a 4D mask at per-row positions; on a HookedTransformer (``"batch"``) prompts of one length (no padding).
+    The same tokens as the full-sequence loop (``_greedy_full``), which runs instead for a model without a
+    cache path (``"full"``) or with hooks of the caller's on it (a cached step shows them other positions).
+    One row per call (the most padded of the first chunk that decodes two tokens or more) is checked
+    against an unpadded full forward; a cache that does not reproduce it falls back to the loop, with a warning.
 
     Example:
         >>> _greedy(model, [(prompt, (neurons, SUPPRESS))], batch_size=8)   # doctest: +SKIP
@@ -586,10 +588,7 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
     backend = backend_of(model)
     if backend == "full" or hooked_points(model):
         return _greedy_full(model, items, batch_size, progress, desc)
-    by_length: dict[int, list[int]] = {}
-    for i, (p, _) in enumerate(items):
-        by_length.setdefault(len(p.tokens), []).append(i)
-    chunks: Any = [ids[s : s + batch_size] for ids in by_length.values() for s in range(0, len(ids), batch_size)]
+    chunks: Any = _greedy_chunks([len(p.tokens) for p, _ in items], batch_size, same_length=backend == "batch")
     if progress:
         from tqdm.auto import tqdm
 
@@ -598,10 +597,12 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
     checked = False
     for chunk in chunks:
         part = [items[i] for i in chunk]
-        gen, steps = _greedy_cached(model, backend, part)
-        if not checked and len(gen[0]) > 1:
+        long = [b for b, (p, _) in enumerate(part) if len(p.target) > 1]
+        watch = min(long, key=lambda b: len(part[b][0].tokens)) if long and not checked else 0
+        gen, steps = _greedy_cached(model, backend, part, watch)
+        if long and not checked:
             checked = True
-            gap = _greedy_gap(model, part[0], gen[0], steps)
+            gap = _greedy_gap(model, part[watch], gen[watch], steps)
             if gap is not None:
                 warnings.warn(f"free-form greedy: the cached decoding differs from a full forward by {gap[0]:.3g} "
                               f"nats (tolerance {gap[1]:.3g}); the full-sequence loop runs instead "
@@ -612,42 +613,69 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
     return out
 
 
+def _greedy_chunks(lengths: Sequence[int], batch_size: int, same_length: bool) -> list[list[int]]:
+    """Item indices in chunks of at most ``batch_size``, sorted by prompt length (the least padding);
+    ``same_length``: no chunk mixes lengths.
+
+    Example:
+        >>> _greedy_chunks([5, 3, 5, 3, 4], 2, same_length=True)
+        [[1, 3], [4], [0, 2]]
+        >>> _greedy_chunks([5, 3, 5, 3, 4], 2, same_length=False)
+        [[1, 3], [4, 0], [2]]
+    """
+    from itertools import groupby
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    runs = [list(g) for _, g in groupby(order, key=lambda i: lengths[i])] if same_length else [order]
+    return [run[s : s + batch_size] for run in runs for s in range(0, len(run), batch_size)]
+
+
 def _versions() -> str:
     from ..versions import versions_line
 
     return versions_line()
 
 
-def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Prompt, Intervention]]
+def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Prompt, Intervention]], watch: int = 0
                    ) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy tokens of prompts of one length, one cached step per token; and row 0's log-probabilities at
-    each of its steps ([len(target), vocab], float32), for the self-check.
+    """Greedy tokens of a chunk, one cached step per token; and row ``watch``'s log-probabilities at each of its
+    steps ([len(target), vocab], float32), for the self-check.
 
-    The cache holds ``tokens[:-1]`` (that pass stops before the unembedding); every step, the first included,
-    feeds one token per row, so the logits are always the model's own at one position."""
+    Rows are left-padded (with their first token: pad slots are attended by no real token), so every row's
+    last prompt token sits at the same slot and each step appends one slot for all. The cache holds the
+    slots before it (that pass stops before the unembedding); every step, the first included, feeds one token
+    per row, so the logits are always the model's own at one position."""
     from ..model.hooks import hooked
     from ..model.readout import StopForward, final_residual_hook
     from ..model.surgery import prefix_cache_kwarg
 
     device = model_device(model)
-    ids = torch.tensor([list(p.tokens) for p, _ in chunk], device=device)
-    k, P = ids.shape
+    lengths = [len(p.tokens) for p, _ in chunk]
+    S = max(lengths)
+    pads = torch.tensor([S - n for n in lengths], device=device)
+    ids = torch.tensor([[p.tokens[0]] * (S - len(p.tokens)) + list(p.tokens) for p, _ in chunk], device=device)
     n_new = [len(p.target) for p, _ in chunk]
     gen: list[list[int]] = [[] for _ in chunk]
-    row0: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
     if backend == "packed":
         from transformers import DynamicCache
 
-        # No config: every layer keeps all its keys (as the row engine's prefix cache); the sliding window
-        # is applied by the model's own mask.
+        # No config: every layer keeps all its keys (as the row engine's prefix cache); the window of
+        # sliding-window layers is in their mask.
         hf_cache: Any = DynamicCache()
+        window = _sliding_window(model)
 
         def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
-            pos = torch.arange(at, at + x.shape[1], device=device)[None].expand(k, -1)
+            slots = torch.arange(at, at + x.shape[1], device=device)
+            pos = (slots[None, :] - pads[:, None]).clamp(min=0)
+            mask = _left_padded_mask(pads, slots, window, model_dtype(model))
             with prefix_cache_kwarg(model) as keyword:
-                return model(x, return_type="logits" if logits else None, position_ids=pos, **{keyword: hf_cache})
+                return model(x, return_type="logits" if logits else None, attention_mask=mask, position_ids=pos,
+                             **{keyword: hf_cache})
     else:
-        tl_cache = _tl_cache_class().init_cache(model.cfg, device, batch_size=k)
+        if bool(pads.any()):
+            raise QrncaError("a HookedTransformer chunk of the cached greedy decoding needs prompts of one length")
+        tl_cache = _tl_cache_class().init_cache(model.cfg, device, batch_size=len(chunk))
 
         def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
             return model(x, return_type="logits" if logits else None, past_kv_cache=tl_cache)
@@ -657,7 +685,7 @@ def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Promp
 
     factors = row_factors(model, [iv for _, iv in chunk])
     with torch.no_grad(), scale_rows(model, factors, None):
-        if P > 1:
+        if S > 1:
             try:
                 with hooked(model, fwd=[(final_residual_hook(model), stop)]):
                     run(ids[:, :-1], 0, False)
@@ -665,16 +693,50 @@ def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Promp
                 pass
         x = ids[:, -1:]
         for step in range(max(n_new)):
-            logits = run(x, P - 1 + step, True)
+            logits = run(x, S - 1 + step, True)
             assert logits is not None
             last = logits[:, -1]
             nxt = last.argmax(-1)
-            row0.append(torch.log_softmax(last[0].float(), dim=-1))
+            seen.append(torch.log_softmax(last[watch].float(), dim=-1))
             for b, t in enumerate(nxt.tolist()):
                 if step < n_new[b]:
                     gen[b].append(int(t))
             x = nxt[:, None]
-    return gen, torch.stack(row0[: n_new[0]])
+    return gen, torch.stack(seen[: n_new[watch]])
+
+
+def _sliding_window(model: HookedModel) -> int | None:
+    """The window of the model's sliding-window layers, if it has such layers (read as the row engine reads it)."""
+    from ..model.access import hf_model
+
+    hf_cfg = hf_model(model).config
+    types = getattr(hf_cfg, "layer_types", None) or []
+    return getattr(hf_cfg, "sliding_window", None) if "sliding_attention" in types else None
+
+
+def _left_padded_mask(pads: torch.Tensor, slots: torch.Tensor, window: int | None, dtype: torch.dtype) -> Any:
+    """The additive mask [rows, 1, len(slots), slots[-1] + 1] of queries at ``slots``: each sees its row's real
+    slots up to itself (within ``window`` on sliding-window layers: a dict by layer type then), and a pad
+    slot sees itself (a row with nothing to attend would be NaN, and 0 x NaN poisons every row reading it).
+
+    Example:
+        >>> m = _left_padded_mask(torch.tensor([0, 2]), torch.arange(3), None, torch.float32)
+        >>> (m[:, 0] == 0).int().tolist()
+        [[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]]
+    """
+    keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+    causal = keys[None, :] <= slots[:, None]
+    allowed = (causal[None] & (keys[None, None, :] >= pads[:, None, None])) | (keys[None, :] == slots[:, None])[None]
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+        m.masked_fill_(~ok, float("-inf") if dtype == torch.float32 else torch.finfo(dtype).min)
+        return m[:, None]
+
+    if window is None:
+        return additive(allowed)
+    near = (slots[:, None] - keys[None, :]) < window
+    return {"full_attention": additive(allowed), "sliding_attention": additive(allowed & near[None])}
 
 
 def _tl_cache_class() -> Any:

@@ -6,6 +6,7 @@ stays empty)."""
 from __future__ import annotations
 
 import contextlib
+import doctest
 import time
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import qrnca_lens.evaluation.judge as judge
 from qrnca_lens.data.prompts import Prompt
 from qrnca_lens.engine import backend_of
-from qrnca_lens.evaluation.judge import _greedy, _greedy_cached, _greedy_full
+from qrnca_lens.evaluation.judge import _greedy, _greedy_cached, _greedy_chunks, _greedy_full, _left_padded_mask
 from qrnca_lens.model.access import d_mlp, mlp_hook_name, n_layers
 from qrnca_lens.model.hooks import active_hook_count, hooked
 from qrnca_lens.model.interventions import SUPPRESS
@@ -178,3 +179,21 @@ def test_timing_against_the_full_loop(tiny_llama):
     assert got == want
     print(f"\ngreedy, 8 prompts x 32 new tokens on the tiny Llama: full loop {t1 - t0:.3f} s, cached {t2 - t1:.3f} s, "
           f"ratio {(t1 - t0) / max(t2 - t1, 1e-9):.1f}x")
+
+
+@pytest.mark.parametrize("same_length", [True, False])
+def test_chunks_cover_every_item_once_sorted_by_length(same_length):
+    lengths = [7, 3, 3, 9, 7, 7, 1, 3, 7]
+    chunks = _greedy_chunks(lengths, 2, same_length)
+    flat = [i for c in chunks for i in c]
+    assert sorted(flat) == list(range(len(lengths))) and all(1 <= len(c) <= 2 for c in chunks)
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    assert all(len({lengths[i] for i in c}) == 1 for c in chunks) == same_length
+    assert _greedy_chunks([], 4, same_length) == []
+
+
+def test_the_helpers_examples():
+    for fn in (_greedy_chunks, _left_padded_mask):
+        for test in doctest.DocTestFinder().find(fn, globs={"torch": torch, fn.__name__: fn}):
+            got = doctest.DocTestRunner().run(test)
+            assert got.attempted >= 1 and got.failed == 0, fn.__name__
