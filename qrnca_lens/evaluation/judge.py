@@ -626,7 +626,211 @@ def _check_tokenizer(located: Located, ids: Sequence[str], model: HookedModel) -
 
 def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int,
             progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
-    """Greedy continuation of each prompt, as many tokens as its target, intervening at every position."""
+    """Greedy continuation of each prompt, as many tokens as its target, intervening at every position.
+
+    Incremental: a chunk of at most ``batch_size`` prompts runs once into a key/value cache, then one token
+    per step behind it, the neurons scaled at every position (the new tokens too). On a bridge over
+    transformers (``backend_of``: ``"packed"``) a chunk is any prompts (sorted by length), left-padded behind
+    a 4D mask at per-row positions; on a HookedTransformer (``"batch"``) prompts of one length (no padding).
+    The same tokens as the full-sequence loop (``_greedy_full``), which runs instead for a model without a
+    cache path (``"full"``) or with hooks of the caller's on it (a cached step shows them other positions).
+    One row per call (the most padded of the first chunk that decodes two tokens or more) is checked
+    against an unpadded full forward; a cache that does not reproduce it falls back to the loop, with a warning.
+
+    Example:
+        >>> _greedy(model, [(prompt, (neurons, SUPPRESS))], batch_size=8)   # doctest: +SKIP
+        [(412, 9, 2)]
+    """
+    from ..engine import backend_of
+    from ..model.hooks import hooked_points
+
+    backend = backend_of(model)
+    if backend == "full" or hooked_points(model):
+        return _greedy_full(model, items, batch_size, progress, desc)
+    chunks: Any = _greedy_chunks([len(p.tokens) for p, _ in items], batch_size, same_length=backend == "batch")
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=desc, unit="batch")
+    out: list[tuple[int, ...]] = [()] * len(items)
+    checked = False
+    for chunk in chunks:
+        part = [items[i] for i in chunk]
+        long = [b for b, (p, _) in enumerate(part) if len(p.target) > 1]
+        watch = min(long, key=lambda b: len(part[b][0].tokens)) if long and not checked else 0
+        gen, steps = _greedy_cached(model, backend, part, watch)
+        if long and not checked:
+            checked = True
+            gap = _greedy_gap(model, part[watch], gen[watch], steps)
+            if gap is not None:
+                warnings.warn(f"free-form greedy: the cached decoding differs from a full forward by {gap[0]:.3g} "
+                              f"nats (tolerance {gap[1]:.3g}); the full-sequence loop runs instead "
+                              f"(slower, same tokens). Report the versions: {_versions()}", stacklevel=3)
+                return _greedy_full(model, items, batch_size, progress, desc)
+        for i, g in zip(chunk, gen):
+            out[i] = tuple(g)
+    return out
+
+
+def _greedy_chunks(lengths: Sequence[int], batch_size: int, same_length: bool) -> list[list[int]]:
+    """Item indices in chunks of at most ``batch_size``, sorted by prompt length (the least padding);
+    ``same_length``: no chunk mixes lengths.
+
+    Example:
+        >>> _greedy_chunks([5, 3, 5, 3, 4], 2, same_length=True)
+        [[1, 3], [4], [0, 2]]
+        >>> _greedy_chunks([5, 3, 5, 3, 4], 2, same_length=False)
+        [[1, 3], [4, 0], [2]]
+    """
+    from itertools import groupby
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    runs = [list(g) for _, g in groupby(order, key=lambda i: lengths[i])] if same_length else [order]
+    return [run[s : s + batch_size] for run in runs for s in range(0, len(run), batch_size)]
+
+
+def _versions() -> str:
+    from ..versions import versions_line
+
+    return versions_line()
+
+
+def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Prompt, Intervention]], watch: int = 0
+                   ) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens of a chunk, one cached step per token; and row ``watch``'s log-probabilities at each of its
+    steps ([len(target), vocab], float32), for the self-check.
+
+    Rows are left-padded (with their first token: pad slots are attended by no real token), so every row's
+    last prompt token sits at the same slot and each step appends one slot for all. The cache holds the
+    slots before it (that pass stops before the unembedding); every step, the first included, feeds one token
+    per row, so the logits are always the model's own at one position."""
+    from ..model.hooks import hooked
+    from ..model.readout import StopForward, final_residual_hook
+    from ..model.surgery import prefix_cache_kwarg
+
+    device = model_device(model)
+    lengths = [len(p.tokens) for p, _ in chunk]
+    S = max(lengths)
+    pads = torch.tensor([S - n for n in lengths], device=device)
+    ids = torch.tensor([[p.tokens[0]] * (S - len(p.tokens)) + list(p.tokens) for p, _ in chunk], device=device)
+    n_new = [len(p.target) for p, _ in chunk]
+    gen: list[list[int]] = [[] for _ in chunk]
+    seen: list[torch.Tensor] = []
+    if backend == "packed":
+        from transformers import DynamicCache
+
+        # No config: every layer keeps all its keys (as the row engine's prefix cache); the window of
+        # sliding-window layers is in their mask.
+        hf_cache: Any = DynamicCache()
+        window = _sliding_window(model)
+
+        def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
+            slots = torch.arange(at, at + x.shape[1], device=device)
+            pos = (slots[None, :] - pads[:, None]).clamp(min=0)
+            mask = _left_padded_mask(pads, slots, window, model_dtype(model))
+            with prefix_cache_kwarg(model) as keyword:
+                return model(x, return_type="logits" if logits else None, attention_mask=mask, position_ids=pos,
+                             **{keyword: hf_cache})
+    else:
+        if bool(pads.any()):
+            raise QrncaError("a HookedTransformer chunk of the cached greedy decoding needs prompts of one length")
+        tl_cache = _tl_cache_class().init_cache(model.cfg, device, batch_size=len(chunk))
+
+        def run(x: torch.Tensor, at: int, logits: bool) -> torch.Tensor | None:
+            return model(x, return_type="logits" if logits else None, past_kv_cache=tl_cache)
+
+    def stop(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        raise StopForward  # the cache is filled; the last prompt token's logits come from the first step
+
+    factors = row_factors(model, [iv for _, iv in chunk])
+    with torch.no_grad(), scale_rows(model, factors, None):
+        if S > 1:
+            try:
+                with hooked(model, fwd=[(final_residual_hook(model), stop)]):
+                    run(ids[:, :-1], 0, False)
+            except StopForward:
+                pass
+        x = ids[:, -1:]
+        for step in range(max(n_new)):
+            logits = run(x, S - 1 + step, True)
+            assert logits is not None
+            last = logits[:, -1]
+            nxt = last.argmax(-1)
+            seen.append(torch.log_softmax(last[watch].float(), dim=-1))
+            for b, t in enumerate(nxt.tolist()):
+                if step < n_new[b]:
+                    gen[b].append(int(t))
+            x = nxt[:, None]
+    return gen, torch.stack(seen[: n_new[watch]])
+
+
+def _sliding_window(model: HookedModel) -> int | None:
+    """The window of the model's sliding-window layers, if it has such layers (read as the row engine reads it)."""
+    from ..model.access import hf_model
+
+    hf_cfg = hf_model(model).config
+    types = getattr(hf_cfg, "layer_types", None) or []
+    return getattr(hf_cfg, "sliding_window", None) if "sliding_attention" in types else None
+
+
+def _left_padded_mask(pads: torch.Tensor, slots: torch.Tensor, window: int | None, dtype: torch.dtype) -> Any:
+    """The additive mask [rows, 1, len(slots), slots[-1] + 1] of queries at ``slots``: each sees its row's real
+    slots up to itself (within ``window`` on sliding-window layers: a dict by layer type then), and a pad
+    slot sees itself (a row with nothing to attend would be NaN, and 0 x NaN poisons every row reading it).
+
+    Example:
+        >>> m = _left_padded_mask(torch.tensor([0, 2]), torch.arange(3), None, torch.float32)
+        >>> (m[:, 0] == 0).int().tolist()
+        [[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[1, 0, 0], [0, 1, 0], [0, 0, 1]]]
+    """
+    keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+    causal = keys[None, :] <= slots[:, None]
+    allowed = (causal[None] & (keys[None, None, :] >= pads[:, None, None])) | (keys[None, :] == slots[:, None])[None]
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+        m.masked_fill_(~ok, float("-inf") if dtype == torch.float32 else torch.finfo(dtype).min)
+        return m[:, None]
+
+    if window is None:
+        return additive(allowed)
+    near = (slots[:, None] - keys[None, :]) < window
+    return {"full_attention": additive(allowed), "sliding_attention": additive(allowed & near[None])}
+
+
+def _tl_cache_class() -> Any:
+    """TL's own key/value cache class (named ``TransformerLensKeyValueCache`` since TL 4, as the row engine
+    imports it; ``HookedTransformerKeyValueCache`` in TL 3's ``past_key_value_caching``)."""
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    except ImportError:  # pragma: no cover - TL 3.x
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache
+
+        return HookedTransformerKeyValueCache
+    return TransformerLensKeyValueCache
+
+
+def _greedy_gap(model: HookedModel, item: tuple[Prompt, Intervention], gen: Sequence[int],
+                steps: torch.Tensor) -> tuple[float, float] | None:
+    """(gap, tolerance) if the cached steps of one row differ from a full forward of its prompt and tokens with
+    the same intervention (a cache that stayed empty, or positions that shifted), else None."""
+    from ..engine.checks import check_tolerance, gap_to_plain
+
+    p, iv = item
+    seq = list(p.tokens) + list(gen[:-1])
+    P = len(p.tokens)
+    with torch.no_grad(), scale_rows(model, row_factors(model, [iv]), None):
+        logits = model(torch.tensor([seq], device=model_device(model)), return_type="logits")
+    plain = torch.log_softmax(logits[0, P - 1 :].float(), dim=-1)
+    diff, spread = gap_to_plain(steps, plain, gen).tolist()
+    tol = check_tolerance(model_dtype(model), spread)
+    return None if diff <= tol else (diff, tol)
+
+
+def _greedy_full(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], batch_size: int,
+                 progress: bool = False, desc: str = "free-form greedy") -> list[tuple[int, ...]]:
+    """``_greedy`` by the full-sequence loop: the whole right-padded batch runs once per new token (the oracle,
+    and the path of a model without a cache)."""
     device, pad = model_device(model), pad_token_id(model)
     out: list[tuple[int, ...]] = []
     starts: Any = range(0, len(items), batch_size)
