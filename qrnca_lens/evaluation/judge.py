@@ -859,7 +859,8 @@ def _free_form(model: HookedModel, queries: Sequence[Query], prompts: dict[str, 
                progress: bool = False, clock: _Clock | None = None) -> dict[str, Any]:
     """Every method's neurons ablated at every position: log-likelihood drop, exact match (own vs random too);
     ``clock`` times the greedy decoding into ``free_form_greedy``."""
-    greedy = clock.timed("free_form_greedy", _greedy) if clock is not None else _greedy
+    decode = _greedy if cfg.engine else _greedy_full  # engine=False: the full-sequence oracle throughout
+    greedy = clock.timed("free_form_greedy", decode) if clock is not None else decode
     # The evaluated method (QRNCA for a run) and random are always compared (drop_ratio); taken from the
     # evaluated methods or located here, to the same budget.
     own = located.locator_name()
