@@ -5,9 +5,13 @@ g_l = U (onehot(w) - softmax(L_b)), is an **upper bound** on the exact score. Ne
 decreasing order of that bound until the k-th best exact score is above every remaining bound: the result is
 the exact top k with a certificate (``TopNeurons.certified``), not an approximation.
 
+The bound and the rescoring are per neuron, so ``layers=`` restricts the candidates to some layers and the
+certificate still holds: the result is the exact top k among those layers' neurons (real layer numbers).
+
 Example:
     >>> scores = neuron_scores(model, prompts)             # [prompt, layer, d_mlp]     # doctest: +SKIP
     >>> top = top_neurons(model, prompts, k=10)            # certified exact top 10     # doctest: +SKIP
+    >>> top_neurons(model, prompts, k=10, layers=[5, 17])  # ... among layers 5 and 17  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,15 +33,34 @@ from .cache import LensCache, batches, lens_cache, scoring_weights
 from .config import LensConfig
 from .lse import BLOCK, layer_neuron_scores, lse_
 
-__all__ = ["TopNeurons", "neuron_scores", "score_neurons", "score_triples", "top_bound", "top_from_scores",
-           "top_neurons"]
+__all__ = ["TopNeurons", "layer_subset", "neuron_scores", "score_neurons", "score_triples", "top_bound",
+           "top_from_scores", "top_neurons"]
 
 
 # ---------------------------------------------------------------- every neuron, or chosen ones
 
 
+def layer_subset(model: HookedModel, layers: Sequence[int] | None) -> list[int]:
+    """The layers to score: all (``None``), or the given ones in their order with repeats dropped.
+
+    Example:
+        >>> layer_subset(model, [17, 5, 17])                                      # doctest: +SKIP
+        [17, 5]
+    """
+    L = n_layers(model)
+    if layers is None:
+        return list(range(L))
+    chosen = list(dict.fromkeys(int(x) for x in layers))
+    bad = [x for x in chosen if not 0 <= x < L]
+    if not chosen or bad:
+        raise QrncaError(f"layers {bad or 'none'} are not layers of this {L}-layer model; give layer numbers "
+                         f"0..{L - 1}, or None for all")
+    return chosen
+
+
 def neuron_scores(
     model: HookedModel, prompts: Sequence[Prompt], cfg: LensConfig = LensConfig(), *, progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "prompt layer d_mlp"]:
     """Exact log-probability increase of every FFN neuron for each prompt (float32, on the CPU).
 
@@ -49,6 +72,7 @@ def neuron_scores(
         prompts: scored at their target positions, on their first target tokens.
         cfg: the engine, chunk and batch settings.
         progress: show a progress bar over batches.
+        layers: score only these layers (default: all); column j is layer ``layer_subset(model, layers)[j]``.
 
     Returns:
         Scores [prompt, layer, d_mlp].
@@ -56,10 +80,12 @@ def neuron_scores(
     Example:
         >>> neuron_scores(model, prompts).shape                                   # doctest: +SKIP
         torch.Size([6, 30, 1536])
+        >>> neuron_scores(model, prompts, layers=[29, 3]).shape  # layers 29, 3   # doctest: +SKIP
+        torch.Size([6, 2, 1536])
     """
     W_out = scoring_weights(model, prompts)
-    L, dm = n_layers(model), d_mlp(model)
-    out = torch.empty(len(prompts), L, dm)
+    chosen, dm = layer_subset(model, layers), d_mlp(model)
+    out = torch.empty(len(prompts), len(chosen), dm)
     it: Any = batches(prompts, cfg.batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -69,8 +95,8 @@ def neuron_scores(
         for start, batch in it:
             cache = lens_cache(model, batch, check_tol=cfg.check_tol)
             a = cache.coefficients
-            for layer in range(L):
-                out[start : start + len(batch), layer] = layer_neuron_scores(
+            for j, layer in enumerate(chosen):
+                out[start : start + len(batch), j] = layer_neuron_scores(
                     W_out[layer], cache.lens.U, cache.layer_logits(layer), a[:, layer], cache.targets, cfg).cpu()
     return out
 
@@ -167,11 +193,15 @@ class TopNeurons:
         return f"<b>TopNeurons</b> {head}" + NeuronSet(self.to_list())._repr_html_()
 
 
-def top_from_scores(scores: Float[Tensor, "layer d_mlp"], k: int) -> TopNeurons:
-    """The top k of a full score table (certified: every neuron was scored)."""
+def top_from_scores(scores: Float[Tensor, "layer d_mlp"], k: int, layers: Sequence[int] | None = None) -> TopNeurons:
+    """The top k of a full score table (certified: every neuron was scored); row j is layer ``layers[j]``
+    (default: row j is layer j)."""
     dm = scores.shape[1]
     vals, idx = torch.topk(scores.flatten(), k)
-    neurons = torch.stack([idx // dm, idx % dm], dim=1)
+    rows = idx // dm
+    if layers is not None:
+        rows = torch.as_tensor(list(layers), dtype=torch.long, device=idx.device)[rows]
+    neurons = torch.stack([rows, idx % dm], dim=1)
     return TopNeurons(neurons, vals, True, int(scores.numel()), float(vals[-1]))
 
 
@@ -188,7 +218,7 @@ def _first_order(cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"]) 
 
 def top_bound(
     cache: LensCache, W_out: Float[Tensor, "layer d_mlp d_model"], k: int, cfg: LensConfig,
-    groups: Sequence[Sequence[int]] | None = None,
+    groups: Sequence[Sequence[int]] | None = None, layers: Sequence[int] | None = None,
 ) -> list[TopNeurons]:
     """Exact top k per group of prompts (default: each prompt alone) by the score averaged over the group.
 
@@ -199,18 +229,24 @@ def top_bound(
     Args:
         cache: ``lens_cache`` of the prompts.
         W_out: ``scoring_weights(model, prompts)``.
-        k: neurons per group.
+        k: neurons per group (at most the candidates' count).
         cfg: ``max_rescore`` (past it a group stops, uncertified).
         groups: lists of prompt rows of ``cache``.
+        layers: the candidates are these distinct layers' neurons (default: every layer; ``layer_subset``).
 
     Returns:
-        One ``TopNeurons`` per group (on the CPU).
+        One ``TopNeurons`` per group (on the CPU), with the model's layer numbers.
     """
     base, base_lse, ub = _first_order(cache, W_out)
     dm = W_out.shape[1]
+    # Candidates are numbered by position in the subset; sel maps a position back to its real layer, which is
+    # what W_out, the coefficients and the base logits are indexed by.
+    sel = torch.arange(W_out.shape[0], device=W_out.device) if layers is None else \
+        torch.as_tensor(list(layers), dtype=torch.long, device=W_out.device)
+    ub = ub[:, sel]
     groups = [[b] for b in range(cache.size)] if groups is None else [list(g) for g in groups]
     G = len(groups)
-    a = cache.coefficients.flatten(1)
+    a = cache.coefficients[:, sel].flatten(1)
     flat_ub = torch.stack([ub.flatten(1)[g].mean(0) for g in groups])  # [G, layer * d_mlp]
     zero = torch.stack([(a[g] == 0).all(0) for g in groups])  # silent on every prompt: exactly 0, never rescored
     order = torch.argsort(torch.where(zero, torch.full_like(flat_ub, -math.inf), flat_ub), dim=1, descending=True)
@@ -226,7 +262,7 @@ def top_bound(
         members = [torch.tensor(groups[gi], device=W_out.device) for gi in todo]
         rows = torch.cat([m.repeat(t.numel()) for m, t in zip(members, takes)])
         flat = torch.cat([t.repeat_interleave(m.numel()) for m, t in zip(members, takes)])
-        vals = score_triples(cache, W_out, rows, flat // dm, flat % dm, base, base_lse)
+        vals = score_triples(cache, W_out, rows, sel[flat // dm], flat % dm, base, base_lse)
         offset = 0
         for gi, m, t in zip(todo, members, takes):
             size = t.numel() * m.numel()
@@ -253,7 +289,7 @@ def top_bound(
         vals = torch.cat(got_val[gi] + [torch.zeros(silent.numel(), device=W_out.device)])
         top_v, top_i = torch.topk(vals, k)
         f = idx[top_i]
-        out.append(TopNeurons(torch.stack([f // dm, f % dm], 1).cpu(), top_v.cpu(), certified[gi], n[gi],
+        out.append(TopNeurons(torch.stack([sel[f // dm], f % dm], 1).cpu(), top_v.cpu(), certified[gi], n[gi],
                               float(top_v[-1])))
     return out
 
@@ -265,14 +301,17 @@ def _kth(vals: Tensor, n_zero: int, k: int) -> float:
 
 def top_neurons(
     model: HookedModel, prompts: Sequence[Prompt], k: int = 10, cfg: LensConfig = LensConfig(mode="topk"),
+    *, layers: Sequence[int] | None = None,
 ) -> list[TopNeurons]:
     """The top-k FFN neurons of each prompt by log-probability increase (``cfg.mode``: exact or topk).
 
     Args:
         model: a TransformerLens model.
         prompts: each gets its own top k.
-        k: neurons per prompt (1 to all).
+        k: neurons per prompt (1 to all the candidates).
         cfg: ``mode="topk"`` (bound and exact rescoring, certified) or ``"exact"`` (score every neuron).
+        layers: only these layers' neurons are candidates (default: all); the result is the exact top k among
+            them, certified in topk mode, with the model's layer numbers.
 
     Returns:
         One ``TopNeurons`` per prompt, best first.
@@ -280,15 +319,18 @@ def top_neurons(
     Example:
         >>> top = top_neurons(model, prompts, k=10)                              # doctest: +SKIP
         >>> top[0].certified, top[0].to_list()[:1]    # [[layer, neuron, score]] # doctest: +SKIP
+        >>> top_neurons(model, prompts, k=10, layers=[5, 17])                    # doctest: +SKIP
     """
     W_out = scoring_weights(model, prompts)
-    L, dm = n_layers(model), d_mlp(model)
-    if not 1 <= k <= L * dm:
-        raise QrncaError(f"k must be between 1 and {L * dm} (all neurons), got {k}")
+    chosen, dm = layer_subset(model, layers), d_mlp(model)
+    n = len(chosen) * dm
+    if not 1 <= k <= n:
+        what = "all neurons" if layers is None else f"all neurons of layers {chosen}"
+        raise QrncaError(f"k must be between 1 and {n} ({what}), got {k}")
     if cfg.mode == "exact":
-        return [top_from_scores(s, k) for s in neuron_scores(model, prompts, cfg)]
+        return [top_from_scores(s, k, chosen) for s in neuron_scores(model, prompts, cfg, layers=chosen)]
     out: list[TopNeurons] = []
     with torch.no_grad():
         for _, batch in batches(prompts, cfg.batch_size):
-            out += top_bound(lens_cache(model, batch, check_tol=cfg.check_tol), W_out, k, cfg)
+            out += top_bound(lens_cache(model, batch, check_tol=cfg.check_tol), W_out, k, cfg, layers=chosen)
     return out
