@@ -89,7 +89,7 @@ from ..neurons import NeuronSet, top_pooled
 from ..protocols import HookedModel
 from ..qrnca.locate import LocateResult
 from ..qrnca.store import check_run_dtype
-from ..versions import library_versions, model_identity
+from ..versions import library_versions, model_identity, versions_line
 from .metrics import bootstrap_ci, editing_rates, mean_or_none, pcr, relative_change_log
 from .result import EvaluationResult, StageTimings
 
@@ -665,7 +665,7 @@ def _greedy(model: HookedModel, items: Sequence[tuple[Prompt, Intervention]], ba
             if gap is not None:
                 warnings.warn(f"free-form greedy: the cached decoding differs from a full forward by {gap[0]:.3g} "
                               f"nats (tolerance {gap[1]:.3g}); the full-sequence loop runs instead "
-                              f"(slower, same tokens). Report the versions: {_versions()}", stacklevel=3)
+                              f"(slower, same tokens). Report the versions: {versions_line()}", stacklevel=3)
                 return _greedy_full(model, items, batch_size, progress, desc)
         for i, g in zip(chunk, gen):
             out[i] = tuple(g)
@@ -687,12 +687,6 @@ def _greedy_chunks(lengths: Sequence[int], batch_size: int, same_length: bool) -
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     runs = [list(g) for _, g in groupby(order, key=lambda i: lengths[i])] if same_length else [order]
     return [run[s : s + batch_size] for run in runs for s in range(0, len(run), batch_size)]
-
-
-def _versions() -> str:
-    from ..versions import versions_line
-
-    return versions_line()
 
 
 def _greedy_cached(model: HookedModel, backend: str, chunk: Sequence[tuple[Prompt, Intervention]], watch: int = 0

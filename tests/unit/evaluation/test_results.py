@@ -388,7 +388,8 @@ def test_every_result_type_displays_itself_in_a_notebook():
 
     cfg_html = LocateConfig()._repr_html_()
     assert cfg_html.startswith("<b>LocateConfig</b>") and "<td>proxy</td>" in cfg_html
-    assert hasattr(GroundTruthResult, "_repr_html_")
+    gt = GroundTruthResult(k=5, seed=0, factors=(0.0, 2.0), layers=(0, 1), exhaustive=False, queries={}, methods={})
+    assert gt._repr_html_().startswith("<b>GroundTruthResult</b>") and "<td>factors</td>" in gt._repr_html_()
     top = top_from_scores(torch.tensor([[0.0, 3.0], [2.0, 1.0]]), 2)
     assert "certified" in top._repr_html_() and "<table" in top._repr_html_()
     a = Cluster(torch.tensor([[0, 0], [1, 1]]), torch.tensor([3.0, 1.0]), shape=(2, 2))
